@@ -1,0 +1,293 @@
+"""The cluster this process belongs to, parsed and validated from `TF_CONFIG`.
+
+This is the one place that knows the TF_CONFIG schema. It imports nothing heavy
+(no TensorFlow), so launchers can use it and start in milliseconds.
+
+TF_CONFIG looks like:
+
+```json
+{"cluster": {"worker": ["10.0.0.1:2222", "10.0.0.2:2222"]},
+ "task": {"type": "worker", "index": 0}}
+```
+
+Rules (those of `tf.distribute.MultiWorkerMirroredStrategy`):
+- training tasks are the optional single `chief` plus the `worker`s;
+- worker 0 is the chief unless a `chief` task exists;
+- an `evaluator` task is *not* listed in `cluster`, it only names itself in `task`;
+- indices are integers, addresses are unique `host:port` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from disttrain.errors import ClusterConfigError
+
+ENV_TF_CONFIG = "TF_CONFIG"
+ENV_RUN_ID = "DISTTRAIN_RUN_ID"
+
+TRAINING_TASK_TYPES = ("chief", "worker")
+TASK_TYPES = ("chief", "worker", "evaluator")
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)$")
+
+
+def _fail(field: str, value: Any, problem: str, fix: str) -> ClusterConfigError:
+    return ClusterConfigError(f"TF_CONFIG {field}={value!r}: {problem}. Fix: {fix}.")
+
+
+def parse_address(address: Any, field: str = "address") -> tuple[str, int]:
+    """Splits a `host:port` string into `(host, port)`, validating both.
+
+    IPv6 hosts are written in brackets: `[::1]:2222`.
+
+    Raises:
+        ClusterConfigError: when `address` is not a `host:port` string with a
+            port in 1..65535.
+    """
+    fix = "write each address as 'host:port', e.g. '127.0.0.1:2222' or '[::1]:2222'"
+    if not isinstance(address, str):
+        raise _fail(field, address, "an address must be a string", fix)
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not _HOST_RE.match(host):
+        raise _fail(field, address, "not a valid 'host:port' address", fix)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise _fail(field, address, "the port must be an integer in 1..65535", fix)
+    return host, int(port_text)
+
+
+def validate_run_id(run_id: str, source: str = ENV_RUN_ID) -> str:
+    """Checks that a run id is safe to use inside paths and object names."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise ClusterConfigError(
+            f"{source}={run_id!r} is not a valid run id: it must be 1-64 characters "
+            "from letters, digits, '.', '_' and '-', starting with a letter or digit. "
+            f"Fix: set {source} to something like 'mnist-20260101-1'."
+        )
+    return run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """An immutable view of TF_CONFIG for this process.
+
+    Attributes:
+        task_type: `"chief"`, `"worker"` or `"evaluator"`.
+        task_index: index of this task within its type.
+        chief: address of the separate chief task, or `None` (then worker 0 is chief).
+        workers: addresses of the `worker` tasks.
+        run_id: the run id shared by all tasks (`DISTTRAIN_RUN_ID`), or `None`.
+
+    Example:
+
+    >>> c = Cluster.from_tf_config(
+    ...     {"cluster": {"worker": ["127.0.0.1:2001", "127.0.0.1:2002"]},
+    ...      "task": {"type": "worker", "index": 1}})
+    >>> c.num_workers, c.is_chief, c.worker_rank
+    (2, False, 1)
+    """
+
+    task_type: str = "worker"
+    task_index: int = 0
+    chief: str | None = None
+    workers: tuple[str, ...] = ()
+    run_id: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Cluster":
+        """Reads `TF_CONFIG` and `DISTTRAIN_RUN_ID` from the environment.
+
+        No (or an empty) `TF_CONFIG` means a single-worker cluster.
+        """
+        env = os.environ if environ is None else environ
+        run_id = env.get(ENV_RUN_ID) or None
+        raw = env.get(ENV_TF_CONFIG, "")
+        if not raw.strip():
+            return cls(run_id=validate_run_id(run_id) if run_id else None)
+        return cls.from_tf_config(raw, run_id=run_id)
+
+    @classmethod
+    def from_tf_config(
+        cls, tf_config: str | Mapping[str, Any], run_id: str | None = None
+    ) -> "Cluster":
+        """Parses and validates a TF_CONFIG given as a JSON string or a mapping.
+
+        Raises:
+            ClusterConfigError: naming the bad field, its value and the fix.
+        """
+        if isinstance(tf_config, str):
+            try:
+                config = json.loads(tf_config)
+            except json.JSONDecodeError as e:
+                raise _fail(
+                    "", tf_config[:200], f"not valid JSON ({e.msg} at position {e.pos})",
+                    'set TF_CONFIG to a JSON object such as {"cluster": {"worker": '
+                    '["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 0}}',
+                ) from None
+        else:
+            config = tf_config
+        if not isinstance(config, Mapping):
+            raise _fail("", config, "must be a JSON object", 'use {"cluster": ..., "task": ...}')
+        unknown = sorted(set(config) - {"cluster", "task", "environment", "rpc_layer"})
+        if unknown:
+            raise _fail(
+                "keys", unknown, "unknown top-level keys",
+                "keep only 'cluster' and 'task' (and optionally 'environment', 'rpc_layer')",
+            )
+        cluster = _parse_cluster(config.get("cluster"))
+        task_type, task_index = _parse_task(config.get("task"), cluster)
+        chief = cluster.get("chief", [None])[0]
+        return cls(
+            task_type=task_type,
+            task_index=task_index,
+            chief=chief,
+            workers=tuple(cluster.get("worker", ())),
+            run_id=validate_run_id(run_id) if run_id else None,
+        )
+
+    @property
+    def training_addresses(self) -> tuple[str, ...]:
+        """Addresses of all training tasks, chief first (the MWMS worker order)."""
+        return ((self.chief,) if self.chief else ()) + self.workers
+
+    @property
+    def num_workers(self) -> int:
+        """Number of training tasks (a separate chief counts as one); at least 1."""
+        return max(1, len(self.training_addresses))
+
+    @property
+    def is_multi_worker(self) -> bool:
+        """True when more than one training task takes part."""
+        return len(self.training_addresses) > 1
+
+    @property
+    def is_evaluator(self) -> bool:
+        return self.task_type == "evaluator"
+
+    @property
+    def is_chief(self) -> bool:
+        """True for the one task that writes checkpoints and logs."""
+        if self.task_type == "chief":
+            return True
+        return self.task_type == "worker" and self.task_index == 0 and self.chief is None
+
+    @property
+    def worker_rank(self) -> int:
+        """Global rank among training tasks: the chief is 0. Evaluators get -1."""
+        if self.is_evaluator:
+            return -1
+        if self.task_type == "chief":
+            return 0
+        return self.task_index + (1 if self.chief else 0)
+
+    @property
+    def label(self) -> str:
+        """Short name for log prefixes and file names: `chief`, `w3`, `evaluator`."""
+        if self.task_type == "worker":
+            return f"w{self.task_index}"
+        return self.task_type
+
+    def to_tf_config(self) -> dict[str, Any]:
+        """The TF_CONFIG dict describing this task (inverse of `from_tf_config`)."""
+        cluster: dict[str, list[str]] = {}
+        if self.chief:
+            cluster["chief"] = [self.chief]
+        if self.workers:
+            cluster["worker"] = list(self.workers)
+        return {"cluster": cluster, "task": {"type": self.task_type, "index": self.task_index}}
+
+
+def _parse_cluster(cluster: Any) -> dict[str, list[str]]:
+    if cluster is None:
+        raise _fail(
+            "cluster", cluster, "missing",
+            'add "cluster": {"worker": ["host:port", ...]} listing every training task',
+        )
+    if not isinstance(cluster, Mapping):
+        raise _fail("cluster", cluster, "must be an object", 'use {"worker": ["host:port", ...]}')
+    for key in cluster:
+        if key == "evaluator":
+            raise _fail(
+                "cluster.evaluator", cluster[key], "an evaluator must not be listed in cluster",
+                "remove 'evaluator' from cluster; the evaluator sets only "
+                'task={"type": "evaluator", "index": 0}',
+            )
+        if key == "ps":
+            raise _fail(
+                "cluster.ps", cluster[key],
+                "parameter servers are not supported (disttrain uses MultiWorkerMirroredStrategy)",
+                "remove 'ps' and list all training tasks under 'worker'",
+            )
+        if key not in TRAINING_TASK_TYPES:
+            raise _fail(
+                f"cluster.{key}", cluster[key], "unknown task type",
+                f"use only {', '.join(repr(t) for t in TRAINING_TASK_TYPES)} as cluster keys",
+            )
+    parsed: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for key in TRAINING_TASK_TYPES:
+        if key not in cluster:
+            continue
+        addresses = cluster[key]
+        field = f"cluster.{key}"
+        if not isinstance(addresses, list | tuple):
+            raise _fail(field, addresses, "must be a list of 'host:port' strings",
+                        f'write "{key}": ["host:port", ...]')
+        if not addresses:
+            raise _fail(field, addresses, "is empty",
+                        f"list at least one address, or remove '{key}'")
+        if key == "chief" and len(addresses) != 1:
+            raise _fail(field, addresses, "there can be exactly one chief",
+                        "list one chief address and put the others under 'worker'")
+        for i, address in enumerate(addresses):
+            host, port = parse_address(address, f"{field}[{i}]")
+            canonical = f"{host.lower()}:{port}"
+            if canonical in seen:
+                raise _fail(f"{field}[{i}]", address,
+                            f"duplicate address (also {seen[canonical]})",
+                            "give every task its own host:port")
+            seen[canonical] = f"{field}[{i}]"
+        parsed[key] = list(addresses)
+    if not parsed:
+        raise _fail("cluster", dict(cluster), "lists no training task",
+                    'add "worker": ["host:port", ...]')
+    return parsed
+
+
+def _parse_task(task: Any, cluster: dict[str, list[str]]) -> tuple[str, int]:
+    example = 'e.g. "task": {"type": "worker", "index": 0}'
+    if task is None:
+        raise _fail("task", task, "missing", f"add the task this process runs, {example}")
+    if not isinstance(task, Mapping):
+        raise _fail("task", task, "must be an object", example)
+    if "type" not in task:
+        raise _fail("task.type", None, "missing", example)
+    if "index" not in task:
+        raise _fail("task.index", None, "missing", example)
+    task_type, index = task["type"], task["index"]
+    if task_type not in TASK_TYPES:
+        raise _fail("task.type", task_type, "unknown task type",
+                    f"use one of {', '.join(repr(t) for t in TASK_TYPES)}")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise _fail("task.index", index, "must be an integer (not a string or float)",
+                    'write "index": 0 without quotes')
+    if task_type == "evaluator":
+        if index != 0:
+            raise _fail("task.index", index, "there is one evaluator, with index 0",
+                        'use {"type": "evaluator", "index": 0}')
+        return task_type, index
+    if task_type not in cluster:
+        raise _fail("task.type", task_type, f"cluster has no '{task_type}' entry",
+                    f"add '{task_type}' to cluster or fix task.type")
+    size = len(cluster[task_type])
+    if not 0 <= index < size:
+        raise _fail("task.index", index,
+                    f"out of range: cluster.{task_type} has {size} entr{'y' if size == 1 else 'ies'}",
+                    f"use an index in 0..{size - 1}")
+    return task_type, index

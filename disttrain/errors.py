@@ -1,0 +1,31 @@
+"""Exception types raised by disttrain.
+
+Every error names the bad value and says how to fix it. They all derive from
+`DisttrainError`, so `except disttrain.DisttrainError` catches any of them.
+"""
+
+from __future__ import annotations
+
+
+class DisttrainError(Exception):
+    """Base class of every error disttrain raises on purpose."""
+
+
+class ClusterConfigError(DisttrainError, ValueError):
+    """TF_CONFIG (or a cluster description built for it) is malformed."""
+
+
+class StorageError(DisttrainError, OSError):
+    """A read, write, commit or delete through fsspec failed."""
+
+
+class CoordinationError(DisttrainError, RuntimeError):
+    """Workers could not agree: a peer is gone, timed out, or reported an error."""
+
+
+class CallbackConfigError(DisttrainError, ValueError):
+    """A callback was given arguments it cannot work with."""
+
+
+class KerasCompatError(DisttrainError, RuntimeError):
+    """The installed Keras/TensorFlow cannot be patched for multi-worker training."""
