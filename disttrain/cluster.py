@@ -30,6 +30,11 @@ from disttrain.errors import ClusterConfigError
 
 ENV_TF_CONFIG = "TF_CONFIG"
 ENV_RUN_ID = "DISTTRAIN_RUN_ID"
+# Set by launchers: the restart attempt (0, 1, ...) of the whole worker group.
+ENV_ATTEMPT = "DISTTRAIN_ATTEMPT"
+# Set by launchers: a local path where the chief writes the job's result (a JSON object,
+# e.g. the best checkpoint manifest) at train end, for the launcher's summary.
+ENV_RESULT_FILE = "DISTTRAIN_RESULT_FILE"
 
 TRAINING_TASK_TYPES = ("chief", "worker")
 TASK_TYPES = ("chief", "worker", "evaluator")
