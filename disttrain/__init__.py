@@ -28,6 +28,7 @@ from disttrain.errors import (
     DisttrainError,
     KerasCompatError,
     StorageError,
+    StrategyError,
 )
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "DisttrainError",
     "KerasCompatError",
     "StorageError",
+    "StrategyError",
     *_LAZY,
 ]
 

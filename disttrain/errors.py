@@ -29,3 +29,7 @@ class CallbackConfigError(DisttrainError, ValueError):
 
 class KerasCompatError(DisttrainError, RuntimeError):
     """The installed Keras/TensorFlow cannot be patched for multi-worker training."""
+
+
+class StrategyError(DisttrainError, RuntimeError):
+    """The distribution strategy cannot be created as asked."""

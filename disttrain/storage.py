@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import posixpath
@@ -42,6 +43,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
 
 from disttrain.cluster import validate_run_id
 from disttrain.errors import StorageError
@@ -147,13 +149,13 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as e:
-        known = fsspec.registry.known_implementations
+        candidates = {
+            known_implementations[p]["class"].split(".")[0]
+            for p in protocols
+            if p in known_implementations
+        }
         packages = sorted(
-            {
-                known[p]["class"].split(".")[0]
-                for p in protocols
-                if p in known and p not in fsspec.registry.registry
-            }
+            p for p in candidates if importlib.util.find_spec(p) is None
         ) or ["the fsspec backend for this protocol"]
         raise StorageError(
             f"cannot open {url!r}: the storage backend is not installed ({e}). "

@@ -1,0 +1,260 @@
+"""Agreement across workers: votes, broadcasts, barriers and shared errors.
+
+This is the only module in disttrain that talks across workers. It uses the
+key-value store of TensorFlow's coordination service, which
+`MultiWorkerMirroredStrategy` starts on the chief, instead of a collective
+all-reduce:
+
+- it needs no strategy object (a collective issued through
+  `tf.distribute.get_strategy()` outside `strategy.scope()` silently stays
+  local), and it can carry strings: run ids, best values, error messages;
+- it never hangs: waits are sliced, and between slices the peer we wait for is
+  probed, so a peer that died is reported within about a second; a live peer
+  that never reaches the same point fails after `timeout` seconds;
+- it detects divergence: each exchange carries the name of its call site, and
+  workers that reach different call sites at the same step get an error that
+  names both, instead of silently pairing unrelated values.
+
+Every worker must make the same sequence of calls (never inside `if is_chief`).
+On a single worker every call returns at once without TensorFlow.
+
+Example:
+
+```python
+coord = Coordinator.from_env()
+stop = coord.any(local_stop, "EarlyStopping.stop")     # same answer everywhere
+run_id = coord.broadcast(new_id if coord.is_chief else None, "run_id")
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from disttrain.cluster import Cluster
+from disttrain.errors import CoordinationError, DisttrainError
+
+ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
+_POLL_MS = 500
+_KEY_PREFIX = "disttrain"
+
+
+def _default_timeout() -> float:
+    raw = os.environ.get(ENV_TIMEOUT)
+    if raw is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise CoordinationError(
+            f"{ENV_TIMEOUT}={raw!r} is not a positive number of seconds. "
+            f"Fix: set it to e.g. 600, or unset it for the default {DEFAULT_TIMEOUT:.0f}."
+        )
+    return value
+
+
+class Coordinator:
+    """Agreement among the training tasks of one cluster.
+
+    Args:
+        cluster: the cluster; default `Cluster.from_env()`.
+        timeout: seconds to wait for a live peer before failing; default
+            `DISTTRAIN_COORDINATION_TIMEOUT` or 1800 (long enough for the chief to
+            write a large checkpoint to object storage while the others wait).
+    """
+
+    def __init__(self, cluster: Cluster | None = None, timeout: float | None = None):
+        self.cluster = cluster or Cluster.from_env()
+        self.timeout = _default_timeout() if timeout is None else float(timeout)
+        self._seq = 0
+        self._context = None
+
+    @classmethod
+    def from_env(cls) -> "Coordinator":
+        return cls()
+
+    @property
+    def is_chief(self) -> bool:
+        return self.cluster.is_chief
+
+    @property
+    def rank(self) -> int:
+        return max(self.cluster.worker_rank, 0)
+
+    @property
+    def num_workers(self) -> int:
+        return 1 if self._is_local else self.cluster.num_workers
+
+    @property
+    def _is_local(self) -> bool:
+        return not self.cluster.is_multi_worker or self.cluster.is_evaluator
+
+    def gather(self, name: str, value: str, timeout: float | None = None) -> list[str]:
+        """Every worker contributes `value`; all get the list of values in rank order.
+
+        Args:
+            name: the call site, e.g. `"ModelCheckpoint.save"`; must be the same on
+                every worker for the same step.
+            value: this worker's string.
+            timeout: seconds to wait for live peers; default `self.timeout`.
+
+        Raises:
+            CoordinationError: a peer died, timed out, or reached a different call site.
+        """
+        if self._is_local:
+            return [value]
+        ctx = self._tf_context()
+        seq = self._seq
+        self._seq += 1
+        ctx.set_config_key_value(
+            self._key(seq, self.rank), json.dumps({"name": name, "value": value})
+        )
+        values = []
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        for rank in range(self.num_workers):
+            raw = self._wait_for(ctx, seq, rank, name, deadline)
+            entry = json.loads(raw)
+            if entry["name"] != name:
+                raise CoordinationError(
+                    f"workers diverged at exchange #{seq}: {self._label(self.rank)} is at "
+                    f"{name!r} but {self._label(rank)} is at {entry['name']!r}. Every worker "
+                    "must make the same disttrain calls in the same order; check for code that "
+                    "runs on some workers only (e.g. a callback added only on the chief)."
+                )
+            values.append(entry["value"])
+        if seq >= 2:
+            ctx.delete_config_key_value(self._key(seq - 2, self.rank))
+        return values
+
+    def any(self, flag: bool, name: str) -> bool:
+        """True on every worker when `flag` is true on at least one."""
+        return "1" in self.gather(name, "1" if flag else "0")
+
+    def all(self, flag: bool, name: str) -> bool:
+        """True on every worker when `flag` is true on all of them."""
+        return "0" not in self.gather(name, "1" if flag else "0")
+
+    def broadcast(self, value: str | None, name: str, timeout: float | None = None) -> str:
+        """Returns the chief's `value` on every worker (others pass anything, e.g. None)."""
+        if self.is_chief and value is None:
+            raise CoordinationError(
+                f"broadcast {name!r}: the chief passed None. Fix: pass the value to share."
+            )
+        return self.gather(name, value if self.is_chief else "", timeout)[0]
+
+    def barrier(self, name: str, timeout: float | None = None) -> None:
+        """Returns when every worker has reached `barrier(name)`."""
+        self.gather(name, "", timeout)
+
+    def run_on_chief(
+        self,
+        name: str,
+        action: Callable[[], object],
+        error_type: type[DisttrainError] = CoordinationError,
+        timeout: float | None = None,
+    ) -> None:
+        """Runs `action` on the chief only; its failure is raised on every worker.
+
+        Other workers wait (up to `timeout`) for the chief's outcome. If the chief's
+        action raises, every worker raises `error_type` with the same message (the
+        chief's is chained to the original exception), so a failed checkpoint
+        write ends the job everywhere instead of leaving peers blocked.
+        """
+        self.raise_if_any(name, self._attempt(action) if self.is_chief else None,
+                          error_type, timeout)
+
+    def raise_if_any(
+        self,
+        name: str,
+        error: BaseException | None,
+        error_type: type[DisttrainError] = CoordinationError,
+        timeout: float | None = None,
+    ) -> None:
+        """Shares each worker's error (or None); if any worker had one, all raise it."""
+        text = "" if error is None else f"{type(error).__name__}: {error}"
+        reports = self.gather(name, text, timeout)
+        failed = [(rank, msg) for rank, msg in enumerate(reports) if msg]
+        if not failed:
+            return
+        rank, msg = failed[0]
+        message = f"{name} failed on {self._label(rank)}: {msg}"
+        if error is not None and rank == self.rank:
+            raise error_type(message) from error
+        raise error_type(message)
+
+    @staticmethod
+    def _attempt(action: Callable[[], object]) -> BaseException | None:
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - reported to every worker, then raised
+            return e
+        return None
+
+    def _label(self, rank: int) -> str:
+        if self.cluster.chief:
+            return "chief" if rank == 0 else f"w{rank - 1}"
+        return f"w{rank}"
+
+    def _task_name(self, rank: int) -> str:
+        if self.cluster.chief:
+            return "/job:chief/replica:0/task:0" if rank == 0 else (
+                f"/job:worker/replica:0/task:{rank - 1}"
+            )
+        return f"/job:worker/replica:0/task:{rank}"
+
+    @staticmethod
+    def _key(seq: int, rank: int) -> str:
+        return f"{_KEY_PREFIX}/{seq}/{rank}"
+
+    def _tf_context(self):
+        if self._context is None:
+            from tensorflow.python.eager import context
+
+            ctx = context.context()
+            if ctx.coordination_service is None:
+                raise CoordinationError(
+                    "this process is part of a multi-worker cluster (TF_CONFIG) but "
+                    "TensorFlow's coordination service is not running. Fix: create the "
+                    "strategy with disttrain.strategy() before fit() or any disttrain callback."
+                )
+            self._context = ctx
+        return self._context
+
+    def _wait_for(self, ctx, seq: int, rank: int, name: str, deadline: float) -> str:
+        import tensorflow as tf
+
+        key = self._key(seq, rank)
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise CoordinationError(
+                    f"timed out at {name!r} waiting for {self._label(rank)}: it is alive but "
+                    f"did not get there within {self.timeout:.0f}s. Workers may have diverged "
+                    f"(one is stuck or runs different code). Fix: check {self._label(rank)}'s "
+                    f"log; raise the limit with {ENV_TIMEOUT} if it is just slow."
+                )
+            try:
+                return ctx.get_config_key_value(key, min(_POLL_MS, remaining_ms))
+            except tf.errors.DeadlineExceededError:
+                pass
+            except tf.errors.OpError as e:
+                raise self._peer_lost(rank, name, e) from e
+            if rank != self.rank:
+                try:
+                    ctx.check_collective_ops_peer_health(self._task_name(rank), _POLL_MS)
+                except tf.errors.OpError as e:
+                    raise self._peer_lost(rank, name, e) from e
+
+    def _peer_lost(self, rank: int, name: str, error: Exception) -> CoordinationError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return CoordinationError(
+            f"lost {self._label(rank)} at {name!r}: {type(error).__name__}: {first_line[:200]}. "
+            "The peer process exited or is unreachable; see its log for the cause."
+        )
+

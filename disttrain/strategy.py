@@ -1,0 +1,106 @@
+"""`disttrain.strategy()`: the distribution strategy for this process, with Keras 3 fixed.
+
+One call gives every script the right strategy: `MultiWorkerMirroredStrategy`
+when TF_CONFIG describes more than one training task, TensorFlow's default
+strategy otherwise (a single process, or the evaluator task). TF_CONFIG is
+validated by `disttrain.cluster` first, so a typo fails with a message that
+names it instead of deep inside TensorFlow. The Keras 3 fixes of
+`disttrain.keras_compat` are applied before the strategy is returned.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from disttrain import keras_compat
+from disttrain.cluster import Cluster
+from disttrain.errors import StrategyError
+
+IMPLEMENTATIONS = ("auto", "ring", "nccl")
+
+_lock = threading.Lock()
+_created: tuple[tuple[Any, ...], Any] | None = None
+
+
+def strategy(
+    implementation: str = "auto",
+    timeout_seconds: float | None = None,
+):
+    """Returns the process's distribution strategy, creating it on first call.
+
+    TensorFlow allows one `MultiWorkerMirroredStrategy` per process, so later
+    calls return the same object; calling again with different options is an
+    error rather than a silent surprise.
+
+    Args:
+        implementation: collective implementation, `"auto"`, `"ring"` (gRPC) or
+            `"nccl"` (GPUs).
+        timeout_seconds: optional timeout for each collective; a peer that stops
+            answering then raises `DeadlineExceededError` instead of hanging.
+            TensorFlow spends a thread per collective on this, so it is off by
+            default (a peer that exits is still detected within seconds).
+
+    Returns:
+        A `tf.distribute.MultiWorkerMirroredStrategy` for multi-worker clusters,
+        else `tf.distribute.get_strategy()`.
+
+    Raises:
+        ClusterConfigError: TF_CONFIG is malformed.
+        StrategyError: bad options, or options differing from the first call.
+
+    Example:
+
+    ```python
+    strategy = disttrain.strategy()
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer="adam", loss="mse")
+    ```
+    """
+    global _created
+    if implementation not in IMPLEMENTATIONS:
+        raise StrategyError(
+            f"implementation={implementation!r} is not supported. Fix: use one of "
+            f"{', '.join(repr(i) for i in IMPLEMENTATIONS)}."
+        )
+    if timeout_seconds is not None and not timeout_seconds > 0:
+        raise StrategyError(
+            f"timeout_seconds={timeout_seconds!r} must be a positive number of seconds "
+            "or None. Fix: pass e.g. timeout_seconds=300, or leave it out."
+        )
+    cluster = Cluster.from_env()
+    key = (implementation, timeout_seconds, cluster.to_tf_config())
+    with _lock:
+        if _created is not None:
+            first_key, created = _created
+            if first_key != key:
+                raise StrategyError(
+                    f"disttrain.strategy() was already created with implementation="
+                    f"{first_key[0]!r}, timeout_seconds={first_key[1]!r} for task "
+                    f"{first_key[2]['task']}; now asked for implementation={implementation!r}, "
+                    f"timeout_seconds={timeout_seconds!r} for task {key[2]['task']}. TensorFlow "
+                    "allows one multi-worker strategy per process. Fix: call "
+                    "disttrain.strategy() once with the options you need and reuse it."
+                )
+            return created
+        keras_compat.apply()
+        created = _create(cluster, implementation, timeout_seconds)
+        _created = (key, created)
+        return created
+
+
+def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None):
+    import tensorflow as tf
+
+    if not cluster.is_multi_worker or cluster.is_evaluator:
+        return tf.distribute.get_strategy()
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation={
+            "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        }[implementation],
+        timeout_seconds=timeout_seconds,
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

@@ -1,0 +1,191 @@
+"""Real localhost multi-worker clusters for tests.
+
+`run_cluster` starts N worker processes on 127.0.0.1 with free ports and a
+TF_CONFIG each (built by `launch.tf_config`), runs a function (or a command) in
+every one, and returns each worker's exit code, output and structured result.
+A cluster that does not finish within `timeout` is killed (every process by its
+group id) and the test fails with every worker's output; no process outlives
+the call.
+
+Example:
+
+```python
+def train(epochs):               # module-level, importable by the workers
+    ...
+    return {"loss": history["loss"]}
+
+run = run_cluster(train, num_workers=2, kwargs={"epochs": 2})
+run.assert_ok()
+assert run.results[0] == run.results[1]
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import portpicker
+
+from launch import tf_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_RESULT = "DISTTRAIN_TEST_RESULT"
+PORT_CLASH = ("Address already in use", "address already in use", "Failed to add port")
+
+
+@dataclasses.dataclass
+class WorkerResult:
+    label: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    result: Any
+    seconds: float
+
+
+@dataclasses.dataclass
+class ClusterRun:
+    workers: list[WorkerResult]
+    timed_out: bool
+
+    @property
+    def results(self) -> list[Any]:
+        return [w.result for w in self.workers]
+
+    @property
+    def returncodes(self) -> list[int | None]:
+        return [w.returncode for w in self.workers]
+
+    def report(self) -> str:
+        parts = []
+        for w in self.workers:
+            parts.append(
+                f"--- {w.label}: exit {w.returncode} after {w.seconds:.1f}s\n"
+                f"stdout (tail):\n{w.stdout[-3000:]}\nstderr (tail):\n{w.stderr[-6000:]}"
+            )
+        head = "cluster TIMED OUT and was killed\n" if self.timed_out else ""
+        return head + "\n".join(parts)
+
+    def assert_ok(self) -> "ClusterRun":
+        if self.timed_out or any(rc != 0 for rc in self.returncodes):
+            raise AssertionError(f"cluster failed: exit codes {self.returncodes}\n{self.report()}")
+        return self
+
+
+def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every test worker starts from: quiet TF, repo importable."""
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def function_command(fn: Callable[..., Any], kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """The command that runs module-level `fn(**kwargs)` in a worker process."""
+    target = f"{fn.__module__}:{fn.__qualname__}"
+    return [sys.executable, "-m", "tests._worker", target, json.dumps(kwargs or {})]
+
+
+def run_cluster(
+    target: Callable[..., Any] | Sequence[str],
+    num_workers: int = 2,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    per_worker_env: Callable[[int], Mapping[str, str]] | None = None,
+    chief: bool = False,
+    timeout: float = 240.0,
+    cwd: str | os.PathLike[str] | None = None,
+) -> ClusterRun:
+    """Runs `target` on a fresh localhost cluster of `num_workers` worker tasks.
+
+    Args:
+        target: a module-level function (its JSON-serialisable return value becomes
+            the worker's `result`) or a command list.
+        num_workers: number of `worker` tasks.
+        kwargs: keyword arguments for a function target.
+        env: extra environment for every worker.
+        per_worker_env: extra environment per task, given the task's rank.
+        chief: add a separate `chief` task (rank 0).
+        timeout: seconds for the whole cluster before it is killed.
+        cwd: working directory of the workers.
+    """
+    for _ in range(3):
+        run = _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd)
+        clashed = any(s in w.stderr for w in run.workers for s in PORT_CLASH)
+        if not clashed:
+            return run
+    return run
+
+
+def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd) -> ClusterRun:
+    count = num_workers + (1 if chief else 0)
+    ports = [portpicker.pick_unused_port() for _ in range(count)]
+    addresses = tf_config.local_addresses(ports)
+    specs = tf_config.cluster_specs(addresses[1:] if chief else addresses,
+                                    chief=addresses[0] if chief else None)
+    command = list(target) if not callable(target) else function_command(target, kwargs)
+    with tempfile.TemporaryDirectory(prefix="disttrain-cluster-") as tmp:
+        procs = []
+        started = time.monotonic()
+        try:
+            for rank, spec in enumerate(specs):
+                out = open(Path(tmp, f"{rank}.out"), "w+")
+                err = open(Path(tmp, f"{rank}.err"), "w+")
+                extra = {"TF_CONFIG": spec.to_json(), ENV_RESULT: str(Path(tmp, f"{rank}.json"))}
+                extra.update(env or {})
+                extra.update(per_worker_env(rank) if per_worker_env else {})
+                proc = subprocess.Popen(
+                    command, env=worker_env(extra), stdout=out, stderr=err,
+                    cwd=cwd or REPO_ROOT, start_new_session=True,
+                )
+                procs.append((spec, proc, out, err))
+            ended, timed_out = _wait_all([p for _, p, _, _ in procs], started + timeout)
+        finally:
+            for _, proc, _, _ in procs:
+                _kill_group(proc)
+        workers = []
+        for rank, (spec, proc, out, err) in enumerate(procs):
+            out.seek(0)
+            err.seek(0)
+            result_path = Path(tmp, f"{rank}.json")
+            result = json.loads(result_path.read_text()) if result_path.exists() else None
+            workers.append(WorkerResult(spec.label, proc.returncode, out.read(), err.read(),
+                                        result, ended.get(rank, time.monotonic()) - started))
+            out.close()
+            err.close()
+    return ClusterRun(workers, timed_out)
+
+
+def _wait_all(procs: list[subprocess.Popen], deadline: float) -> tuple[dict[int, float], bool]:
+    """Waits for every process; returns when each ended and whether time ran out."""
+    ended: dict[int, float] = {}
+    while len(ended) < len(procs):
+        for rank, proc in enumerate(procs):
+            if rank not in ended and proc.poll() is not None:
+                ended[rank] = time.monotonic()
+        if time.monotonic() > deadline:
+            return ended, True
+        time.sleep(0.05)
+    return ended, False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,108 @@
+"""Training functions that harness workers (and single-process references) run.
+
+Each returns a JSON-serialisable summary: histories, evaluate/predict outputs
+and every weight (trainable and not), so tests can compare workers exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+GLOBAL_BATCH = 32
+
+
+def _data(n: int = 256, features: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x[:, :4].sum(axis=1) > 0).astype("float32")
+    w = rng.uniform(0.5, 1.5, size=(n,)).astype("float32")
+    return x, y, w
+
+
+def _summary(model, history, evaluation, predictions) -> dict:
+    return {
+        "history": history.history,
+        "evaluate": evaluation,
+        "predict": np.asarray(predictions).round(6).tolist(),
+        "weights": {v.path: np.asarray(v.numpy()).tolist() for v in model.weights},
+        "non_trainable": sorted(v.path for v in model.non_trainable_weights),
+    }
+
+
+def sequential(batchnorm: bool = True, epochs: int = 2, skip_fixes: tuple = ()) -> dict:
+    """Sequential model fed from tf.data, with validation data, accuracy and AUC."""
+    import keras
+    import tensorflow as tf
+
+    from disttrain import keras_compat
+    from disttrain.strategy import strategy as make_strategy
+
+    if skip_fixes:
+        keras_compat.apply(skip=tuple(skip_fixes))
+    strategy = make_strategy()
+    x, y, _ = _data()
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        layers = [keras.Input((8,)), keras.layers.Dense(16)]
+        if batchnorm:
+            layers.append(keras.layers.BatchNormalization())
+        layers += [keras.layers.Activation("relu"), keras.layers.Dense(1, activation="sigmoid")]
+        model = keras.Sequential(layers)
+        model.compile(
+            keras.optimizers.SGD(0.1), "binary_crossentropy",
+            metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        )
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    val = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(GLOBAL_BATCH)
+    history = model.fit(train, epochs=epochs, validation_data=val, verbose=0)
+    evaluation = model.evaluate(val, verbose=0, return_dict=True)
+    predictions = model.predict(
+        tf.data.Dataset.from_tensor_slices(x[:70]).batch(GLOBAL_BATCH), verbose=0
+    )
+    return _summary(model, history, evaluation, predictions)
+
+
+def functional_dict(epochs: int = 2) -> dict:
+    """Functional model with dict inputs, sample weights, steps_per_epoch and numpy validation."""
+    import keras
+    import tensorflow as tf
+
+    from disttrain.strategy import strategy as make_strategy
+
+    strategy = make_strategy()
+    x, y, w = _data()
+    inputs = {"a": x[:, :4], "b": x[:, 4:]}
+    with strategy.scope():
+        keras.utils.set_random_seed(2)
+        a = keras.Input((4,), name="a")
+        b = keras.Input((4,), name="b")
+        h = keras.layers.Concatenate()([keras.layers.Dense(8)(a), keras.layers.Dense(8)(b)])
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.Activation("relu")(h)
+        out = keras.layers.Dense(1, activation="sigmoid")(h)
+        model = keras.Model({"a": a, "b": b}, out)
+        model.compile(
+            keras.optimizers.Adam(0.01), "binary_crossentropy",
+            metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        )
+    train = tf.data.Dataset.from_tensor_slices((inputs, y, w)).batch(GLOBAL_BATCH).repeat()
+    val_inputs = {"a": x[:64, :4], "b": x[:64, 4:]}
+    val = tf.data.Dataset.from_tensor_slices((val_inputs, y[:64])).batch(GLOBAL_BATCH)
+    history = model.fit(train, epochs=epochs, steps_per_epoch=5, validation_data=val, verbose=0)
+    evaluation = model.evaluate(val, verbose=0, return_dict=True)
+    predictions = model.predict(
+        tf.data.Dataset.from_tensor_slices(val_inputs).batch(GLOBAL_BATCH), verbose=0
+    )
+    return _summary(model, history, evaluation, predictions)
+
+
+def fails_without_compat() -> dict:
+    """Stock Keras 3 fit under MWMS; returns the exception it raises (or None)."""
+    os.environ["DISTTRAIN_KERAS_COMPAT"] = "0"
+    try:
+        sequential(batchnorm=False, epochs=1)
+    except Exception as e:  # noqa: BLE001 - the failure is the result
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    return {"error": None}
