@@ -21,7 +21,7 @@ On a single worker every call returns at once without TensorFlow.
 Example:
 
 ```python
-coord = Coordinator.from_env()
+coord = coordination.get()
 stop = coord.any(local_stop, "EarlyStopping.stop")     # same answer everywhere
 run_id = coord.broadcast(new_id if coord.is_chief else None, "run_id")
 ```
@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import uuid
+from datetime import datetime, timezone
 from collections.abc import Callable
 
 from disttrain.cluster import Cluster
@@ -74,10 +77,24 @@ class Coordinator:
         self.timeout = _default_timeout() if timeout is None else float(timeout)
         self._seq = 0
         self._context = None
+        self._run_id: str | None = None
 
-    @classmethod
-    def from_env(cls) -> "Coordinator":
-        return cls()
+    def run_id(self) -> str:
+        """The run id, identical on every worker.
+
+        `DISTTRAIN_RUN_ID` when the launcher set it, else generated once by the
+        chief (`<utc time>-<6 hex>`) and broadcast; cached for the process.
+        """
+        if self._run_id is None:
+            if self.cluster.run_id:
+                self._run_id = self.cluster.run_id
+            else:
+                fresh = None
+                if self.is_chief:
+                    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+                    fresh = f"{stamp}-{uuid.uuid4().hex[:6]}"
+                self._run_id = self.broadcast(fresh, "run_id")
+        return self._run_id
 
     @property
     def is_chief(self) -> bool:
@@ -258,3 +275,20 @@ class Coordinator:
             "The peer process exited or is unreachable; see its log for the cause."
         )
 
+
+
+_default: Coordinator | None = None
+_default_lock = threading.Lock()
+
+
+def get() -> Coordinator:
+    """The process-wide coordinator every disttrain callback shares.
+
+    Sharing one matters: exchanges are numbered per coordinator, and every
+    worker must number the same exchange the same way.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Coordinator()
+        return _default

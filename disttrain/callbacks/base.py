@@ -1,0 +1,85 @@
+"""What every disttrain callback shares: cluster facts, the vote, monitor checks.
+
+Callbacks mix `DistributedCallback` into the Keras callback they extend, so none
+of them re-implements the chief check, the run id or the cross-worker vote.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from disttrain import coordination
+from disttrain.errors import CallbackConfigError
+
+
+class DistributedCallback:
+    """Mixin giving a Keras callback the cluster it runs on.
+
+    Attributes:
+        strict: when True (disttrain's default), a monitored metric missing from
+            the logs raises `CallbackConfigError` listing the available metrics;
+            when False, Keras's warn-and-skip behaviour is kept.
+    """
+
+    strict: bool = True
+
+    @property
+    def coordinator(self) -> coordination.Coordinator:
+        return coordination.get()
+
+    @property
+    def is_chief(self) -> bool:
+        return self.coordinator.is_chief
+
+    @property
+    def run_id(self) -> str:
+        return self.coordinator.run_id()
+
+    def monitored(self, logs: Mapping[str, Any] | None, monitor: str) -> float | None:
+        """The value of `monitor` in `logs`, or None (strict=False) when absent.
+
+        Raises:
+            CallbackConfigError: `monitor` is not in `logs` and `strict` is True.
+        """
+        logs = logs or {}
+        value = logs.get(monitor)
+        if value is not None:
+            return float(value)
+        name = type(self).__name__
+        available = ", ".join(sorted(logs)) or "(none)"
+        hint = ""
+        if monitor.startswith("val_") and not any(k.startswith("val_") for k in logs):
+            hint = " No validation metrics exist: pass validation_data to fit()."
+        message = (
+            f"{name}(monitor={monitor!r}): {monitor!r} is not in the logs. "
+            f"Available: {available}.{hint} Fix: monitor one of the available metrics "
+            "(names come from compile(metrics=...)), or pass strict=False to warn and skip."
+        )
+        if self.strict:
+            raise CallbackConfigError(message)
+        warnings.warn(message, stacklevel=3)
+        return None
+
+    def warn_if_training_metric(self, logs: Mapping[str, Any] | None, monitor: str) -> None:
+        """Warns once when a training metric is monitored while validation ones exist."""
+        if getattr(self, "_warned_training_metric", False):
+            return
+        self._warned_training_metric = True
+        logs = logs or {}
+        if not monitor.startswith("val_") and f"val_{monitor}" in logs:
+            warnings.warn(
+                f"{type(self).__name__} monitors the training metric {monitor!r} although "
+                f"'val_{monitor}' exists; decisions then follow training fit, not "
+                f"generalisation. Pass monitor='val_{monitor}' unless this is intended.",
+                stacklevel=3,
+            )
+
+
+def is_nan_or_inf(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
