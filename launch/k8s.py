@@ -1,0 +1,512 @@
+"""`python -m launch.k8s`: Kubernetes manifests for a disttrain job.
+
+```
+python -m launch.k8s --name mnist --workers 4 --image REGISTRY/disttrain:0.1.0 \\
+    --checkpoint-url gs://BUCKET/mnist -- python -m disttrain.demo --output-dir '$(DISTTRAIN_CHECKPOINT_URL)'
+```
+
+prints YAML for `kubectl apply -f -` (or, with `--output DIR`, writes `DIR/<name>.yaml`).
+Formats:
+
+- `job` (default; plain Kubernetes, no operator): a headless Service (`clusterIP: None`,
+  `publishNotReadyAddresses: true`, so pod names resolve before the pods are ready) and an
+  Indexed Job whose pods are `<name>-<i>.<name>`. The Job replaces a failed pod only once it has
+  fully terminated (`podReplacementPolicy: Failed`, so no index ever runs twice at once), fails
+  at once on exit code 2 (a configuration error: retrying cannot help), does not count evictions
+  and preemptions against the restart budget, and succeeds when worker 0 (the chief) succeeds.
+  Under MultiWorkerMirroredStrategy a lost worker makes every peer fail, so one restart of the
+  group costs up to N pod failures: `backoffLimit` is `--max-restarts` x N.
+- `jobset` (`jobset.x-k8s.io/v1alpha2`): the same Indexed Job inside a JobSet, which restarts
+  the whole group (`failurePolicy.maxRestarts` = `--max-restarts`) and creates the Service.
+- `tfjob` (`kubeflow.org/v1`, Kubeflow Training Operator v1): the operator sets TF_CONFIG itself;
+  the entrypoint then uses it as is.
+
+Every pod runs `python -m launch.entrypoint --peer-timeout S -- <command>`: the entrypoint
+derives TF_CONFIG from the Job's environment, waits until every peer resolves and accepts TCP,
+then execs the command. Container `args` may use `$(VAR)` references to the container's
+environment (Kubernetes expands them), e.g. `$(DISTTRAIN_CHECKPOINT_URL)`.
+
+gs:// credentials (gcsfs uses Google's default credentials): with Workload Identity, pass
+`--service-account KSA` (a Kubernetes ServiceAccount allowed to act as a Google service
+account); with a key file, `--gcp-key-secret SECRET` mounts the Secret's `key.json` and points
+`GOOGLE_APPLICATION_CREDENTIALS` at it.
+
+Invalid input exits with code 2 and a message naming the option and the fix. Nothing here
+imports TensorFlow, and the YAML is written without a YAML library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import decimal
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, validate_run_id
+from disttrain.errors import ClusterConfigError, DisttrainError
+from launch import entrypoint
+
+FORMATS = ("job", "jobset", "tfjob")
+ENV_CHECKPOINT_URL = "DISTTRAIN_CHECKPOINT_URL"
+ENV_GOOGLE_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
+GCP_KEY_DIR = "/var/secrets/google"
+GCP_KEY_FILE = "key.json"
+GPU_RESOURCE = "nvidia.com/gpu"
+REPLICATED_JOB = "worker"
+MAX_HOSTNAME = 63
+
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+# Kubernetes resource quantity: <number><suffix>, suffix binary SI, decimal SI or exponent.
+_QUANTITY = re.compile(r"(?P<number>\d+(\.\d*)?|\.\d+)(?P<suffix>[KMGTPE]i|[numkMGTPE]|[eE][-+]?\d+)?")
+_SUFFIX_SCALE = {
+    "": 1, "n": decimal.Decimal("1e-9"), "u": decimal.Decimal("1e-6"), "m": decimal.Decimal("1e-3"),
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+class ManifestConfigError(DisttrainError, ValueError):
+    """An option of `launch.k8s` cannot produce a valid manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything a manifest is made from; `validate()` checks it all."""
+
+    name: str
+    workers: int
+    image: str
+    command: tuple[str, ...]
+    namespace: str | None = None
+    cpu: str = "2"
+    memory: str = "4Gi"
+    gpus: int = 0
+    port: int = 2222
+    checkpoint_url: str | None = None
+    service_account: str | None = None
+    gcp_key_secret: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    run_id: str | None = None
+    max_restarts: int = 3
+    peer_timeout: int = 300
+    format: str = "job"
+
+    @property
+    def effective_run_id(self) -> str:
+        return self.run_id or self.name
+
+    @property
+    def job_name(self) -> str:
+        """Name of the Indexed Job whose pods run the workers (also for a JobSet)."""
+        return f"{self.name}-{REPLICATED_JOB}-0" if self.format == "jobset" else self.name
+
+    def hostname(self, index: int) -> str:
+        """Hostname of worker `index`'s pod."""
+        if self.format == "tfjob":
+            return f"{self.name}-worker-{index}"
+        return f"{self.job_name}-{index}"
+
+    def validate(self) -> "JobConfig":
+        """Returns self when every field can go into a valid manifest.
+
+        Raises:
+            ManifestConfigError: naming the option, its value, and the fix.
+        """
+        if self.format not in FORMATS:
+            _fail("--format", self.format, f"use one of {', '.join(FORMATS)}")
+        if not _DNS1035_LABEL.fullmatch(self.name) or len(self.name) > MAX_HOSTNAME:
+            _fail("--name", self.name, "use lowercase letters, digits and '-', starting with a "
+                  "letter and ending with a letter or digit (a DNS-1035 label, e.g. 'mnist-1')")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            _fail("--workers", self.workers, "use an integer of at least 1")
+        longest = self.hostname(self.workers - 1)
+        if len(longest) > MAX_HOSTNAME:
+            _fail("--name", self.name,
+                  f"pod hostname {longest!r} would be {len(longest)} characters, over the "
+                  f"{MAX_HOSTNAME} Kubernetes allows: shorten --name by "
+                  f"{len(longest) - MAX_HOSTNAME} character(s)")
+        if not self.image or any(c.isspace() for c in self.image) or self.image.startswith("-"):
+            _fail("--image", self.image, "give an image reference such as "
+                  "'REGISTRY/disttrain:0.1.0'")
+        if not self.command:
+            _fail("command", "", "put the command after '--', e.g. -- python train.py")
+        if self.namespace is not None and (
+                not _DNS1123_LABEL.fullmatch(self.namespace) or len(self.namespace) > 63):
+            _fail("--namespace", self.namespace, "use a DNS-1123 label: lowercase letters, "
+                  "digits and '-', at most 63 characters")
+        for option, value in (("--service-account", self.service_account),
+                              ("--gcp-key-secret", self.gcp_key_secret)):
+            if value is not None and (not _DNS1123_SUBDOMAIN.fullmatch(value) or len(value) > 253):
+                _fail(option, value, "use a DNS-1123 subdomain: lowercase letters, digits, '-' "
+                      "and '.', at most 253 characters")
+        _check_quantity("--cpu", self.cpu, minimum=decimal.Decimal("0.001"),
+                        hint="CPU cores, e.g. '2' or '500m'")
+        _check_quantity("--memory", self.memory, minimum=decimal.Decimal(2**20),
+                        hint="bytes with a suffix, e.g. '4Gi' or '512Mi' (lowercase 'm' means "
+                             "thousandths)")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
+            _fail("--gpus", self.gpus, "use an integer of at least 0")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) \
+                or not 1 <= self.port <= 65535:
+            _fail("--port", self.port, "use a TCP port in 1..65535")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            _fail("--max-restarts", self.max_restarts, "use an integer of at least 0")
+        if not isinstance(self.peer_timeout, int) or self.peer_timeout < 1:
+            _fail("--peer-timeout", self.peer_timeout, "use a number of seconds of at least 1")
+        if self.checkpoint_url is not None and (
+                not self.checkpoint_url or any(c.isspace() for c in self.checkpoint_url)):
+            _fail("--checkpoint-url", self.checkpoint_url,
+                  "give a URL without spaces, e.g. gs://BUCKET/run")
+        try:
+            validate_run_id(self.effective_run_id, "--run-id")
+        except ClusterConfigError as e:
+            raise ManifestConfigError(str(e)) from None
+        if len(self.effective_run_id) > 63 or not _LABEL_VALUE.fullmatch(self.effective_run_id):
+            _fail("--run-id", self.effective_run_id, "it is also a label value: at most 63 "
+                  "characters, ending with a letter or digit")
+        self._check_env()
+        return self
+
+    def _check_env(self) -> None:
+        reserved = {name for name, _ in _generated_env(self)} | {
+            ENV_TF_CONFIG, entrypoint.ENV_COMPLETION_INDEX}
+        seen: set[str] = set()
+        for name, value in self.env:
+            if not _ENV_NAME.fullmatch(name):
+                _fail("--env", f"{name}={value}", "write NAME=VALUE with NAME made of letters, "
+                      "digits, '_', '-' and '.', not starting with a digit")
+            if name in reserved:
+                _fail("--env", f"{name}={value}", f"{name} is set by launch.k8s or Kubernetes; "
+                      "use the matching option instead (--run-id, --checkpoint-url, "
+                      "--gcp-key-secret, --workers, --port)")
+            if name in seen:
+                _fail("--env", f"{name}={value}", f"{name} is given twice; keep one")
+            seen.add(name)
+
+
+def _fail(option: str, value: Any, fix: str) -> NoReturn:
+    raise ManifestConfigError(f"{option}={value!r} is not valid. Fix: {fix}.")
+
+
+def _check_quantity(option: str, value: str, minimum: decimal.Decimal, hint: str) -> None:
+    match = _QUANTITY.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        _fail(option, value, f"give a Kubernetes quantity: {hint}")
+    suffix = match["suffix"] or ""
+    if suffix[:1] in ("e", "E"):
+        amount = decimal.Decimal(match["number"] + suffix)
+    else:
+        amount = decimal.Decimal(match["number"]) * _SUFFIX_SCALE[suffix]
+    if amount < minimum:
+        _fail(option, value, f"it is only {amount.normalize():f}; give {hint}")
+
+
+def _labels(config: JobConfig) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "disttrain",
+        "app.kubernetes.io/instance": config.name,
+        "disttrain/run-id": config.effective_run_id,
+    }
+
+
+def _selector(config: JobConfig) -> dict[str, str]:
+    return {key: _labels(config)[key]
+            for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+
+
+def _metadata(config: JobConfig) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": config.name}
+    if config.namespace:
+        metadata["namespace"] = config.namespace
+    metadata["labels"] = _labels(config)
+    return metadata
+
+
+def _generated_env(config: JobConfig) -> list[tuple[str, Any]]:
+    """The container env launch.k8s sets, as (name, value or valueFrom) pairs."""
+    env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.effective_run_id)]
+    if config.format != "tfjob":
+        env += [
+            (entrypoint.ENV_JOB_NAME, config.job_name),
+            (entrypoint.ENV_SERVICE, config.name),
+            (entrypoint.ENV_NAMESPACE, {"fieldRef": {"fieldPath": "metadata.namespace"}}),
+            (entrypoint.ENV_NUM_WORKERS, str(config.workers)),
+            (entrypoint.ENV_PORT, str(config.port)),
+        ]
+    if config.checkpoint_url:
+        env.append((ENV_CHECKPOINT_URL, config.checkpoint_url))
+    if config.gcp_key_secret:
+        env.append((ENV_GOOGLE_CREDENTIALS, f"{GCP_KEY_DIR}/{GCP_KEY_FILE}"))
+    return env
+
+
+def _container(config: JobConfig) -> dict[str, Any]:
+    tfjob = config.format == "tfjob"
+    env = [{"name": name, "valueFrom": value} if isinstance(value, dict)
+           else {"name": name, "value": value}
+           for name, value in [*_generated_env(config), *config.env]]
+    limits: dict[str, Any] = {"cpu": config.cpu, "memory": config.memory}
+    if config.gpus:
+        limits[GPU_RESOURCE] = config.gpus
+    container: dict[str, Any] = {
+        # The Training Operator looks for a container named "tensorflow" and a port named
+        # "tfjob-port" to build TF_CONFIG.
+        "name": "tensorflow" if tfjob else "worker",
+        "image": config.image,
+        "command": ["python", "-m", "launch.entrypoint",
+                    "--peer-timeout", str(config.peer_timeout), "--"],
+        "args": list(config.command),
+        "env": env,
+        "ports": [{"name": "tfjob-port" if tfjob else "tf-grpc",
+                   "containerPort": config.port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": config.cpu, "memory": config.memory},
+                      "limits": limits},
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if config.gcp_key_secret:
+        container["volumeMounts"] = [{"name": "gcp-key", "mountPath": GCP_KEY_DIR,
+                                      "readOnly": True}]
+    return container
+
+
+def _pod_template(config: JobConfig, restart_policy: str | None,
+                  subdomain: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if subdomain:
+        spec["subdomain"] = subdomain
+    if config.service_account:
+        spec["serviceAccountName"] = config.service_account
+    # The pause container becomes PID 1, so the training process is not: a PID 1 without a
+    # SIGTERM handler ignores SIGTERM, and every pod deletion would wait for SIGKILL.
+    spec["shareProcessNamespace"] = True
+    spec["containers"] = [_container(config)]
+    if config.gcp_key_secret:
+        spec["volumes"] = [{"name": "gcp-key", "secret": {
+            "secretName": config.gcp_key_secret,
+            "items": [{"key": GCP_KEY_FILE, "path": GCP_KEY_FILE}]}}]
+    return {"metadata": {"labels": _labels(config)}, "spec": spec}
+
+
+def _indexed_job_spec(config: JobConfig, backoff_limit: int,
+                      subdomain: str | None) -> dict[str, Any]:
+    return {
+        "completionMode": "Indexed",
+        "completions": config.workers,
+        "parallelism": config.workers,
+        "backoffLimit": backoff_limit,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": "worker", "operator": "In",
+                             "values": [entrypoint.EXIT_CONFIG_ERROR]}},
+            {"action": "Ignore",
+             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "successPolicy": {"rules": [{"succeededIndexes": "0"}]},
+        "template": _pod_template(config, "Never", subdomain),
+    }
+
+
+def _service(config: JobConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(config),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": _selector(config),
+            "ports": [{"name": "tf-grpc", "port": config.port, "targetPort": config.port,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def _job(config: JobConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(config),
+        "spec": _indexed_job_spec(config, config.max_restarts * config.workers, config.name),
+    }
+
+
+def _jobset(config: JobConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": _metadata(config),
+        "spec": {
+            "network": {"enableDNSHostnames": True, "subdomain": config.name,
+                        "publishNotReadyAddresses": True},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "failurePolicy": {
+                "maxRestarts": config.max_restarts,
+                "rules": [{"name": "configuration-error", "action": "FailJobSet",
+                           "onJobFailureReasons": ["PodFailurePolicy"]}],
+            },
+            "replicatedJobs": [{
+                "name": REPLICATED_JOB,
+                "replicas": 1,
+                "template": {"metadata": {"labels": _labels(config)},
+                             "spec": _indexed_job_spec(config, 0, None)},
+            }],
+        },
+    }
+
+
+def _tfjob(config: JobConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": _metadata(config),
+        "spec": {
+            "runPolicy": {"backoffLimit": config.max_restarts * config.workers,
+                          "cleanPodPolicy": "Running"},
+            "tfReplicaSpecs": {"Worker": {
+                "replicas": config.workers,
+                "restartPolicy": "OnFailure",
+                "template": _pod_template(config, None, None),
+            }},
+        },
+    }
+
+
+def manifests(config: JobConfig) -> list[dict[str, Any]]:
+    """The Kubernetes objects for `config`, validated first, in `kubectl apply` order."""
+    config.validate()
+    if config.format == "job":
+        return [_service(config), _job(config)]
+    if config.format == "jobset":
+        return [_jobset(config)]
+    return [_tfjob(config)]
+
+
+_PLAIN = re.compile(r"(?:[A-Za-z_/$]|-[-A-Za-z])[A-Za-z0-9_./:=@+$()-]*")
+_YAML_KEYWORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~"}
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        plain = (_PLAIN.fullmatch(value) and not value.endswith(":")
+                 and value.lower() not in _YAML_KEYWORDS)
+        return value if plain else json.dumps(value)
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as YAML")
+
+
+def _block(value: Any, indent: int) -> list[str]:
+    """Block-style YAML lines for a non-empty dict or list, indented by `indent` spaces."""
+    pad = " " * indent
+    lines: list[str] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        lead = f"{pad}{_scalar(key)}:" if isinstance(value, dict) else f"{pad}-"
+        if isinstance(item, dict | list) and item:
+            nested = _block(item, indent + 2)
+            if isinstance(value, dict):
+                lines += [lead, *nested]
+            else:
+                lines += [f"{lead} {nested[0].lstrip()}", *nested[1:]]
+        elif isinstance(item, dict | list):
+            lines.append(f"{lead} {'{}' if isinstance(item, dict) else '[]'}")
+        else:
+            lines.append(f"{lead} {_scalar(item)}")
+    return lines
+
+
+def to_yaml(documents: Sequence[dict[str, Any]]) -> str:
+    """YAML for `documents`: block style, strings quoted (JSON style) only where needed."""
+    out = ["# Generated by `python -m launch.k8s`; regenerate instead of editing."]
+    for document in documents:
+        out += ["---", *_block(document, 0)]
+    return "\n".join(out) + "\n"
+
+
+def _parse_env(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            _fail("--env", item, "write NAME=VALUE, e.g. --env TF_CPP_MIN_LOG_LEVEL=2")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.k8s",
+        description="Print (or write) Kubernetes manifests that run a command on N workers.",
+        usage="%(prog)s --name NAME --workers N --image IMAGE [options] -- cmd [args ...]",
+    )
+    add = parser.add_argument
+    add("--name", required=True, help="job name; pods are <name>-<i> (DNS-1035 label)")
+    add("--workers", required=True, type=int, help="number of workers (pods), at least 1")
+    add("--image", required=True, help="container image with disttrain installed")
+    add("--namespace", help="namespace of every object (default: kubectl's current one)")
+    add("--cpu", default="2", help="CPU request and limit per worker (default 2)")
+    add("--memory", default="4Gi", help="memory request and limit per worker (default 4Gi)")
+    add("--gpus", type=int, default=0, help=f"{GPU_RESOURCE} per worker (default 0)")
+    add("--port", type=int, default=2222, help="TensorFlow gRPC port (default 2222)")
+    add("--checkpoint-url", help=f"sets {ENV_CHECKPOINT_URL} (use '$({ENV_CHECKPOINT_URL})' "
+                                 "in the command)")
+    add("--service-account", help="Kubernetes ServiceAccount of the pods (Workload Identity)")
+    add("--gcp-key-secret", help=f"Secret holding a Google service account key as "
+                                 f"'{GCP_KEY_FILE}'; mounted, {ENV_GOOGLE_CREDENTIALS} set")
+    add("--env", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
+        help="extra environment variables (repeatable)")
+    add("--run-id", help=f"{ENV_RUN_ID} shared by all workers (default: the name)")
+    add("--max-restarts", type=int, default=3,
+        help="restarts of the worker group before the job fails (default 3)")
+    add("--peer-timeout", type=int, default=300,
+        help="seconds each pod waits for its peers to resolve and accept TCP (default 300)")
+    add("--format", choices=FORMATS, default="job", help="what to emit (default job)")
+    add("--output", type=Path, help="write <DIR>/<name>.yaml instead of printing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    try:
+        config = JobConfig(
+            name=args.name, workers=args.workers, image=args.image,
+            command=tuple(argv[split + 1:]), namespace=args.namespace, cpu=args.cpu,
+            memory=args.memory, gpus=args.gpus, port=args.port,
+            checkpoint_url=args.checkpoint_url, service_account=args.service_account,
+            gcp_key_secret=args.gcp_key_secret, env=_parse_env(args.env), run_id=args.run_id,
+            max_restarts=args.max_restarts, peer_timeout=args.peer_timeout,
+            format=args.format,
+        )
+        text = to_yaml(manifests(config))
+    except ManifestConfigError as e:
+        parser.error(str(e))
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"{config.name}.yaml"
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
