@@ -529,9 +529,10 @@ def is_committed(url_dir: str) -> bool:
         return False
     fs, path = url_to_fs(url_dir)
     with _wrapped("checking checkpoint", url_dir):
-        fs.invalidate_cache(path)
         for name, entry in manifest["files"].items():
-            if _size(fs, posixpath.join(path, name)) != entry["size"]:
+            file_path = posixpath.join(path, name)
+            fs.invalidate_cache(file_path)
+            if _size(fs, file_path) != entry["size"]:
                 return False
     return True
 
