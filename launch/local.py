@@ -1,0 +1,445 @@
+"""`python -m launch.local`: run a multi-worker TensorFlow job on this machine.
+
+Starts one process per task (workers, optionally a separate chief and an
+evaluator), each with its own TF_CONFIG on a free localhost port, prefixes and
+routes their output, and treats them as one job: the first failure stops
+everyone and decides the exit code, a restart restarts everyone on fresh ports.
+See `python -m launch.local --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import re
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import portpicker
+
+from disttrain.cluster import (
+    ENV_ATTEMPT,
+    ENV_RESULT_FILE,
+    ENV_RUN_ID,
+    ENV_TF_CONFIG,
+    parse_address,
+    validate_run_id,
+)
+from disttrain.errors import ClusterConfigError
+from launch import procs
+from launch.output import Console
+from launch.tf_config import TaskSpec, cluster_specs, local_addresses
+
+DEFAULT_COMMAND = (sys.executable, "-m", "disttrain.demo")
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_CANNOT_EXECUTE = 126
+MAX_PORT_CLASH_RELAUNCHES = 3
+
+# How a task reports that its port was taken between portpicker's check and its
+# own bind. TensorFlow 2.21 logs (at any TF_CPP_MIN_LOG_LEVEL below 3)
+#   add_port.cc: Failed to add port to server: No address added out of total 1 resolved for '0.0.0.0:PORT'
+# and always raises "UnknownError: Could not start gRPC server". Older gRPC
+# builds log the OS error ("Address already in use", errno 98); grpcio raises
+# "Failed to bind to address".
+PORT_CLASH = re.compile(
+    r"address already in use|EADDRINUSE|Failed to add port to server|"
+    r"No address added out of total|Could not start gRPC server|Failed to bind to address",
+    re.IGNORECASE,
+)
+
+# Set for every worker unless the user's environment already sets them.
+DEFAULT_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONFAULTHANDLER": "1"}
+
+EPILOG = """\
+examples:
+  python -m launch.local --workers 2
+      the bundled demo (python -m disttrain.demo) on 2 workers
+  python -m launch.local --workers 4 -- python train.py --epochs 50
+  python -m launch.local --workers 2 --chief --evaluator --log-dir logs -- python train.py
+  python -m launch.local --workers 2 --max-restarts 3 --timeout 3600 -- python train.py
+  python -m launch.local --workers 2 --dry-run -- python train.py
+
+each task's environment gets:
+  TF_CONFIG                its cluster and task (free ports on --host, fresh on every attempt)
+  DISTTRAIN_RUN_ID         the same for every task and attempt
+  DISTTRAIN_ATTEMPT        0, then 1, 2, ... when the group is started again
+  DISTTRAIN_RESULT_FILE    where the chief may write a JSON result; shown at the end
+  PYTHONUNBUFFERED=1, and unless already set TF_CPP_MIN_LOG_LEVEL=2, PYTHONFAULTHANDLER=1
+
+output: every line is prefixed with its task ([w0], [w1], [chief], [evaluator]);
+workers' stdout goes to stdout, their stderr and the launcher's messages to stderr.
+A progress bar redrawn with carriage returns shows as at most one line per second.
+
+exit code: 0 on success; the exit code of the task that failed first (128+N if
+signal N killed it); 128+N when the launcher gets signal N (SIGINT, SIGTERM,
+SIGHUP are passed on to the tasks as SIGTERM); 124 on --timeout or
+--startup-timeout; 2 for invalid arguments.
+"""
+
+
+def new_run_id() -> str:
+    """`<yyyymmdd-hhmmss>-<6 hex>`, e.g. `20260101-120000-3fa2c1`."""
+    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Everything `launch.local` needs to run a job; built from the command line.
+
+    Attributes:
+        workers: number of `worker` tasks.
+        chief: add a separate `chief` task (else worker 0 is the chief).
+        evaluator: add an `evaluator` task (not part of the training cluster).
+        host: address the tasks listen on.
+        run_id: `DISTTRAIN_RUN_ID` of every task.
+        command: what every task runs.
+        grace: seconds between SIGTERM and SIGKILL when stopping tasks.
+        max_restarts: how many times the group is started again after a failure.
+        timeout: seconds the whole job may take, or None.
+        startup_timeout: seconds each task has to write its first output, or None.
+        log_dir: where `attempt-N/<task>.stdout.log` and `.stderr.log` go, or None.
+        chief_only_output: show only the chief's output on the console.
+        dry_run: print what would run and start nothing.
+    """
+
+    workers: int = 1
+    chief: bool = False
+    evaluator: bool = False
+    host: str = "127.0.0.1"
+    run_id: str = dataclasses.field(default_factory=new_run_id)
+    command: tuple[str, ...] = DEFAULT_COMMAND
+    grace: float = 10.0
+    max_restarts: int = 0
+    timeout: float | None = None
+    startup_timeout: float | None = None
+    log_dir: pathlib.Path | None = None
+    chief_only_output: bool = False
+    dry_run: bool = False
+
+    @property
+    def chief_label(self) -> str:
+        return "chief" if self.chief else "w0"
+
+    @property
+    def num_tasks(self) -> int:
+        return self.workers + self.chief + self.evaluator
+
+
+def _number(kind: type, minimum: float, inclusive: bool = True):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if value < minimum or (not inclusive and value == minimum):
+            bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.local",
+        usage="%(prog)s [options] [-- command [args ...]]",
+        description="Run a multi-worker TensorFlow job on this machine: one process per "
+                    "task, each with its own TF_CONFIG. Without a command, runs the "
+                    "disttrain demo.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workers", type=_number(int, 1), default=1, metavar="N",
+                        help="number of worker tasks (default 1)")
+    parser.add_argument("--chief", action="store_true",
+                        help="add a separate chief task (default: worker 0 is the chief)")
+    parser.add_argument("--evaluator", action="store_true", help="add an evaluator task")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the tasks listen on (default 127.0.0.1)")
+    parser.add_argument("--run-id", help="DISTTRAIN_RUN_ID (default: <yyyymmdd-hhmmss>-<6 hex>)")
+    parser.add_argument("--grace", type=_number(float, 0), default=10.0, metavar="SECONDS",
+                        help="time between SIGTERM and SIGKILL when stopping tasks (default 10)")
+    parser.add_argument("--max-restarts", type=_number(int, 0), default=0, metavar="K",
+                        help="restart the whole group on fresh ports up to K times after a "
+                             "failure (default 0); a port clash relaunches without using one")
+    parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), metavar="SECONDS",
+                        help="time limit for the whole job; on expiry, dump every task's "
+                             "Python stacks and stop them (exit 124)")
+    parser.add_argument("--startup-timeout", type=_number(float, 0, inclusive=False),
+                        metavar="SECONDS",
+                        help="each task must write its first output (stdout or stderr) within "
+                             "this time of starting, else the attempt fails like --timeout")
+    parser.add_argument("--log-dir", type=pathlib.Path, metavar="DIR",
+                        help="write DIR/attempt-N/<task>.stdout.log and .stderr.log (raw "
+                             "output) and DIR/result.json")
+    parser.add_argument("--chief-only-output", action="store_true",
+                        help="show only the chief's output (the others still go to --log-dir)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each task's environment additions and command; start nothing")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> LaunchConfig:
+    """Parses and validates the command line; exits with code 2 on any error."""
+    parser = build_parser()
+    argv = list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+        if not command:
+            parser.error("no command after '--'")
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} "
+                     "(put the command to run after '--')")
+    try:
+        parse_address(f"{ns.host}:1", "--host")
+        run_id = validate_run_id(ns.run_id, "--run-id") if ns.run_id is not None else new_run_id()
+    except ClusterConfigError as e:
+        parser.error(str(e))
+    if command:
+        problem = _command_problem(command[0])
+        if problem:
+            parser.error(problem)
+    return LaunchConfig(
+        workers=ns.workers, chief=ns.chief, evaluator=ns.evaluator, host=ns.host,
+        run_id=run_id, command=tuple(command) or DEFAULT_COMMAND, grace=ns.grace,
+        max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
+        log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, dry_run=ns.dry_run,
+    )
+
+
+def _command_problem(program: str) -> str | None:
+    if os.sep in program:
+        if os.path.isfile(program) and os.access(program, os.X_OK):
+            return None
+        return f"command {program!r} is not an executable file"
+    if shutil.which(program) is None:
+        return f"command {program!r} not found on PATH"
+    return None
+
+
+def plan_tasks(config: LaunchConfig, attempt: int,
+               result_file: str) -> list[tuple[TaskSpec, dict[str, str]]]:
+    """Each task of one attempt with its environment additions; picks fresh ports."""
+    ports = [portpicker.pick_unused_port() for _ in range(config.workers + config.chief)]
+    addresses = local_addresses(ports, config.host)
+    chief = addresses.pop(0) if config.chief else None
+    plan = []
+    for task in cluster_specs(addresses, chief=chief, evaluator=config.evaluator):
+        env = {
+            ENV_TF_CONFIG: task.to_json(),
+            ENV_RUN_ID: config.run_id,
+            ENV_ATTEMPT: str(attempt),
+            ENV_RESULT_FILE: result_file,
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update((k, v) for k, v in DEFAULT_ENV.items() if k not in os.environ)
+        plan.append((task, env))
+    return plan
+
+
+def print_dry_run(config: LaunchConfig) -> None:
+    result_file = (str(config.log_dir / "result.json") if config.log_dir else
+                   os.path.join(tempfile.gettempdir(), f"disttrain-{config.run_id}-XXXXXX",
+                                "result.json"))
+    lines = [f"# dry run of {config.run_id}: {config.num_tasks} tasks, attempt 0 shown; "
+             "nothing started"]
+    for task, env in plan_tasks(config, 0, result_file):
+        lines.append(f"{task.label}:")
+        lines += [f"  {key}={shlex.quote(value)}" for key, value in env.items()]
+        lines.append(f"  command: {shlex.join(config.command)}")
+    print("\n".join(lines), flush=True)
+
+
+def run(config: LaunchConfig) -> int:
+    """Runs the job described by `config`; returns the launcher's exit code."""
+    console = Console(sys.stdout.buffer, sys.stderr.buffer)
+    cores = os.cpu_count() or 1
+    if config.num_tasks > cores:
+        console.info(f"warning: {config.num_tasks} tasks on {cores} CPU cores; "
+                     "they will compete for CPU")
+    if config.dry_run:
+        print_dry_run(config)
+        return 0
+    if config.log_dir is not None:
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        result_dir = None
+        result_file = config.log_dir / "result.json"
+    else:
+        result_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"disttrain-{config.run_id}-"))
+        result_file = result_dir / "result.json"
+    try:
+        with procs.SignalInbox() as signals:
+            watchdog = procs.Watchdog(console)
+            try:
+                return _Job(config, console, watchdog, signals, result_file).run()
+            finally:
+                watchdog.close()
+    finally:
+        if result_dir is not None:
+            shutil.rmtree(result_dir, ignore_errors=True)
+
+
+class _Job:
+    """The attempts of one job, their restarts and the final report."""
+
+    def __init__(self, config: LaunchConfig, console: Console, watchdog: procs.Watchdog,
+                 signals: procs.SignalInbox, result_file: pathlib.Path):
+        self._config = config
+        self._console = console
+        self._watchdog = watchdog
+        self._signals = signals
+        self._result_file = result_file
+        self._outcomes: list[procs.Outcome] = []
+        self._restarts = 0
+        self._clash_relaunches = 0
+
+    def run(self) -> int:
+        config = self._config
+        started = time.monotonic()
+        self._console.info(
+            f"run {config.run_id}: {config.num_tasks} task(s), command: "
+            f"{shlex.join(config.command)}")
+        while True:
+            pending = self._signals.take()
+            if pending:
+                self._console.info("got a signal between attempts: not starting again")
+                code = 128 + pending[0]
+                break
+            try:
+                outcome = self._attempt(len(self._outcomes), started)
+            except OSError as e:
+                self._console.info(f"cannot start {shlex.join(config.command)}: {e}")
+                code = EXIT_CANNOT_EXECUTE
+                break
+            self._outcomes.append(outcome)
+            if not self._try_again(outcome):
+                code = self._exit_code(outcome)
+                self._report_failure(outcome)
+                break
+        self._summary(code, time.monotonic() - started)
+        return code
+
+    def _attempt(self, attempt: int, job_started: float) -> procs.Outcome:
+        config = self._config
+        self._result_file.unlink(missing_ok=True)
+        plan = plan_tasks(config, attempt, str(self._result_file))
+        addresses = " ".join(
+            f"{task.label}={task.cluster.training_addresses[task.cluster.worker_rank]}"
+            for task, _ in plan if task.task_type != "evaluator")
+        self._console.info(f"attempt {attempt}: {addresses}")
+        specs = [
+            procs.WorkerSpec(
+                label=task.label,
+                argv=config.command,
+                env={**os.environ, **env},
+                essential=task.task_type != "evaluator",
+                show_output=not config.chief_only_output or task.label == config.chief_label,
+            )
+            for task, env in plan
+        ]
+        options = procs.GroupOptions(
+            grace=config.grace,
+            job_started=job_started,
+            timeout=config.timeout,
+            startup_timeout=config.startup_timeout,
+            log_dir=config.log_dir / f"attempt-{attempt}" if config.log_dir else None,
+            watch=PORT_CLASH,
+        )
+        return procs.run_group(specs, options, self._console, self._watchdog, self._signals)
+
+    def _try_again(self, outcome: procs.Outcome) -> bool:
+        if outcome.reason == procs.FAILED:
+            hit = outcome.result(outcome.culprit).watch_hit
+            if hit is not None and self._clash_relaunches < MAX_PORT_CLASH_RELAUNCHES:
+                self._clash_relaunches += 1
+                self._console.info(
+                    f"{outcome.culprit} could not bind its port ({hit.strip()}): relaunching "
+                    f"on fresh ports, not counted as a restart "
+                    f"({self._clash_relaunches}/{MAX_PORT_CLASH_RELAUNCHES})")
+                return True
+        if outcome.reason in (procs.FAILED, procs.STARTUP_TIMEOUT):
+            if self._restarts < self._config.max_restarts:
+                self._restarts += 1
+                self._console.info(
+                    f"restarting the group on fresh ports "
+                    f"(restart {self._restarts}/{self._config.max_restarts})")
+                return True
+        return False
+
+    @staticmethod
+    def _exit_code(outcome: procs.Outcome) -> int:
+        if outcome.reason == procs.OK:
+            return 0
+        if outcome.reason == procs.FAILED:
+            return outcome.result(outcome.culprit).exit_code
+        if outcome.reason == procs.SIGNALLED:
+            return 128 + outcome.signum
+        return EXIT_TIMEOUT
+
+    def _report_failure(self, outcome: procs.Outcome) -> None:
+        if outcome.culprit is None:
+            return
+        culprit = outcome.result(outcome.culprit)
+        if outcome.reason == procs.FAILED:
+            what = f"exited with {procs.describe_exit(culprit.exit_code)}"
+        else:
+            what = "wrote no output before the startup timeout"
+        self._console.info(
+            f"{culprit.label} failed first: {what}; last lines of its stderr:")
+        for line in culprit.stderr_tail or ("(nothing)",):
+            self._console.info(f"  | {line}")
+
+    def _summary(self, code: int, elapsed: float) -> None:
+        attempts = len(self._outcomes)
+        extra = []
+        if self._restarts:
+            extra.append(f"{self._restarts} restart(s)")
+        if self._clash_relaunches:
+            extra.append(f"{self._clash_relaunches} port-clash relaunch(es)")
+        lines = [
+            f"summary of {self._config.run_id}: exit {procs.describe_exit(code)} after "
+            f"{elapsed:.1f}s, {attempts} attempt(s)" + (f" ({', '.join(extra)})" if extra else ""),
+        ]
+        if self._outcomes:
+            last = self._outcomes[-1]
+            lines.append(f"  {'task':<10} {'exit':<14} {'wall':>8}  {'attempts':>8}  note")
+            for r in last.results:
+                note = ("root cause" if r.label == last.culprit else
+                        "stopped by launcher" if r.stopped else "")
+                lines.append(f"  {r.label:<10} {procs.describe_exit(r.exit_code):<14} "
+                             f"{r.wall_s:>7.1f}s  {attempts:>8}  {note}".rstrip())
+        lines += self._result_lines()
+        self._console.info("\n".join(lines))
+
+    def _result_lines(self) -> list[str]:
+        try:
+            text = self._result_file.read_text()
+        except FileNotFoundError:
+            return []
+        try:
+            shown = json.dumps(json.loads(text), indent=2, sort_keys=True)
+        except json.JSONDecodeError:
+            return [f"result file {self._result_file} is not valid JSON:", text[:2000]]
+        return [f"result ({ENV_RESULT_FILE}):", *shown.splitlines()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
