@@ -10,16 +10,16 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import tempfile
+import textwrap
 import time
 import uuid
 
 import pytest
-from tests.gcs_emulator import GcsEmulator, running_emulator
 
 from disttrain import storage
 from disttrain.errors import ClusterConfigError, StorageError
+from tests.gcs_emulator import GcsEmulator, running_emulator
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
