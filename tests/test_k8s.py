@@ -1,0 +1,375 @@
+"""Tests of `python -m launch.k8s`: manifests valid against the official Kubernetes schemas
+(offline, strict), consistent with each other and with the entrypoint, readable YAML, clear
+errors, and k8s/ in sync with the generator.
+
+kubernetes-validate ships the Kubernetes OpenAPI schemas but no JobSet or TFJob CRD, so for
+those the embedded Job / pod template is validated against the official schema and the CRD's
+own fields are checked here against the JobSet v1alpha2 and TFJob v1 API types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from yamllint import config as yamllint_config
+from yamllint import linter
+
+from launch import entrypoint, k8s
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# successPolicy on a Job needs the 1.30 schema; 1.37 is the newest kubernetes-validate ships.
+K8S_VERSIONS = ("1.30", "1.37")
+DEMO = ("python", "-m", "disttrain.demo", "--epochs", "20",
+        "--output-dir", "$(DISTTRAIN_CHECKPOINT_URL)")
+MINIMAL = k8s.JobConfig(name="mnist", workers=4, image="registry.example/disttrain:0.1.0",
+                        command=DEMO, checkpoint_url="gs://bucket/mnist")
+FULL = k8s.JobConfig(
+    name="mnist", workers=16, image="registry.example/disttrain:0.1.0", command=DEMO,
+    namespace="ml", cpu="3500m", memory="12Gi", gpus=2, port=3333,
+    checkpoint_url="gs://bucket/mnist", service_account="trainer", gcp_key_secret="gcp-key",
+    env=(("TF_CPP_MIN_LOG_LEVEL", "2"), ("FLAG", "yes")), run_id="mnist-2026.1",
+    max_restarts=5, peer_timeout=120,
+)
+CONFIGS = {"minimal": MINIMAL, "full": FULL}
+
+# Allowed values the OpenAPI schemas only state in prose (kubernetes-validate does not check
+# them): batch/v1 and core/v1 API reference.
+ENUMS = {
+    "completionMode": {"NonIndexed", "Indexed"},
+    "podReplacementPolicy": {"TerminatingOrFailed", "Failed"},
+    "restartPolicy": {"Always", "OnFailure", "Never"},
+    "action": {"FailJob", "FailIndex", "Ignore", "Count"},
+    "operator": {"In", "NotIn"},
+    "status": {"True", "False", "Unknown"},
+    "protocol": {"TCP", "UDP", "SCTP"},
+}
+
+
+def _config(base: k8s.JobConfig, **changes: Any) -> k8s.JobConfig:
+    return k8s.JobConfig(**{**base.__dict__, **changes})
+
+
+def _container(pod_spec: dict) -> dict:
+    (container,) = pod_spec["containers"]
+    return container
+
+
+def _env(container: dict) -> dict[str, Any]:
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names)), f"duplicate env names: {names}"
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def _check_pod_spec(pod_spec: dict, config: k8s.JobConfig) -> None:
+    """What the API server (not the schema) would reject, and what the entrypoint needs."""
+    container = _container(pod_spec)
+    env = _env(container)
+    assert container["command"][:3] == ["python", "-m", "launch.entrypoint"]
+    assert container["command"][-1] == "--"
+    assert (REPO_ROOT / "launch" / "entrypoint.py").is_file()
+    assert container["args"] == list(config.command)
+    for reference in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
+        assert reference in env, f"$({reference}) would not be expanded by Kubernetes"
+    assert env["DISTTRAIN_RUN_ID"] == config.effective_run_id
+    for name, value in config.env:
+        assert env[name] == value
+    (port,) = container["ports"]
+    assert port["containerPort"] == config.port and port["protocol"] in ENUMS["protocol"]
+    assert len(port["name"]) <= 15
+    resources = container["resources"]
+    assert resources["requests"] == {"cpu": config.cpu, "memory": config.memory}
+    assert resources["limits"].get("nvidia.com/gpu") == (config.gpus or None)
+    if config.checkpoint_url:
+        assert env["DISTTRAIN_CHECKPOINT_URL"] == config.checkpoint_url
+    assert pod_spec.get("serviceAccountName") == config.service_account
+    if config.gcp_key_secret:
+        (volume,) = pod_spec["volumes"]
+        (mount,) = container["volumeMounts"]
+        assert volume["secret"]["secretName"] == config.gcp_key_secret
+        assert mount["name"] == volume["name"] and mount["readOnly"] is True
+        key_path = f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+        assert env["GOOGLE_APPLICATION_CREDENTIALS"] == key_path
+    else:
+        assert "volumes" not in pod_spec and "GOOGLE_APPLICATION_CREDENTIALS" not in env
+
+
+def _check_indexed_job_spec(spec: dict, config: k8s.JobConfig, backoff_limit: int) -> None:
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == config.workers
+    assert spec["backoffLimit"] == backoff_limit
+    assert spec["podReplacementPolicy"] in ENUMS["podReplacementPolicy"]
+    # With a podFailurePolicy the API server only accepts Failed, and restartPolicy Never.
+    assert spec["podReplacementPolicy"] == "Failed"
+    pod_spec = spec["template"]["spec"]
+    assert pod_spec["restartPolicy"] == "Never"
+    container_names = {c["name"] for c in pod_spec["containers"]}
+    actions = {}
+    for rule in spec["podFailurePolicy"]["rules"]:
+        assert rule["action"] in ENUMS["action"]
+        assert ("onExitCodes" in rule) != ("onPodConditions" in rule)
+        if "onExitCodes" in rule:
+            codes = rule["onExitCodes"]
+            assert codes["operator"] in ENUMS["operator"]
+            assert codes["containerName"] in container_names
+            assert 0 not in codes["values"]
+            actions[rule["action"]] = codes["values"]
+        for condition in rule.get("onPodConditions", []):
+            assert condition["status"] in ENUMS["status"]
+            actions[rule["action"]] = condition["type"]
+    assert actions == {"FailJob": [entrypoint.EXIT_CONFIG_ERROR], "Ignore": "DisruptionTarget"}
+    (rule,) = spec["successPolicy"]["rules"]
+    assert rule == {"succeededIndexes": "0"}
+    _check_pod_spec(pod_spec, config)
+
+
+def _pod_hostnames(config: k8s.JobConfig, env: dict[str, Any]) -> list[str]:
+    """Pod names the entrypoint derives from the env, the way it derives them."""
+    return [f"{env['DISTTRAIN_JOB_NAME']}-{i}" for i in range(int(env["DISTTRAIN_NUM_WORKERS"]))]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("which", CONFIGS)
+def test_job_and_service_validate_strictly_and_agree(which, version):
+    config = CONFIGS[which]
+    service, job = k8s.manifests(config)
+    for document in (service, job):
+        assert kubernetes_validate.validate(document, version, strict=True) == version
+
+    assert (service["kind"], job["kind"]) == ("Service", "Job")
+    assert service["metadata"]["name"] == job["metadata"]["name"] == config.name
+    assert service["metadata"].get("namespace") == job["metadata"].get("namespace") \
+        == config.namespace
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["port"] == config.port
+    _check_indexed_job_spec(job["spec"], config, config.max_restarts * config.workers)
+
+    pod_spec = job["spec"]["template"]["spec"]
+    env = _env(_container(pod_spec))
+    assert pod_spec["subdomain"] == env["DISTTRAIN_SERVICE"] == service["metadata"]["name"]
+    assert env["DISTTRAIN_JOB_NAME"] == job["metadata"]["name"]
+    assert env["DISTTRAIN_NUM_WORKERS"] == str(config.workers)
+    assert env["DISTTRAIN_PORT"] == str(config.port)
+    assert env["DISTTRAIN_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # An Indexed Job names pod i's host "<job>-<i>"; that name must fit in a DNS label.
+    hostnames = _pod_hostnames(config, env)
+    assert hostnames == [config.hostname(i) for i in range(config.workers)]
+    assert all(len(h) <= 63 for h in hostnames)
+
+
+# JobSet v1alpha2 fields and enums (jobset.x-k8s.io API types) used or constrained here.
+JOBSET_SPEC_FIELDS = {"replicatedJobs", "network", "successPolicy", "failurePolicy",
+                      "startupPolicy", "suspend", "coordinator", "managedBy",
+                      "ttlSecondsAfterFinished", "volumeClaimPolicies"}
+JOBSET_FAILURE_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts",
+                          "RestartJob", "RestartJobAndIgnoreMaxRestarts"}
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy",
+                       "MaxFailedIndexesExceeded", "FailedIndexes"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", CONFIGS)
+def test_jobset_embeds_a_valid_indexed_job(which):
+    config = _config(CONFIGS[which], format="jobset")
+    (jobset,) = k8s.manifests(config)
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    spec = jobset["spec"]
+    assert set(spec) <= JOBSET_SPEC_FIELDS
+    assert spec["network"] == {"enableDNSHostnames": True, "subdomain": config.name,
+                               "publishNotReadyAddresses": True}
+    (replicated,) = spec["replicatedJobs"]
+    assert set(replicated) == {"name", "replicas", "template"} and replicated["replicas"] == 1
+    assert spec["successPolicy"]["operator"] in {"All", "Any"}
+    assert spec["successPolicy"]["targetReplicatedJobs"] == [replicated["name"]]
+    assert spec["failurePolicy"]["maxRestarts"] == config.max_restarts
+    for rule in spec["failurePolicy"]["rules"]:
+        assert set(rule) <= {"name", "action", "onJobFailureReasons",
+                             "onJobFailureMessagePatterns", "targetReplicatedJobs"}
+        assert rule["action"] in JOBSET_FAILURE_ACTIONS
+        assert set(rule["onJobFailureReasons"]) <= JOB_FAILURE_REASONS
+
+    template = replicated["template"]
+    as_job = {"apiVersion": "batch/v1", "kind": "Job",
+              "metadata": {"name": f"{config.name}-{replicated['name']}-0", **template["metadata"]},
+              "spec": template["spec"]}
+    kubernetes_validate.validate(as_job, K8S_VERSIONS[-1], strict=True)
+    # JobSet restarts the whole group, so a failed pod fails its Job at once.
+    _check_indexed_job_spec(template["spec"], config, 0)
+    pod_spec = template["spec"]["template"]["spec"]
+    assert "subdomain" not in pod_spec, "JobSet sets the subdomain itself"
+    env = _env(_container(pod_spec))
+    # JobSet names the Job "<jobset>-<replicatedJob>-<jobIndex>" and pod i's host "<job>-<i>".
+    assert env["DISTTRAIN_JOB_NAME"] == as_job["metadata"]["name"]
+    assert env["DISTTRAIN_SERVICE"] == spec["network"]["subdomain"]
+    hostnames = _pod_hostnames(config, env)
+    assert hostnames == [config.hostname(i) for i in range(config.workers)]
+    assert all(len(h) <= 63 for h in hostnames)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", CONFIGS)
+def test_tfjob_embeds_a_valid_pod_template(which):
+    config = _config(CONFIGS[which], format="tfjob")
+    (tfjob,) = k8s.manifests(config)
+    assert (tfjob["apiVersion"], tfjob["kind"]) == ("kubeflow.org/v1", "TFJob")
+    spec = tfjob["spec"]
+    assert set(spec) <= {"runPolicy", "tfReplicaSpecs", "successPolicy", "enableDynamicWorker"}
+    assert set(spec["runPolicy"]) <= {"backoffLimit", "cleanPodPolicy", "activeDeadlineSeconds",
+                                      "ttlSecondsAfterFinished", "schedulingPolicy", "suspend",
+                                      "managedBy"}
+    assert spec["runPolicy"]["cleanPodPolicy"] in {"None", "Running", "All"}
+    assert spec["runPolicy"]["backoffLimit"] == config.max_restarts * config.workers
+    assert set(spec["tfReplicaSpecs"]) == {"Worker"}, "no Chief: worker 0 is the chief"
+    worker = spec["tfReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == config.workers
+    assert worker["restartPolicy"] in {"Always", "OnFailure", "Never", "ExitCode"}
+
+    as_pod_template = {"apiVersion": "v1", "kind": "PodTemplate",
+                       "metadata": {"name": config.name}, "template": worker["template"]}
+    kubernetes_validate.validate(as_pod_template, K8S_VERSIONS[-1], strict=True)
+    pod_spec = worker["template"]["spec"]
+    _check_pod_spec(pod_spec, config)
+    container = _container(pod_spec)
+    # The operator injects TF_CONFIG into the container named "tensorflow", using the port
+    # named "tfjob-port"; the entrypoint then uses that TF_CONFIG as is.
+    assert container["name"] == "tensorflow"
+    assert container["ports"][0]["name"] == "tfjob-port"
+    assert not {"TF_CONFIG", "DISTTRAIN_JOB_NAME"} & set(_env(container))
+
+
+YAMLLINT = yamllint_config.YamlLintConfig("extends: default")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", k8s.FORMATS)
+def test_yaml_round_trips_and_lints_clean(fmt):
+    documents = k8s.manifests(_config(FULL, format=fmt))
+    text = k8s.to_yaml(documents)
+    assert list(yaml.safe_load_all(text)) == documents
+    assert [str(p) for p in linter.run(text, YAMLLINT)] == []
+
+
+def test_yaml_quotes_exactly_the_strings_that_need_it():
+    tricky = ["yes", "No", "on", "true", "null", "~", "2222", "1e3", "0x1F", ".5", "-1", "--",
+              "-m", "a: b", "a:", "#x", "x #y", "", " lead", "trail ", "multi\nline", "tab\t",
+              "quote\"s", "back\\slash", "ünïcode", "$(DISTTRAIN_CHECKPOINT_URL)",
+              "gs://bucket/run", "@at", "*star", "&amp", "!tag", "%pct", "[list]", "{map}",
+              "'single'", "a,b", "python", "nvidia.com/gpu"]
+    document = {"keys": {value or "empty": value for value in tricky}, "list": tricky,
+                "numbers": [0, 7, -3], "flags": [True, False], "empty": {"d": {}, "l": []}}
+    text = k8s.to_yaml([document])
+    assert yaml.safe_load(text) == document
+    assert "- python\n" in text and "- gs://bucket/run\n" in text and '- "yes"\n' in text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("args", "message"), [
+    (["--name", "MNIST"], "--name='MNIST' is not valid. Fix: use lowercase letters"),
+    (["--name", "1mnist"], "starting with a letter"),
+    (["--name", "mnist-"], "ending with a letter or digit"),
+    (["--name", "m" * 62], "would be 64 characters, over the 63 Kubernetes allows: shorten --name"
+                           " by 1 character(s)"),
+    (["--name", "m" * 53, "--format", "jobset"], "over the 63 Kubernetes allows"),
+    (["--workers", "0"], "--workers=0 is not valid. Fix: use an integer of at least 1"),
+    (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
+    (["--cpu", "2 cores"], "--cpu='2 cores' is not valid. Fix: give a Kubernetes quantity"),
+    (["--cpu", "-1"], "give a Kubernetes quantity"),
+    (["--cpu", "0"], "it is only 0; give CPU cores"),
+    (["--memory", "4GB"], "--memory='4GB' is not valid. Fix: give a Kubernetes quantity"),
+    (["--memory", "4m"], "it is only 0.004; give bytes with a suffix, e.g. '4Gi'"),
+    (["--gpus", "-1"], "--gpus=-1 is not valid"),
+    (["--port", "0"], "--port=0 is not valid. Fix: use a TCP port in 1..65535"),
+    (["--port", "70000"], "--port=70000 is not valid"),
+    (["--namespace", "ML"], "--namespace='ML' is not valid. Fix: use a DNS-1123 label"),
+    (["--service-account", "Bad_SA"], "--service-account='Bad_SA' is not valid"),
+    (["--gcp-key-secret", "key.json/x"], "--gcp-key-secret='key.json/x' is not valid"),
+    (["--env", "NOEQUALS"], "--env='NOEQUALS' is not valid. Fix: write NAME=VALUE"),
+    (["--env", "=1"], "--env='=1' is not valid. Fix: write NAME=VALUE"),
+    (["--env", "1X=1"], "--env='1X=1' is not valid"),
+    (["--env", "TF_CONFIG={}"], "TF_CONFIG is set by launch.k8s or Kubernetes"),
+    (["--env", "DISTTRAIN_PORT=1"], "DISTTRAIN_PORT is set by launch.k8s or Kubernetes"),
+    (["--env", "A=1", "A=2"], "A is given twice"),
+    (["--run-id", "bad id"], "--run-id='bad id' is not a valid run id"),
+    (["--run-id", "ends-with-dash-"], "it is also a label value"),
+    (["--max-restarts", "-1"], "--max-restarts=-1 is not valid"),
+    (["--peer-timeout", "0"], "--peer-timeout=0 is not valid"),
+    (["--checkpoint-url", "gs://b/has space"], "give a URL without spaces"),
+    (["--image", "has space:1"], "--image='has space:1' is not valid"),
+    (["--format", "deployment"], "argument --format: invalid choice: 'deployment'"),
+])
+def test_bad_input_exits_2_with_the_fix(args, message, capsys):
+    base = ["--name", "mnist", "--workers", "2", "--image", "img:1"]
+    with pytest.raises(SystemExit) as exit_info:
+        k8s.main([*base, *args, "--", "python", "train.py"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_missing_command_exits_2(capsys):
+    for argv in (["--name", "mnist", "--workers", "2", "--image", "img:1"],
+                 ["--name", "mnist", "--workers", "2", "--image", "img:1", "--"]):
+        with pytest.raises(SystemExit) as exit_info:
+            k8s.main(argv)
+        assert exit_info.value.code == 2
+        assert "Fix: put the command after '--'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cpu", "memory"), [("500m", "512Mi"), ("1.5", "1e9"), (".5", "2G"),
+                                             ("2", "4096Ki"), ("1000u", "1Ti")])
+def test_valid_quantities_are_accepted(cpu, memory):
+    k8s.manifests(_config(MINIMAL, cpu=cpu, memory=memory))
+
+
+@pytest.mark.timeout(60)
+def test_cli_writes_files_exits_2_on_errors_and_never_imports_tensorflow(tmp_path):
+    cli = [sys.executable, "-m", "launch.k8s", "--name", "mnist", "--workers", "2",
+           "--image", "img:1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    ok = subprocess.run([*cli, "--output", str(tmp_path), "--", "python", "train.py"],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    written = tmp_path / "mnist.yaml"
+    assert ok.stdout.strip() == f"wrote {written}"
+    assert [d["kind"] for d in yaml.safe_load_all(written.read_text())] == ["Service", "Job"]
+
+    bad = subprocess.run([*cli, "--workers", "0", "--", "python", "train.py"], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--workers=0 is not valid" in bad.stderr and not bad.stdout
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, launch.k8s, launch.entrypoint; "
+                               "print(sorted(m for m in sys.modules if 'tensorflow' in m))"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert probe.stdout.strip() == "[]", probe.stderr
+
+
+@pytest.mark.timeout(60)
+def test_example_manifests_in_k8s_are_in_sync_with_the_generator(tmp_path):
+    """k8s/ holds what `bash k8s/generate.sh` writes: regenerate and compare byte for byte."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO_ROOT)}
+    for name in ("IMAGE", "BUCKET"):
+        env.pop(name, None)
+    subprocess.run(["bash", str(REPO_ROOT / "k8s" / "generate.sh"), str(tmp_path)],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=60)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    committed = sorted(p.relative_to(REPO_ROOT / "k8s") for p in (REPO_ROOT / "k8s").rglob("*.yaml"))
+    assert fresh == committed == [Path(f, "disttrain-demo.yaml") for f in sorted(k8s.FORMATS)]
+    for relative in fresh:
+        assert (tmp_path / relative).read_text() == (REPO_ROOT / "k8s" / relative).read_text(), (
+            f"k8s/{relative} is stale: run `bash k8s/generate.sh`")
+    (_, job) = yaml.safe_load_all((REPO_ROOT / "k8s" / "job" / "disttrain-demo.yaml").read_text())
+    container = _container(job["spec"]["template"]["spec"])
+    assert container["args"][:3] == ["python", "-m", "disttrain.demo"]
+    assert _env(container)["DISTTRAIN_CHECKPOINT_URL"].startswith("gs://")
