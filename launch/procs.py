@@ -228,10 +228,42 @@ def _die_with_launcher(launcher_pid: int):
     return setup
 
 
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Sends `sig` to a process group; False if the group no longer exists."""
+def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_members(pgid: int) -> list[int] | None:
+    """Pids of the group's processes that have not exited (zombies do not count).
+
+    A zombie stays in its group until its parent reaps it, and an orphan's new
+    parent may take its time (or, as a container's PID 1, never do it). None
+    where there is no /proc to read.
+    """
+    if _LIBC is None:
+        return None
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                state, _, group = f.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    members = _group_members(pgid)
+    if members is not None:
+        return bool(members)
+    try:
+        os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -241,17 +273,10 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 def _disable_core_dumps(pgid: int) -> None:
     """Sets RLIMIT_CORE=0 on every process of a group, before a SIGABRT for stacks."""
-    if _LIBC is None:
-        return
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in _group_members(pgid) or ():
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                resource.prlimit(int(entry.name), resource.RLIMIT_CORE, (0, 0))
-        except (OSError, IndexError, ValueError):
+            resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
+        except OSError:
             continue
 
 
@@ -468,7 +493,7 @@ class _Group:
             if w.kill_at is not None and now >= w.kill_at:
                 w.kill_at = None
                 _signal_group(w.pgid, signal.SIGKILL)
-            if w.ended is not None and not _signal_group(w.pgid, 0):
+            if w.ended is not None and not _group_alive(w.pgid):
                 w.group_gone = True
                 self._watchdog.forget(w.pgid)
         if not running and self._dump_until is None:

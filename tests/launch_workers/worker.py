@@ -13,7 +13,9 @@ Usage: worker.py MODE [ARGS]
                          the lines TensorFlow 2.21 prints); otherwise report
   always-clash           task w1 always fails with TensorFlow's port clash lines
   progress N             N carriage-return progress updates written in random pieces
+  eval-lingers           training tasks report; the evaluator `wait`s
   grandchild             start a `silent` child in the same process group, then `wait`
+  leave-child            start a `silent` child in the same process group, then exit 0
   silent                 sleep without writing anything
 """
 
@@ -124,10 +126,13 @@ def main(mode: str, *args: str) -> None:
         wait()
     elif mode == "progress":
         progress(int(args[0]))
-    elif mode == "grandchild":
+    elif mode == "eval-lingers":
+        wait() if label == "evaluator" else report()
+    elif mode in ("grandchild", "leave-child"):
         child = subprocess.Popen([sys.executable, __file__, "silent"])
         print(f"child pid={child.pid}", flush=True)
-        wait()
+        if mode == "grandchild":
+            wait()
     elif mode == "silent":
         time.sleep(600)
     else:
