@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +111,7 @@ def run_cluster(
     chief: bool = False,
     timeout: float = 240.0,
     cwd: str | os.PathLike[str] | None = None,
+    wrap: Callable[[int, list[str]], list[str]] | None = None,
 ) -> ClusterRun:
     """Runs `target` on a fresh localhost cluster of `num_workers` worker tasks.
 
@@ -122,16 +125,20 @@ def run_cluster(
         chief: add a separate `chief` task (rank 0).
         timeout: seconds for the whole cluster before it is killed.
         cwd: working directory of the workers.
+        wrap: given a task's rank and command, returns the command to run instead
+            (e.g. to run it in a mount namespace with a read-only view).
     """
     for _ in range(3):
-        run = _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd)
+        run = _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd,
+                        wrap)
         clashed = any(s in w.stderr for w in run.workers for s in PORT_CLASH)
         if not clashed:
             return run
     return run
 
 
-def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd) -> ClusterRun:
+def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd,
+              wrap) -> ClusterRun:
     count = num_workers + (1 if chief else 0)
     ports = [portpicker.pick_unused_port() for _ in range(count)]
     addresses = tf_config.local_addresses(ports)
@@ -149,7 +156,7 @@ def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, 
                 extra.update(env or {})
                 extra.update(per_worker_env(rank) if per_worker_env else {})
                 proc = subprocess.Popen(
-                    command, env=worker_env(extra), stdout=out, stderr=err,
+                    wrap(rank, command) if wrap else command, env=worker_env(extra), stdout=out, stderr=err,
                     cwd=cwd or REPO_ROOT, start_new_session=True,
                 )
                 procs.append((spec, proc, out, err))
@@ -168,6 +175,25 @@ def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, 
             out.close()
             err.close()
     return ClusterRun(workers, timed_out)
+
+
+def read_only_view(path: str | os.PathLike[str], command: list[str]) -> list[str]:
+    """Wraps `command` to run in a private mount namespace where `path` is read-only.
+
+    Any write under `path` then fails with EROFS, even as root: a proof that the
+    process wrote nothing there. Needs root and util-linux `unshare`.
+    """
+    quoted = " ".join(shlex.quote(c) for c in command)
+    p = shlex.quote(str(path))
+    script = f"mount --bind {p} {p} && mount -o remount,bind,ro {p} && exec {quoted}"
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+def can_make_read_only_views() -> bool:
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount --bind / / 2>/dev/null"], capture_output=True
+    ) if os.geteuid() == 0 and shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
 
 
 def _wait_all(procs: list[subprocess.Popen], deadline: float) -> tuple[dict[int, float], bool]:

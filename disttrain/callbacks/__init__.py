@@ -1,0 +1,32 @@
+"""Strategy-safe drop-in replacements for `keras.callbacks`, and the recommended stack.
+
+Each callback takes the same arguments as its Keras namesake; the differences
+(all on the safe side for multi-worker training) are in each docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DistributedCallback": "disttrain.callbacks.base",
+    "ModelCheckpoint": "disttrain.callbacks.checkpoint",
+    "EarlyStopping": "disttrain.callbacks.early_stopping",
+    "ReduceLROnPlateau": "disttrain.callbacks.reduce_lr",
+    "TerminateOnNaN": "disttrain.callbacks.terminate_on_nan",
+    "CSVLogger": "disttrain.callbacks.csv_logger",
+    "TensorBoard": "disttrain.callbacks.tensorboard",
+    "SyncStop": "disttrain.callbacks.sync_stop",
+    "recommended": "disttrain.callbacks.stack",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'disttrain.callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

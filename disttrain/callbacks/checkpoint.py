@@ -1,0 +1,319 @@
+"""ModelCheckpoint: chief-only, atomic saves to any fsspec URL, with retention and a manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import string
+import time
+from typing import Any
+
+import keras
+from keras.src import ops
+from keras.src.utils import io_utils
+
+from disttrain import storage
+from disttrain.callbacks.base import DistributedCallback
+from disttrain.cluster import ENV_RESULT_FILE
+from disttrain.errors import CallbackConfigError, StorageError
+
+MANIFEST = "best.json"
+
+
+class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
+    """Saves the model (or its weights) at some frequency, safely on N workers.
+
+    Same arguments and meaning as `keras.callbacks.ModelCheckpoint`, plus
+    `max_to_keep`, `strict` and `overwrite`. Differences, all on the safe side:
+
+    - Only the chief writes; the save decision is the chief's and is followed by
+      every worker, and non-chief workers write nothing anywhere.
+    - Every file is committed atomically (local: temp file in the same directory,
+      fsync, `os.replace`; object stores: one whole-object upload), so a crash
+      leaves the previous checkpoint or the new one, never a torn file.
+    - `filepath` is any fsspec URL (local path, `file://`, `gs://`, `s3://`,
+      `memory://`). Besides `{epoch}`, `{batch}` and log keys with format specs
+      (`{val_loss:.4f}`) it accepts `{run_id}`, identical on every worker. The
+      directory part may only use `{run_id}`.
+    - After each save a manifest `best.json` is written last in the checkpoint
+      directory: the best checkpoint (path, epoch, monitor value, run id) and the
+      checkpoints kept. Readers should trust it rather than list files.
+    - A write failure on the chief (permissions, disk full, credentials) raises
+      the same `StorageError` on every worker instead of hanging them.
+    - At train begin the destination is probed for writability, and a directory
+      holding the manifest of a different run is refused (pass `overwrite=True`
+      or put `{run_id}` in the path); a file this run did not write is never
+      replaced unless `overwrite=True`. When the manifest belongs to this same
+      run (a restarted attempt), its best value is restored, so a restart never
+      replaces a better checkpoint with a worse one.
+    - A monitor missing from the logs (with `save_best_only`) or a template key
+      missing from the logs raises `CallbackConfigError` listing the available
+      metrics, instead of Keras's warn-and-save (`strict=False` restores that).
+
+    Args:
+        filepath: destination URL template ending in `.keras` (or `.weights.h5`
+            with `save_weights_only=True`).
+        monitor: metric name to monitor.
+        verbose: 0 (silent) or 1 (messages on the chief when saving).
+        save_best_only: only save when `monitor` improves.
+        save_weights_only: save weights only (`.weights.h5`).
+        mode: `"auto"`, `"min"` or `"max"`.
+        save_freq: `"epoch"` or an integer number of batches.
+        initial_value_threshold: initial best value of `monitor`.
+        max_to_keep: keep at most this many checkpoints: the best ones when
+            `save_best_only`, else the latest ones. `None` keeps all.
+        strict: raise on missing metrics (default) instead of warning.
+        overwrite: allow replacing files of other runs in the destination.
+
+    Example:
+
+    ```python
+    ckpt = disttrain.callbacks.ModelCheckpoint(
+        "gs://bucket/{run_id}/ckpt-{epoch:03d}-{val_loss:.4f}.keras",
+        monitor="val_loss", save_best_only=True, max_to_keep=3)
+    model.fit(train, validation_data=val, epochs=50, callbacks=[ckpt])
+    ```
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        max_to_keep: int | None = None,
+        strict: bool = True,
+        overwrite: bool = False,
+    ):
+        filepath = os.fspath(filepath)
+        super().__init__(
+            filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
+            save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
+            initial_value_threshold=initial_value_threshold,
+        )
+        if isinstance(save_freq, int) and (isinstance(save_freq, bool) or save_freq < 1):
+            raise CallbackConfigError(
+                f"ModelCheckpoint(save_freq={save_freq!r}): must be 'epoch' or a positive "
+                "number of batches. Fix: pass e.g. save_freq=100."
+            )
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):
+            raise CallbackConfigError(
+                f"ModelCheckpoint(max_to_keep={max_to_keep!r}): must be a positive integer "
+                "or None (keep all). Fix: pass e.g. max_to_keep=3."
+            )
+        self.max_to_keep = max_to_keep
+        self.strict = strict
+        self.overwrite = overwrite
+        self._fields = _template_fields(filepath)
+        directory = posixpath.dirname(filepath)
+        bad = _template_fields(directory) - {"run_id"}
+        if bad:
+            raise CallbackConfigError(
+                f"ModelCheckpoint(filepath={filepath!r}): the directory part uses "
+                f"{sorted(bad)}; only {{run_id}} may appear there, so every checkpoint of a run "
+                "lands in one directory with one manifest. Fix: move the other fields into "
+                "the file name."
+            )
+        self._directory_template = directory or "."
+        self.directory: str | None = None
+        self.checkpoints: list[dict[str, Any]] = []
+        self._checked_keys = False
+
+    @property
+    def manifest_url(self) -> str:
+        return storage.join(self.directory or self._directory_template, MANIFEST)
+
+    def on_train_begin(self, logs=None):
+        self.directory = self._directory_template.format(run_id=self.run_id)
+        state: dict[str, Any] = {}
+
+        def preflight():
+            storage.probe_writable(self.directory)
+            manifest = storage.read_json(self.manifest_url)
+            if manifest is None:
+                return
+            if manifest.get("run_id") != self.run_id and not self.overwrite:
+                raise StorageError(
+                    f"ModelCheckpoint: {self.directory!r} holds checkpoints of run "
+                    f"{manifest.get('run_id')!r} ({self.manifest_url}), this is run "
+                    f"{self.run_id!r}. Refusing to mix or overwrite them. Fix: use a new "
+                    "directory, put {run_id} in filepath, or pass overwrite=True."
+                )
+            if manifest.get("run_id") == self.run_id:
+                state.update(best=manifest.get("best_value"),
+                             checkpoints=manifest.get("checkpoints", []))
+
+        self.coordinator.run_on_chief("ModelCheckpoint.preflight", preflight, StorageError)
+        shared = json.loads(
+            self.coordinator.broadcast(json.dumps(state), "ModelCheckpoint.state")
+        )
+        self.checkpoints = shared.get("checkpoints", [])
+        if shared.get("best") is not None and self.save_best_only:
+            self.best = shared["best"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_freq == "epoch":
+            self._save_model(epoch=epoch, batch=None, logs=logs)
+
+    def on_train_end(self, logs=None):
+        result_file = os.environ.get(ENV_RESULT_FILE)
+        if not result_file or not self.checkpoints:
+            return
+        self.coordinator.run_on_chief(
+            "ModelCheckpoint.result",
+            lambda: storage.write_json(result_file, self._manifest()),
+            StorageError,
+        )
+
+    def _save_model(self, epoch, batch, logs):
+        logs = dict(logs or {})
+        self._check_template_keys(logs)
+        current = logs.get(self.monitor)
+        if self.save_best_only:
+            current = self.monitored(logs, self.monitor)
+        if self.monitor_op is None and current is not None:
+            self._set_monitor_op()
+        improved = current is not None and bool(self._is_improvement(current, self.best))
+        wanted = improved or not self.save_best_only or current is None
+        decided = self.coordinator.broadcast("1" if wanted else "0", "ModelCheckpoint.decide")
+        previous_best = self.best
+        if decided != "1":
+            self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from "
+                      f"{_fmt(previous_best)}")
+            return
+        if improved:
+            self.best = float(current)
+        path = self._format_path(epoch, batch, logs)
+        if self.save_best_only:
+            self._say(f"\nEpoch {epoch + 1}: {self.monitor} improved from "
+                      f"{_fmt(previous_best)} to {_fmt(current)}, saving model to {path}")
+        else:
+            self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
+        record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
+                  "monitor": self.monitor, "value": None if current is None else float(current),
+                  "time": time.time()}
+        self.coordinator.run_on_chief(
+            "ModelCheckpoint.save", lambda: self._write(record), StorageError
+        )
+        self.checkpoints = self._retained(
+            [c for c in self.checkpoints if c["path"] != path] + [record]
+        )[0]
+
+    def _write(self, record: dict[str, Any]) -> None:
+        path = record["path"]
+        ours = any(c["path"] == path for c in self.checkpoints)
+        if not ours and not self.overwrite and storage.exists(path):
+            raise StorageError(
+                f"ModelCheckpoint: {path!r} already exists and was not written by run "
+                f"{self.run_id!r}. Refusing to overwrite it. Fix: use a new directory, put "
+                "{run_id} or {epoch} in filepath, or pass overwrite=True."
+            )
+        with storage.atomic_local_file(path) as tmp:
+            if self.save_weights_only:
+                self.model.save_weights(tmp, overwrite=True)
+            else:
+                self.model.save(tmp, overwrite=True)
+        kept, dropped = self._retained(
+            [c for c in self.checkpoints if c["path"] != path] + [record]
+        )
+        for old in dropped:
+            storage.remove(old["path"])
+        storage.write_json(self.manifest_url, self._manifest(kept))
+        self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
+
+    def _retained(self, records: list[dict[str, Any]]):
+        if self.max_to_keep is None or len(records) <= self.max_to_keep:
+            return records, []
+        if self.save_best_only:
+            sign = 1.0 if self.monitor_op == ops.greater else -1.0
+            ranked = sorted(records, key=lambda c: sign * (c["value"] or 0.0), reverse=True)
+            keep = ranked[: self.max_to_keep]
+            return [c for c in records if c in keep], [c for c in records if c not in keep]
+        return records[-self.max_to_keep:], records[: -self.max_to_keep]
+
+    def _manifest(self, kept: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        kept = self.checkpoints if kept is None else kept
+        best = self._best_of(kept)
+        return {
+            "run_id": self.run_id,
+            "path": best["path"],
+            "epoch": best["epoch"],
+            "monitor": self.monitor,
+            "value": best["value"],
+            "best_value": None if self.best is None else float(self.best),
+            "checkpoints": kept,
+        }
+
+    def best_checkpoint(self) -> dict[str, Any] | None:
+        """The best kept checkpoint's record (path, epoch, value...), same on every worker."""
+        return self._best_of(self.checkpoints) if self.checkpoints else None
+
+    def _best_of(self, kept: list[dict[str, Any]]) -> dict[str, Any]:
+        scored = [c for c in kept if c["value"] is not None]
+        if not scored or self.monitor_op is None:
+            return kept[-1]
+        greater = self.monitor_op == ops.greater
+        return (max if greater else min)(scored, key=lambda c: c["value"])
+
+    def _format_path(self, epoch, batch, logs) -> str:
+        values = {**logs, "epoch": epoch + 1, "run_id": self.run_id}
+        if batch is not None and "batch" not in logs:
+            values["batch"] = batch + 1
+        return self.filepath.format(**values)
+
+    def _check_template_keys(self, logs: dict[str, Any]) -> None:
+        if self._checked_keys:
+            return
+        self._checked_keys = True
+        missing = self._fields - set(logs) - {"epoch", "batch", "run_id"}
+        if missing:
+            message = (
+                f"ModelCheckpoint(filepath={self.filepath!r}) uses {sorted(missing)}, which "
+                f"are not in the logs. Available: {', '.join(sorted(logs)) or '(none)'}, plus "
+                "epoch, batch, run_id. Fix: use available names in the template."
+            )
+            raise CallbackConfigError(message)
+
+    def _say(self, message: str) -> None:
+        if self.verbose > 0 and self.is_chief:
+            io_utils.print_msg(message)
+
+
+def _fmt(value) -> str:
+    return "None" if value is None else f"{float(value):.5f}"
+
+
+def _template_fields(template: str) -> set[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise CallbackConfigError(
+            f"ModelCheckpoint(filepath={template!r}) is not a valid template: {e}. Fix: "
+            "balance the braces, or double them ('{{', '}}') for literal braces."
+        ) from None
+    fields = set()
+    for _, field, spec, _ in parsed:
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise CallbackConfigError(
+                f"ModelCheckpoint(filepath={template!r}) has a positional field '{{}}'. "
+                "Fix: name it, e.g. {epoch:02d} or {val_loss:.4f}."
+            )
+        name = field.split(".")[0].split("[")[0]
+        try:
+            format(1 if name in ("epoch", "batch") else 1.0, spec or "")
+        except ValueError:
+            raise CallbackConfigError(
+                f"ModelCheckpoint(filepath={template!r}): format spec {spec!r} of {{{field}}} "
+                "is invalid. Fix: use a spec such as :02d for epoch or :.4f for metrics."
+            ) from None
+        fields.add(name)
+    return fields

@@ -1,0 +1,77 @@
+"""The recommended callback stack, in the order that makes it correct."""
+
+from __future__ import annotations
+
+from disttrain import storage
+
+
+def recommended(
+    directory: str,
+    monitor: str = "val_loss",
+    mode: str = "auto",
+    patience: int = 5,
+    lr_patience: int = 2,
+    lr_factor: float = 0.5,
+    max_to_keep: int = 3,
+    save_weights_only: bool = False,
+    tensorboard: bool = True,
+    verbose: int = 0,
+) -> list:
+    """Returns the callbacks most multi-worker jobs want, in the right order.
+
+    Order: `ReduceLROnPlateau` → `EarlyStopping` → `ModelCheckpoint` →
+    `CSVLogger` → `TensorBoard` → `SyncStop`. The LR change is applied before the
+    stop vote, the checkpoint sees the final decision of the epoch, and
+    `SyncStop` comes last so any stop request, from these or from callbacks the
+    caller inserts before it, is agreed across workers.
+
+    Layout under `directory` (any fsspec URL):
+    `checkpoints/epoch<NNN>-<monitor><value>.keras` (best `max_to_keep`, manifest
+    `checkpoints/best.json`), `history.csv`, `tensorboard/`.
+
+    Args:
+        directory: where everything goes; make it unique per run (e.g. include
+            the run id) — an existing run's checkpoints are never overwritten.
+        monitor: metric that drives LR reduction, early stopping and "best".
+        mode: `"auto"`, `"min"` or `"max"` for `monitor`.
+        patience: epochs without improvement before stopping.
+        lr_patience: epochs without improvement before reducing the LR.
+        lr_factor: factor the LR is multiplied by.
+        max_to_keep: best checkpoints kept.
+        save_weights_only: save `.weights.h5` instead of `.keras`.
+        tensorboard: include TensorBoard (chief only).
+        verbose: verbosity of the callbacks (messages on the chief).
+
+    Example:
+
+    ```python
+    callbacks = disttrain.callbacks.recommended("gs://bucket/runs/exp-7")
+    model.fit(train, validation_data=val, epochs=100, callbacks=callbacks)
+    ```
+    """
+    from disttrain.callbacks import (
+        CSVLogger,
+        EarlyStopping,
+        ModelCheckpoint,
+        ReduceLROnPlateau,
+        SyncStop,
+        TensorBoard,
+    )
+
+    extension = ".weights.h5" if save_weights_only else ".keras"
+    checkpoint_name = f"epoch{{epoch:03d}}-{monitor}{{{monitor}:.4f}}{extension}"
+    stack = [
+        ReduceLROnPlateau(monitor=monitor, mode=mode, factor=lr_factor, patience=lr_patience,
+                          verbose=verbose),
+        EarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=verbose),
+        ModelCheckpoint(
+            storage.join(directory, "checkpoints", checkpoint_name), monitor=monitor, mode=mode,
+            save_best_only=True, save_weights_only=save_weights_only, max_to_keep=max_to_keep,
+            verbose=verbose,
+        ),
+        CSVLogger(storage.join(directory, "history.csv"), append=True),
+    ]
+    if tensorboard:
+        stack.append(TensorBoard(storage.join(directory, "tensorboard")))
+    stack.append(SyncStop())
+    return stack

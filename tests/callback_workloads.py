@@ -1,0 +1,80 @@
+"""Worker functions exercising ModelCheckpoint, EarlyStopping and SyncStop on real clusters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _model_and_data(seed: int = 0):
+    import keras
+    import tensorflow as tf
+
+    from disttrain.strategy import strategy as make_strategy
+
+    strategy = make_strategy()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(192, 6)).astype("float32")
+    y = (x[:, 0] - x[:, 1] > 0).astype("float32")
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"), keras.layers.Dense(1, activation="sigmoid"),
+        ])
+        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", metrics=["accuracy"])
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    val = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(32)
+    return model, train, val
+
+
+def _weights(model) -> dict:
+    return {v.path: np.asarray(v.numpy()).tolist() for v in model.weights}
+
+
+def checkpoint_job(
+    filepath: str,
+    epochs: int = 3,
+    save_best_only: bool = False,
+    max_to_keep: int | None = None,
+    stop_rank: int | None = None,
+    stop_epoch: int | None = None,
+    early_stopping_patience: int | None = None,
+) -> dict:
+    """fit with ModelCheckpoint (+ optional one-worker stop and EarlyStopping) and SyncStop."""
+    import keras
+
+    from disttrain import callbacks, coordination
+    from disttrain.errors import DisttrainError
+
+    model, train, val = _model_and_data()
+    rank = coordination.get().rank
+
+    class StopOnOneWorker(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if rank == stop_rank and epoch == stop_epoch:
+                self.model.stop_training = True
+
+    stack = [StopOnOneWorker()]
+    if early_stopping_patience is not None:
+        stack.append(callbacks.EarlyStopping(patience=early_stopping_patience, min_delta=10.0))
+    checkpoint = callbacks.ModelCheckpoint(
+        filepath, save_best_only=save_best_only, max_to_keep=max_to_keep
+    )
+    stack += [checkpoint, callbacks.SyncStop()]
+    started = time.monotonic()
+    try:
+        history = model.fit(train, validation_data=val, epochs=epochs, callbacks=stack, verbose=0)
+    except DisttrainError as e:
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - started}
+    return {
+        "error": None,
+        "epochs_run": len(history.history["loss"]),
+        "history": history.history,
+        "weights": _weights(model),
+        "checkpoints": checkpoint.checkpoints,
+        "best": checkpoint.best_checkpoint(),
+        "manifest_url": checkpoint.manifest_url,
+        "run_id": checkpoint.run_id,
+    }
