@@ -197,8 +197,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         else:
             self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
         record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
-                  "monitor": self.monitor, "value": None if current is None else float(current),
-                  "time": time.time()}
+                  "monitor": self.monitor, "value": None if current is None else float(current)}
         self.coordinator.run_on_chief(
             "ModelCheckpoint.save", lambda: self._write(record), StorageError
         )
@@ -249,6 +248,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             "value": best["value"],
             "best_value": None if self.best is None else float(self.best),
             "checkpoints": kept,
+            "written_at": time.time(),
         }
 
     def best_checkpoint(self) -> dict[str, Any] | None:
