@@ -40,7 +40,6 @@ from launch.output import Console
 from launch.tf_config import TaskSpec, cluster_specs, local_addresses
 
 DEFAULT_COMMAND = (sys.executable, "-m", "disttrain.demo")
-EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_CANNOT_EXECUTE = 126
 MAX_PORT_CLASH_RELAUNCHES = 3
@@ -203,9 +202,11 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)} "
                      "(put the command to run after '--')")
+    overrides = {}
     try:
         parse_address(f"{ns.host}:1", "--host")
-        run_id = validate_run_id(ns.run_id, "--run-id") if ns.run_id is not None else new_run_id()
+        if ns.run_id is not None:
+            overrides["run_id"] = validate_run_id(ns.run_id, "--run-id")
     except ClusterConfigError as e:
         parser.error(str(e))
     if command:
@@ -214,9 +215,10 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
             parser.error(problem)
     return LaunchConfig(
         workers=ns.workers, chief=ns.chief, evaluator=ns.evaluator, host=ns.host,
-        run_id=run_id, command=tuple(command) or DEFAULT_COMMAND, grace=ns.grace,
+        command=tuple(command) or DEFAULT_COMMAND, grace=ns.grace,
         max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
         log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, dry_run=ns.dry_run,
+        **overrides,
     )
 
 
@@ -320,8 +322,8 @@ class _Job:
                 break
             try:
                 outcome = self._attempt(len(self._outcomes), started)
-            except OSError as e:
-                self._console.info(f"cannot start {shlex.join(config.command)}: {e}")
+            except procs.StartError as e:
+                self._console.info(str(e))
                 code = EXIT_CANNOT_EXECUTE
                 break
             self._outcomes.append(outcome)

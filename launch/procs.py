@@ -143,6 +143,15 @@ class Outcome:
         return next(r for r in self.results if r.label == label)
 
 
+class StartError(Exception):
+    """A worker's command could not be started."""
+
+    def __init__(self, label: str, error: OSError):
+        super().__init__(f"cannot start {label}: {error}")
+        self.label = label
+        self.error = error
+
+
 class SignalInbox:
     """While entered, SIGINT/SIGTERM/SIGHUP to the launcher are queued, not fatal.
 
@@ -189,7 +198,7 @@ class Watchdog:
     def __init__(self, console: Console):
         self._console = console
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _WATCHDOG_PATH],
+            [sys.executable, "-I", "-S", _WATCHDOG_PATH], bufsize=0,
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
         )
 
@@ -202,14 +211,17 @@ class Watchdog:
     def close(self) -> None:
         if not self._proc.stdin.closed:
             self._proc.stdin.close()
-        self._proc.wait()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
     def _send(self, message: str) -> None:
         if self._proc.stdin.closed:
             return
         try:
             self._proc.stdin.write(message.encode())
-            self._proc.stdin.flush()
         except BrokenPipeError:
             self._console.info(
                 f"warning: the watchdog (pid {self._proc.pid}) died; if the launcher is "
@@ -310,7 +322,7 @@ def run_group(specs: Sequence[WorkerSpec], options: GroupOptions, console: Conso
     Returns only once every process of every worker's group is gone.
 
     Raises:
-        OSError: a worker could not be started (the ones already started are killed).
+        StartError: a worker could not be started (the ones already started are killed).
     """
     return _Group(specs, options, console, watchdog, signals).run()
 
@@ -362,10 +374,10 @@ class _Group:
                 start_new_session=True,
                 preexec_fn=None if _LIBC is None else _die_with_launcher(os.getpid()),
             )
-        except OSError:
+        except OSError as e:
             for log in logs.values():
                 log.close()
-            raise
+            raise StartError(spec.label, e) from e
         self._watchdog.watch(proc.pid)
         stdout, stderr = (
             OutputStream(self._console, name, spec.label, visible=spec.show_output,
@@ -467,6 +479,8 @@ class _Group:
         self._console.info(f"{why}: dumping worker stacks")
         self._stopping = True
         for w in self._workers:
+            if w.group_gone:
+                continue
             if w.ended is None:
                 w.signalled = True
             _disable_core_dumps(w.pgid)
@@ -486,7 +500,7 @@ class _Group:
                 elif now >= self._finish_at:
                     labels = ", ".join(w.spec.label for w in running)
                     self._console.info(f"training tasks finished: stopping {labels}")
-                    self._stop(running, now)
+                    self._stop_all(now)
         for w in self._workers:
             if w.group_gone:
                 continue

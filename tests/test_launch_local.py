@@ -352,6 +352,32 @@ def test_launcher_sigkilled_leaves_no_worker_or_child(launch):
     assert wait_gone(launch.marker, within=5) == []
 
 
+def watchdog_pid(marker: str) -> int:
+    [pid] = [p for p in marked_pids(marker)
+             if b"watchdog.py" in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid
+
+
+def test_workers_die_with_the_launcher_even_without_the_watchdog(launch):
+    job = launch("--workers", "2", *worker("wait"))
+    job.wait_for(r"^\[w\d\] ready pid=\d+$", count=2)
+    os.kill(watchdog_pid(launch.marker), signal.SIGKILL)
+    job.proc.kill()
+    job.proc.wait()
+    assert wait_gone(launch.marker, within=5) == [], "PR_SET_PDEATHSIG"
+
+
+def test_launcher_goes_on_when_its_watchdog_dies(launch):
+    job = launch("--workers", "2", *worker("wait"))
+    job.wait_for(r"^\[w\d\] ready pid=\d+$", count=2)
+    os.kill(watchdog_pid(launch.marker), signal.SIGKILL)
+    os.kill(job.proc.pid, signal.SIGINT)
+    code, out, err, _ = job.finish()
+    assert code == 130, err
+    assert "warning: the watchdog" in err
+    assert "[w0] got SIGTERM" in out and "[w1] got SIGTERM" in out
+
+
 def test_child_left_behind_by_a_finished_worker_is_stopped(launch):
     code, out, err, _ = run(launch, "--workers", "2", *worker("leave-child"))
     assert code == 0, err
@@ -411,10 +437,10 @@ def test_port_clash_relaunches_are_bounded(launch):
 
 
 def test_concurrent_progress_bars_stay_line_intact(launch):
-    n = 3000
+    n = 1500
     code, out, err, _ = run(launch, "--workers", "2", *worker("progress", str(n)))
     assert code == 0, err
-    last = {}
+    last, count = {}, {"w0": 0, "w1": 0}
     for line in out.splitlines():
         m = re.fullmatch(r"\[(w\d)\] progress (w\d) (\d+)/(\d+) (#*)", line)
         assert m and m[1] == m[2], f"garbled line: {line!r}"
@@ -422,7 +448,9 @@ def test_concurrent_progress_bars_stay_line_intact(launch):
         assert len(m[5]) == step % 40 and int(m[4]) == n, f"garbled line: {line!r}"
         assert step > last.get(m[1], 0)
         last[m[1]] = step
+        count[m[1]] += 1
     assert last == {"w0": n, "w1": n}
+    assert all(3 <= c < 100 for c in count.values()), f"updates are throttled: {count}"
 
 
 def test_timeout_dumps_python_stacks_then_stops(launch):

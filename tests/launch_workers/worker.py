@@ -100,7 +100,7 @@ def progress(n: int) -> None:
         os.write(1, data[:cut])
         data = data[cut:]
         if rng.random() < 0.1:
-            time.sleep(0.001)
+            time.sleep(0.006)
 
 
 def main(mode: str, *args: str) -> None:
