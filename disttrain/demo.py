@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     started = time.monotonic()
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=args.epochs, callbacks=callbacks,
+        train_ds, validation_data=val_ds, epochs=args.epochs, callbacks=callbacks, shuffle=False,
         verbose=2 if coord.is_chief else 0,
     )
     checkpoint = next(c for c in callbacks if isinstance(c, disttrain.callbacks.ModelCheckpoint))
