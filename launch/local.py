@@ -82,7 +82,8 @@ A progress bar redrawn with carriage returns shows as at most one line per secon
 exit code: 0 on success; the exit code of the task that failed first (128+N if
 signal N killed it); 128+N when the launcher gets signal N (SIGINT, SIGTERM,
 SIGHUP are passed on to the tasks as SIGTERM); 124 on --timeout or
---startup-timeout; 2 for invalid arguments.
+--startup-timeout; 126 when the command cannot be executed; 2 for invalid
+arguments.
 """
 
 
@@ -327,7 +328,7 @@ class _Job:
                 code = EXIT_CANNOT_EXECUTE
                 break
             self._outcomes.append(outcome)
-            if not self._try_again(outcome):
+            if not self._try_again(outcome, started):
                 code = self._exit_code(outcome)
                 self._report_failure(outcome)
                 break
@@ -362,7 +363,13 @@ class _Job:
         )
         return procs.run_group(specs, options, self._console, self._watchdog, self._signals)
 
-    def _try_again(self, outcome: procs.Outcome) -> bool:
+    def _try_again(self, outcome: procs.Outcome, job_started: float) -> bool:
+        timeout = self._config.timeout
+        if outcome.reason not in (procs.FAILED, procs.STARTUP_TIMEOUT):
+            return False
+        if timeout is not None and time.monotonic() - job_started >= timeout:
+            self._console.info(f"--timeout {timeout:g}s has passed: not starting again")
+            return False
         if outcome.reason == procs.FAILED:
             hit = outcome.result(outcome.culprit).watch_hit
             if hit is not None and self._clash_relaunches < MAX_PORT_CLASH_RELAUNCHES:
@@ -372,13 +379,12 @@ class _Job:
                     f"on fresh ports, not counted as a restart "
                     f"({self._clash_relaunches}/{MAX_PORT_CLASH_RELAUNCHES})")
                 return True
-        if outcome.reason in (procs.FAILED, procs.STARTUP_TIMEOUT):
-            if self._restarts < self._config.max_restarts:
-                self._restarts += 1
-                self._console.info(
-                    f"restarting the group on fresh ports "
-                    f"(restart {self._restarts}/{self._config.max_restarts})")
-                return True
+        if self._restarts < self._config.max_restarts:
+            self._restarts += 1
+            self._console.info(
+                f"restarting the group on fresh ports "
+                f"(restart {self._restarts}/{self._config.max_restarts})")
+            return True
         return False
 
     @staticmethod

@@ -242,6 +242,13 @@ def test_dry_run_prints_env_and_command_and_starts_nothing(launch, tmp_path):
         assert f"command: {PY} -c" in block
 
 
+def test_more_tasks_than_cores_warns(launch):
+    cores = os.cpu_count()
+    code, out, err, _ = run(launch, "--workers", str(cores), "--evaluator", "--dry-run")
+    assert code == 0, err
+    assert f"warning: {cores + 1} tasks on {cores} CPU cores" in err
+
+
 def test_dry_run_without_command_shows_the_demo(launch):
     code, out, err, _ = run(launch, "--dry-run")
     assert code == 0, err
@@ -415,6 +422,14 @@ def test_without_restarts_a_failure_is_final(launch):
     code, out, err, _ = run(launch, "--workers", "2", *worker("fail-attempt0", "5"))
     assert code == 5, err
     assert {r["DISTTRAIN_ATTEMPT"] for _, r in reports(out)} == {"0"}
+
+
+def test_no_restart_once_the_job_timeout_has_passed(launch):
+    code, out, err, _ = run(launch, "--workers", "2", "--grace", "2", "--timeout", "1",
+                            "--max-restarts", "2", *worker("fail-stubborn", "w1", "3"))
+    assert code == 3, err
+    assert "--timeout 1s has passed: not starting again" in err
+    assert "1 attempt(s)" in err
 
 
 @pytest.mark.parametrize("kind", ["os", "tf"])
