@@ -12,6 +12,6 @@ bucket="${BUCKET:-your-bucket}"
 for format in job jobset tfjob; do
   "$python" -m launch.k8s --format "$format" --output "$out/$format" \
     --name disttrain-demo --workers 2 --image "$image" --cpu 2 --memory 4Gi \
-    --checkpoint-url "gs://$bucket/disttrain-demo" \
+    --checkpoint-url "gs://$bucket/disttrain" \
     -- python -m disttrain.demo --epochs 20 --output-dir '$(DISTTRAIN_CHECKPOINT_URL)'
 done

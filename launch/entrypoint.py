@@ -20,16 +20,32 @@ connection, but gives up on a name that does not resolve, so workers that start 
 
 "Wait until every peer's TF server accepts TCP" cannot work as such: a peer's TF server only
 listens once *its* program has created the strategy, which happens after *its* entrypoint
-finished waiting, so every pod would wait for the others forever. Instead, while it waits, the
-entrypoint itself listens on its own TF port (it accepts and drops connections), and a peer
-counts as reachable the first time its name resolves **and** a TCP connection to its port
-succeeds, whoever answers: the peer's entrypoint (still waiting) or the peer's TF server
-(already running). The entrypoint releases the port just before the exec, and TF binds it when
-the program creates its strategy. This cannot deadlock: a peer that is still waiting answers on
-its port, and a peer that has moved on answers once its program creates its strategy, which it
-does without waiting for anyone. A peer that never comes (unschedulable, crash-looping, wrong
-Service name) ends the wait after `--peer-timeout` seconds with an error naming it and what
-failed (no DNS record, or no TCP), exit code 3.
+finished waiting, so every pod would wait for the others forever. So the entrypoints meet
+among themselves on the TF port, before TF takes it:
+
+- while it waits, each entrypoint listens on its own TF port;
+- it probes every peer that it has not reached yet (about every 0.5-2 s): the peer's name must
+  resolve, a TCP connection to the peer's port must succeed, and over it the entrypoint says
+  who it is (`disttrain-entrypoint/1 <cluster fingerprint> <own address>`); the peer's
+  entrypoint answers the same way. A peer that accepts TCP but does not answer (its program is
+  already running) counts as reached too; one that answers for another task or another
+  cluster (a stale DNS record, a pod of an older job) does not;
+- it execs once it has reached every peer **and** every peer has reached it.
+
+The second condition is what makes this safe. Without it the last pod to arrive would reach
+everyone and exec at once, closing its listener before slower peers probed it, and they would
+then depend on its program opening the port. With it, no entrypoint stops listening while a
+peer may still need to reach it, so every pair meets whatever the programs do, and there is no
+deadlock: a peer that is still waiting keeps probing whoever has not answered it. One probe
+meets both conditions for a pair, so all pods exec within a probe interval of the last one's
+start. The port is released just before the exec (TF binds it when the strategy is created;
+meanwhile TF's own gRPC connections, which it retries, may reach a waiting entrypoint and are
+dropped). A peer that never comes (unschedulable, crash-looping, wrong Service name) ends the
+wait after `--peer-timeout` seconds with an error naming it and what failed: no DNS record, no
+TCP, a wrong answer, or that it never reached this pod. Exit code 3.
+
+A pod restarted alone while its old peers still run TF waits for them to restart too (they
+never say hello again), rather than joining a group in the middle of a run.
 
 Exit codes: 2 for a configuration error (bad environment, bad TF_CONFIG, port taken; retrying
 cannot help, so the Job's podFailurePolicy fails the Job at once), 3 when peers never became
@@ -41,6 +57,7 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import select
@@ -65,8 +82,10 @@ EXIT_CONFIG_ERROR = 2
 EXIT_PEERS_UNREACHABLE = 3
 DEFAULT_PEER_TIMEOUT = 300.0
 
-_POLL_SECONDS = 0.5
-_CONNECT_TIMEOUT = 1.0
+_PROTOCOL = "disttrain-entrypoint/1"
+_MIN_INTERVAL = 0.5
+_MAX_INTERVAL = 2.0
+_EXCHANGE_TIMEOUT = 1.0
 _PROGRESS_EVERY = 10.0
 
 
@@ -77,7 +96,7 @@ class PeersUnreachableError(Exception):
         self.pending = dict(pending)
         details = "; ".join(f"{address}: {why}" for address, why in self.pending.items())
         super().__init__(
-            f"{len(self.pending)} peer(s) not reachable after {timeout:g} s: {details}. "
+            f"{len(self.pending)} task(s) not ready after {timeout:g} s: {details}. "
             "Fix: check that every pod of the job is running (kubectl get pods), that the "
             "headless Service named in DISTTRAIN_SERVICE exists with publishNotReadyAddresses: "
             "true and selects these pods, or raise --peer-timeout if pods start slowly."
@@ -136,82 +155,142 @@ def resolve_cluster(environ: Mapping[str, str]) -> tuple[Cluster, str]:
     return Cluster.from_env({**environ, ENV_TF_CONFIG: built}), built
 
 
-def _listen(port: int) -> socket.socket:
-    if socket.has_dualstack_ipv6():
-        server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    else:
-        server = socket.create_server(("", port))
-    server.setblocking(False)
-    return server
+class _Rendezvous:
+    """The meeting of one entrypoint with its peers (see the module docstring)."""
 
+    def __init__(self, cluster: Cluster):
+        self.own = cluster.training_addresses[cluster.worker_rank]
+        self.peers = [a for a in cluster.training_addresses if a != self.own]
+        addresses = json.dumps(list(cluster.training_addresses)).encode()
+        self.fingerprint = hashlib.sha256(addresses).hexdigest()[:16]
+        self.greeting = f"{_PROTOCOL} {self.fingerprint} {self.own}\n".encode()
+        self.reached: set[str] = set()
+        self.reached_by: set[str] = set()
 
-def _drop_connections(server: socket.socket) -> None:
-    """Accepts and resets every pending connection: the port only has to answer."""
-    while True:
-        try:
-            connection, _ = server.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        connection.close()
+    def listen(self) -> socket.socket:
+        port = parse_address(self.own)[1]
+        if socket.has_dualstack_ipv6():
+            server = socket.create_server(("", port), family=socket.AF_INET6,
+                                          dualstack_ipv6=True)
+        else:
+            server = socket.create_server(("", port))
+        server.setblocking(False)
+        return server
 
-
-def _probe(address: str, check_tcp: bool) -> str | None:
-    """None when `address` resolves (and accepts TCP if asked), else why not."""
-    host, port = parse_address(address)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        return f"name does not resolve ({e.strerror})"
-    if not check_tcp:
+    def _parse(self, line: bytes) -> tuple[str, str] | None:
+        """(fingerprint, address) of a peer's greeting, or None for anything else."""
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) == 3 and parts[0] == _PROTOCOL:
+            return parts[1], parts[2]
         return None
-    ips = sorted({info[4][0] for info in infos})
-    try:
-        socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT).close()
-    except OSError as e:
-        return f"resolves to {', '.join(ips)} but port {port} does not accept TCP ({e})"
-    return None
+
+    def serve(self, server: socket.socket) -> None:
+        """Answers every pending connection; records which peers have reached this one."""
+        while True:
+            try:
+                connection, _ = server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            with connection:
+                connection.settimeout(_EXCHANGE_TIMEOUT)
+                try:
+                    greeting = self._parse(_read_line(connection))
+                except OSError:
+                    continue
+                if greeting is None:
+                    # Not an entrypoint (e.g. TF of a peer that already runs): reset it.
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          struct.pack("ii", 1, 0))
+                    continue
+                if greeting[0] == self.fingerprint and greeting[1] in self.peers:
+                    self.reached_by.add(greeting[1])
+                try:
+                    connection.sendall(self.greeting)
+                    connection.shutdown(socket.SHUT_WR)
+                    _read_line(connection)
+                except OSError:
+                    pass
+
+    def probe(self, address: str) -> str | None:
+        """None when `address` resolves and, unless it is this task, was reached; else why not."""
+        host, port = parse_address(address)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            return f"name does not resolve ({e.strerror})"
+        if address == self.own:
+            return None
+        ips = ", ".join(sorted({info[4][0] for info in infos}))
+        try:
+            connection = socket.create_connection((host, port), timeout=_EXCHANGE_TIMEOUT)
+        except OSError as e:
+            return f"resolves to {ips} but port {port} does not accept TCP ({e})"
+        with connection:
+            try:
+                connection.sendall(self.greeting)
+                answer = self._parse(_read_line(connection))
+            except OSError:
+                answer = None
+        if answer is not None and answer != (self.fingerprint, address):
+            fingerprint, other = answer
+            cluster = "this" if fingerprint == self.fingerprint else "another"
+            return (f"resolves to {ips}, but the entrypoint there is {other!r} of {cluster} "
+                    "cluster (a stale DNS record, or a pod of another job?)")
+        self.reached.add(address)
+        return None
 
 
-def wait_for_peers(
-    cluster: Cluster,
-    timeout: float,
-    log: Callable[[str], None],
-) -> float:
-    """Blocks until every training task resolves and every peer accepts TCP.
+def _read_line(connection: socket.socket, limit: int = 256) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = connection.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
-    Listens on this task's own port meanwhile (see the module docstring). Returns the seconds
-    waited.
+
+def wait_for_peers(cluster: Cluster, timeout: float, log: Callable[[str], None]) -> float:
+    """Blocks until this task's name resolves, it has reached every peer, and every peer has
+    reached it (see the module docstring). Returns the seconds waited.
 
     Raises:
         PeersUnreachableError: after `timeout` seconds, naming what is still missing.
         OSError: when this task's port cannot be bound.
     """
-    own = cluster.training_addresses[cluster.worker_rank]
-    pending = {address: "not probed yet" for address in cluster.training_addresses}
+    rendezvous = _Rendezvous(cluster)
+    own_resolves: str | None = "not probed yet"
+    pending: dict[str, str] = {}
     start = time.monotonic()
     next_progress = start + _PROGRESS_EVERY
-    with _listen(parse_address(own)[1]) as server:
+    interval = _MIN_INTERVAL
+    with rendezvous.listen() as server:
         while True:
-            for address in list(pending):
-                why = _probe(address, check_tcp=address != own)
-                if why is None:
-                    del pending[address]
-                else:
-                    pending[address] = why
-                _drop_connections(server)
+            if own_resolves is not None:
+                own_resolves = rendezvous.probe(rendezvous.own)
+            pending = {rendezvous.own: f"this task's own {own_resolves}"} if own_resolves else {}
+            for address in rendezvous.peers:
+                if address not in rendezvous.reached:
+                    why = rendezvous.probe(address)
+                    if why is not None:
+                        pending[address] = why
+                rendezvous.serve(server)
+                if address not in pending and address not in rendezvous.reached_by:
+                    pending[address] = ("reached, but it has not reached this task yet (not "
+                                        "started, or it cannot reach this pod)")
             now = time.monotonic()
             if not pending:
                 return now - start
             if now - start >= timeout:
                 raise PeersUnreachableError(timeout, pending)
             if now >= next_progress:
-                log(f"still waiting for {len(pending)} of {len(cluster.training_addresses)} "
-                    f"task(s) after {now - start:.0f} s: " + "; ".join(
-                        f"{a}: {w}" for a, w in pending.items()))
+                log(f"still waiting after {now - start:.0f} s for {len(pending)} of "
+                    f"{len(cluster.training_addresses)} task(s): "
+                    + "; ".join(f"{a}: {w}" for a, w in pending.items()))
                 next_progress = now + _PROGRESS_EVERY
-            select.select([server], [], [], _POLL_SECONDS)
-            _drop_connections(server)
+            select.select([server], [], [], interval)
+            rendezvous.serve(server)
+            interval = min(interval * 1.5, _MAX_INTERVAL)
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -251,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[launch.entrypoint {cluster.label}] {message}", file=sys.stderr, flush=True)
 
     if cluster.is_multi_worker and not cluster.is_evaluator:
-        log(f"waiting for {cluster.num_workers} tasks to resolve and accept TCP "
+        log(f"meeting the other {cluster.num_workers - 1} task(s) on the TF port "
             f"(timeout {args.peer_timeout:g} s)")
         try:
             waited = wait_for_peers(cluster, args.peer_timeout, log)
@@ -263,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"error: cannot listen on the port of {own} ({e}). Fix: free that port in "
                 "the pod or choose another one (launch.k8s --port).")
             return EXIT_CONFIG_ERROR
-        log(f"all peers reachable after {waited:.1f} s")
+        log(f"met every peer after {waited:.1f} s")
     env = {**os.environ, ENV_TF_CONFIG: tf_config_json}
     try:
         os.execvpe(command[0], command, env)
