@@ -46,7 +46,8 @@ MAX_PORT_CLASH_RELAUNCHES = 3
 
 # How a task reports that its port was taken between portpicker's check and its
 # own bind. TensorFlow 2.21 logs (at any TF_CPP_MIN_LOG_LEVEL below 3)
-#   add_port.cc: Failed to add port to server: No address added out of total 1 resolved for '0.0.0.0:PORT'
+#   add_port.cc: Failed to add port to server: No address added out of total 1
+#   resolved for '0.0.0.0:PORT'
 # and always raises "UnknownError: Could not start gRPC server". Older gRPC
 # builds log the OS error ("Address already in use", errno 98); grpcio raises
 # "Failed to bind to address".

@@ -166,10 +166,6 @@ class OutputStream:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.watch_hit: str | None = None
 
-    @property
-    def next_flush(self) -> float | None:
-        return self._splitter.next_flush
-
     def feed(self, data: bytes, now: float) -> None:
         if self._log is not None:
             self._log.write(data)

@@ -146,11 +146,6 @@ class Outcome:
 class StartError(Exception):
     """A worker's command could not be started."""
 
-    def __init__(self, label: str, error: OSError):
-        super().__init__(f"cannot start {label}: {error}")
-        self.label = label
-        self.error = error
-
 
 class SignalInbox:
     """While entered, SIGINT/SIGTERM/SIGHUP to the launcher are queued, not fatal.
@@ -377,7 +372,7 @@ class _Group:
         except OSError as e:
             for log in logs.values():
                 log.close()
-            raise StartError(spec.label, e) from e
+            raise StartError(f"cannot start {spec.label}: {e}") from e
         self._watchdog.watch(proc.pid)
         stdout, stderr = (
             OutputStream(self._console, name, spec.label, visible=spec.show_output,

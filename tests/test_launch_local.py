@@ -200,12 +200,12 @@ def test_launcher_does_not_import_tensorflow():
     (["--timeout", "0"], "must be more than 0"),
 ])
 def test_bad_input_exits_2_before_starting_anything(launch, tmp_path, args, message):
-    marker_file = tmp_path / "started"
-    code, out, err, elapsed = run(launch, *args, timeout=20)
+    logs = tmp_path / "logs"
+    code, out, err, _ = run(launch, "--log-dir", str(logs), *args, timeout=20)
     assert code == 2, err
     assert message in err
     assert "usage:" in err
-    assert not marker_file.exists()
+    assert not logs.exists(), "nothing was set up"
 
 
 def test_non_executable_command_exits_2(launch, tmp_path):
