@@ -90,16 +90,15 @@ _PROGRESS_EVERY = 10.0
 
 
 class PeersUnreachableError(Exception):
-    """Some peers did not resolve or accept TCP before the deadline."""
+    """Some tasks were not met before the deadline."""
 
     def __init__(self, timeout: float, pending: Mapping[str, str]):
-        self.pending = dict(pending)
-        details = "; ".join(f"{address}: {why}" for address, why in self.pending.items())
+        details = "; ".join(f"{address}: {why}" for address, why in pending.items())
         super().__init__(
-            f"{len(self.pending)} task(s) not ready after {timeout:g} s: {details}. "
-            "Fix: check that every pod of the job is running (kubectl get pods), that the "
-            "headless Service named in DISTTRAIN_SERVICE exists with publishNotReadyAddresses: "
-            "true and selects these pods, or raise --peer-timeout if pods start slowly."
+            f"{len(pending)} task(s) not ready after {timeout:g} s: {details}. "
+            "Fix: check that every pod of the job is running (kubectl get pods) and that the "
+            "headless Service (DISTTRAIN_SERVICE) exists with publishNotReadyAddresses: true "
+            "and selects these pods, or raise --peer-timeout if pods start slowly."
         )
 
 
@@ -206,7 +205,7 @@ class _Rendezvous:
                     self.reached_by.add(greeting[1])
                 try:
                     connection.sendall(self.greeting)
-                    connection.shutdown(socket.SHUT_WR)
+                    # Let the prober close first, so that no TIME_WAIT socket holds this port.
                     _read_line(connection)
                 except OSError:
                     pass
@@ -256,15 +255,21 @@ def wait_for_peers(cluster: Cluster, timeout: float, log: Callable[[str], None])
 
     Raises:
         PeersUnreachableError: after `timeout` seconds, naming what is still missing.
-        OSError: when this task's port cannot be bound.
+        ClusterConfigError: when this task's port cannot be bound.
     """
     rendezvous = _Rendezvous(cluster)
+    try:
+        server = rendezvous.listen()
+    except OSError as e:
+        raise ClusterConfigError(
+            f"cannot listen on the port of {rendezvous.own} ({e}). Fix: free that port in the "
+            "pod or choose another one (launch.k8s --port)."
+        ) from None
     own_resolves: str | None = "not probed yet"
-    pending: dict[str, str] = {}
     start = time.monotonic()
     next_progress = start + _PROGRESS_EVERY
     interval = _MIN_INTERVAL
-    with rendezvous.listen() as server:
+    with server:
         while True:
             if own_resolves is not None:
                 own_resolves = rendezvous.probe(rendezvous.own)
@@ -301,8 +306,8 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT, metavar="SECONDS",
-        help=f"how long to wait for every peer to resolve and accept TCP "
-             f"(default {DEFAULT_PEER_TIMEOUT:g})",
+        help=f"how long to wait to meet every peer: its name resolves, its port accepts TCP, "
+             f"and it has reached this task (default {DEFAULT_PEER_TIMEOUT:g})",
     )
     argv = list(argv)
     if "--" not in argv:
@@ -337,10 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PeersUnreachableError as e:
             log(f"error: {e}")
             return EXIT_PEERS_UNREACHABLE
-        except OSError as e:
-            own = cluster.training_addresses[cluster.worker_rank]
-            log(f"error: cannot listen on the port of {own} ({e}). Fix: free that port in "
-                "the pod or choose another one (launch.k8s --port).")
+        except ClusterConfigError as e:
+            log(f"error: {e}")
             return EXIT_CONFIG_ERROR
         log(f"met every peer after {waited:.1f} s")
     env = {**os.environ, ENV_TF_CONFIG: tf_config_json}

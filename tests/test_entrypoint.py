@@ -221,6 +221,27 @@ def test_a_peer_that_never_listens_times_out_naming_it(tmp_path):
 
 
 @functools.cache
+@pytest.mark.timeout(60)
+def test_a_pod_of_another_cluster_on_a_peer_address_does_not_count(tmp_path):
+    """A stale DNS record or a leftover pod of an older job answers on a peer's address: the
+    entrypoint there belongs to another TF_CONFIG, so it is not taken for the peer."""
+    p0, p1, other = (portpicker.pick_unused_port() for _ in range(3))
+    ours = tf_config.build(tf_config.local_addresses([p0, p1]), "worker", 0)
+    theirs = tf_config.build(tf_config.local_addresses([other, p1]), "worker", 1)
+    args = ["--peer-timeout", "3", "--", "python", "-c", "print('ran')"]
+    logs = [tmp_path / "ours.log", tmp_path / "theirs.log"]
+    procs = [_entrypoint(args, _loopback_env(json.dumps(theirs)), logs[1])]
+    try:
+        time.sleep(0.5)
+        procs.insert(0, _entrypoint(args, _loopback_env(json.dumps(ours)), logs[0]))
+        outputs = _wait(procs, logs, timeout=30)
+    finally:
+        _reap(procs)
+    assert [p.returncode for p in procs] == [entrypoint.EXIT_PEERS_UNREACHABLE] * 2, outputs
+    assert (f"127.0.0.1:{p1}: resolves to 127.0.0.1, but the entrypoint there is "
+            f"'127.0.0.1:{p1}' of another cluster") in outputs[0]
+
+
 def _netns_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "simulated pods need root for network namespaces"

@@ -364,12 +364,19 @@ def test_example_manifests_in_k8s_are_in_sync_with_the_generator(tmp_path):
     subprocess.run(["bash", str(REPO_ROOT / "k8s" / "generate.sh"), str(tmp_path)],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=60)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
-    committed = sorted(p.relative_to(REPO_ROOT / "k8s") for p in (REPO_ROOT / "k8s").rglob("*.yaml"))
+    committed = sorted(p.relative_to(REPO_ROOT / "k8s")
+                       for p in (REPO_ROOT / "k8s").rglob("*.yaml"))
     assert fresh == committed == [Path(f, "disttrain-demo.yaml") for f in sorted(k8s.FORMATS)]
     for relative in fresh:
         assert (tmp_path / relative).read_text() == (REPO_ROOT / "k8s" / relative).read_text(), (
             f"k8s/{relative} is stale: run `bash k8s/generate.sh`")
-    (_, job) = yaml.safe_load_all((REPO_ROOT / "k8s" / "job" / "disttrain-demo.yaml").read_text())
+    for relative in committed:
+        text = (REPO_ROOT / "k8s" / relative).read_text()
+        assert [str(p) for p in linter.run(text, YAMLLINT)] == [], relative
+    job_file = REPO_ROOT / "k8s" / "job" / "disttrain-demo.yaml"
+    service, job = yaml.safe_load_all(job_file.read_text())
+    for document in (service, job):
+        kubernetes_validate.validate(document, K8S_VERSIONS[-1], strict=True)
     container = _container(job["spec"]["template"]["spec"])
     assert container["args"][:3] == ["python", "-m", "disttrain.demo"]
     assert _env(container)["DISTTRAIN_CHECKPOINT_URL"].startswith("gs://")
