@@ -439,10 +439,16 @@ class _Job:
         except FileNotFoundError:
             return []
         try:
-            shown = json.dumps(json.loads(text), indent=2, sort_keys=True)
+            result = json.loads(text)
         except json.JSONDecodeError:
             return [f"result file {self._result_file} is not valid JSON:", text[:2000]]
-        return [f"result ({ENV_RESULT_FILE}):", *shown.splitlines()]
+        if not isinstance(result, dict):
+            return [f"result ({ENV_RESULT_FILE}): {json.dumps(result)}"]
+        width = max((len(k) for k in result), default=0)
+        return [f"result ({ENV_RESULT_FILE}):"] + [
+            f"  {key:<{width}}  {value if isinstance(value, str) else json.dumps(value)}"
+            for key, value in result.items()
+        ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -286,7 +286,8 @@ def test_success_env_contract_output_routing_logs_and_result(launch, tmp_path):
         assert (logs / "attempt-0" / f"{label}.stderr.log").read_text() == (
             f"stderr line of {label}\n")
     assert re.search(r"^\[launch\]\s+w1\s+0\s", err, re.MULTILINE)
-    assert '"best_checkpoint": "ckpt-7"' in err and '"written_by": "chief"' in err
+    assert re.search(r"^\[launch\]   best_checkpoint  ckpt-7$", err, re.MULTILINE), err
+    assert re.search(r"^\[launch\]   written_by       chief$", err, re.MULTILINE), err
 
 
 def test_user_environment_wins_and_run_id_is_generated(launch):

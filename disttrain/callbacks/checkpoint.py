@@ -168,7 +168,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             return
         self.coordinator.run_on_chief(
             "ModelCheckpoint.result",
-            lambda: storage.write_json(result_file, self._manifest()),
+            lambda: storage.write_json(result_file, self._result()),
             StorageError,
         )
 
@@ -236,6 +236,12 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             keep = ranked[: self.max_to_keep]
             return [c for c in records if c in keep], [c for c in records if c not in keep]
         return records[-self.max_to_keep:], records[: -self.max_to_keep]
+
+    def _result(self) -> dict[str, Any]:
+        best = self.best_checkpoint()
+        return {"best_checkpoint": best["path"], "epoch": best["epoch"],
+                "monitor": self.monitor, "value": best["value"], "run_id": self.run_id,
+                "manifest": self.manifest_url}
 
     def _manifest(self, kept: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         kept = self.checkpoints if kept is None else kept
