@@ -80,7 +80,8 @@ ENV_PORT = "DISTTRAIN_PORT"
 
 EXIT_CONFIG_ERROR = 2
 EXIT_PEERS_UNREACHABLE = 3
-DEFAULT_PEER_TIMEOUT = 300.0
+# Long enough for a node to be added by an autoscaler and pull a TensorFlow image.
+DEFAULT_PEER_TIMEOUT = 600.0
 
 _PROTOCOL = "disttrain-entrypoint/1"
 _MIN_INTERVAL = 0.5

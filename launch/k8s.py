@@ -2,7 +2,8 @@
 
 ```
 python -m launch.k8s --name mnist --workers 4 --image REGISTRY/disttrain:0.1.0 \\
-    --checkpoint-url gs://BUCKET/mnist -- python -m disttrain.demo --output-dir '$(DISTTRAIN_CHECKPOINT_URL)'
+    --checkpoint-url gs://BUCKET/disttrain \\
+    -- python -m disttrain.demo --output-dir '$(DISTTRAIN_CHECKPOINT_URL)'
 ```
 
 prints YAML for `kubectl apply -f -` (or, with `--output DIR`, writes `DIR/<name>.yaml`).
@@ -66,7 +67,8 @@ _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 # Kubernetes resource quantity: <number><suffix>, suffix binary SI, decimal SI or exponent.
-_QUANTITY = re.compile(r"(?P<number>\d+(\.\d*)?|\.\d+)(?P<suffix>[KMGTPE]i|[numkMGTPE]|[eE][-+]?\d+)?")
+_QUANTITY = re.compile(
+    r"(?P<number>\d+(\.\d*)?|\.\d+)(?P<suffix>[KMGTPE]i|[numkMGTPE]|[eE][-+]?\d+)?")
 _SUFFIX_SCALE = {
     "": 1, "n": decimal.Decimal("1e-9"), "u": decimal.Decimal("1e-6"), "m": decimal.Decimal("1e-3"),
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -97,7 +99,7 @@ class JobConfig:
     env: tuple[tuple[str, str], ...] = ()
     run_id: str | None = None
     max_restarts: int = 3
-    peer_timeout: int = 300
+    peer_timeout: int = int(entrypoint.DEFAULT_PEER_TIMEOUT)
     format: str = "job"
 
     @property
@@ -473,8 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--run-id", help=f"{ENV_RUN_ID} shared by all workers (default: the name)")
     add("--max-restarts", type=int, default=3,
         help="restarts of the worker group before the job fails (default 3)")
-    add("--peer-timeout", type=int, default=300,
-        help="seconds each pod waits for its peers to resolve and accept TCP (default 300)")
+    add("--peer-timeout", type=int, default=int(entrypoint.DEFAULT_PEER_TIMEOUT),
+        help="seconds each pod waits to meet its peers: long enough for the slowest pod to be "
+             f"scheduled and pull the image (default {entrypoint.DEFAULT_PEER_TIMEOUT:g})")
     add("--format", choices=FORMATS, default="job", help="what to emit (default job)")
     add("--output", type=Path, help="write <DIR>/<name>.yaml instead of printing")
     return parser
