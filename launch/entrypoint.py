@@ -16,7 +16,8 @@ Why the wait, and why this one
 ------------------------------
 A pod starts before its peers have DNS records (a headless Service publishes a pod's name only
 once the pod has an IP) and before they listen. TensorFlow retries a peer that refuses a
-connection, but gives up on a name that does not resolve, so workers that start early die.
+connection, but workers that start before their peers' names resolve exit (kubeflow/trainer
+issue 1458).
 
 "Wait until every peer's TF server accepts TCP" cannot work as such: a peer's TF server only
 listens once *its* program has created the strategy, which happens after *its* entrypoint
@@ -44,8 +45,8 @@ dropped). A peer that never comes (unschedulable, crash-looping, wrong Service n
 wait after `--peer-timeout` seconds with an error naming it and what failed: no DNS record, no
 TCP, a wrong answer, or that it never reached this pod. Exit code 3.
 
-A pod restarted alone while its old peers still run TF waits for them to restart too (they
-never say hello again), rather than joining a group in the middle of a run.
+By the same rule, a pod restarted alone while its old peers still run TF waits for them to
+restart too (they never reach it again), rather than joining a group in the middle of a run.
 
 Exit codes: 2 for a configuration error (bad environment, bad TF_CONFIG, port taken; retrying
 cannot help, so the Job's podFailurePolicy fails the Job at once), 3 when peers never became
