@@ -297,7 +297,7 @@ def test_user_environment_wins_and_run_id_is_generated(launch):
     assert r["TF_CPP_MIN_LOG_LEVEL"] == "0"
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", r["DISTTRAIN_RUN_ID"])
     assert not os.path.exists(r["DISTTRAIN_RESULT_FILE"]), "the temporary result dir is removed"
-    assert '"written_by": "w0"' in err
+    assert re.search(r"^\[launch\]   written_by       w0$", err, re.MULTILINE), err
 
 
 def test_chief_only_output(launch):
