@@ -1,0 +1,91 @@
+"""ReduceLROnPlateau whose learning rate is the chief's on every worker."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+
+from disttrain.callbacks.base import DistributedCallback
+
+
+class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
+    """Reduces the learning rate when a metric has stopped improving, on every worker.
+
+    Same arguments and meaning as `keras.callbacks.ReduceLROnPlateau`, plus
+    `strict`. Keras's own logic decides at each epoch end; then the chief's
+    resulting learning rate is broadcast and set on every worker, so the
+    learning rate is identical everywhere after a reduction. Differences:
+
+    - One broadcast at every epoch end (about as cheap as one vote, ~1.5 ms on
+      loopback); every worker must use this callback.
+    - A monitor missing from the logs raises `CallbackConfigError` listing the
+      available metrics (`strict=False` keeps Keras's warning). With
+      `validation_freq > 1` and a `val_` monitor, pass `strict=False`: epochs
+      without validation lack the metric.
+    - `verbose` messages are printed by the chief only.
+    - As in Keras, an optimizer whose learning rate is a `LearningRateSchedule`
+      raises `TypeError` when a reduction is due (the schedule already gives
+      every worker the same rate, so the broadcast never sets it).
+
+    Args:
+        monitor: quantity to monitor.
+        factor: factor the learning rate is multiplied by, `new_lr = lr * factor`.
+        patience: epochs with no improvement after which the rate is reduced.
+        verbose: 0 (quiet) or 1 (a message on the chief at each reduction).
+        mode: `"auto"`, `"min"` or `"max"`: whether the monitor should decrease or
+            increase (`"auto"` infers it from the metric).
+        min_delta: threshold for a significant change of the monitor.
+        cooldown: epochs to wait after a reduction before resuming normal operation.
+        min_lr: lower bound on the learning rate.
+        strict: raise on a missing monitor (default) instead of warning.
+        **kwargs: accepted and ignored, as in Keras.
+
+    Example:
+
+    ```python
+    reduce_lr = disttrain.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", factor=0.2, patience=5, min_lr=0.001)
+    model.fit(train, validation_data=val, epochs=50, callbacks=[reduce_lr])
+    ```
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        strict: bool = True,
+        **kwargs,
+    ):
+        super().__init__(
+            monitor=monitor, factor=factor, patience=patience,
+            verbose=verbose if self.is_chief else 0, mode=mode, min_delta=min_delta,
+            cooldown=cooldown, min_lr=min_lr, **kwargs,
+        )
+        self.strict = strict
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.strict:
+            self.monitored(logs, self.monitor)
+        super().on_epoch_end(epoch, logs)
+        self._apply_chief_learning_rates()
+
+    def _optimizers(self) -> list:
+        optimizer = self.model.optimizer
+        return list(getattr(optimizer, "optimizers", [optimizer]))
+
+    def _apply_chief_learning_rates(self) -> None:
+        optimizers = self._optimizers()
+        local = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in optimizers]
+        chief = json.loads(
+            self.coordinator.broadcast(json.dumps(local), "ReduceLROnPlateau.lr")
+        )
+        for optimizer, mine, theirs in zip(optimizers, local, chief, strict=True):
+            if mine != theirs:
+                optimizer.learning_rate = theirs

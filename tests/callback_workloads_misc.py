@@ -1,0 +1,251 @@
+"""Worker functions for the multi-worker tests of tests/test_callbacks_misc.py.
+
+`misc_callbacks` runs every scenario, one after the other, in one cluster (a
+cluster start costs more than the scenarios): ReduceLROnPlateau, CSVLogger,
+TensorBoard (off and scratch) and TerminateOnNaN. Each returns a JSON summary
+the test compares across workers.
+
+To prove that non-chief workers write nothing to a destination, a non-chief
+worker started as root runs the CSVLogger and TensorBoard(non_chief="off")
+scenarios with the effective user and group `nobody` and no supplementary
+groups: it cannot write (or even reach) the destination directories, so any
+write it attempted would fail the scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+
+GLOBAL_BATCH = 16
+NOBODY = 65534
+
+
+def _model(learning_rate: float = 0.05):
+    import keras
+
+    from disttrain.strategy import strategy as make_strategy
+
+    with make_strategy().scope():
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+        )
+        model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    return model
+
+
+def _datasets(n: int = 128, nan_at: int | None = None):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    if nan_at is not None:
+        y[nan_at] = np.nan
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    val = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(GLOBAL_BATCH)
+    return train, val
+
+
+def _rank() -> int:
+    from disttrain import coordination
+
+    return coordination.get().rank
+
+
+@contextlib.contextmanager
+def _unprivileged_unless_chief():
+    """Runs the block as `nobody` on a non-chief worker started as root."""
+    from disttrain import coordination
+
+    drop = os.geteuid() == 0 and not coordination.get().is_chief
+    groups = os.getgroups()
+    if drop:
+        os.setgroups([])
+        os.setegid(NOBODY)
+        os.seteuid(NOBODY)
+    try:
+        yield drop
+    finally:
+        if drop:
+            os.seteuid(0)
+            os.setegid(0)
+            os.setgroups(groups)
+
+
+def _weights(model) -> list:
+    return [np.asarray(v.numpy()).tolist() for v in model.trainable_weights]
+
+
+def reduce_lr() -> dict:
+    """Worker 1 alone sees a steadily improving val_loss; the chief's LR must win."""
+    import keras
+
+    from disttrain.callbacks.reduce_lr import ReduceLROnPlateau
+
+    model = _model(0.1)
+    rank = _rank()
+    rates = []
+
+    def perturb(epoch, logs):
+        if rank == 1:
+            logs["val_loss"] -= 1000.0 * (epoch + 1)
+
+    callbacks = [
+        keras.callbacks.LambdaCallback(on_epoch_end=perturb),
+        ReduceLROnPlateau(monitor="val_loss", patience=1, min_delta=100, factor=0.1),
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: rates.append(
+                float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            )
+        ),
+    ]
+    train, val = _datasets()
+    model.fit(train, validation_data=val, epochs=3, callbacks=callbacks, verbose=0)
+    return {"rates": rates, "weights": _weights(model)}
+
+
+def csv_logger(workdir: str) -> dict:
+    """Two appending fits to `<workdir>/csv/log.csv`, then a fit whose chief write fails."""
+    from disttrain.callbacks.csv_logger import CSVLogger
+    from disttrain.errors import StorageError
+
+    url = os.path.join(workdir, "csv", "log.csv")
+    train, val = _datasets()
+    with _unprivileged_unless_chief() as unprivileged:
+        denied = None
+        if unprivileged:
+            try:
+                open(os.path.join(workdir, "csv", "control"), "w").close()
+            except PermissionError as e:
+                denied = type(e).__name__
+        for epochs in (2, 1):
+            model = _model()
+            model.fit(train, validation_data=val, epochs=epochs, verbose=0,
+                      callbacks=[CSVLogger(url, append=True)])
+        failure = None
+        try:
+            _model().fit(train, epochs=2, verbose=0,
+                         callbacks=[CSVLogger(os.path.join(workdir, "blocker", "log.csv"))])
+        except StorageError as e:
+            failure = f"{type(e).__name__}: {e}"
+    return {"unprivileged": unprivileged, "control_write": denied, "failure": failure}
+
+
+def tensorboard_off(workdir: str) -> dict:
+    from disttrain.callbacks.tensorboard import TensorBoard
+
+    train, val = _datasets()
+    callback = TensorBoard(os.path.join(workdir, "tb_off"), histogram_freq=1)
+    with _unprivileged_unless_chief() as unprivileged:
+        _model().fit(train, validation_data=val, epochs=2, verbose=0, callbacks=[callback])
+    return {"unprivileged": unprivileged, "write_dir": callback.write_dir}
+
+
+def tensorboard_scratch(workdir: str) -> dict:
+    import keras
+
+    from disttrain.callbacks.tensorboard import TensorBoard
+
+    train, val = _datasets()
+    callback = TensorBoard(os.path.join(workdir, "tb_scratch"), non_chief="scratch")
+    seen = []
+    probe = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.extend(
+            name for _, _, names in os.walk(callback.write_dir) for name in names
+        )
+    )
+    _model().fit(train, validation_data=val, epochs=1, verbose=0, callbacks=[callback, probe])
+    return {
+        "write_dir": callback.write_dir,
+        "files_during_fit": sorted(seen),
+        "exists_after_fit": os.path.exists(callback.write_dir),
+    }
+
+
+def tensorboard_scratch_fit_raises(workdir: str) -> dict:
+    """A fit that raises skips on_train_end; the scratch directory must go at exit."""
+    import keras
+
+    from disttrain.callbacks.tensorboard import TensorBoard
+
+    def fail(epoch, logs):
+        raise RuntimeError("planned failure")
+
+    train, _ = _datasets()
+    callback = TensorBoard(os.path.join(workdir, "tb_scratch"), non_chief="scratch")
+    try:
+        _model().fit(train, epochs=2, verbose=0,
+                     callbacks=[callback, keras.callbacks.LambdaCallback(on_epoch_end=fail)])
+    except RuntimeError as e:
+        error = str(e)
+    return {"write_dir": callback.write_dir, "error": error,
+            "exists_after_error": os.path.exists(callback.write_dir)}
+
+
+def _fit_with_nan_check(raise_error: bool, poison_rank: int | None, nan_at: int | None) -> dict:
+    """Fits 2 epochs with TerminateOnNaN; `poison_rank` alone sees a NaN loss at batch 3."""
+    import keras
+
+    from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
+
+    rank = _rank()
+    batches = []
+
+    def poison(batch, logs):
+        if rank == poison_rank and batch == 3:
+            logs["loss"] = float("nan")
+
+    callbacks = [
+        keras.callbacks.LambdaCallback(on_train_batch_end=poison),
+        TerminateOnNaN(raise_error=raise_error),
+        keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b)),
+    ]
+    train, _ = _datasets(nan_at=nan_at)
+    model = _model()
+    error = None
+    started = time.monotonic()
+    try:
+        history = model.fit(train, epochs=2, verbose=0, callbacks=callbacks).history
+    except RuntimeError as e:
+        error, history = f"{type(e).__name__}: {e}", {}
+    return {
+        "batches": batches,
+        "epochs": len(history.get("loss", [])),
+        "last_loss_finite": bool(history) and math.isfinite(history["loss"][-1]),
+        "error": error,
+        "stop_training": bool(model.stop_training),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def terminate_on_nan() -> dict:
+    return {
+        "nan_in_data": _fit_with_nan_check(False, None, nan_at=40),
+        "nan_on_worker_1_only": _fit_with_nan_check(False, 1, None),
+        "nan_on_worker_1_only_raise": _fit_with_nan_check(True, 1, None),
+        "no_nan": _fit_with_nan_check(False, None, None),
+    }
+
+
+def misc_callbacks(workdir: str) -> dict:
+    timings = {}
+    results = {"pid": os.getpid(), "rank": _rank()}
+    for name, scenario in (
+        ("reduce_lr", reduce_lr),
+        ("csv_logger", lambda: csv_logger(workdir)),
+        ("tensorboard_off", lambda: tensorboard_off(workdir)),
+        ("tensorboard_scratch", lambda: tensorboard_scratch(workdir)),
+        ("tensorboard_scratch_fit_raises", lambda: tensorboard_scratch_fit_raises(workdir)),
+        ("terminate_on_nan", terminate_on_nan),
+    ):
+        started = time.monotonic()
+        results[name] = scenario()
+        timings[name] = round(time.monotonic() - started, 2)
+    results["timings"] = timings
+    return results
