@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m disttrain.demo",
         description="Train a digits classifier with disttrain's strategy and callbacks.",
     )
-    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    parser.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="GLOBAL batch size, split across workers (default 64)")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT,
@@ -138,8 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _validate(args, parser)
     from disttrain.cluster import Cluster
 
+    cluster = Cluster.from_env()
+    if cluster.is_evaluator:
+        print("disttrain demo: the evaluator task has nothing to do in this demo; exiting.")
+        return 0
     summary = train(args)
-    if Cluster.from_env().is_chief:
+    if cluster.is_chief:
         print("\ndisttrain demo summary")
         for key, value in summary.items():
             print(f"  {key:<22} {value}")
