@@ -23,10 +23,16 @@ Fixes:
   summed across all workers, so they are exact global values.
 - `synced_batchnorm_statistics`: BatchNormalization creates its moving
   statistics with `aggregation="none"`, so each worker keeps statistics of its
-  own shard and checkpoints hold one shard's statistics. We create them with
-  `aggregation="mean"`: each update is averaged across replicas (one small
-  all-reduce per statistic per step), so every worker holds identical
-  statistics, as tf_keras does.
+  own shard and checkpoints hold one shard's statistics. We average them across
+  workers with one batched all-reduce wherever they can be observed: at the
+  start of `evaluate` and `predict` (so also before fit's validation), before
+  the callbacks' `on_epoch_end` and `on_train_end`, and before a mid-epoch
+  checkpoint. The statistics are exponential moving averages, linear in the
+  batch moments, so averaging once per epoch gives the same values as
+  averaging every update (up to float rounding), at the cost of one
+  collective per epoch instead of one per statistic per step. Between those
+  points, mid-epoch, each worker holds its own running values; training steps
+  do not read them.
 
 Example:
 
@@ -41,10 +47,12 @@ Set `DISTTRAIN_KERAS_COMPAT=0` to leave Keras untouched (for comparisons).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 
 from disttrain.errors import KerasCompatError
@@ -149,17 +157,81 @@ def _batchnorm_needed() -> bool:
     return not _source_contains(BatchNormalization.build, "aggregation")
 
 
-def _install_batchnorm() -> None:
-    from keras.src.layers.layer import Layer
+_bn_sync_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batchnorm_statistics(model) -> list:
     from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
-    def add_weight(self, *args, **kwargs):
-        if kwargs.get("trainable") is False and kwargs.get("aggregation", "none") == "none":
-            kwargs["aggregation"] = "mean"
-        return Layer.add_weight(self, *args, **kwargs)
+    return [
+        v
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, BatchNormalization)
+        for v in layer.non_trainable_variables
+    ]
 
-    add_weight.__doc__ = Layer.add_weight.__doc__
-    BatchNormalization.add_weight = add_weight
+
+def sync_batchnorm_statistics(model) -> None:
+    """Averages the model's BatchNormalization moving statistics across workers.
+
+    One batched all-reduce. Every worker must call it at the same point; fit,
+    evaluate and predict do (see `synced_batchnorm_statistics`), and
+    `disttrain.callbacks.ModelCheckpoint` does before a mid-epoch save. A no-op
+    outside multi-worker training and for models without BatchNormalization.
+    """
+    if "synced_batchnorm_statistics" not in _applied or not getattr(model, "built", False):
+        return
+    trainer = _tf_trainer_module()
+    strategy = model.distribute_strategy
+    if not trainer._collective_all_reduce_multi_worker(strategy):
+        return
+    sync = _bn_sync_functions.get(model)
+    if sync is None:
+        sync = _make_bn_sync(strategy, _batchnorm_statistics(model))
+        _bn_sync_functions[model] = sync
+    sync()
+
+
+def _make_bn_sync(strategy, variables: list) -> Callable[[], None]:
+    import tensorflow as tf
+
+    if not variables:
+        return lambda: None
+
+    def average_on_replica():
+        context = tf.distribute.get_replica_context()
+        means = context.all_reduce("MEAN", [tf.identity(v.value) for v in variables])
+        for variable, mean in zip(variables, means):
+            variable.assign(mean)
+
+    @tf.function
+    def sync():
+        strategy.run(average_on_replica)
+
+    return sync
+
+
+def _install_batchnorm() -> None:
+    from keras.src.callbacks.callback_list import CallbackList
+
+    trainer = _tf_trainer_module()
+
+    def synced_first(method, model_of):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            model = model_of(self)
+            if model is not None:
+                sync_batchnorm_statistics(model)
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("evaluate", "predict"):
+        setattr(trainer.TensorFlowTrainer, name,
+                synced_first(getattr(trainer.TensorFlowTrainer, name), lambda m: m))
+    for name in ("on_epoch_end", "on_train_end"):
+        setattr(CallbackList, name,
+                synced_first(getattr(CallbackList, name), lambda c: getattr(c, "model", None)))
 
 
 _FIXES = (
@@ -177,7 +249,8 @@ _FIXES = (
     ),
     _Fix(
         "synced_batchnorm_statistics",
-        "measured here: Keras 3 BatchNormalization moving stats use aggregation='none'",
+        "measured here (keras 3.15.1): BatchNormalization moving statistics use "
+        "aggregation='none' and drift apart per worker",
         _batchnorm_needed,
         _install_batchnorm,
     ),

@@ -41,6 +41,7 @@ def checkpoint_job(
     stop_rank: int | None = None,
     stop_epoch: int | None = None,
     early_stopping_patience: int | None = None,
+    save_freq: str | int = "epoch",
 ) -> dict:
     """fit with ModelCheckpoint (+ optional one-worker stop and EarlyStopping) and SyncStop."""
     import keras
@@ -60,7 +61,7 @@ def checkpoint_job(
     if early_stopping_patience is not None:
         stack.append(callbacks.EarlyStopping(patience=early_stopping_patience, min_delta=10.0))
     checkpoint = callbacks.ModelCheckpoint(
-        filepath, save_best_only=save_best_only, max_to_keep=max_to_keep
+        filepath, save_best_only=save_best_only, max_to_keep=max_to_keep, save_freq=save_freq
     )
     stack += [checkpoint, callbacks.SyncStop()]
     started = time.monotonic()

@@ -321,3 +321,22 @@ def test_chief_write_failure_raises_the_same_error_on_every_worker(tmp_path):
     assert max(r["seconds"] for r in run.results) < 120
     manifest = json.loads((tmp_path / "best.json").read_text())
     assert manifest["epoch"] == 1, "the last good checkpoint stays the committed one"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(tmp_path):
+    """A save at batch 6 (the last of the epoch) must equal the final, averaged weights."""
+    run = run_cluster(
+        callback_workloads.checkpoint_job, 2,
+        kwargs={"filepath": str(tmp_path / "m-{epoch}-{batch}.keras"), "epochs": 1,
+                "save_freq": 6},
+        timeout=180,
+    )
+    results = _assert_ok(run)
+    assert results[0]["weights"] == results[1]["weights"]
+    loaded = keras.models.load_model(tmp_path / "m-1-6.keras")
+    moving = [v for v in loaded.weights if "moving" in v.path]
+    assert len(moving) == 2
+    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
+        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))

@@ -13,7 +13,7 @@ import keras
 from keras.src import ops
 from keras.src.utils import io_utils
 
-from disttrain import storage
+from disttrain import keras_compat, storage
 from disttrain.callbacks.base import DistributedCallback
 from disttrain.cluster import ENV_RESULT_FILE
 from disttrain.errors import CallbackConfigError, StorageError
@@ -174,6 +174,8 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     def _save_model(self, epoch, batch, logs):
         logs = dict(logs or {})
+        if batch is not None:
+            keras_compat.sync_batchnorm_statistics(self.model)
         self._check_template_keys(logs)
         current = logs.get(self.monitor)
         if self.save_best_only:

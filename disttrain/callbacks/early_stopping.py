@@ -56,14 +56,11 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
     ):
         super().__init__(
             monitor=monitor, min_delta=min_delta, patience=patience,
-            verbose=verbose if self._verbose_allowed() else 0, mode=mode,
+            verbose=verbose if self.is_chief else 0, mode=mode,
             baseline=baseline, restore_best_weights=restore_best_weights,
             start_from_epoch=start_from_epoch,
         )
         self.strict = strict
-
-    def _verbose_allowed(self) -> bool:
-        return self.coordinator.cluster.is_chief
 
     def get_monitor_value(self, logs):
         self.warn_if_training_metric(logs, self.monitor)
