@@ -648,6 +648,42 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """Gives a local path holding the content of `url`, for readers that need a file.
+
+    A local `url` is yielded as is; anything else is downloaded into a private
+    temp file (keeping the name's extensions, which Keras uses to pick the
+    format) that is removed on exit.
+
+    Raises:
+        StorageError: when `url` does not exist or cannot be read.
+
+    Example:
+
+    ```python
+    with local_copy("gs://bucket/run/backup-000004/model.weights.h5") as path:
+        model.load_weights(path)
+    ```
+    """
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isfile(path):
+            raise StorageError(
+                f"reading {url!r} failed: no such file. Fix: check the path."
+            )
+        yield path
+        return
+    tmp_dir = tempfile.mkdtemp(prefix="disttrain-download-")
+    try:
+        local = os.path.join(tmp_dir, f"download{_default_suffix(url)}")
+        with _wrapped("downloading", url):
+            fs.get_file(path, local)
+        yield local
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def listdir(url_dir: str) -> list[str]:
     """Names (not paths) of the entries in a directory, sorted; `[]` when it is missing.
 

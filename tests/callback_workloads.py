@@ -79,3 +79,39 @@ def checkpoint_job(
         "manifest_url": checkpoint.manifest_url,
         "run_id": checkpoint.run_id,
     }
+
+
+def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
+               crash_epoch: int | None = None, crash_rank: int = 1) -> dict:
+    """fit with BackupAndRestore + EarlyStopping; on attempt 0 `crash_rank` dies after `crash_epoch`.
+
+    Writes `<result_dir>/<rank>-<attempt>.json` (the launcher runs this, not the harness).
+    """
+    import json
+    import os
+
+    import keras
+
+    from disttrain import callbacks, coordination
+
+    attempt = int(os.environ.get("DISTTRAIN_ATTEMPT", "0"))
+    model, train, val = _model_and_data()
+    model.build((None, 6))
+    rank = coordination.get().rank
+
+    class CrashOnce(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if attempt == 0 and rank == crash_rank and epoch == crash_epoch:
+                os._exit(3)
+
+    stopper = callbacks.EarlyStopping(monitor="val_loss", patience=100)
+    history = model.fit(
+        train, validation_data=val, epochs=epochs, verbose=0,
+        callbacks=[callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+                   stopper, CrashOnce(), callbacks.SyncStop()],
+    )
+    result = {"attempt": attempt, "epochs_run": len(history.history["loss"]),
+              "weights": _weights(model), "best_epoch": stopper.best_epoch}
+    with open(os.path.join(result_dir, f"{rank}-{attempt}.json"), "w") as f:
+        json.dump(result, f)
+    return result

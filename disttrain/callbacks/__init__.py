@@ -18,6 +18,7 @@ _EXPORTS = {
     "CSVLogger": "disttrain.callbacks.csv_logger",
     "TensorBoard": "disttrain.callbacks.tensorboard",
     "SyncStop": "disttrain.callbacks.sync_stop",
+    "BackupAndRestore": "disttrain.callbacks.backup",
     "recommended": "disttrain.callbacks.stack",
 }
 

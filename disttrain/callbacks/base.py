@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,24 @@ class DistributedCallback:
     """
 
     strict: bool = True
+
+    def set_model(self, model) -> None:
+        super().set_model(model)
+        attached = _attached.setdefault(model, [])
+        if self not in attached:
+            attached.append(self)
+
+    def backup_state(self) -> tuple[dict[str, Any], list[Any]] | None:
+        """State to persist across a restart: (JSON-able dict, list of numpy arrays).
+
+        `None` (the default) means the callback has nothing to persist.
+        `BackupAndRestore` saves it with the model and hands it back through
+        `restore_state` when training resumes.
+        """
+        return None
+
+    def restore_state(self, state: dict[str, Any], arrays: list[Any]) -> None:
+        """Restores what `backup_state` returned, on every worker."""
 
     @property
     def coordinator(self) -> coordination.Coordinator:
@@ -76,6 +95,14 @@ class DistributedCallback:
                 f"generalisation. Pass monitor='val_{monitor}' unless this is intended.",
                 stacklevel=3,
             )
+
+
+_attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attached_callbacks(model) -> list[DistributedCallback]:
+    """The disttrain callbacks attached to `model`, in the order they were attached."""
+    return list(_attached.get(model, ()))
 
 
 def is_nan_or_inf(value: Any) -> bool:

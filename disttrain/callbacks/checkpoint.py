@@ -158,6 +158,15 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         if shared.get("best") is not None and self.save_best_only:
             self.best = shared["best"]
 
+    def backup_state(self):
+        best = None if self.best is None else float(self.best)
+        return {"best": best, "checkpoints": self.checkpoints}, []
+
+    def restore_state(self, state, arrays):
+        self.checkpoints = state["checkpoints"]
+        if state["best"] is not None:
+            self.best = state["best"]
+
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
             self._save_model(epoch=epoch, batch=None, logs=logs)

@@ -66,6 +66,18 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
         self.warn_if_training_metric(logs, self.monitor)
         return self.monitored(logs, self.monitor)
 
+    def backup_state(self):
+        state = {"wait": self.wait, "best": None if self.best is None else float(self.best),
+                 "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch}
+        return state, list(self.best_weights or [])
+
+    def restore_state(self, state, arrays):
+        self.wait = state["wait"]
+        self.best = state["best"]
+        self.best_epoch = state["best_epoch"]
+        self.stopped_epoch = state["stopped_epoch"]
+        self.best_weights = list(arrays) or None
+
     def on_epoch_end(self, epoch, logs=None):
         already_stopping = bool(self.model.stop_training)
         super().on_epoch_end(epoch, logs)

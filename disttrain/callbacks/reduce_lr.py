@@ -70,6 +70,15 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
         )
         self.strict = strict
 
+    def backup_state(self):
+        best = None if self.best is None else float(self.best)
+        return {"wait": self.wait, "cooldown_counter": self.cooldown_counter, "best": best}, []
+
+    def restore_state(self, state, arrays):
+        self.wait = state["wait"]
+        self.cooldown_counter = state["cooldown_counter"]
+        self.best = state["best"]
+
     def on_epoch_end(self, epoch, logs=None):
         if self.strict:
             self.monitored(logs, self.monitor)

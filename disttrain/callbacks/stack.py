@@ -15,19 +15,24 @@ def recommended(
     max_to_keep: int = 3,
     save_weights_only: bool = False,
     tensorboard: bool = True,
+    backup: bool = True,
     verbose: int = 0,
 ) -> list:
     """Returns the callbacks most multi-worker jobs want, in the right order.
 
-    Order: `ReduceLROnPlateau` → `EarlyStopping` → `ModelCheckpoint` →
-    `CSVLogger` → `TensorBoard` → `SyncStop`. The LR change is applied before the
-    stop vote, the checkpoint sees the final decision of the epoch, and
-    `SyncStop` comes last so any stop request, from these or from callbacks the
-    caller inserts before it, is agreed across workers.
+    Order: `BackupAndRestore` → `ReduceLROnPlateau` → `EarlyStopping` →
+    `ModelCheckpoint` → `CSVLogger` → `TensorBoard` → `SyncStop`. The LR change is
+    applied before the stop vote, the checkpoint sees the final decision of the
+    epoch, and `SyncStop` comes last so any stop request, from these or from
+    callbacks the caller inserts before it, is agreed across workers. The
+    backup makes a restarted job (same `directory`, e.g. the same run id after
+    `launch.local --max-restarts`) resume where it stopped, callback state
+    included.
 
     Layout under `directory` (any fsspec URL):
     `checkpoints/epoch<NNN>-<monitor><value>.keras` (best `max_to_keep`, manifest
-    `checkpoints/best.json`), `history.csv`, `tensorboard/`.
+    `checkpoints/best.json`), `history.csv`, `tensorboard/`, `backup/` (removed
+    when training ends normally).
 
     Args:
         directory: where everything goes; make it unique per run (e.g. include
@@ -40,6 +45,7 @@ def recommended(
         max_to_keep: best checkpoints kept.
         save_weights_only: save `.weights.h5` instead of `.keras`.
         tensorboard: include TensorBoard (chief only).
+        backup: include BackupAndRestore (resume after a failure).
         verbose: verbosity of the callbacks (messages on the chief).
 
     Example:
@@ -50,6 +56,7 @@ def recommended(
     ```
     """
     from disttrain.callbacks import (
+        BackupAndRestore,
         CSVLogger,
         EarlyStopping,
         ModelCheckpoint,
@@ -60,7 +67,8 @@ def recommended(
 
     extension = ".weights.h5" if save_weights_only else ".keras"
     checkpoint_name = f"epoch{{epoch:03d}}-{monitor}{{{monitor}:.4f}}{extension}"
-    stack = [
+    stack = [BackupAndRestore(storage.join(directory, "backup"), verbose=verbose)] if backup else []
+    stack += [
         ReduceLROnPlateau(monitor=monitor, mode=mode, factor=lr_factor, patience=lr_patience,
                           verbose=verbose),
         EarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=verbose),

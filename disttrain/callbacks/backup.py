@@ -1,0 +1,246 @@
+"""BackupAndRestore: resume a multi-worker job where it stopped, safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tempfile
+
+import keras
+import numpy as np
+from keras.src.utils import io_utils
+
+from disttrain import keras_compat, storage
+from disttrain.callbacks.base import DistributedCallback, attached_callbacks
+from disttrain.errors import CallbackConfigError, StorageError
+
+_BACKUP_RE = re.compile(r"^backup-(\d{6,})$")
+WEIGHTS = "model.weights.h5"
+STATES = "callbacks.npz"
+
+
+class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
+    """Backs up the training state and resumes from it after a failure, on N workers.
+
+    Same arguments and meaning as `keras.callbacks.BackupAndRestore`, plus
+    `verbose`. Differences, all on the safe side:
+
+    - Only the chief writes. Each backup is a new directory
+      `<backup_dir>/backup-<NNNNNN>/` committed with a manifest written last, so
+      a crash mid-backup leaves the previous backup intact and trusted; older
+      backups are deleted only after the new one is committed (two are kept with
+      `double_checkpoint=True`). `backup_dir` is any fsspec URL and may use
+      `{run_id}`; every worker must be able to read it.
+    - On restart every worker loads the same committed backup (the chief picks it
+      and broadcasts its name): model and optimizer weights, the epoch to resume
+      from, and the state of the other disttrain callbacks on the model
+      (EarlyStopping's patience counter, best value and best weights,
+      ReduceLROnPlateau's counters, ModelCheckpoint's best), which Keras's
+      version forgets.
+    - A failed backup write on the chief raises the same `StorageError` on every
+      worker.
+
+    As in Keras, training resumes at the start of the epoch after the last
+    backup; with an integer `save_freq` the partial epoch is run again. The
+    backup of an epoch is taken when the next epoch begins, after every callback
+    has finished the epoch, so the callback states it holds match the epoch it
+    resumes from whatever the order of the callback list.
+    `python -m launch.local --max-restarts K` and the Kubernetes Job's restart
+    budget restart the job with the same `DISTTRAIN_RUN_ID`, so `{run_id}` in
+    `backup_dir` finds the backup of the failed attempt.
+
+    Args:
+        backup_dir: where backups go (URL or path).
+        save_freq: `"epoch"` or an integer number of batches.
+        double_checkpoint: keep the two latest backups instead of one.
+        delete_checkpoint: remove `backup_dir` when training ends normally.
+        verbose: 0 or 1 (messages on the chief when resuming).
+
+    Example:
+
+    ```python
+    backup = disttrain.callbacks.BackupAndRestore("gs://bucket/{run_id}/backup")
+    model.fit(train, epochs=100, callbacks=[backup, *disttrain.callbacks.recommended(out)])
+    ```
+    """
+
+    def __init__(
+        self,
+        backup_dir: str,
+        save_freq: str | int = "epoch",
+        double_checkpoint: bool = False,
+        delete_checkpoint: bool = True,
+        verbose: int = 0,
+    ):
+        if not backup_dir:
+            raise CallbackConfigError(
+                f"BackupAndRestore(backup_dir={backup_dir!r}): empty. Fix: pass a directory "
+                "or URL every worker can read, e.g. 'gs://bucket/{run_id}/backup'."
+            )
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise CallbackConfigError(
+                f"BackupAndRestore(save_freq={save_freq!r}): must be 'epoch' or a positive "
+                "number of batches. Fix: pass e.g. save_freq=500."
+            )
+        super().__init__(
+            os.fspath(backup_dir), save_freq=save_freq, double_checkpoint=double_checkpoint,
+            delete_checkpoint=delete_checkpoint,
+        )
+        self.verbose = verbose
+        self._template = os.fspath(backup_dir)
+        self.directory: str | None = None
+        self._pending_states: dict | None = None
+        self._pending_arrays: dict[str, list] = {}
+        self._next_index = 0
+        self._save_due = False
+
+    def on_train_begin(self, logs=None):
+        if not self.model.built:
+            raise CallbackConfigError(
+                "BackupAndRestore needs a built model before fit(), so that a backup can be "
+                "loaded into it. Fix: build it first, e.g. model.build(input_shape) or call "
+                "it on one batch."
+            )
+        self._pending_states = None
+        self._save_due = False
+        self.directory = self._template.format(run_id=self.run_id)
+        chosen: dict = {}
+
+        def find_latest():
+            latest = self._committed_backups()
+            chosen["name"] = latest[-1] if latest else ""
+            chosen["next"] = (int(_BACKUP_RE.match(latest[-1]).group(1)) + 1) if latest else 0
+
+        self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
+        shared = json.loads(self.coordinator.broadcast(json.dumps(chosen), "BackupAndRestore.latest"))
+        self._next_index = shared["next"]
+        error = None
+        if shared["name"]:
+            try:
+                self._restore(storage.join(self.directory, shared["name"]))
+            except Exception as e:  # noqa: BLE001 - reported to every worker below
+                error = e
+        self.coordinator.raise_if_any("BackupAndRestore.restore", error, StorageError)
+        if self._pending_states is not None:
+            self._apply_callback_states(final=False)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._pending_states is not None:
+            self._apply_callback_states(final=True)
+        if self._save_due:
+            self._save_due = False
+            self._save_model()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+        self._save_due = self.save_freq == "epoch"
+
+    def _save_model(self):
+        keras_compat.sync_batchnorm_statistics(self.model)
+        metadata = {
+            "epoch": self._current_epoch,
+            "batch": self._last_batch_seen,
+            "run_id": self.run_id,
+            "callbacks": {},
+        }
+        arrays: dict[str, np.ndarray] = {}
+        for key, callback in self._stateful_callbacks():
+            state, callback_arrays = callback.backup_state()
+            metadata["callbacks"][key] = state
+            for i, array in enumerate(callback_arrays):
+                arrays[f"{key}/{i}"] = np.asarray(array)
+        name = f"backup-{self._next_index:06d}"
+        self._next_index += 1
+        self.coordinator.run_on_chief(
+            "BackupAndRestore.save", lambda: self._write(name, metadata, arrays), StorageError
+        )
+
+    def on_train_end(self, logs=None):
+        if self._pending_states is not None:
+            self._apply_callback_states(final=True)
+        if self._save_due and not self.delete_checkpoint:
+            self._save_due = False
+            self._save_model()
+        if self.delete_checkpoint:
+            self.coordinator.run_on_chief(
+                "BackupAndRestore.delete",
+                lambda: storage.remove(self.directory, recursive=True),
+                StorageError,
+            )
+
+    def _write(self, name: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
+        with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
+            weights = os.path.join(tmp, WEIGHTS)
+            self.model.save_weights(weights)
+            files = {WEIGHTS: weights}
+            if arrays:
+                states = os.path.join(tmp, STATES)
+                np.savez(states, **arrays)
+                files[STATES] = states
+            storage.commit_checkpoint(storage.join(self.directory, name), files, metadata)
+        keep = set(self._committed_backups()[-(2 if self.double_checkpoint else 1):])
+        for old in self._backups():
+            if old not in keep:
+                storage.remove(storage.join(self.directory, old), recursive=True)
+
+    def _backups(self) -> list[str]:
+        names = [n for n in storage.listdir(self.directory) if _BACKUP_RE.match(n)]
+        return sorted(names, key=lambda n: int(_BACKUP_RE.match(n).group(1)))
+
+    def _committed_backups(self) -> list[str]:
+        return [n for n in self._backups()
+                if storage.is_committed(storage.join(self.directory, n))]
+
+    def _restore(self, url: str) -> None:
+        manifest = storage.read_manifest(url)
+        metadata = manifest["metadata"]
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        with storage.local_copy(storage.join(url, WEIGHTS)) as weights:
+            self.model.load_weights(weights)
+        arrays: dict[str, list] = {}
+        if STATES in manifest["files"]:
+            with storage.local_copy(storage.join(url, STATES)) as states, np.load(states) as npz:
+                for entry in sorted(npz.files, key=lambda k: int(k.rsplit("/", 1)[1])):
+                    key = entry.rsplit("/", 1)[0]
+                    arrays.setdefault(key, []).append(npz[entry])
+        self.model._initial_epoch = metadata["epoch"]
+        self._current_epoch = metadata["epoch"]
+        self._pending_states = metadata.get("callbacks", {})
+        self._pending_arrays = arrays
+        if self.verbose > 0 and self.is_chief:
+            io_utils.print_msg(
+                f"BackupAndRestore: resuming at epoch {metadata['epoch'] + 1} from "
+                f"{posixpath.basename(url)} (run {metadata.get('run_id')})"
+            )
+
+    def _apply_callback_states(self, final: bool) -> None:
+        """Hands the restored states to the other callbacks.
+
+        Done once at train begin, for the callbacks that already ran their own
+        `on_train_begin` (which resets them), and again, finally, before the first
+        epoch (or at train end if no epoch is left) for those that come after this
+        one in the list.
+        """
+        for key, callback in self._stateful_callbacks():
+            if key in self._pending_states:
+                callback.restore_state(self._pending_states[key],
+                                       self._pending_arrays.get(key, []))
+        if final:
+            self._pending_states = None
+            self._pending_arrays = {}
+
+    def _stateful_callbacks(self):
+        counts: dict[str, int] = {}
+        for callback in attached_callbacks(self.model):
+            if type(callback).backup_state is DistributedCallback.backup_state:
+                continue
+            name = type(callback).__name__
+            counts[name] = counts.get(name, 0) + 1
+            yield f"{name}-{counts[name]}", callback

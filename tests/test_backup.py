@@ -1,0 +1,180 @@
+"""BackupAndRestore: resume after a failure, alone and on a real cluster restarted by the launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import callback_workloads
+from tests.harness import REPO_ROOT, function_command, run_cluster, worker_env
+
+keras = pytest.importorskip("keras")
+
+from disttrain import callbacks, storage  # noqa: E402
+from disttrain.errors import CallbackConfigError  # noqa: E402
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupt()
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    return x, x @ np.array([[1.0], [-2.0], [0.5]], dtype="float32")
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    return model
+
+
+def _fit(model, cbs, epochs=6):
+    x, y = _data()
+    return model.fit(x, y, validation_data=(x, y), batch_size=16, epochs=epochs, shuffle=False,
+                     verbose=0, callbacks=cbs)
+
+
+def test_resumes_where_it_stopped_and_ends_like_an_uninterrupted_run(tmp_path):
+    reference = _model()
+    _fit(reference, [])
+    model = _model()
+    backup = str(tmp_path / "backup")
+    with pytest.raises(Interrupt):
+        _fit(model, [callbacks.BackupAndRestore(backup), InterruptAt(2)])
+    assert storage.listdir(backup) == ["backup-000001"], (
+        "one committed backup is kept: the one taken as epoch 3 began")
+    resumed = _model()
+    history = _fit(resumed, [callbacks.BackupAndRestore(backup)])
+    assert len(history.history["loss"]) == 4, "epochs 3..6 only"
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not os.path.exists(backup), "delete_checkpoint=True removes it at the end"
+
+
+def test_early_stopping_state_survives_the_restart(tmp_path):
+    """mode='max' on a falling val_loss: the best is epoch 1, patience runs out at epoch 5.
+
+    The interruption after epoch 4 loses it; the backup taken as epoch 4 began holds wait=2.
+    """
+    backup = str(tmp_path / "backup")
+    snapshot = {}
+
+    class FirstEpochWeights(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                snapshot["weights"] = [w.copy() for w in self.model.get_weights()]
+
+    first = callbacks.EarlyStopping(monitor="val_loss", mode="max", patience=4)
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(backup), first, FirstEpochWeights(),
+                        InterruptAt(3)])
+    assert first.wait == 3
+    second = callbacks.EarlyStopping(monitor="val_loss", mode="max", patience=4)
+    model = _model()
+    history = _fit(model, [callbacks.BackupAndRestore(backup), second], epochs=10)
+    assert len(history.history["loss"]) == 2, "patience carried over: stops after epoch 5"
+    assert second.stopped_epoch == 4 and second.best_epoch == 0
+    for got, want in zip(model.get_weights(), snapshot["weights"]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_state_applies_even_when_no_epoch_is_left(tmp_path):
+    backup = str(tmp_path / "backup")
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(backup), callbacks.EarlyStopping(),
+                        InterruptAt(3)])
+    stopper = callbacks.EarlyStopping()
+    history = _fit(_model(), [stopper, callbacks.BackupAndRestore(backup)], epochs=3)
+    assert history.history == {}
+    assert stopper.best is not None and stopper.best_weights is not None
+
+
+def test_an_uncommitted_newer_backup_is_ignored(tmp_path):
+    backup = str(tmp_path / "backup")
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(backup, delete_checkpoint=False),
+                        InterruptAt(1)])
+    torn = tmp_path / "backup" / "backup-000002"
+    torn.mkdir()
+    (torn / "model.weights.h5").write_bytes(b"torn")
+    history = _fit(_model(), [callbacks.BackupAndRestore(backup, delete_checkpoint=False)])
+    assert len(history.history["loss"]) == 5, "resumed from backup-000000 (epoch 2)"
+    assert storage.listdir(backup) == ["backup-000005"]
+
+
+def test_double_checkpoint_keeps_two(tmp_path):
+    backup = str(tmp_path / "backup")
+    _fit(_model(), [callbacks.BackupAndRestore(backup, double_checkpoint=True,
+                                               delete_checkpoint=False)], epochs=3)
+    assert storage.listdir(backup) == ["backup-000001", "backup-000002"], (
+        "the one taken as epoch 3 began and the one taken at train end")
+    assert all(storage.is_committed(storage.join(backup, n)) for n in storage.listdir(backup))
+
+
+def test_memory_url_and_run_id():
+    cb = callbacks.BackupAndRestore("memory://backup-test/{run_id}", delete_checkpoint=False)
+    _fit(_model(), [cb], epochs=1)
+    assert storage.listdir(f"memory://backup-test/{cb.run_id}") == ["backup-000000"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"backup_dir": ""}, "empty"),
+    ({"backup_dir": "b", "save_freq": 0}, "save_freq=0"),
+    ({"backup_dir": "b", "save_freq": "batch"}, "save_freq='batch'"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(CallbackConfigError, match=match):
+        callbacks.BackupAndRestore(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_launcher_restart_resumes_a_crashed_cluster(tmp_path):
+    """Worker 1 dies at the end of epoch 3; launch.local restarts the group; it resumes at epoch 3.
+
+    (The backup of epoch 3's end would have been taken as epoch 4 began.)
+    """
+    reference = run_cluster(
+        callback_workloads.resume_job, 2,
+        kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup")},
+    ).assert_ok().results
+    results = tmp_path / "crash"
+    results.mkdir()
+    command = function_command(callback_workloads.resume_job, {
+        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
+        "crash_epoch": 2,
+    })
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--workers", "2", "--max-restarts", "1",
+         "--grace", "5", "--", *command],
+        env=worker_env({"DISTTRAIN_TEST_RESULT": str(tmp_path / "unused.json")}),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "attempt 1" in proc.stderr
+    resumed = [json.loads((results / f"{rank}-1.json").read_text()) for rank in (0, 1)]
+    assert not (results / "1-0.json").exists(), "worker 1 died on attempt 0"
+    assert [r["epochs_run"] for r in resumed] == [3, 3], "epochs 3 to 5 only"
+    assert resumed[0]["weights"] == resumed[1]["weights"]
+    assert resumed[0]["best_epoch"] == reference[0]["best_epoch"]
+    for name, value in reference[0]["weights"].items():
+        np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
+                                   rtol=1e-5, atol=1e-6)
