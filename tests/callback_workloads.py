@@ -110,7 +110,7 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
         callbacks=[callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
                    stopper, CrashOnce(), callbacks.SyncStop()],
     )
-    result = {"attempt": attempt, "epochs_run": len(history.history["loss"]),
+    result = {"attempt": attempt, "epochs_run": len(history.history.get("loss", [])),
               "weights": _weights(model), "best_epoch": stopper.best_epoch}
     with open(os.path.join(result_dir, f"{rank}-{attempt}.json"), "w") as f:
         json.dump(result, f)

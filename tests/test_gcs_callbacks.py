@@ -1,0 +1,71 @@
+"""ModelCheckpoint and BackupAndRestore writing gs:// from a real cluster to a real GCS emulator."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from tests import callback_workloads
+from tests.gcs_emulator import running_emulator
+from tests.harness import run_cluster
+from tests.test_storage import RENAME_CALLS
+
+keras = pytest.importorskip("keras")
+
+from disttrain import storage  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    log_path = str(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    with running_emulator("disttrain-callbacks", log_path) as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_env(gcs, monkeypatch):
+    monkeypatch.setenv(storage.ENV_STORAGE_EMULATOR_HOST, gcs.endpoint)
+    offset = gcs.log_size()
+    yield {storage.ENV_STORAGE_EMULATOR_HOST: gcs.endpoint}
+    calls = [r for r in gcs.requests_since(offset) if any(c in r for c in RENAME_CALLS)]
+    assert calls == [], f"gs:// writes must be single uploads, never copies/moves: {calls}"
+
+
+def test_checkpoints_from_two_workers_to_gcs(gcs, gcs_env):
+    base = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
+    run = run_cluster(
+        callback_workloads.checkpoint_job, 2, env=gcs_env,
+        kwargs={"filepath": base + "/{run_id}/m-{epoch}.keras", "epochs": 3, "max_to_keep": 2},
+    ).assert_ok()
+    results = run.results
+    assert [r["error"] for r in results] == [None, None], run.report()
+    directory = f"{base}/{results[0]['run_id']}"
+    assert storage.listdir(directory) == ["best.json", "m-2.keras", "m-3.keras"]
+    manifest = storage.read_json(storage.join(directory, "best.json"))
+    assert manifest["run_id"] == results[0]["run_id"]
+    with storage.local_copy(storage.join(directory, "m-3.keras")) as path:
+        loaded = keras.models.load_model(path)
+    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
+        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+
+
+def test_backup_and_restore_on_gcs(gcs, gcs_env, tmp_path):
+    backup = f"gs://{gcs.bucket}/{uuid.uuid4().hex}/backup"
+    run = run_cluster(
+        callback_workloads.resume_job, 2, env=gcs_env,
+        kwargs={"result_dir": str(tmp_path), "backup_dir": backup, "epochs": 2},
+    ).assert_ok()
+    assert run.results[0]["weights"] == run.results[1]["weights"]
+    names = storage.listdir(backup)
+    assert names == ["backup-000001"], names
+    assert storage.is_committed(storage.join(backup, names[0]))
+    again = run_cluster(
+        callback_workloads.resume_job, 2, env=gcs_env,
+        kwargs={"result_dir": str(tmp_path), "backup_dir": backup, "epochs": 2},
+    ).assert_ok()
+    assert [r["epochs_run"] for r in again.results] == [0, 0], "both restored the finished run"
+    assert again.results[0]["weights"] == run.results[0]["weights"]
