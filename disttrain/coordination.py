@@ -133,9 +133,10 @@ class Coordinator:
             self._key(seq, self.rank), json.dumps({"name": name, "value": value})
         )
         values = []
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         for rank in range(self.num_workers):
-            raw = self._wait_for(ctx, seq, rank, name, deadline)
+            raw = self._wait_for(ctx, seq, rank, name, deadline, limit)
             entry = json.loads(raw)
             if entry["name"] != name:
                 raise CoordinationError(
@@ -149,13 +150,13 @@ class Coordinator:
             ctx.delete_config_key_value(self._key(seq - 2, self.rank))
         return values
 
-    def any(self, flag: bool, name: str) -> bool:
+    def any(self, flag: bool, name: str, timeout: float | None = None) -> bool:
         """True on every worker when `flag` is true on at least one."""
-        return "1" in self.gather(name, "1" if flag else "0")
+        return "1" in self.gather(name, "1" if flag else "0", timeout)
 
-    def all(self, flag: bool, name: str) -> bool:
+    def all(self, flag: bool, name: str, timeout: float | None = None) -> bool:
         """True on every worker when `flag` is true on all of them."""
-        return "0" not in self.gather(name, "1" if flag else "0")
+        return "0" not in self.gather(name, "1" if flag else "0", timeout)
 
     def broadcast(self, value: str | None, name: str, timeout: float | None = None) -> str:
         """Returns the chief's `value` on every worker (others pass anything, e.g. None)."""
@@ -243,7 +244,9 @@ class Coordinator:
             self._context = ctx
         return self._context
 
-    def _wait_for(self, ctx, seq: int, rank: int, name: str, deadline: float) -> str:
+    def _wait_for(
+        self, ctx, seq: int, rank: int, name: str, deadline: float, limit: float
+    ) -> str:
         import tensorflow as tf
 
         key = self._key(seq, rank)
@@ -252,7 +255,7 @@ class Coordinator:
             if remaining_ms <= 0:
                 raise CoordinationError(
                     f"timed out at {name!r} waiting for {self._label(rank)}: it is alive but "
-                    f"did not get there within {self.timeout:.0f}s. Workers may have diverged "
+                    f"did not get there within {limit:.0f}s. Workers may have diverged "
                     f"(one is stuck or runs different code). Fix: check {self._label(rank)}'s "
                     f"log; raise the limit with {ENV_TIMEOUT} if it is just slow."
                 )

@@ -1,0 +1,118 @@
+"""Worker functions for coordination and strategy tests on real clusters."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def exchanges() -> dict:
+    """Every coordination primitive once; returns what this worker saw."""
+    from disttrain import coordination
+    from disttrain.errors import CoordinationError, StorageError
+    from disttrain.strategy import strategy
+
+    strategy()
+    coord = coordination.get()
+    rank = coord.rank
+    seen = {
+        "rank": rank,
+        "num_workers": coord.num_workers,
+        "any": coord.any(rank == 1, "t.any"),
+        "all": coord.all(rank == 1, "t.all"),
+        "all_true": coord.all(True, "t.all_true"),
+        "gather": coord.gather("t.gather", f"value-{rank}"),
+        "broadcast": coord.broadcast(f"from-{rank}" if coord.is_chief else None, "t.bcast"),
+        "run_id": coord.run_id(),
+    }
+    coord.barrier("t.barrier")
+    for i in range(50):
+        coord.any(False, f"t.many-{i}")
+    try:
+        coord.raise_if_any("t.error", ValueError("disk full") if rank == 1 else None,
+                           StorageError)
+    except StorageError as e:
+        seen["error"] = f"{type(e).__name__}: {e}"
+    try:
+        coord.run_on_chief("t.chief", lambda: 1 / 0)
+    except CoordinationError as e:
+        seen["chief_error"] = str(e)
+    return seen
+
+
+def peer_exits(exit_rank: int) -> dict:
+    """`exit_rank` exits after a barrier; the others must get a CoordinationError, not hang.
+
+    (When the chief exits, a survivor may still be reading the barrier from the chief's
+    key-value store, so the error can come from the barrier or from the vote.)
+    """
+    from disttrain import coordination
+    from disttrain.errors import CoordinationError
+    from disttrain.strategy import strategy
+
+    strategy()
+    coord = coordination.get()
+    start = time.monotonic()
+    try:
+        coord.barrier("t.start")
+        if coord.rank == exit_rank:
+            os._exit(7)
+        coord.any(False, "t.vote")
+    except CoordinationError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def diverge() -> dict:
+    """Rank 0 and rank 1 reach different call sites."""
+    from disttrain import coordination
+    from disttrain.errors import CoordinationError
+    from disttrain.strategy import strategy
+
+    strategy()
+    coord = coordination.get()
+    try:
+        coord.any(True, "t.left" if coord.rank == 0 else "t.right", timeout=30)
+    except CoordinationError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def stuck_peer() -> dict:
+    """Rank 1 is alive but late; rank 0 waits with a 2 s limit."""
+    from disttrain import coordination
+    from disttrain.errors import CoordinationError
+    from disttrain.strategy import strategy
+
+    strategy()
+    coord = coordination.get()
+    coord.barrier("t.start")
+    if coord.rank == 1:
+        time.sleep(6)
+        return {"error": None, "seconds": 0.0}
+    start = time.monotonic()
+    try:
+        coord.any(False, "t.vote", timeout=2)
+    except CoordinationError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def strategy_facts() -> dict:
+    """What disttrain.strategy() gives on this task."""
+    from disttrain import keras_compat
+    from disttrain.errors import StrategyError
+    from disttrain.strategy import strategy
+
+    first = strategy()
+    facts = {
+        "type": type(first).__name__,
+        "same_object": strategy() is first,
+        "replicas": first.num_replicas_in_sync,
+        "fixes": sorted(keras_compat.applied()),
+    }
+    try:
+        strategy(timeout_seconds=30)
+    except StrategyError as e:
+        facts["different_options"] = str(e)
+    return facts
