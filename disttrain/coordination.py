@@ -29,6 +29,7 @@ run_id = coord.broadcast(new_id if coord.is_chief else None, "run_id")
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -129,9 +130,10 @@ class Coordinator:
         ctx = self._tf_context()
         seq = self._seq
         self._seq += 1
-        ctx.set_config_key_value(
-            self._key(seq, self.rank), json.dumps({"name": name, "value": value})
-        )
+        with self._service_calls(name):
+            ctx.set_config_key_value(
+                self._key(seq, self.rank), json.dumps({"name": name, "value": value})
+            )
         values = []
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -147,7 +149,8 @@ class Coordinator:
                 )
             values.append(entry["value"])
         if seq >= 2:
-            ctx.delete_config_key_value(self._key(seq - 2, self.rank))
+            with self._service_calls(name):
+                ctx.delete_config_key_value(self._key(seq - 2, self.rank))
         return values
 
     def any(self, flag: bool, name: str, timeout: float | None = None) -> bool:
@@ -260,16 +263,27 @@ class Coordinator:
                     f"log; raise the limit with {ENV_TIMEOUT} if it is just slow."
                 )
             try:
-                return ctx.get_config_key_value(key, min(_POLL_MS, remaining_ms))
+                with self._service_calls(name):
+                    return ctx.get_config_key_value(key, min(_POLL_MS, remaining_ms))
             except tf.errors.DeadlineExceededError:
                 pass
-            except tf.errors.OpError as e:
-                raise self._peer_lost(rank, name, e) from e
             if rank != self.rank:
                 try:
                     ctx.check_collective_ops_peer_health(self._task_name(rank), _POLL_MS)
                 except tf.errors.OpError as e:
                     raise self._peer_lost(rank, name, e) from e
+
+    @contextlib.contextmanager
+    def _service_calls(self, name: str):
+        """Turns a failed call to the key-value store into losing rank 0, which hosts it."""
+        import tensorflow as tf
+
+        try:
+            yield
+        except tf.errors.DeadlineExceededError:
+            raise
+        except tf.errors.OpError as e:
+            raise self._peer_lost(0, name, e) from e
 
     def _peer_lost(self, rank: int, name: str, error: Exception) -> CoordinationError:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
