@@ -50,6 +50,18 @@ def test_launch_local_default_job_on_two_workers(tmp_path):
     assert (run_dir / "tensorboard").is_dir()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_four_workers(tmp_path):
+    proc = _run(["-m", "launch.local", "--workers", "4", "--", sys.executable, "-m",
+                 "disttrain.demo", "--epochs", "3", "--output-dir", str(tmp_path)],
+                tmp_path, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    summary = _summary(proc.stdout)
+    assert (summary["workers"], summary["epochs_run"]) == ("4", "3")
+    assert len(list((tmp_path / summary["run_id"] / "checkpoints").glob("*.keras"))) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
     (["--batch-size", "0"], "--batch-size 0"),
