@@ -20,9 +20,11 @@ Rules (those of `tf.distribute.MultiWorkerMirroredStrategy`):
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,6 +78,12 @@ def validate_run_id(run_id: str, source: str = ENV_RUN_ID) -> str:
             f"Fix: set {source} to something like 'mnist-20260101-1'."
         )
     return run_id
+
+
+def new_run_id() -> str:
+    """A fresh run id, `<yyyymmdd-hhmmss>-<6 hex>` in UTC, e.g. `20260101-120000-3fa2c1`."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,11 +34,9 @@ import json
 import os
 import threading
 import time
-import uuid
-from datetime import datetime, timezone
 from collections.abc import Callable
 
-from disttrain.cluster import Cluster
+from disttrain.cluster import Cluster, new_run_id
 from disttrain.errors import CoordinationError, DisttrainError
 
 ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
@@ -89,12 +87,10 @@ class Coordinator:
         if self._run_id is None:
             if self.cluster.run_id:
                 self._run_id = self.cluster.run_id
+            elif self._is_local:
+                self._run_id = new_run_id()
             else:
-                fresh = None
-                if self.is_chief:
-                    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-                    fresh = f"{stamp}-{uuid.uuid4().hex[:6]}"
-                self._run_id = self.broadcast(fresh, "run_id")
+                self._run_id = self.broadcast(new_run_id() if self.is_chief else None, "run_id")
         return self._run_id
 
     @property

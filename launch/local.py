@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
 import re
-import secrets
 import shlex
 import shutil
 import sys
@@ -31,6 +29,7 @@ from disttrain.cluster import (
     ENV_RESULT_FILE,
     ENV_RUN_ID,
     ENV_TF_CONFIG,
+    new_run_id,
     parse_address,
     validate_run_id,
 )
@@ -86,11 +85,6 @@ SIGHUP are passed on to the tasks as SIGTERM); 124 on --timeout or
 --startup-timeout; 126 when the command cannot be executed; 2 for invalid
 arguments.
 """
-
-
-def new_run_id() -> str:
-    """`<yyyymmdd-hhmmss>-<6 hex>`, e.g. `20260101-120000-3fa2c1`."""
-    return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass(frozen=True)
