@@ -221,6 +221,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+_TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{16}")
+
+
 def _local_temp_path(path: str, suffix: str = "") -> str:
     directory, name = os.path.split(path)
     return os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}{suffix}")
@@ -646,6 +649,29 @@ def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     with _wrapped("reading", url):
         return fs.cat_file(path)
+
+
+def remove_stale_temporaries(url_dir: str) -> list[str]:
+    """Deletes what killed writers left in `url_dir`: temp files of atomic writes and probes.
+
+    A process killed in the middle of an atomic local write leaves its temp file
+    (`.<name>.tmp-<16 hex>...`, up to a whole checkpoint in size) beside the
+    destination; the destination itself is intact. Call this only on a directory
+    no other process is writing to.
+
+    Returns:
+        The names removed.
+
+    Example:
+
+    ```python
+    remove_stale_temporaries("/data/run-7/checkpoints")
+    ```
+    """
+    stale = [n for n in listdir(url_dir) if _TEMP_RE.match(n) or n.startswith(_PROBE_PREFIX)]
+    for name in stale:
+        remove(join(url_dir, name))
+    return stale
 
 
 @contextlib.contextmanager

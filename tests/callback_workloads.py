@@ -115,3 +115,27 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     with open(os.path.join(result_dir, f"{rank}-{attempt}.json"), "w") as f:
         json.dump(result, f)
     return result
+
+
+def save_forever(directory: str, epochs: int = 400) -> dict:
+    """Drives ModelCheckpoint(max_to_keep=1) through many epoch ends; prints READY first.
+
+    The test SIGKILLs this process at random moments and runs it again (same run id).
+    """
+    import sys
+
+    import keras
+
+    from disttrain import callbacks
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    checkpoint = callbacks.ModelCheckpoint(directory + "/ckpt-{epoch}.keras", max_to_keep=1)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    print("READY", flush=True)
+    sys.stdout.flush()
+    for epoch in range(epochs):
+        checkpoint.on_epoch_end(epoch % 7, {"val_loss": 1.0 / (epoch + 1), "loss": 1.0})
+    checkpoint.on_train_end()
+    return {"kept": [c["path"] for c in checkpoint.checkpoints]}

@@ -340,3 +340,43 @@ def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(tmp_path
     assert len(moving) == 2
     for variable, value in zip(loaded.weights, results[0]["weights"].values()):
         np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path):
+    """SIGKILL a saving process at random moments, restart the same run each time.
+
+    After every kill the manifest names only files that exist; no restart is refused
+    (a file committed just before a kill is this run's, not a stranger's).
+    """
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness import function_command, worker_env
+
+    directory = tmp_path / "ckpt"
+    rng = random.Random(0)
+    command = function_command(callback_workloads.save_forever, {"directory": str(directory)})
+    env = worker_env({"DISTTRAIN_RUN_ID": "crash-loop",
+                      "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
+    for attempt in range(8):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+            time.sleep(rng.uniform(0.05, 0.6))
+            proc.kill()
+        finally:
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+        assert "Refusing" not in err, err[-2000:]
+        manifest = json.loads((directory / "best.json").read_text())
+        for record in manifest["checkpoints"]:
+            assert os.path.exists(record["path"]), (attempt, record, os.listdir(directory))
+        assert os.path.exists(manifest["path"])
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr[-3000:]
+    kept = json.loads((tmp_path / "result.json").read_text())["kept"]
+    assert sorted(os.listdir(directory)) == ["best.json", os.path.basename(kept[0])]

@@ -7,6 +7,7 @@ import os
 import posixpath
 import string
 import time
+import warnings
 from typing import Any
 
 import keras
@@ -19,6 +20,7 @@ from disttrain.cluster import ENV_RESULT_FILE
 from disttrain.errors import CallbackConfigError, StorageError
 
 MANIFEST = "best.json"
+PENDING = ".pending.json"
 
 
 class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
@@ -36,9 +38,11 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
       `memory://`). Besides `{epoch}`, `{batch}` and log keys with format specs
       (`{val_loss:.4f}`) it accepts `{run_id}`, identical on every worker. The
       directory part may only use `{run_id}`.
-    - After each save a manifest `best.json` is written last in the checkpoint
+    - After each save a manifest `best.json` is written in the checkpoint
       directory: the best checkpoint (path, epoch, monitor value, run id) and the
-      checkpoints kept. Readers should trust it rather than list files.
+      checkpoints kept. It is the commit point: files dropped by `max_to_keep`
+      are deleted only after it, so it never names a missing file. Readers
+      should trust it rather than list files.
     - A write failure on the chief (permissions, disk full, credentials) raises
       the same `StorageError` on every worker instead of hanging them.
     - At train begin the destination is probed for writability, and a directory
@@ -139,6 +143,8 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             manifest = storage.read_json(self.manifest_url)
             if manifest is None:
                 return
+            if manifest.get("run_id") == self.run_id or self.overwrite:
+                storage.remove_stale_temporaries(self.directory)
             if manifest.get("run_id") != self.run_id and not self.overwrite:
                 raise StorageError(
                     f"ModelCheckpoint: {self.directory!r} holds checkpoints of run "
@@ -158,28 +164,17 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         if shared.get("best") is not None and self.save_best_only:
             self.best = shared["best"]
 
-    def backup_state(self):
-        best = None if self.best is None else float(self.best)
-        return {"best": best, "checkpoints": self.checkpoints}, []
-
-    def restore_state(self, state, arrays):
-        self.checkpoints = state["checkpoints"]
-        if state["best"] is not None:
-            self.best = state["best"]
-
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
             self._save_model(epoch=epoch, batch=None, logs=logs)
 
     def on_train_end(self, logs=None):
-        result_file = os.environ.get(ENV_RESULT_FILE)
-        if not result_file or not self.checkpoints:
-            return
-        self.coordinator.run_on_chief(
-            "ModelCheckpoint.result",
-            lambda: storage.write_json(result_file, self._result()),
-            StorageError,
-        )
+        def report():
+            result_file = os.environ.get(ENV_RESULT_FILE)
+            if result_file and self.checkpoints:
+                storage.write_json(result_file, self._result())
+
+        self.coordinator.run_on_chief("ModelCheckpoint.result", report, StorageError)
 
     def _save_model(self, epoch, batch, logs):
         logs = dict(logs or {})
@@ -217,14 +212,34 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         )[0]
 
     def _write(self, record: dict[str, Any]) -> None:
+        """Chief only: pending marker, the file, the manifest (the commit), then deletions.
+
+        A file is this run's to replace when its records, its manifest or its
+        pending marker name it: a restarted attempt has lost its in-memory records,
+        and a crash between a file's commit and the manifest leaves the file named
+        by the pending marker only. Such a never-committed file is deleted when a
+        later save of this run names another path.
+        """
         path = record["path"]
-        ours = any(c["path"] == path for c in self.checkpoints)
-        if not ours and not self.overwrite and storage.exists(path):
+        manifest = storage.read_json(self.manifest_url) or {}
+        pending = storage.read_json(self._pending_url) or {}
+        listed = {c.get("path") for c in manifest.get("checkpoints", [])}
+        if manifest.get("run_id") != self.run_id:
+            listed = set()
+        if pending.get("run_id") != self.run_id:
+            pending = {}
+        if pending.get("path") not in (None, path) and pending["path"] not in listed:
+            storage.remove(pending["path"])
+        ours = path in listed or pending.get("path") == path or any(
+            c["path"] == path for c in self.checkpoints
+        )
+        if not self.overwrite and not ours and storage.exists(path):
             raise StorageError(
                 f"ModelCheckpoint: {path!r} already exists and was not written by run "
                 f"{self.run_id!r}. Refusing to overwrite it. Fix: use a new directory, put "
                 "{run_id} or {epoch} in filepath, or pass overwrite=True."
             )
+        storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
         with storage.atomic_local_file(path) as tmp:
             if self.save_weights_only:
                 self.model.save_weights(tmp, overwrite=True)
@@ -233,17 +248,33 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         kept, dropped = self._retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
         )
-        for old in dropped:
-            storage.remove(old["path"])
         storage.write_json(self.manifest_url, self._manifest(kept))
+        storage.remove(self._pending_url)
+        for old in dropped:
+            try:
+                storage.remove(old["path"])
+            except StorageError as e:
+                warnings.warn(
+                    f"ModelCheckpoint: could not delete {old['path']!r}, which max_to_keep "
+                    f"dropped ({e}). The manifest no longer lists it; remove it by hand.",
+                    stacklevel=2,
+                )
         self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
+
+    @property
+    def _pending_url(self) -> str:
+        return storage.join(self.directory, PENDING)
 
     def _retained(self, records: list[dict[str, Any]]):
         if self.max_to_keep is None or len(records) <= self.max_to_keep:
             return records, []
         if self.save_best_only:
             sign = 1.0 if self.monitor_op == ops.greater else -1.0
-            ranked = sorted(records, key=lambda c: sign * (c["value"] or 0.0), reverse=True)
+            ranked = sorted(
+                records,
+                key=lambda c: (c["value"] is not None, sign * (c["value"] or 0.0)),
+                reverse=True,
+            )
             keep = ranked[: self.max_to_keep]
             return [c for c in records if c in keep], [c for c in records if c not in keep]
         return records[-self.max_to_keep:], records[: -self.max_to_keep]
