@@ -415,8 +415,76 @@ def test_max_restarts_restarts_the_group_on_fresh_ports(launch, tmp_path):
     assert len({r["DISTTRAIN_RUN_ID"] for t in by_attempt.values() for r in t.values()}) == 1
     assert "restarting the group on fresh ports (restart 1/1)" in err
     assert "2 attempt(s) (1 restart(s))" in err
+    # Per task: its exit in each earlier attempt (* marks that attempt's root cause), not the
+    # job's attempt count repeated on every row.
+    header = re.search(r"^\[launch\]   task .*$", err, re.MULTILINE)[0]
+    assert header.split() == ["[launch]", "task", "exit", "wall", "earlier", "attempts",
+                              "note"], header
+    assert re.search(r"^\[launch\]   w0\s+0\s+\S+s\s+143\s*$", err, re.MULTILINE), err
+    assert re.search(r"^\[launch\]   w1\s+0\s+\S+s\s+5\*\s*$", err, re.MULTILINE), err
+    assert "* root cause of that attempt" in err
     assert (tmp_path / "attempt-0" / "w1.stderr.log").read_text().endswith("boom\n")
     assert (tmp_path / "attempt-1" / "w1.stdout.log").exists()
+
+
+def test_summary_of_a_single_attempt_has_no_attempts_column(launch):
+    code, out, err, _ = run(launch, "--workers", "2", *worker("report"))
+    assert code == 0, err
+    header = re.search(r"^\[launch\]   task .*$", err, re.MULTILINE)[0]
+    assert header.split() == ["[launch]", "task", "exit", "wall", "note"], header
+    assert "1 attempt(s)" in err
+
+
+def test_evaluator_failure_neither_stops_nor_restarts_training(launch, tmp_path):
+    code, out, err, _ = run(launch, "--workers", "2", "--evaluator", "--max-restarts", "1",
+                            "--log-dir", str(tmp_path), *worker("eval-fails", "5"))
+    assert code == 0, err
+    got = reports(out)
+    assert sorted(label for label, _ in got) == ["w0", "w1"], "training ran to its end"
+    assert {r["DISTTRAIN_ATTEMPT"] for _, r in got} == {"0"}, "and was not restarted"
+    assert "got SIGTERM" not in out and "restarting" not in err
+    assert "[evaluator] eval boom" in err
+    assert ("evaluator exited with 5 after" in err
+            and "not a training task: training goes on" in err), err
+    assert re.search(r"^\[launch\]   evaluator\s+5\s+.*evaluator failure, ignored$", err,
+                     re.MULTILINE), err
+    assert ("evaluator failed (ignored: not a training task); last lines of its stderr:\n"
+            "[launch]   | eval boom") in err, err
+    assert "failed first" not in err and "root cause" not in err
+    assert "1 attempt(s)" in err
+    assert not (tmp_path / "attempt-1").exists()
+
+
+def test_evaluator_failure_does_not_hide_a_training_failure(launch):
+    code, out, err, _ = run(launch, "--workers", "2", "--evaluator", "--grace", "5",
+                            *worker("fail", "w1", "3"))
+    assert code == 3, err
+    assert "w1 failed first: exited with 3" in err
+    assert re.search(r"evaluator\s+143 \(SIGTERM\)\s+.*stopped by launcher", err)
+
+
+def test_a_training_task_that_exits_0_early_is_named_in_the_failure_report(launch):
+    code, out, err, _ = run(launch, "--workers", "3", "--grace", "5",
+                            *worker("early-exit", "w0", "1"))
+    assert code == 1, "the exit code is still the first non-zero one"
+    assert "w0 failed first: exited with 1" in err
+    assert re.search(r"note: w1 exited 0 at \d+\.\ds while w0, w2 were still running "
+                     r"\(it may have left training early\)", err), err
+    assert re.search(r"w0\s+1\s+.*root cause", err)
+    assert re.search(r"w1\s+0\s+.*exited 0 while others trained \(see note\)", err)
+
+
+def test_early_exit_note_with_one_peer_left(launch):
+    code, out, err, _ = run(launch, "--workers", "2", *worker("early-exit", "w0", "1"))
+    assert code == 1, err
+    assert re.search(r"note: w1 exited 0 at \d+\.\ds while w0 was still running "
+                     r"\(it may have left training early\)", err), err
+
+
+def test_no_early_exit_note_when_nothing_failed(launch):
+    code, out, err, _ = run(launch, "--workers", "2", *worker("report"))
+    assert code == 0, err
+    assert "left training early" not in err
 
 
 def test_without_restarts_a_failure_is_final(launch):

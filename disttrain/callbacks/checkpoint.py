@@ -214,25 +214,27 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
     def _write(self, record: dict[str, Any]) -> None:
         """Chief only: pending marker, the file, the manifest (the commit), then deletions.
 
-        A file is this run's to replace when its records, its manifest or its
-        pending marker name it: a restarted attempt has lost its in-memory records,
-        and a crash between a file's commit and the manifest leaves the file named
-        by the pending marker only. Such a never-committed file is deleted when a
-        later save of this run names another path.
+        A file is this run's to replace when its records, its manifest (kept or
+        being deleted) or its pending marker name it: a restarted attempt has lost
+        its in-memory records, a crash between a file's commit and the manifest
+        leaves the file named by the pending marker only, and a crash during
+        retention leaves files the manifest lists under `deleting`. A
+        never-committed file is deleted when a later save names another path;
+        deletions that did not happen are retried at the next save.
         """
         path = record["path"]
         manifest = storage.read_json(self.manifest_url) or {}
-        pending = storage.read_json(self._pending_url) or {}
-        listed = {c.get("path") for c in manifest.get("checkpoints", [])}
         if manifest.get("run_id") != self.run_id:
-            listed = set()
+            manifest = {}
+        pending = storage.read_json(self._pending_url) or {}
         if pending.get("run_id") != self.run_id:
             pending = {}
-        if pending.get("path") not in (None, path) and pending["path"] not in listed:
+        kept_before = {c.get("path") for c in manifest.get("checkpoints", [])}
+        deleting_before = {p for p in manifest.get("deleting", []) if storage.exists(p)}
+        if pending.get("path") not in (None, path) and pending["path"] not in kept_before:
             storage.remove(pending["path"])
-        ours = path in listed or pending.get("path") == path or any(
-            c["path"] == path for c in self.checkpoints
-        )
+        ours = (path in kept_before or path in deleting_before or pending.get("path") == path
+                or any(c["path"] == path for c in self.checkpoints))
         if not self.overwrite and not ours and storage.exists(path):
             raise StorageError(
                 f"ModelCheckpoint: {path!r} already exists and was not written by run "
@@ -248,15 +250,17 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         kept, dropped = self._retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
         )
-        storage.write_json(self.manifest_url, self._manifest(kept))
+        kept_paths = {c["path"] for c in kept}
+        deleting = sorted(({c["path"] for c in dropped} | deleting_before) - kept_paths)
+        storage.write_json(self.manifest_url, self._manifest(kept, deleting))
         storage.remove(self._pending_url)
-        for old in dropped:
+        for old in deleting:
             try:
-                storage.remove(old["path"])
+                storage.remove(old)
             except StorageError as e:
                 warnings.warn(
-                    f"ModelCheckpoint: could not delete {old['path']!r}, which max_to_keep "
-                    f"dropped ({e}). The manifest no longer lists it; remove it by hand.",
+                    f"ModelCheckpoint: could not delete {old!r}, which max_to_keep dropped "
+                    f"({e}); the next save retries.",
                     stacklevel=2,
                 )
         self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
@@ -285,8 +289,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 "monitor": self.monitor, "value": best["value"], "run_id": self.run_id,
                 "manifest": self.manifest_url}
 
-    def _manifest(self, kept: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        kept = self.checkpoints if kept is None else kept
+    def _manifest(self, kept: list[dict[str, Any]], deleting: list[str]) -> dict[str, Any]:
         best = self._best_of(kept)
         return {
             "run_id": self.run_id,
@@ -296,6 +299,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             "value": best["value"],
             "best_value": None if self.best is None else float(self.best),
             "checkpoints": kept,
+            "deleting": deleting,
             "written_at": time.time(),
         }
 

@@ -14,6 +14,10 @@ Usage: worker.py MODE [ARGS]
   always-clash           task w1 always fails with TensorFlow's port clash lines
   progress N             N carriage-return progress updates written in random pieces
   eval-lingers           training tasks report; the evaluator `wait`s
+  eval-fails CODE        the evaluator writes `eval boom` to stderr and exits CODE at once;
+                         training tasks sleep 1.5 s, then report
+  early-exit LATE CODE   w1 exits 0 at once (as if it left training early); task LATE exits
+                         CODE after 1 s (as its peers do when one is gone); the others `wait`
   grandchild             start a `silent` child in the same process group, then `wait`
   leave-child            start a `silent` child in the same process group, then exit 0
   silent                 sleep without writing anything
@@ -128,6 +132,21 @@ def main(mode: str, *args: str) -> None:
         progress(int(args[0]))
     elif mode == "eval-lingers":
         wait() if label == "evaluator" else report()
+    elif mode == "eval-fails":
+        if label == "evaluator":
+            print("eval boom", file=sys.stderr)
+            sys.exit(int(args[0]))
+        time.sleep(1.5)
+        report()
+    elif mode == "early-exit":
+        if label == "w1":
+            print("left training early")
+        elif label == args[0]:
+            time.sleep(1.0)
+            print("UnavailableError: peer w1 is gone", file=sys.stderr)
+            sys.exit(int(args[1]))
+        else:
+            wait()
     elif mode in ("grandchild", "leave-child"):
         child = subprocess.Popen([sys.executable, __file__, "silent"])
         print(f"child pid={child.pid}", flush=True)
