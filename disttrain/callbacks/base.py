@@ -71,7 +71,9 @@ class DistributedCallback:
         available = ", ".join(sorted(logs)) or "(none)"
         hint = ""
         if monitor.startswith("val_") and not any(k.startswith("val_") for k in logs):
-            hint = " No validation metrics exist: pass validation_data to fit()."
+            hint = (" This epoch's logs hold no validation metrics: pass validation_data to "
+                    "fit(); with fit(validation_freq=k > 1), epochs without validation lack "
+                    "them, so pass strict=False.")
         message = (
             f"{name}(monitor={monitor!r}): {monitor!r} is not in the logs. "
             f"Available: {available}.{hint} Fix: monitor one of the available metrics "
