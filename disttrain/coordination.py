@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 
 from disttrain.cluster import Cluster, new_run_id
+from disttrain import errors
 from disttrain.errors import CoordinationError, DisttrainError
 
 ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
@@ -193,14 +194,24 @@ class Coordinator:
         error_type: type[DisttrainError] = CoordinationError,
         timeout: float | None = None,
     ) -> None:
-        """Shares each worker's error (or None); if any worker had one, all raise it."""
-        text = "" if error is None else f"{type(error).__name__}: {error}"
+        """Shares each worker's error (or None); if any worker had one, all raise it.
+
+        Every worker raises the first failed worker's error: as the same disttrain
+        error class when it was one (a `CallbackConfigError` stays one), else as
+        `error_type`, with the same message naming the worker and the original error.
+        """
+        text = "" if error is None else json.dumps(
+            {"type": type(error).__name__, "message": f"{type(error).__name__}: {error}"}
+        )
         reports = self.gather(name, text, timeout)
-        failed = [(rank, msg) for rank, msg in enumerate(reports) if msg]
+        failed = [(rank, json.loads(msg)) for rank, msg in enumerate(reports) if msg]
         if not failed:
             return
-        rank, msg = failed[0]
-        message = f"{name} failed on {self._label(rank)}: {msg}"
+        rank, report = failed[0]
+        same = getattr(errors, report["type"], None)
+        if isinstance(same, type) and issubclass(same, DisttrainError):
+            error_type = same
+        message = f"{name} failed on {self._label(rank)}: {report['message']}"
         if error is not None and rank == self.rank:
             raise error_type(message) from error
         raise error_type(message)

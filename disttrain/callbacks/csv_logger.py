@@ -64,16 +64,16 @@ class CSVLogger(DistributedCallback, keras.callbacks.CSVLogger):
         self.coordinator.run_on_chief("CSVLogger.load", self._load, StorageError)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.is_chief:
-            super().on_epoch_end(epoch, logs)
-        if not self._header_checked:
-            self._header_checked = True
-            self.coordinator.raise_if_any(
-                "CSVLogger.header",
-                self._header_mismatch() if self.is_chief else None,
-                CallbackConfigError,
-            )
-        self.coordinator.run_on_chief("CSVLogger.write", self._commit, StorageError)
+        def write_row():
+            keras.callbacks.CSVLogger.on_epoch_end(self, epoch, logs)
+            if not self._header_checked:
+                self._header_checked = True
+                mismatch = self._header_mismatch()
+                if mismatch is not None:
+                    raise mismatch
+            self._commit()
+
+        self.coordinator.run_on_chief("CSVLogger.write", write_row, StorageError)
 
     def _load(self) -> None:
         existing = ""
