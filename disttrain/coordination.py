@@ -44,6 +44,8 @@ ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
 _POLL_MS = 500
 _KEY_PREFIX = "disttrain"
+_default_lock = threading.RLock()
+_instances: list = []
 
 
 def _default_timeout() -> float:
@@ -63,7 +65,7 @@ def _default_timeout() -> float:
 
 
 class Coordinator:
-    """Agreement among the training tasks of one cluster.
+    """Agreement among the training tasks of one cluster; one per process (`get()`).
 
     Args:
         cluster: the cluster; default `Cluster.from_env()`.
@@ -73,6 +75,13 @@ class Coordinator:
     """
 
     def __init__(self, cluster: Cluster | None = None, timeout: float | None = None):
+        with _default_lock:
+            if _instances:
+                raise CoordinationError(
+                    "a Coordinator already exists in this process; exchanges of two "
+                    "coordinators would collide. Fix: use disttrain.coordination.get()."
+                )
+            _instances.append(self)
         self.cluster = cluster or Cluster.from_env()
         self.timeout = _default_timeout() if timeout is None else float(timeout)
         self._seq = 0
@@ -302,7 +311,6 @@ class Coordinator:
 
 
 _default: Coordinator | None = None
-_default_lock = threading.Lock()
 
 
 def get() -> Coordinator:

@@ -174,9 +174,12 @@ def _batchnorm_statistics(model) -> list:
 def sync_batchnorm_statistics(model) -> None:
     """Averages the model's BatchNormalization moving statistics across workers.
 
-    One batched all-reduce. Every worker must call it at the same point; fit,
-    evaluate and predict do (see `synced_batchnorm_statistics`), and
-    `disttrain.callbacks.ModelCheckpoint` does before a mid-epoch save. A no-op
+    One batched all-reduce, after a barrier: every worker must call it at the
+    same point; fit, evaluate and predict do (see `synced_batchnorm_statistics`),
+    and disttrain's ModelCheckpoint and BackupAndRestore do before they save. A
+    worker that calls `evaluate` or `predict` alone (both are collective under
+    MWMS) then fails with a `CoordinationError` naming the missing peers after
+    the coordination timeout, instead of hanging in the all-reduce. A no-op
     outside multi-worker training and for models without BatchNormalization.
     """
     if "synced_batchnorm_statistics" not in _applied or not getattr(model, "built", False):
@@ -185,6 +188,9 @@ def sync_batchnorm_statistics(model) -> None:
     strategy = model.distribute_strategy
     if not trainer._collective_all_reduce_multi_worker(strategy):
         return
+    from disttrain import coordination
+
+    coordination.get().barrier("keras_compat.sync_batchnorm_statistics")
     sync = _bn_sync_functions.get(model)
     if sync is None:
         sync = _make_bn_sync(strategy, _batchnorm_statistics(model))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from disttrain import keras_compat
+from disttrain import coordination, keras_compat
 from disttrain.cluster import Cluster
 from disttrain.errors import StrategyError
 
@@ -43,7 +43,8 @@ def strategy(
 
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy` for multi-worker clusters,
-        else `tf.distribute.get_strategy()`.
+        else `tf.distribute.get_strategy()`. Every worker also agrees on the run id
+        here (`coordination.get().run_id()`), at a point they all reach.
 
     Raises:
         ClusterConfigError: TF_CONFIG is malformed.
@@ -87,6 +88,7 @@ def strategy(
         keras_compat.apply()
         created = _create(cluster, implementation, timeout_seconds)
         _created = (key, created)
+        coordination.get().run_id()
         return created
 
 

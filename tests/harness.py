@@ -39,10 +39,10 @@ from typing import Any
 import portpicker
 
 from launch import tf_config
+from launch.local import PORT_CLASH
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_RESULT = "DISTTRAIN_TEST_RESULT"
-PORT_CLASH = ("Address already in use", "address already in use", "Failed to add port")
 
 
 @dataclasses.dataclass
@@ -131,7 +131,7 @@ def run_cluster(
     for _ in range(3):
         run = _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, cwd,
                         wrap)
-        clashed = any(s in w.stderr for w in run.workers for s in PORT_CLASH)
+        clashed = any(PORT_CLASH.search(w.stderr) for w in run.workers)
         if not clashed:
             return run
     return run
