@@ -9,9 +9,12 @@ Commit rules, so that a reader never sees a torn file:
 - Local destinations: write a temp file in the *same* directory, flush, fsync,
   `os.replace` it over the destination, fsync the directory. A crash leaves the
   old or the new content, never a mix (a stray `.<name>.tmp-*` file at worst).
-- Object stores and other fsspec backends: one whole-object upload (`pipe` /
-  `put_file`). There is no rename: on GCS a rename is a copy plus a delete (not
-  atomic, and ~33 s per object on the GCS emulator).
+- Object stores (gs, s3, az, ...) and memory://: one whole-object upload
+  (`pipe` / `put_file`), visible all at once. There is no rename: on GCS a
+  rename is a copy plus a delete (not atomic, and ~33 s per object on the GCS
+  emulator).
+- Other fsspec backends (sftp, ftp, smb, hdfs, webdav, ...) stream into the
+  destination, so they are not atomic; disttrain warns once per backend.
 - Multi-file checkpoints: every file first, then a small JSON manifest
   (`MANIFEST_NAME`) last as the commit marker. Readers trust a checkpoint
   directory only when `is_committed` says so.
@@ -38,6 +41,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -254,6 +258,28 @@ def _remote_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.makedirs(fs._parent(path), exist_ok=True)
 
 
+_warned_in_place: set[str] = set()
+
+
+def _warn_if_written_in_place(fs: fsspec.AbstractFileSystem, url: str) -> None:
+    """Warns once per backend that is neither an object store nor memory://.
+
+    Object stores make a whole-object upload visible at once; other fsspec
+    backends (sftp, ftp, smb, hdfs, webdav, ...) stream into the destination, so
+    a crash mid-write can leave a torn file there.
+    """
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if _is_object_store(fs) or protocol == "memory" or protocol in _warned_in_place:
+        return
+    _warned_in_place.add(protocol)
+    warnings.warn(
+        f"storage: {protocol}:// writes in place (e.g. {url!r}); a crash during a write can "
+        "leave a torn file. disttrain's writes are atomic on local disks and object stores "
+        "(gs://, s3://, az://...). Fix: write checkpoints to one of those.",
+        stacklevel=3,
+    )
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Writes `data` to `url` so that readers see the old or the new content, never a mix.
 
@@ -279,6 +305,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
         if isinstance(fs, LocalFileSystem):
             _local_replace(path, lambda f: f.write(data))
         else:
+            _warn_if_written_in_place(fs, url)
             _remote_parent(fs, path)
             fs.pipe_file(path, data)
 
@@ -310,6 +337,7 @@ def atomic_upload(local_path: str, url: str) -> None:
         if isinstance(fs, LocalFileSystem):
             _local_replace(path, lambda f: shutil.copyfileobj(src, f, _COPY_CHUNK))
         else:
+            _warn_if_written_in_place(fs, url)
             _remote_parent(fs, path)
             fs.put_file(local_path, path)
 

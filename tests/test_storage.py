@@ -8,13 +8,16 @@ import importlib.util
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import uuid
+import warnings
 
+import portpicker
 import pytest
 
 from disttrain import storage
@@ -547,3 +550,45 @@ def test_gcs_manifest_is_created_after_every_file(gcs, tmp_path):
     }
     last = generation.pop(storage.MANIFEST_NAME)
     assert all(g < last for g in generation.values()), generation
+
+
+@pytest.fixture
+def ftp_server(tmp_path):
+    """A real FTP server (pyftpdlib) on a free loopback port, serving tmp_path/ftp."""
+    root = tmp_path / "ftp"
+    root.mkdir()
+    port = portpicker.pick_unused_port()
+    code = (
+        "import sys; from pyftpdlib.authorizers import DummyAuthorizer; "
+        "from pyftpdlib.handlers import FTPHandler; from pyftpdlib.servers import FTPServer; "
+        "a = DummyAuthorizer(); a.add_user('u', 'p', sys.argv[1], perm='elradfmw'); "
+        "h = FTPHandler; h.authorizer = a; FTPServer(('127.0.0.1', int(sys.argv[2])), h)"
+        ".serve_forever()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no FTP server"
+                time.sleep(0.05)
+        yield f"ftp://u:p@127.0.0.1:{port}", root
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_backends_that_write_in_place_warn_once(ftp_server):
+    url, root = ftp_server
+    with pytest.warns(UserWarning, match="ftp:// writes in place"):
+        storage.atomic_write_bytes(f"{url}/run/a.bin", b"a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        storage.atomic_write_bytes(f"{url}/run/b.bin", b"b")
+    assert (root / "run" / "a.bin").read_bytes() == b"a"
+    assert (root / "run" / "b.bin").read_bytes() == b"b"
