@@ -37,8 +37,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
       and broadcasts its name): model and optimizer weights, the epoch to resume
       from, and the state of the other disttrain callbacks on the model
       (EarlyStopping's patience counter, best value and best weights,
-      ReduceLROnPlateau's counters, ModelCheckpoint's best), which Keras's
-      version forgets.
+      ReduceLROnPlateau's counters), which Keras's version forgets.
+      ModelCheckpoint keeps its own state in its manifest, which is newer.
     - A failed backup write on the chief raises the same `StorageError` on every
       worker.
 
