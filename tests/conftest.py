@@ -1,3 +1,30 @@
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# GCS JSON API calls that copy or move objects: disttrain's gs:// commits never use them.
+RENAME_CALLS = ("rewriteTo", "copyTo", "moveTo", "compose")
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """One real GCS emulator server for the session (see tests/gcs_emulator.py)."""
+    from tests.gcs_emulator import running_emulator
+
+    log_path = str(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    with running_emulator("disttrain-test", log_path) as server:
+        yield server
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """The emulator, selected for this process; fails the test if any gs:// write renamed."""
+    from disttrain import storage
+
+    monkeypatch.setenv(storage.ENV_STORAGE_EMULATOR_HOST, gcs_server.endpoint)
+    offset = gcs_server.log_size()
+    yield gcs_server
+    calls = [r for r in gcs_server.requests_since(offset) if any(c in r for c in RENAME_CALLS)]
+    assert calls == [], f"gs:// writes must be single uploads, never copies/moves: {calls}"

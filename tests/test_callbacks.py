@@ -351,7 +351,6 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path):
     """
     import random
     import subprocess
-    import sys
     import time
 
     from tests.harness import function_command, worker_env

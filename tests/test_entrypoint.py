@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ PRINT_TF_CONFIG = "import os; print('TF_CONFIG=' + os.environ['TF_CONFIG'], flus
 def _pod_env(**overrides: str) -> dict[str, str]:
     env = {"DISTTRAIN_JOB_NAME": "mnist", "DISTTRAIN_SERVICE": "mnist",
            "DISTTRAIN_NUM_WORKERS": "3", "DISTTRAIN_PORT": "2222",
-           "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "mnist-1"}
+           "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "mnist-1", "DISTTRAIN_RUN_ID": "run-1"}
     env.update(overrides)
     return {k: v for k, v in env.items() if v is not None}
 
@@ -76,6 +77,11 @@ def test_bad_pod_environment_is_a_clear_error(overrides, message):
      "task.index='0': must be an integer"),
     ({"TF_CONFIG": "{not json"}, "not valid JSON"),
     (_pod_env(DISTTRAIN_RUN_ID="bad id"), "DISTTRAIN_RUN_ID='bad id' is not a valid run id"),
+    # What a pod gets from a Downward API label that the pod does not carry: "".
+    (_pod_env(DISTTRAIN_RUN_ID=""), "DISTTRAIN_RUN_ID is empty or not set"),
+    (_pod_env(DISTTRAIN_RUN_ID=None), "DISTTRAIN_RUN_ID is empty or not set"),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}'},
+     "DISTTRAIN_RUN_ID is empty or not set"),
 ])
 def test_main_exits_2_on_bad_configuration(env, message, monkeypatch, capsys):
     for name in ("TF_CONFIG", "HOSTNAME", *_pod_env(), "DISTTRAIN_NAMESPACE", "DISTTRAIN_RUN_ID"):
@@ -112,6 +118,7 @@ def test_own_port_taken_exits_2(monkeypatch, capsys):
     ports = [portpicker.pick_unused_port() for _ in range(2)]
     config = tf_config.build(tf_config.local_addresses(ports), "worker", 0)
     monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    monkeypatch.setenv("DISTTRAIN_RUN_ID", "run-1")
     with socket.create_server(("127.0.0.1", ports[0])):
         assert entrypoint.main(["--peer-timeout", "5", "--", "true"]) == 2
     assert f"cannot listen on the port of 127.0.0.1:{ports[0]}" in capsys.readouterr().err
@@ -160,7 +167,8 @@ def _waited(output: str) -> float:
 
 def _loopback_env(tf_config_json: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTTRAIN_", "JOB_"))}
-    return {**env, "TF_CONFIG": tf_config_json, "PYTHONPATH": str(REPO_ROOT)}
+    return {**env, "TF_CONFIG": tf_config_json, "PYTHONPATH": str(REPO_ROOT),
+            "DISTTRAIN_RUN_ID": "loopback-1"}
 
 
 @pytest.mark.timeout(60)
@@ -329,18 +337,64 @@ def _pod_spec(documents: list[dict]) -> dict:
     return workload["spec"]["template"]["spec"]
 
 
+# The pod labels the Job and JobSet controllers add (they hold the owner's UID).
+CONTROLLER_LABELS = (entrypoint.JOB_UID_LABEL, entrypoint.JOBSET_UID_LABEL)
+
+
 def _kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
-                    home: Path) -> dict[str, str]:
-    """The environment Kubernetes gives this container in pod `index` of an Indexed Job."""
+                    home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Kubernetes gives this container in pod `index` of an Indexed Job whose
+    pods carry `labels` (by default: each controller label with a fixed UID). Like the kubelet,
+    a `metadata.labels['KEY']` reference to a label the pod lacks gives an empty string."""
+    if labels is None:
+        labels = dict.fromkeys(CONTROLLER_LABELS, "0b4c9d8e-3f1a-4c2b-9e7d-5a6f7b8c9d0e")
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
            "HOME": str(home), "HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
-    field_values = {"metadata.namespace": namespace}
     for variable in container["env"]:
         if "valueFrom" in variable:
-            env[variable["name"]] = field_values[variable["valueFrom"]["fieldRef"]["fieldPath"]]
+            path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+            if label:
+                env[variable["name"]] = labels.get(label[1], "")
+            else:
+                env[variable["name"]] = {"metadata.namespace": namespace}[path]
         else:
             env[variable["name"]] = variable["value"]
     return env
+
+
+PRINT_RUN_ID = "import os; print('RUN_ID=' + os.environ['DISTTRAIN_RUN_ID'], flush=True)"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("fmt", "label"), [("job", entrypoint.JOB_UID_LABEL),
+                                            ("jobset", entrypoint.JOBSET_UID_LABEL)])
+def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
+        fmt, label, tmp_path):
+    """The pods of one Job (JobSet) share its UID, also a pod that replaces a failed one (so
+    BackupAndRestore resumes); `kubectl delete` + `apply` of the same manifest creates a new
+    object, with a new UID: a new run, which cannot inherit the old run's best checkpoint,
+    history or backups. A pod without the label (older Kubernetes or JobSet) stops, exit 2."""
+    config = k8s.JobConfig(name="demo", workers=1, image="unused", format=fmt,
+                           command=("python", "-c", PRINT_RUN_ID))
+    container = _pod_spec(k8s.manifests(config))["containers"][0]
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def pod(labels: dict[str, str], name: str) -> tuple[int, str]:
+        env = {**_kubernetes_env(container, 0, config.hostname(0), "default", tmp_path,
+                                 labels=labels), "PYTHONPATH": str(REPO_ROOT)}
+        argv = container["command"] + container["args"]
+        proc = _entrypoint(argv[3:], env, tmp_path / name)
+        (output,) = _wait([proc], [tmp_path / name], timeout=30)
+        return proc.returncode, output
+
+    runs = [pod({label: uid}, f"pod{i}") for i, uid in enumerate([first, first, second])]
+    assert runs == [(0, f"RUN_ID={first}\n"), (0, f"RUN_ID={first}\n"),
+                    (0, f"RUN_ID={second}\n")]
+    code, output = pod({}, "unlabelled")
+    assert code == entrypoint.EXIT_CONFIG_ERROR
+    assert "DISTTRAIN_RUN_ID is empty or not set" in output and label in output
+    assert "RUN_ID=" not in output
 
 
 def _expand(argument: str, env: dict[str, str]) -> str:
