@@ -116,3 +116,13 @@ def strategy_facts() -> dict:
     except StrategyError as e:
         facts["different_options"] = str(e)
     return facts
+
+
+def hang_with_child() -> dict:
+    """Starts a grandchild, then hangs: the harness must kill both by group."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    time.sleep(600)
+    return {}
