@@ -8,8 +8,15 @@ What it does, in order:
    `DISTTRAIN_SERVICE`, `DISTTRAIN_NUM_WORKERS`, `DISTTRAIN_PORT` and optionally
    `DISTTRAIN_NAMESPACE` (set by the manifests `launch.k8s` writes). Pod `i` is addressed as
    `<job>-<i>.<service>[.<namespace>.svc]:<port>`.
-2. **Wait for the peers** (bounded by `--peer-timeout`), see below.
-3. **exec** the command with `TF_CONFIG` set: the command replaces this process, so it gets
+2. **Run id.** `DISTTRAIN_RUN_ID` must be set and valid: it names the run's outputs and
+   backups, so it must be the same on every pod and across pod restarts, and differ between
+   runs. The manifests `launch.k8s` writes take it (Downward API) from a pod label holding the
+   UID of the object that owns the pods: `batch.kubernetes.io/controller-uid` (the Job's UID;
+   Kubernetes 1.27+) or `jobset.sigs.k8s.io/jobset-uid` (the JobSet's UID; JobSet v0.9.0+).
+   Kubernetes gives an empty value for a label the pod lacks, so an empty run id means an
+   older Kubernetes or JobSet: a configuration error, not a run under a made-up id.
+3. **Wait for the peers** (bounded by `--peer-timeout`), see below.
+4. **exec** the command with `TF_CONFIG` set: the command replaces this process, so it gets
    the signals Kubernetes sends to the container and its exit code is the container's.
 
 Why the wait, and why this one
@@ -48,9 +55,10 @@ TCP, a wrong answer, or that it never reached this pod. Exit code 3.
 By the same rule, a pod restarted alone while its old peers still run TF waits for them to
 restart too (they never reach it again), rather than joining a group in the middle of a run.
 
-Exit codes: 2 for a configuration error (bad environment, bad TF_CONFIG, port taken; retrying
-cannot help, so the Job's podFailurePolicy fails the Job at once), 3 when peers never became
-reachable, 126/127 when the command cannot be run; otherwise whatever the command exits with.
+Exit codes: 2 for a configuration error (bad environment, bad TF_CONFIG, a missing or invalid
+DISTTRAIN_RUN_ID, port taken; retrying cannot help, so the Job's podFailurePolicy fails the Job
+at once), 3 when peers never became reachable, 126/127 when the command cannot be run;
+otherwise whatever the command exits with.
 
 Nothing here imports TensorFlow.
 """
@@ -68,7 +76,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from disttrain.cluster import ENV_TF_CONFIG, Cluster, parse_address
+from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, Cluster, parse_address, validate_run_id
 from disttrain.errors import ClusterConfigError
 from launch import tf_config
 
@@ -78,6 +86,12 @@ ENV_SERVICE = "DISTTRAIN_SERVICE"
 ENV_NAMESPACE = "DISTTRAIN_NAMESPACE"
 ENV_NUM_WORKERS = "DISTTRAIN_NUM_WORKERS"
 ENV_PORT = "DISTTRAIN_PORT"
+
+# Pod labels holding the UID of the object whose pods run one job instance; the manifests of
+# launch.k8s set DISTTRAIN_RUN_ID from them. Stable across pod restarts and replacements,
+# new for every object created, even under the same name.
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"  # set by the Job controller, 1.27+
+JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"  # set by the JobSet controller, v0.9.0+
 
 EXIT_CONFIG_ERROR = 2
 EXIT_PEERS_UNREACHABLE = 3
@@ -145,6 +159,27 @@ def tf_config_from_env(environ: Mapping[str, str]) -> dict:
         )
     addresses = tf_config.indexed_job_addresses(job, service, num_workers, port, namespace)
     return tf_config.build(addresses, "worker", index)
+
+
+def run_id_from_env(environ: Mapping[str, str]) -> str:
+    """This pod's DISTTRAIN_RUN_ID, which must be set and valid.
+
+    Raises:
+        ClusterConfigError: naming what is wrong and the fix.
+    """
+    run_id = environ.get(ENV_RUN_ID, "")
+    if not run_id.strip():
+        raise ClusterConfigError(
+            f"{ENV_RUN_ID} is empty or not set. Every worker needs the same run id, stable "
+            "across pod restarts (else a restarted pod cannot resume from its backup) and new "
+            "for each run (else a new run continues an old one's checkpoints and logs). The "
+            f"manifests of `python -m launch.k8s` take it from the pod label {JOB_UID_LABEL} "
+            f"(Job; Kubernetes 1.27 or newer) or {JOBSET_UID_LABEL} (JobSet v0.9.0 or newer); "
+            "it is empty when the pod lacks that label. Fix: upgrade Kubernetes or the JobSet "
+            "controller, or regenerate the manifests with --run-id NEW_ID (a new id for each "
+            "run), or set DISTTRAIN_RUN_ID yourself."
+        )
+    return validate_run_id(run_id)
 
 
 def resolve_cluster(environ: Mapping[str, str]) -> tuple[Cluster, str]:
@@ -329,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, command = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cluster, tf_config_json = resolve_cluster(os.environ)
+        run_id = run_id_from_env(os.environ)
     except ClusterConfigError as e:
         print(f"launch.entrypoint: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
@@ -337,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[launch.entrypoint {cluster.label}] {message}", file=sys.stderr, flush=True)
 
     if cluster.is_multi_worker and not cluster.is_evaluator:
-        log(f"meeting the other {cluster.num_workers - 1} task(s) on the TF port "
-            f"(timeout {args.peer_timeout:g} s)")
+        log(f"run {run_id}: meeting the other {cluster.num_workers - 1} task(s) on the TF "
+            f"port (timeout {args.peer_timeout:g} s)")
         try:
             waited = wait_for_peers(cluster, args.peer_timeout, log)
         except PeersUnreachableError as e:

@@ -20,7 +20,15 @@ Formats:
 - `jobset` (`jobset.x-k8s.io/v1alpha2`): the same Indexed Job inside a JobSet, which restarts
   the whole group (`failurePolicy.maxRestarts` = `--max-restarts`) and creates the Service.
 - `tfjob` (`kubeflow.org/v1`, Kubeflow Training Operator v1): the operator sets TF_CONFIG itself;
-  the entrypoint then uses it as is.
+  the entrypoint then uses it as is. Its workers use `restartPolicy: OnFailure`, not
+  `ExitCode`: see `TFJOB_RESTART_POLICY_NOTE`.
+
+Run id (`DISTTRAIN_RUN_ID`: where the run's checkpoints, backups and logs go). Without
+`--run-id`, every instance of the job gets its own, the same on every pod and across pod
+restarts and replacements (so BackupAndRestore resumes after a pod failure), and a new one when
+the job is deleted and created again under the same name (so a new run never continues, or
+overwrites, an old one): see `RUN_ID_NOTE`. A given `--run-id` is used as is, and then keeping
+it unique is the user's business.
 
 Every pod runs `python -m launch.entrypoint --peer-timeout S -- <command>`: the entrypoint
 derives TF_CONFIG from the Job's environment, waits until every peer resolves and accepts TCP,
@@ -48,7 +56,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, validate_run_id
+from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, new_run_id, validate_run_id
 from disttrain.errors import ClusterConfigError, DisttrainError
 from launch import entrypoint
 
@@ -60,6 +68,44 @@ GCP_KEY_FILE = "key.json"
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICATED_JOB = "worker"
 MAX_HOSTNAME = 63
+# Pod label holding the UID of the object that owns one job instance, per format; the pods
+# read DISTTRAIN_RUN_ID from it through the Downward API. TFJob pods have no such label.
+RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UID_LABEL}
+RUN_ID_LABEL = "disttrain/run-id"
+
+RUN_ID_NOTE = f"""\
+run id (DISTTRAIN_RUN_ID: the name of the run's checkpoints, backups and logs):
+  without --run-id, each instance of the job gets its own, the same on every pod and across
+  pod restarts and replacements (so BackupAndRestore resumes after a pod failure), and a new
+  one when the job is deleted and applied again under the same name (so a new run never
+  continues or overwrites an old one's files):
+    job     the Job's UID, from the pod label {entrypoint.JOB_UID_LABEL}
+            (set by Kubernetes 1.27 or newer);
+    jobset  the JobSet's UID, from the pod label {entrypoint.JOBSET_UID_LABEL}
+            (set by JobSet v0.9.0 or newer; the Jobs of a JobSet are recreated on every
+            restart of the group, so their own UIDs would not do);
+    tfjob   TFJob pods carry no label with the TFJob's UID (training-operator v1 sets only
+            training.kubeflow.org/job-name, replica-type, replica-index, job-role and
+            operator-name), so a fresh id is written into the manifest when it is generated:
+            applying that same file again, even after deleting the TFJob, continues that
+            run; generate a new manifest for a new run.
+  With an older Kubernetes or JobSet the label is missing, the run id is empty, and each pod
+  stops at once with exit code 2 and a message (no run under a made-up id).
+  With --run-id ID every instance uses ID as is: keeping it unique is then your business
+  (reusing it continues that run: its best checkpoint, backups and history)."""
+
+TFJOB_RESTART_POLICY_NOTE = """\
+TFJob restart policy: OnFailure. The TFJob v1 API also has ExitCode (exit codes 1-127 are
+  permanent, 128-255 are retried), which would make the entrypoint's exit code 2 (a
+  configuration error) final, but also exit code 1, which is how the surviving workers of
+  MultiWorkerMirroredStrategy exit when a peer is lost (an uncaught UnavailableError), and 3
+  (peers not met within --peer-timeout): one preempted or OOM-killed pod would fail the whole
+  TFJob and --max-restarts would never apply. Retryable codes under ExitCode recreate the pod,
+  and training-operator v1 counts only container restarts against backoffLimit, so they are
+  retried without limit (kubeflow/trainer issue 2045). With OnFailure, a configuration error is
+  retried in place (with the kubelet's growing back-off) until backoffLimit (--max-restarts x
+  workers) container restarts, then the TFJob fails. The job and jobset formats fail at once on
+  exit code 2 (podFailurePolicy FailJob)."""
 
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -101,10 +147,25 @@ class JobConfig:
     max_restarts: int = 3
     peer_timeout: int = int(entrypoint.DEFAULT_PEER_TIMEOUT)
     format: str = "job"
+    tfjob_run_id: str = dataclasses.field(default_factory=new_run_id)
+    """The run id of a TFJob without `run_id`, generated with the config (see RUN_ID_NOTE)."""
 
     @property
-    def effective_run_id(self) -> str:
-        return self.run_id or self.name
+    def fixed_run_id(self) -> str | None:
+        """The run id written into the manifest: `run_id`, else for a TFJob `tfjob_run_id`;
+        None when each Job or JobSet instance's UID is the run id (read in the pod)."""
+        if self.run_id is not None:
+            return self.run_id
+        return self.tfjob_run_id if self.format == "tfjob" else None
+
+    @property
+    def run_id_env(self) -> str | dict[str, Any]:
+        """The value of DISTTRAIN_RUN_ID in the container: a string or a `valueFrom`."""
+        fixed = self.fixed_run_id
+        if fixed is not None:
+            return fixed
+        label = RUN_ID_LABELS[self.format]
+        return {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}
 
     @property
     def job_name(self) -> str:
@@ -168,13 +229,15 @@ class JobConfig:
                 not self.checkpoint_url or any(c.isspace() for c in self.checkpoint_url)):
             _fail("--checkpoint-url", self.checkpoint_url,
                   "give a URL without spaces, e.g. gs://BUCKET/run")
-        try:
-            validate_run_id(self.effective_run_id, "--run-id")
-        except ClusterConfigError as e:
-            raise ManifestConfigError(str(e)) from None
-        if len(self.effective_run_id) > 63 or not _LABEL_VALUE.fullmatch(self.effective_run_id):
-            _fail("--run-id", self.effective_run_id, "it is also a label value: at most 63 "
-                  "characters, ending with a letter or digit")
+        fixed = self.fixed_run_id
+        if fixed is not None:
+            try:
+                validate_run_id(fixed, "--run-id")
+            except ClusterConfigError as e:
+                raise ManifestConfigError(str(e)) from None
+            if len(fixed) > 63 or not _LABEL_VALUE.fullmatch(fixed):
+                _fail("--run-id", fixed, "it is also a label value: at most 63 characters, "
+                      "ending with a letter or digit")
         self._check_env()
         return self
 
@@ -213,11 +276,13 @@ def _check_quantity(option: str, value: str, minimum: decimal.Decimal, hint: str
 
 
 def _labels(config: JobConfig) -> dict[str, str]:
-    return {
+    labels = {
         "app.kubernetes.io/name": "disttrain",
         "app.kubernetes.io/instance": config.name,
-        "disttrain/run-id": config.effective_run_id,
     }
+    if config.fixed_run_id is not None:
+        labels[RUN_ID_LABEL] = config.fixed_run_id
+    return labels
 
 
 def _selector(config: JobConfig) -> dict[str, str]:
@@ -235,7 +300,7 @@ def _metadata(config: JobConfig) -> dict[str, Any]:
 
 def _generated_env(config: JobConfig) -> list[tuple[str, Any]]:
     """The container env launch.k8s sets, as (name, value or valueFrom) pairs."""
-    env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.effective_run_id)]
+    env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.run_id_env)]
     if config.format != "tfjob":
         env += [
             (entrypoint.ENV_JOB_NAME, config.job_name),
@@ -398,6 +463,9 @@ def manifests(config: JobConfig) -> list[dict[str, Any]]:
 
 _PLAIN = re.compile(r"(?:[A-Za-z_/$]|-[-A-Za-z])[A-Za-z0-9_./:=@+$()-]*")
 _YAML_KEYWORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~"}
+# yamllint's default line length. It lets a longer line through only when it is a single word
+# (a list item `- word` counts as one), so a long `key: word` is folded onto a line of its own.
+_LINE_LIMIT = 80
 
 
 def _scalar(value: Any) -> str:
@@ -427,6 +495,11 @@ def _block(value: Any, indent: int) -> list[str]:
                 lines += [f"{lead} {nested[0].lstrip()}", *nested[1:]]
         elif isinstance(item, dict | list):
             lines.append(f"{lead} {'{}' if isinstance(item, dict) else '[]'}")
+        elif (isinstance(value, dict) and isinstance(item, str) and item.isprintable()
+              and item and not any(c.isspace() for c in item)
+              and len(f"{lead} {_scalar(item)}") > _LINE_LIMIT):
+            # A folded block scalar holding one line: the text as is, no quoting needed.
+            lines += [f"{lead} >-", f"{pad}  {item}"]
         else:
             lines.append(f"{lead} {_scalar(item)}")
     return lines
@@ -455,6 +528,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m launch.k8s",
         description="Print (or write) Kubernetes manifests that run a command on N workers.",
         usage="%(prog)s --name NAME --workers N --image IMAGE [options] -- cmd [args ...]",
+        epilog=f"{RUN_ID_NOTE}\n\n{TFJOB_RESTART_POLICY_NOTE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--name", required=True, help="job name; pods are <name>-<i> (DNS-1035 label)")
@@ -472,7 +547,8 @@ def _parser() -> argparse.ArgumentParser:
                                  f"'{GCP_KEY_FILE}'; mounted, {ENV_GOOGLE_CREDENTIALS} set")
     add("--env", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
         help="extra environment variables (repeatable)")
-    add("--run-id", help=f"{ENV_RUN_ID} shared by all workers (default: the name)")
+    add("--run-id", help=f"{ENV_RUN_ID} of every worker, used as is: you keep it unique "
+                         "(default: one per job instance, see 'run id' below)")
     add("--max-restarts", type=int, default=3,
         help="restarts of the worker group before the job fails (default 3)")
     add("--peer-timeout", type=int, default=int(entrypoint.DEFAULT_PEER_TIMEOUT),
@@ -501,6 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = to_yaml(manifests(config))
     except ManifestConfigError as e:
         parser.error(str(e))
+    if config.run_id is None and config.format == "tfjob":
+        print(f"launch.k8s: note: TFJob pods carry no identifier of their TFJob, so this "
+              f"manifest has a run id of its own, {config.tfjob_run_id}: applying it again, "
+              "even after deleting the TFJob, continues that run. Generate a new manifest (or "
+              "pass a new --run-id) for a new run.", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(text)
         return 0

@@ -2,8 +2,10 @@
 
 Starts one process per task (workers, optionally a separate chief and an
 evaluator), each with its own TF_CONFIG on a free localhost port, prefixes and
-routes their output, and treats them as one job: the first failure stops
-everyone and decides the exit code, a restart restarts everyone on fresh ports.
+routes their output, and treats the training tasks as one job: the first
+failure of a training task stops everyone and decides the exit code, a restart
+restarts everyone on fresh ports. The evaluator is not part of training: its
+failure is reported, nothing more.
 See `python -m launch.local --help`.
 """
 
@@ -79,11 +81,24 @@ output: every line is prefixed with its task ([w0], [w1], [chief], [evaluator]);
 workers' stdout goes to stdout, their stderr and the launcher's messages to stderr.
 A progress bar redrawn with carriage returns shows as at most one line per second.
 
-exit code: 0 on success; the exit code of the task that failed first (128+N if
-signal N killed it); 128+N when the launcher gets signal N (SIGINT, SIGTERM,
-SIGHUP are passed on to the tasks as SIGTERM); 124 on --timeout or
---startup-timeout; 126 when the command cannot be executed; 2 for invalid
-arguments.
+exit code: 0 on success; the exit code of the training task (chief or worker)
+that failed first (128+N if signal N killed it); 128+N when the launcher gets
+signal N (SIGINT, SIGTERM, SIGHUP are passed on to the tasks as SIGTERM); 124
+on --timeout or --startup-timeout; 126 when the command cannot be executed; 2
+for invalid arguments.
+
+the evaluator (--evaluator) is not a training task: when it fails, its failure
+is reported (and marked in the summary) but training goes on; it never stops
+the training tasks, triggers a restart or decides the exit code. Once training
+has succeeded, an evaluator still running gets --grace seconds, then SIGTERM.
+
+failure report: the task that failed first is named with the tail of its
+stderr. A training task that exited 0 while others were still training is
+noted too: its peers then fail in their next collective, so it may be the
+real cause.
+
+summary: per task its exit code and wall time in the last attempt; after
+restarts also its exit code in each earlier attempt (* marks the root cause).
 """
 
 
@@ -158,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of worker tasks (default 1)")
     parser.add_argument("--chief", action="store_true",
                         help="add a separate chief task (default: worker 0 is the chief)")
-    parser.add_argument("--evaluator", action="store_true", help="add an evaluator task")
+    parser.add_argument("--evaluator", action="store_true",
+                        help="add an evaluator task (not a training task: if it fails, that is "
+                             "reported, but training goes on and the exit code and restarts "
+                             "are decided by the training tasks alone)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the tasks listen on (default 127.0.0.1)")
     parser.add_argument("--run-id", help="DISTTRAIN_RUN_ID (default: <yyyymmdd-hhmmss>-<6 hex>)")
@@ -325,6 +343,7 @@ class _Job:
             self._outcomes.append(outcome)
             if not self._try_again(outcome, started):
                 code = self._exit_code(outcome)
+                self._report_side_failures(outcome)
                 self._report_failure(outcome)
                 break
         self._summary(code, time.monotonic() - started)
@@ -404,6 +423,17 @@ class _Job:
             f"{culprit.label} failed first: {what}; last lines of its stderr:")
         for line in culprit.stderr_tail or ("(nothing)",):
             self._console.info(f"  | {line}")
+        if outcome.reason == procs.FAILED:
+            for early in outcome.early_exits:
+                self._console.info(f"note: {early.describe()}")
+
+    def _report_side_failures(self, outcome: procs.Outcome) -> None:
+        for label in outcome.side_failures:
+            result = outcome.result(label)
+            self._console.info(
+                f"{label} failed (ignored: not a training task); last lines of its stderr:")
+            for line in result.stderr_tail or ("(nothing)",):
+                self._console.info(f"  | {line}")
 
     def _summary(self, code: int, elapsed: float) -> None:
         attempts = len(self._outcomes)
@@ -417,15 +447,38 @@ class _Job:
             f"{elapsed:.1f}s, {attempts} attempt(s)" + (f" ({', '.join(extra)})" if extra else ""),
         ]
         if self._outcomes:
-            last = self._outcomes[-1]
-            lines.append(f"  {'task':<10} {'exit':<14} {'wall':>8}  {'attempts':>8}  note")
+            last, earlier = self._outcomes[-1], self._outcomes[:-1]
+            history = {r.label: self._earlier_exits(r.label, earlier) for r in last.results}
+            width = max([len("earlier attempts"), *map(len, history.values())])
+            column = f"{'earlier attempts':<{width}}  " if earlier else ""
+            lines.append(f"  {'task':<10} {'exit':<14} {'wall':>8}  {column}note")
+            early = ({e.label for e in last.early_exits} if last.reason == procs.FAILED
+                     else set())
             for r in last.results:
                 note = ("root cause" if r.label == last.culprit else
-                        "stopped by launcher" if r.stopped else "")
+                        "stopped by launcher" if r.stopped else
+                        "evaluator failure, ignored" if r.label in last.side_failures else
+                        "exited 0 while others trained (see note)" if r.label in early else "")
+                column = f"{history[r.label]:<{width}}  " if earlier else ""
                 lines.append(f"  {r.label:<10} {procs.describe_exit(r.exit_code):<14} "
-                             f"{r.wall_s:>7.1f}s  {attempts:>8}  {note}".rstrip())
+                             f"{r.wall_s:>7.1f}s  {column}{note}".rstrip())
+            if any(outcome.culprit for outcome in earlier):
+                lines.append("  * root cause of that attempt")
         lines += self._result_lines()
         self._console.info("\n".join(lines))
+
+    @staticmethod
+    def _earlier_exits(label: str, earlier: Sequence[procs.Outcome]) -> str:
+        """`label`'s exit code in each earlier attempt, oldest first; * marks a root cause."""
+        codes = []
+        for outcome in earlier:
+            result = next((r for r in outcome.results if r.label == label), None)
+            if result is None:
+                codes.append("-")
+            else:
+                mark = "*" if label == outcome.culprit else ""
+                codes.append(f"{result.exit_code}{mark}")
+        return ", ".join(codes)
 
     def _result_lines(self) -> list[str]:
         try:

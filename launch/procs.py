@@ -9,8 +9,11 @@ launcher's signals and enforces deadlines. Because only this loop writes to the
 console, lines of different workers never interleave.
 
 Teardown is always the same: SIGTERM to each worker's process group, `grace`
-seconds, then SIGKILL. The first worker that exits non-zero on its own is the
-root cause; workers that die after the launcher signalled them are not.
+seconds, then SIGKILL. The first training task (essential worker) that exits
+non-zero on its own is the root cause; workers that die after the launcher
+signalled them are not. A non-essential worker (the evaluator) that fails is
+recorded and reported, but training goes on: it neither stops the others nor
+fails the attempt.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ class WorkerSpec:
         env: the complete environment of the process.
         essential: True for training tasks. A non-essential worker (the
             evaluator) is given `grace` seconds to exit once all essential ones
-            have succeeded, then stopped without failing the attempt.
+            have succeeded, then stopped without failing the attempt; if it
+            fails on its own, that is recorded (`Outcome.side_failures`) and
+            training goes on.
         show_output: False to keep its lines off the console (logs still get them).
     """
 
@@ -123,6 +128,28 @@ class WorkerResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyExit:
+    """A training task that exited 0 while other training tasks were still running.
+
+    Under MultiWorkerMirroredStrategy that usually means it left training early
+    (its `fit` returned), and its peers then fail in their next collective: the
+    first of them to fail is reported as the root cause, but this one is why.
+    """
+
+    label: str
+    at_s: float
+    """Seconds after the task started."""
+    still_running: tuple[str, ...]
+    """Labels of the training tasks that were still running then."""
+
+    def describe(self) -> str:
+        verb = "was" if len(self.still_running) == 1 else "were"
+        return (f"{self.label} exited 0 at {self.at_s:.1f}s while "
+                f"{', '.join(self.still_running)} {verb} still running "
+                "(it may have left training early)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Outcome:
     """How an attempt ended.
 
@@ -132,12 +159,18 @@ class Outcome:
         results: one per worker, in spec order.
         culprit: label of the root-cause worker for FAILED and STARTUP_TIMEOUT.
         signum: the launcher's signal for SIGNALLED.
+        side_failures: labels of non-essential workers (the evaluator) that
+            exited non-zero on their own; they did not affect `reason`.
+        early_exits: training tasks that exited 0 while other training tasks
+            were still running, before anything failed, in the order they exited.
     """
 
     reason: str
     results: tuple[WorkerResult, ...]
     culprit: str | None = None
     signum: int | None = None
+    side_failures: tuple[str, ...] = ()
+    early_exits: tuple[EarlyExit, ...] = ()
 
     def result(self, label: str) -> WorkerResult:
         return next(r for r in self.results if r.label == label)
@@ -339,6 +372,8 @@ class _Group:
         self._dump_until: float | None = None
         self._finish_at: float | None = None
         self._drain_until: float | None = None
+        self._side_failures: list[str] = []
+        self._early_exits: list[EarlyExit] = []
 
     def run(self) -> Outcome:
         self._sel.register(self._signals, selectors.EVENT_READ)
@@ -354,6 +389,8 @@ class _Group:
             results=tuple(self._result(w) for w in self._workers),
             culprit=self._culprit,
             signum=self._signum,
+            side_failures=tuple(self._side_failures),
+            early_exits=tuple(self._early_exits),
         )
 
     def _start(self, spec: WorkerSpec) -> None:
@@ -429,12 +466,26 @@ class _Group:
                 continue
             w.ended, w.code = now, exit_code(w.proc.returncode)
             self._close_pidfd(w)
-            if w.code != 0 and not w.signalled and self._reason is None:
+            if w.signalled:
+                continue
+            if w.code != 0 and not w.spec.essential:
+                self._side_failures.append(w.spec.label)
+                self._console.info(
+                    f"{w.spec.label} exited with {describe_exit(w.code)} after "
+                    f"{now - w.started:.1f}s; it is not a training task: training goes on, "
+                    "and this neither restarts the job nor sets its exit code")
+            elif w.code != 0 and self._reason is None:
                 self._reason, self._culprit = FAILED, w.spec.label
                 self._console.info(
                     f"{w.spec.label} exited with {describe_exit(w.code)} after "
                     f"{now - w.started:.1f}s: stopping the others (grace {self._opt.grace:g}s)")
                 self._stop_all(now)
+            elif w.code == 0 and w.spec.essential and self._reason is None:
+                # poll(), not `ended`: a peer reaped later in this same loop has exited too.
+                running = tuple(o.spec.label for o in self._workers
+                                if o.spec.essential and o.ended is None and o.proc.poll() is None)
+                if running:
+                    self._early_exits.append(EarlyExit(w.spec.label, now - w.started, running))
 
     def _on_signal(self, signum: int) -> None:
         now = time.monotonic()

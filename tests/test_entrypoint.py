@@ -71,6 +71,7 @@ def test_bad_pod_environment_is_a_clear_error(overrides, message):
         entrypoint.tf_config_from_env(_pod_env(**overrides))
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("env", "message"), [
     (_pod_env(JOB_COMPLETION_INDEX=None), "JOB_COMPLETION_INDEX is not set"),
     ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}'},
@@ -88,7 +89,14 @@ def test_main_exits_2_on_bad_configuration(env, message, monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert entrypoint.main(["--", "python", "-c", "pass"]) == entrypoint.EXIT_CONFIG_ERROR
+    # An environment wrongly accepted must fail the test, not hang it (short peer timeout) or
+    # replace the test process with the command (exec).
+    def no_exec(*args):
+        raise AssertionError(f"the entrypoint accepted the environment and ran {args[1]}")
+
+    monkeypatch.setattr(entrypoint.os, "execvpe", no_exec)
+    assert entrypoint.main(["--peer-timeout", "2", "--", "python", "-c", "pass"]) \
+        == entrypoint.EXIT_CONFIG_ERROR
     assert message in capsys.readouterr().err
 
 
