@@ -518,3 +518,15 @@ def test_multi_worker_terminate_on_nan_finite_loss_trains_fully(cluster):
         clean = result["terminate_on_nan"]["no_nan"]
         assert clean["batches"] == list(range(8)) * 2
         assert clean["epochs"] == 2 and clean["last_loss_finite"]
+
+
+def test_tensorboard_without_the_package_fails_at_construction():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tensorboard'] = None; "
+            "from disttrain import callbacks; callbacks.TensorBoard('logs')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "CallbackConfigError: TensorBoard needs the 'tensorboard' package" in proc.stderr

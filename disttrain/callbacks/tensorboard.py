@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import weakref
 
 import keras
@@ -84,6 +85,12 @@ class TensorBoard(DistributedCallback, keras.callbacks.TensorBoard):
         embeddings_metadata=None,
         non_chief: str = "off",
     ):
+        if importlib.util.find_spec("tensorboard") is None:
+            raise CallbackConfigError(
+                "TensorBoard needs the 'tensorboard' package, which TensorFlow no longer "
+                "installs. Fix: pip install tensorboard (or disttrain[demo]), or leave "
+                "TensorBoard out (recommended(..., tensorboard=False))."
+            )
         if non_chief not in NON_CHIEF_MODES:
             raise CallbackConfigError(
                 f"TensorBoard(non_chief={non_chief!r}): not a known mode. Fix: pass "
