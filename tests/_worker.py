@@ -1,7 +1,7 @@
 """Entry point of a harness worker: `python -m tests._worker module:function '{"kw": 1}'`.
 
 Calls the function and writes its JSON-serialisable return value to the file
-named by `DISTTRAIN_TEST_RESULT`.
+named by `DISTTRAIN_TEST_RESULT`, when set (the harness sets one per worker).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ def main() -> None:
     for part in qualname.split("."):
         fn = getattr(fn, part)
     result = fn(**kwargs)
-    path = os.environ["DISTTRAIN_TEST_RESULT"]
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
+    path = os.environ.get("DISTTRAIN_TEST_RESULT")
+    if path:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
