@@ -233,23 +233,27 @@ def _local_temp_path(path: str, suffix: str = "") -> str:
     return os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}{suffix}")
 
 
+def _commit_local(tmp: str, path: str) -> None:
+    """fsyncs the finished same-directory temp file `tmp` and renames it over `path`."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
 def _local_replace(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Writes a same-directory temp file with `write`, fsyncs it and renames it over `path`."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    """Writes a same-directory temp file with `write` and commits it over `path`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _local_temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit_local(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
 
 
 def _remote_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -407,10 +411,7 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
             )
         if local_dest:
             with _wrapped("committing", url):
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                _fsync_dir(os.path.dirname(path))
+                _commit_local(tmp, path)
         else:
             atomic_upload(tmp, url)
     finally:
