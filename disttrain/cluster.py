@@ -206,6 +206,17 @@ class Cluster:
             return f"w{self.task_index}"
         return self.task_type
 
+    def task_at_rank(self, rank: int) -> tuple[str, int]:
+        """`(task_type, task_index)` of the training task with global rank `rank` (chief = 0)."""
+        if self.chief:
+            return ("chief", 0) if rank == 0 else ("worker", rank - 1)
+        return "worker", rank
+
+    def label_of_rank(self, rank: int) -> str:
+        """The `label` of the training task with global rank `rank`."""
+        task_type, index = self.task_at_rank(rank)
+        return f"w{index}" if task_type == "worker" else task_type
+
     def to_tf_config(self) -> dict[str, Any]:
         """The TF_CONFIG dict describing this task (inverse of `from_tf_config`)."""
         cluster: dict[str, list[str]] = {}

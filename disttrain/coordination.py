@@ -234,16 +234,11 @@ class Coordinator:
         return None
 
     def _label(self, rank: int) -> str:
-        if self.cluster.chief:
-            return "chief" if rank == 0 else f"w{rank - 1}"
-        return f"w{rank}"
+        return self.cluster.label_of_rank(rank)
 
     def _task_name(self, rank: int) -> str:
-        if self.cluster.chief:
-            return "/job:chief/replica:0/task:0" if rank == 0 else (
-                f"/job:worker/replica:0/task:{rank - 1}"
-            )
-        return f"/job:worker/replica:0/task:{rank}"
+        task_type, index = self.cluster.task_at_rank(rank)
+        return f"/job:{task_type}/replica:0/task:{index}"
 
     @staticmethod
     def _key(seq: int, rank: int) -> str:

@@ -137,10 +137,6 @@ class LaunchConfig:
     dry_run: bool = False
 
     @property
-    def chief_label(self) -> str:
-        return "chief" if self.chief else "w0"
-
-    @property
     def num_tasks(self) -> int:
         return self.workers + self.chief + self.evaluator
 
@@ -363,7 +359,7 @@ class _Job:
                 argv=config.command,
                 env={**os.environ, **env},
                 essential=task.task_type != "evaluator",
-                show_output=not config.chief_only_output or task.label == config.chief_label,
+                show_output=not config.chief_only_output or task.cluster.is_chief,
             )
             for task, env in plan
         ]

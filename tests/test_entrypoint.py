@@ -11,7 +11,6 @@ args). They need root and `ip netns`, and are skipped, saying why, without them.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -236,7 +235,6 @@ def test_a_peer_that_never_listens_times_out_naming_it(tmp_path):
     assert "ran" not in output
 
 
-@functools.cache
 @pytest.mark.timeout(60)
 def test_a_pod_of_another_cluster_on_a_peer_address_does_not_count(tmp_path):
     """A stale DNS record or a leftover pod of an older job answers on a peer's address: the
