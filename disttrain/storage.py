@@ -380,7 +380,9 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
         The local path to write.
 
     Raises:
-        StorageError: when nothing was written to the path, or the commit fails.
+        StorageError: when nothing was written to the path, the commit fails, or
+            writing the temp file raised an `OSError` (no space, permissions...;
+            other exceptions of the writer pass through unchanged).
 
     Example:
 
@@ -402,7 +404,12 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
             tmp_dir = tempfile.mkdtemp(prefix="disttrain-upload-")
             tmp = os.path.join(tmp_dir, f"upload{suffix}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except StorageError:
+            raise
+        except OSError as e:
+            raise _staging_error(url, tmp, local_dest, e) from e
         if not os.path.isfile(tmp):
             raise StorageError(
                 f"committing {url!r} failed: nothing was written to the temp file {tmp!r} "
@@ -418,6 +425,27 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
         _discard(tmp)
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _staging_error(url: str, tmp: str, local_dest: bool, error: OSError) -> StorageError:
+    """The error for a writer that failed to write the temp file of `atomic_local_file`.
+
+    Such a failure (e.g. ENOSPC from Keras or h5py) happens before the commit, so
+    it names the destination; for a remote destination the temp file is local
+    staging space, and the fix points there.
+    """
+    if local_dest:
+        return _error("writing", url, error)
+    detail = str(error) or type(error).__name__
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        fix = (f"free space in the local temp directory {os.path.dirname(os.path.dirname(tmp))!r} "
+               "or set TMPDIR to a disk with more room")
+    else:
+        fix = _fix_for(error, tmp)
+    return StorageError(
+        f"writing {url!r} failed: staging it in the local temp file {tmp!r} raised "
+        f"{type(error).__name__}: {detail}. Fix: {fix}."
+    )
 
 
 def _check_relative_name(name: str, url_dir: str) -> str:

@@ -219,6 +219,24 @@ def test_checkpoint_unwritable_destination_fails_before_training(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_checkpoint_out_of_space_names_the_file_and_leaves_the_directory_as_it_was(tmp_path):
+    import errno
+
+    path = str(tmp_path / "m-{epoch}.keras")
+    _drive(callbacks.ModelCheckpoint(path), [1.0])
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model = _tiny_model()
+    model.save = full_disk
+    with pytest.raises(StorageError, match=r"m-1\.keras' failed: OSError: \[Errno 28\] No space "
+                                           r"left on device\. Fix: free space"):
+        _drive(callbacks.ModelCheckpoint(path), [0.5], model=model)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -160,6 +161,29 @@ def test_atomic_local_file_exception_leaves_old_file(tmp_path):
             raise RuntimeError("boom")
     assert dest.read_bytes() == b"old model"
     assert os.listdir(tmp_path) == ["model.keras"]
+
+
+@pytest.mark.timeout(10)
+def test_atomic_local_file_writer_out_of_space_is_a_storage_error_with_the_fix(tmp_path):
+    dest = tmp_path / "model.keras"
+    dest.write_bytes(b"old model")
+    with pytest.raises(StorageError) as caught, storage.atomic_local_file(str(dest)) as tmp:
+        _write(tmp, b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    message = str(caught.value)
+    assert repr(str(dest)) in message and "No space left on device" in message
+    assert "Fix: free space on the destination" in message
+    assert dest.read_bytes() == b"old model"
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
+@pytest.mark.timeout(10)
+def test_atomic_local_file_remote_writer_out_of_space_points_at_local_staging():
+    expected = "staging it in the local temp file.*Fix: free space in the local temp directory"
+    with (pytest.raises(StorageError, match=expected),
+          storage.atomic_local_file("memory://staging/model.keras")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert not storage.exists("memory://staging/model.keras")
 
 
 @pytest.mark.timeout(10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -220,7 +221,9 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         leaves the file named by the pending marker only, and a crash during
         retention leaves files the manifest lists under `deleting`. A
         never-committed file is deleted when a later save names another path;
-        deletions that did not happen are retried at the next save.
+        deletions that did not happen are retried at the next save. A save that
+        fails with an error (a full disk) removes its own pending marker, so the
+        directory is left exactly as it was.
         """
         path = record["path"]
         manifest = storage.read_json(self.manifest_url) or {}
@@ -242,11 +245,16 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 "{run_id} or {epoch} in filepath, or pass overwrite=True."
             )
         storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
-        with storage.atomic_local_file(path) as tmp:
-            if self.save_weights_only:
-                self.model.save_weights(tmp, overwrite=True)
-            else:
-                self.model.save(tmp, overwrite=True)
+        try:
+            with storage.atomic_local_file(path) as tmp:
+                if self.save_weights_only:
+                    self.model.save_weights(tmp, overwrite=True)
+                else:
+                    self.model.save(tmp, overwrite=True)
+        except Exception:
+            if pending.get("path") != path:
+                self._drop_pending_marker()
+            raise
         kept, dropped = self._retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
         )
@@ -264,6 +272,17 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                     stacklevel=2,
                 )
         self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
+
+    def _drop_pending_marker(self) -> None:
+        """After a failed save, removes the pending marker this save wrote.
+
+        The failed write committed nothing, so the marker claims nothing and the
+        directory is left as it was before the save (a marker that already named
+        the same path, from a crash, is kept by the caller). Best effort: the
+        original error is the one that matters.
+        """
+        with contextlib.suppress(StorageError):
+            storage.remove(self._pending_url)
 
     @property
     def _pending_url(self) -> str:
