@@ -36,8 +36,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from disttrain.cluster import Cluster, new_run_id
 from disttrain import errors
+from disttrain.cluster import Cluster, new_run_id
 from disttrain.errors import CoordinationError, DisttrainError
 
 ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
@@ -87,6 +87,7 @@ class Coordinator:
         self._seq = 0
         self._context = None
         self._run_id: str | None = None
+        self._local_events: dict[str, str] = {}
 
     def run_id(self) -> str:
         """The run id, identical on every worker.
@@ -144,7 +145,7 @@ class Coordinator:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         for rank in range(self.num_workers):
-            raw = self._wait_for(ctx, seq, rank, name, deadline, limit)
+            raw = self._wait_for(ctx, self._key(seq, rank), rank, name, deadline, limit)
             entry = json.loads(raw)
             if entry["name"] != name:
                 raise CoordinationError(
@@ -225,6 +226,53 @@ class Coordinator:
             raise error_type(message) from error
         raise error_type(message)
 
+    def post(self, event: str, value: str) -> bool:
+        """Publishes `value` under the named one-time event `event`, visible to every worker.
+
+        Unlike the exchanges above, posting is not a step every worker takes:
+        any thread of any worker may post at any time, and the first post of an
+        event wins. Used for announcements that arrive asynchronously (a worker
+        got SIGTERM). Returns True when this call's value is the one stored.
+        """
+        if self._is_local:
+            self._local_events.setdefault(event, value)
+            return self._local_events[event] == value
+        import tensorflow as tf
+
+        try:
+            with self._service_calls(f"post {event}"):
+                self._tf_context().set_config_key_value(self._event_key(event), value)
+        except tf.errors.AlreadyExistsError:
+            return False
+        return True
+
+    def poll(self, event: str, wait: float = 0.0) -> str | None:
+        """The value posted under `event`, waiting up to `wait` seconds; None if none yet."""
+        if self._is_local:
+            return self._local_events.get(event)
+        import tensorflow as tf
+
+        try:
+            with self._service_calls(f"poll {event}"):
+                return self._tf_context().get_config_key_value(
+                    self._event_key(event), max(int(wait * 1000), 1))
+        except tf.errors.DeadlineExceededError:
+            return None
+
+    def collect(self, event: str, timeout: float | None = None) -> list[str]:
+        """Waits until every worker posted `f"{event}/<rank>"`; their values in rank order.
+
+        A dead peer is reported within about a second and a live one that never
+        posts fails after `timeout` (default `self.timeout`), as in `gather`.
+        """
+        if self._is_local:
+            return [self._local_events[f"{event}/0"]]
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        return [self._wait_for(self._tf_context(), self._event_key(f"{event}/{rank}"), rank,
+                               event, deadline, limit)
+                for rank in range(self.num_workers)]
+
     @staticmethod
     def _attempt(action: Callable[[], object]) -> BaseException | None:
         try:
@@ -244,6 +292,10 @@ class Coordinator:
     def _key(seq: int, rank: int) -> str:
         return f"{_KEY_PREFIX}/{seq}/{rank}"
 
+    @staticmethod
+    def _event_key(event: str) -> str:
+        return f"{_KEY_PREFIX}/event/{event}"
+
     def _tf_context(self):
         if self._context is None:
             from tensorflow.python.eager import context
@@ -259,11 +311,10 @@ class Coordinator:
         return self._context
 
     def _wait_for(
-        self, ctx, seq: int, rank: int, name: str, deadline: float, limit: float
+        self, ctx, key: str, rank: int, name: str, deadline: float, limit: float
     ) -> str:
         import tensorflow as tf
 
-        key = self._key(seq, rank)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
@@ -291,7 +342,7 @@ class Coordinator:
 
         try:
             yield
-        except tf.errors.DeadlineExceededError:
+        except (tf.errors.DeadlineExceededError, tf.errors.AlreadyExistsError):
             raise
         except tf.errors.OpError as e:
             raise self._peer_lost(0, name, e) from e

@@ -33,3 +33,23 @@ class KerasCompatError(DisttrainError, RuntimeError):
 
 class StrategyError(DisttrainError, RuntimeError):
     """The distribution strategy cannot be created as asked."""
+
+
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(SystemExit):
+    """Training stopped for a preemption signal after saving a backup; exits the process.
+
+    A `SystemExit` (not an `Exception`), so a script's `except Exception` does not
+    swallow it: the process exits with `PREEMPTED_EXIT_CODE` (75, `EX_TEMPFAIL`:
+    "try again"), which `launch.local --max-restarts` and the Kubernetes manifests
+    of `launch.k8s` treat as "restart and resume from the backup".
+    """
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -87,6 +87,14 @@ signal N (SIGINT, SIGTERM, SIGHUP are passed on to the tasks as SIGTERM); 124
 on --timeout or --startup-timeout; 126 when the command cannot be executed; 2
 for invalid arguments.
 
+preemption: a training script using disttrain.callbacks.BackupAndRestore
+answers SIGTERM on any one worker by saving a backup at a step all workers
+agree on and exiting with 75 on every worker. The launcher then gives the
+other tasks --grace seconds to exit by themselves (no SIGTERM meanwhile), and
+with --max-restarts the next attempt resumes from that backup. SIGTERM sent to
+the launcher reaches every task the same way (pass a --grace long enough to
+finish a step and write the backup).
+
 the evaluator (--evaluator) is not a training task: when it fails, its failure
 is reported (and marked in the summary) but training goes on; it never stops
 the training tasks, triggers a restart or decides the exit code. Once training

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from disttrain.errors import PREEMPTED_EXIT_CODE
 from launch.output import Console, OutputStream
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -61,7 +62,9 @@ def exit_code(returncode: int) -> int:
 
 
 def describe_exit(code: int) -> str:
-    """`3`, or `137 (SIGKILL)` for a death by signal."""
+    """`3`, `137 (SIGKILL)` for a death by signal, `75 (preempted)` for a preemption exit."""
+    if code == PREEMPTED_EXIT_CODE:
+        return f"{code} (preempted)"
     if code > 128:
         try:
             return f"{code} ({signal.Signals(code - 128).name})"
@@ -371,6 +374,7 @@ class _Group:
         self._stopping = False
         self._dump_until: float | None = None
         self._finish_at: float | None = None
+        self._preempted_at: float | None = None
         self._drain_until: float | None = None
         self._side_failures: list[str] = []
         self._early_exits: list[EarlyExit] = []
@@ -474,6 +478,13 @@ class _Group:
                     f"{w.spec.label} exited with {describe_exit(w.code)} after "
                     f"{now - w.started:.1f}s; it is not a training task: training goes on, "
                     "and this neither restarts the job nor sets its exit code")
+            elif w.code == PREEMPTED_EXIT_CODE and self._reason is None:
+                self._reason, self._culprit = FAILED, w.spec.label
+                self._preempted_at = now
+                self._console.info(
+                    f"{w.spec.label} was preempted (exit {w.code}) after "
+                    f"{now - w.started:.1f}s: the others save the same backup and exit too; "
+                    f"they get {self._opt.grace:g}s before SIGTERM")
             elif w.code != 0 and self._reason is None:
                 self._reason, self._culprit = FAILED, w.spec.label
                 self._console.info(
@@ -535,6 +546,9 @@ class _Group:
 
     def _advance(self, now: float) -> None:
         running = [w for w in self._workers if w.ended is None]
+        if self._preempted_at is not None and not self._stopping and (
+                not running or now >= self._preempted_at + self._opt.grace):
+            self._stop_all(now)
         if self._dump_until is not None and (not running or now >= self._dump_until):
             self._dump_until = None
             self._stop_all(now)

@@ -82,13 +82,16 @@ def checkpoint_job(
 
 
 def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
-               crash_epoch: int | None = None, crash_rank: int = 1) -> dict:
-    """fit with BackupAndRestore + EarlyStopping; on attempt 0 `crash_rank` dies after `crash_epoch`.
+               crash_epoch: int | None = None, crash_rank: int = 1,
+               sigterm_step: int | None = None) -> dict:
+    """fit with BackupAndRestore + EarlyStopping; on attempt 0 `crash_rank` dies after
+    `crash_epoch`, or gets SIGTERM after its training step number `sigterm_step`.
 
     Writes `<result_dir>/<rank>-<attempt>.json` (the launcher runs this, not the harness).
     """
     import json
     import os
+    import signal
 
     import keras
 
@@ -100,9 +103,16 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     rank = coordination.get().rank
 
     class CrashOnce(keras.callbacks.Callback):
+        steps = 0
+
         def on_epoch_end(self, epoch, logs=None):
             if attempt == 0 and rank == crash_rank and epoch == crash_epoch:
                 os._exit(3)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            if attempt == 0 and rank == crash_rank and self.steps == sigterm_step:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     stopper = callbacks.EarlyStopping(monitor="val_loss", patience=100)
     history = model.fit(

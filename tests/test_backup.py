@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from tests.harness import REPO_ROOT, function_command, run_cluster, worker_env
 keras = pytest.importorskip("keras")
 
 from disttrain import callbacks, storage  # noqa: E402
-from disttrain.errors import CallbackConfigError  # noqa: E402
+from disttrain.errors import PREEMPTED_EXIT_CODE, CallbackConfigError, Preempted  # noqa: E402
 
 
 class Interrupt(Exception):
@@ -175,6 +177,127 @@ def test_launcher_restart_resumes_a_crashed_cluster(tmp_path):
     assert [r["epochs_run"] for r in resumed] == [3, 3], "epochs 3 to 5 only"
     assert resumed[0]["weights"] == resumed[1]["weights"]
     assert resumed[0]["best_epoch"] == reference[0]["best_epoch"]
+    for name, value in reference[0]["weights"].items():
+        np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
+                                   rtol=1e-5, atol=1e-6)
+
+
+class InterruptAtBatch(keras.callbacks.Callback):
+    def __init__(self, epoch, batch, action=None):
+        super().__init__()
+        self.at = (epoch, batch)
+        self.action = action
+        self.epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            if self.action is None:
+                raise Interrupt()
+            self.action()
+
+
+def test_integer_save_freq_resumes_inside_the_epoch(tmp_path):
+    """4 batches per epoch, a backup every 3: the last one before the interruption at
+    epoch 3, batch 2 was taken after epoch 3's first batch; the resumed run trains
+    batches 2 to 4 of epoch 3 and ends equal to an uninterrupted run."""
+    reference = _model()
+    _fit(reference, [])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(backup, save_freq=3), InterruptAtBatch(2, 1)])
+    [name] = storage.listdir(backup)
+    metadata = storage.read_manifest(storage.join(backup, name))["metadata"]
+    assert (metadata["epoch"], metadata["batches"]) == (2, 1)
+    seen = []
+
+    class Batches(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+
+    resumed = _model()
+    history = _fit(resumed, [callbacks.BackupAndRestore(backup, save_freq=3), Batches()])
+    assert len(history.history["loss"]) == 4, "epochs 3..6"
+    assert seen[:4] == [1, 2, 3, 0], "epoch 3 goes on at its second batch"
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path):
+    """SIGTERM during epoch 2's third batch (after BackupAndRestore's hook for it): the
+    backup is taken after the fourth, the last of the epoch; the resumed run skips all
+    four, validates epoch 2, and ends equal to an uninterrupted run."""
+    reference = _model()
+    _fit(reference, [])
+    backup = str(tmp_path / "backup")
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as raised:
+        _fit(_model(), [callbacks.BackupAndRestore(backup),
+                        InterruptAtBatch(1, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+    assert raised.value.code == PREEMPTED_EXIT_CODE == 75
+    assert "backup saved at epoch 2, batch 4" in str(raised.value)
+    assert signal.getsignal(signal.SIGTERM) is previous, "the handler is put back"
+    [name] = storage.listdir(backup)
+    metadata = storage.read_manifest(storage.join(backup, name))["metadata"]
+    assert (metadata["epoch"], metadata["batches"]) == (1, 4)
+    resumed = _model()
+    history = _fit(resumed, [callbacks.BackupAndRestore(backup)])
+    assert len(history.history["val_loss"]) == 5
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_backup_of_another_architecture_is_refused_and_kept(tmp_path):
+    backup = tmp_path / "backup"
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(str(backup)), InterruptAt(2)])
+    before = {p: p.read_bytes() for p in backup.rglob("*") if p.is_file()}
+    keras.utils.set_random_seed(0)
+    wider = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5), keras.layers.Dense(1)])
+    wider.compile(keras.optimizers.Adam(0.01), "mse")
+    with pytest.raises(CallbackConfigError, match=r"different model.*variable #0 .*\(3, 4\) "
+                       r"float32 in the backup, .*\(3, 5\) float32 in this model.*Fix: give"):
+        _fit(wider, [callbacks.BackupAndRestore(str(backup))])
+    assert {p: p.read_bytes() for p in backup.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_there(tmp_path):
+    """Worker 1 gets SIGTERM after its 8th step (epoch 2 of 6-batch epochs): both workers
+    save one backup at the same later step and exit 75; launch.local restarts the group,
+    which resumes at that step and ends equal to an uninterrupted run."""
+    reference = run_cluster(
+        callback_workloads.resume_job, 2,
+        kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup")},
+    ).assert_ok().results
+    results = tmp_path / "preempt"
+    results.mkdir()
+    command = function_command(callback_workloads.resume_job, {
+        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
+        "sigterm_step": 8,
+    })
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--workers", "2", "--max-restarts", "1",
+         "--grace", "20", "--", *command],
+        env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w1\): backup saved at "
+                       r"epoch (\d), batch (\d); exiting with 75", proc.stderr)
+    assert sorted(w for w, *_ in saved) == ["w0", "w1"], proc.stderr[-5000:]
+    assert len({(e, b) for _, e, b in saved}) == 1, "both stopped after the same batch"
+    epoch, batch = int(saved[0][1]), int(saved[0][2])
+    assert (epoch, batch) > (2, 2), "after the step at which the signal arrived"
+    assert "the others save the same backup and exit too" in proc.stderr
+    for worker in ("w0", "w1"):
+        assert re.search(worker + r" +0 +[\d.]+s +75\*?\s", proc.stderr), (
+            f"{worker} exited 75 by itself in attempt 0")
+    resumed = [json.loads((results / f"{rank}-1.json").read_text()) for rank in (0, 1)]
+    assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2, "the rest of that epoch on"
+    assert resumed[0]["weights"] == resumed[1]["weights"]
     for name, value in reference[0]["weights"].items():
         np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
                                    rtol=1e-5, atol=1e-6)

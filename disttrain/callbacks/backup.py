@@ -6,15 +6,22 @@ import json
 import os
 import posixpath
 import re
+import sys
 import tempfile
 
 import keras
 import numpy as np
 from keras.src.utils import io_utils
 
-from disttrain import keras_compat, storage
+from disttrain import keras_compat, resume, storage
 from disttrain.callbacks.base import DistributedCallback, attached_callbacks
-from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.errors import (
+    PREEMPTED_EXIT_CODE,
+    CallbackConfigError,
+    Preempted,
+    StorageError,
+)
+from disttrain.preemption import PreemptionWatch
 
 _BACKUP_RE = re.compile(r"^backup-(\d{6,})$")
 WEIGHTS = "model.weights.h5"
@@ -97,6 +104,10 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._pending_arrays: dict[str, list] = {}
         self._next_index = 0
         self._save_due = False
+        self._epoch = 0
+        self._resume_batches = 0
+        self._steps = 0
+        self._watch: PreemptionWatch | None = None
 
     def on_train_begin(self, logs=None):
         if not self.model.built:
@@ -107,6 +118,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             )
         self._pending_states = None
         self._save_due = False
+        self._resume_batches = 0
+        self._steps = 0
         self.directory = self._template.format(run_id=self.run_id)
         chosen: dict = {}
 
@@ -127,25 +140,52 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self.coordinator.raise_if_any("BackupAndRestore.restore", error, StorageError)
         if self._pending_states is not None:
             self._apply_callback_states(final=False)
+        self._watch = PreemptionWatch(self.coordinator).start()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._save_due:
             self._save_due = False
             self._save_model()
+        if self._resume_batches:
+            resume.skip_batches_of_next_epoch(self._resume_batches)
+            self._last_batch_seen = self._resume_batches - 1
+            self._resume_batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        super().on_train_batch_end(batch, logs)
+        if self._watch is not None and self._watch.step_done(self._steps):
+            requester = self._watch.requested_by
+            self._save_model(epoch=self._epoch, batches=batch + 1)
+            self._end_watch()
+            message = (f"preempted (SIGTERM on {requester}): backup saved at epoch "
+                       f"{self._epoch + 1}, batch {batch + 1}; exiting with "
+                       f"{PREEMPTED_EXIT_CODE} to be restarted")
+            print(f"disttrain: {message}", file=sys.stderr, flush=True)
+            raise Preempted(message)
 
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch = epoch + 1
         self._last_batch_seen = 0
         self._save_due = self.save_freq == "epoch"
 
-    def _save_model(self):
+    def _save_model(self, epoch: int | None = None, batches: int | None = None):
+        """Backs up now: at the end of epoch `self._current_epoch - 1` by default, or
+        after `batches` batches of epoch `epoch` (a mid-epoch backup)."""
+        if batches is None:
+            if self.save_freq == "epoch":
+                epoch, batches = self._current_epoch, 0
+            else:
+                epoch, batches = self._epoch, self._last_batch_seen + 1
         keras_compat.sync_batchnorm_statistics(self.model)
         metadata = {
-            "epoch": self._current_epoch,
-            "batch": self._last_batch_seen,
+            "epoch": epoch,
+            "batches": batches,
             "run_id": self.run_id,
+            "model": _fingerprint(self.model),
             "callbacks": {},
         }
         arrays: dict[str, np.ndarray] = {}
@@ -161,6 +201,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         )
 
     def on_train_end(self, logs=None):
+        self._end_watch()
+        resume.cancel()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._save_due and not self.delete_checkpoint:
@@ -172,6 +214,11 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                 lambda: storage.remove(self.directory, recursive=True),
                 StorageError,
             )
+
+    def _end_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
 
     def _write(self, name: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
         with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
@@ -202,6 +249,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
+        _check_same_model(metadata.get("model"), _fingerprint(self.model), url)
         with storage.local_copy(storage.join(url, WEIGHTS)) as weights:
             self.model.load_weights(weights)
         arrays: dict[str, list] = {}
@@ -212,12 +260,14 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                     arrays.setdefault(key, []).append(npz[entry])
         self.model._initial_epoch = metadata["epoch"]
         self._current_epoch = metadata["epoch"]
+        self._resume_batches = metadata["batches"]
         self._pending_states = metadata.get("callbacks", {})
         self._pending_arrays = arrays
         if self.verbose > 0 and self.is_chief:
             io_utils.print_msg(
-                f"BackupAndRestore: resuming at epoch {metadata['epoch'] + 1} from "
-                f"{posixpath.basename(url)} (run {metadata.get('run_id')})"
+                f"BackupAndRestore: resuming at epoch {metadata['epoch'] + 1}"
+                + (f", batch {metadata['batches'] + 1}" if metadata["batches"] else "")
+                + f" from {posixpath.basename(url)} (run {metadata.get('run_id')})"
             )
 
     def _apply_callback_states(self, final: bool) -> None:
@@ -244,3 +294,30 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             name = type(callback).__name__
             counts[name] = counts.get(name, 0) + 1
             yield f"{name}-{counts[name]}", callback
+
+
+def _fingerprint(model) -> list[list]:
+    """Shape and dtype of every variable a backup holds, in load order (the model's,
+    then the optimizer's), with their paths for messages. Paths carry automatic
+    names (`dense_3`) that differ between equal models, so they are not compared."""
+    variables = list(model.variables)
+    if model.optimizer is not None and model.optimizer.built:
+        variables += list(model.optimizer.variables)
+    return [[v.path, list(v.shape), str(v.dtype)] for v in variables]
+
+
+def _check_same_model(saved: list[list] | None, current: list[list], url: str) -> None:
+    """Raises `CallbackConfigError` naming the first difference between two fingerprints."""
+    if saved is None or [v[1:] for v in saved] == [v[1:] for v in current]:
+        return
+    detail = f"the backup holds {len(saved)} variables, this model {len(current)}"
+    for i, (old, new) in enumerate(zip(saved, current)):
+        if old[1:] != new[1:]:
+            detail = (f"variable #{i} is {old[0]!r} {tuple(old[1])} {old[2]} in the backup, "
+                      f"{new[0]!r} {tuple(new[1])} {new[2]} in this model")
+            break
+    raise CallbackConfigError(
+        f"BackupAndRestore: the backup {url} was written by a different model or optimizer "
+        f"({detail}). Nothing was loaded and the backup was left as it is. Fix: give this "
+        "model its own backup_dir (e.g. with {run_id}), or train the model that wrote it."
+    )
