@@ -14,7 +14,10 @@ Formats:
   Indexed Job whose pods are `<name>-<i>.<name>`. The Job replaces a failed pod only once it has
   fully terminated (`podReplacementPolicy: Failed`, so no index ever runs twice at once), fails
   at once on exit code 2 (a configuration error: retrying cannot help), does not count evictions
-  and preemptions against the restart budget, and succeeds when worker 0 (the chief) succeeds.
+  and preemptions against the restart budget (neither the evicted pod nor its peers, which exit
+  75 after BackupAndRestore saved a backup at a step all agreed on), and succeeds when worker 0
+  (the chief) succeeds. `--termination-grace` (terminationGracePeriodSeconds) must leave time
+  to finish a step and write that backup.
   Under MultiWorkerMirroredStrategy a lost worker makes every peer fail, so one restart of the
   group costs up to N pod failures: `backoffLimit` is `--max-restarts` x N.
 - `jobset` (`jobset.x-k8s.io/v1alpha2`): the same Indexed Job inside a JobSet, which restarts
@@ -57,7 +60,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, new_run_id, validate_run_id
-from disttrain.errors import ClusterConfigError, DisttrainError
+from disttrain.errors import PREEMPTED_EXIT_CODE, ClusterConfigError, DisttrainError
 from launch import entrypoint
 
 FORMATS = ("job", "jobset", "tfjob")
@@ -68,6 +71,7 @@ GCP_KEY_FILE = "key.json"
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICATED_JOB = "worker"
 MAX_HOSTNAME = 63
+DEFAULT_TERMINATION_GRACE = 120
 # Pod label holding the UID of the object that owns one job instance, per format; the pods
 # read DISTTRAIN_RUN_ID from it through the Downward API. TFJob pods have no such label.
 RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UID_LABEL}
@@ -146,6 +150,7 @@ class JobConfig:
     run_id: str | None = None
     max_restarts: int = 3
     peer_timeout: int = int(entrypoint.DEFAULT_PEER_TIMEOUT)
+    termination_grace: int = DEFAULT_TERMINATION_GRACE
     format: str = "job"
     tfjob_run_id: str = dataclasses.field(default_factory=new_run_id)
     """The run id of a TFJob without `run_id`, generated with the config (see RUN_ID_NOTE)."""
@@ -225,6 +230,11 @@ class JobConfig:
             _fail("--max-restarts", self.max_restarts, "use an integer of at least 0")
         if not isinstance(self.peer_timeout, int) or self.peer_timeout < 1:
             _fail("--peer-timeout", self.peer_timeout, "use a number of seconds of at least 1")
+        if isinstance(self.termination_grace, bool) or not isinstance(
+                self.termination_grace, int) or self.termination_grace < 1:
+            _fail("--termination-grace", self.termination_grace,
+                  "use a number of seconds of at least 1, long enough to finish a training "
+                  "step and write a backup")
         if self.checkpoint_url is not None and (
                 not self.checkpoint_url or any(c.isspace() for c in self.checkpoint_url)):
             _fail("--checkpoint-url", self.checkpoint_url,
@@ -358,6 +368,7 @@ def _pod_template(config: JobConfig, restart_policy: str | None,
     # The pause container becomes PID 1, so the training process is not: a PID 1 without a
     # SIGTERM handler ignores SIGTERM, and every pod deletion would wait for SIGKILL.
     spec["shareProcessNamespace"] = True
+    spec["terminationGracePeriodSeconds"] = config.termination_grace
     spec["containers"] = [_container(config)]
     if config.gcp_key_secret:
         spec["volumes"] = [{"name": "gcp-key", "secret": {
@@ -378,6 +389,9 @@ def _indexed_job_spec(config: JobConfig, backoff_limit: int,
             {"action": "FailJob",
              "onExitCodes": {"containerName": "worker", "operator": "In",
                              "values": [entrypoint.EXIT_CONFIG_ERROR]}},
+            {"action": "Ignore",
+             "onExitCodes": {"containerName": "worker", "operator": "In",
+                             "values": [PREEMPTED_EXIT_CODE]}},
             {"action": "Ignore",
              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
@@ -554,6 +568,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--peer-timeout", type=int, default=int(entrypoint.DEFAULT_PEER_TIMEOUT),
         help="seconds each pod waits to meet its peers: long enough for the slowest pod to be "
              f"scheduled and pull the image (default {entrypoint.DEFAULT_PEER_TIMEOUT:g})")
+    add("--termination-grace", type=int, default=DEFAULT_TERMINATION_GRACE,
+        help="seconds between a pod's SIGTERM and SIGKILL (terminationGracePeriodSeconds): "
+             "BackupAndRestore needs them to finish the current step and write a backup "
+             f"(default {DEFAULT_TERMINATION_GRACE})")
     add("--format", choices=FORMATS, default="job", help="what to emit (default job)")
     add("--output", type=Path, help="write <DIR>/<name>.yaml instead of printing")
     return parser
@@ -572,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_url=args.checkpoint_url, service_account=args.service_account,
             gcp_key_secret=args.gcp_key_secret, env=_parse_env(args.env), run_id=args.run_id,
             max_restarts=args.max_restarts, peer_timeout=args.peer_timeout,
-            format=args.format,
+            termination_grace=args.termination_grace, format=args.format,
         )
         text = to_yaml(manifests(config))
     except ManifestConfigError as e:

@@ -22,6 +22,7 @@ import yaml
 from yamllint import config as yamllint_config
 from yamllint import linter
 
+from disttrain.errors import PREEMPTED_EXIT_CODE
 from launch import entrypoint, k8s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ FULL = k8s.JobConfig(
     namespace="ml", cpu="3500m", memory="12Gi", gpus=2, port=3333,
     checkpoint_url="gs://bucket/mnist", service_account="trainer", gcp_key_secret="gcp-key",
     env=(("TF_CPP_MIN_LOG_LEVEL", "2"), ("FLAG", "yes")), run_id="mnist-2026.1",
-    max_restarts=5, peer_timeout=120,
+    max_restarts=5, peer_timeout=120, termination_grace=300,
 )
 CONFIGS = {"minimal": MINIMAL, "full": FULL}
 # Where each format's pods read their run id when no --run-id is given: a pod label holding the
@@ -124,7 +125,7 @@ def _check_indexed_job_spec(spec: dict, config: k8s.JobConfig, backoff_limit: in
     pod_spec = spec["template"]["spec"]
     assert pod_spec["restartPolicy"] == "Never"
     container_names = {c["name"] for c in pod_spec["containers"]}
-    actions = {}
+    actions = []
     for rule in spec["podFailurePolicy"]["rules"]:
         assert rule["action"] in ENUMS["action"]
         assert ("onExitCodes" in rule) != ("onPodConditions" in rule)
@@ -133,11 +134,15 @@ def _check_indexed_job_spec(spec: dict, config: k8s.JobConfig, backoff_limit: in
             assert codes["operator"] in ENUMS["operator"]
             assert codes["containerName"] in container_names
             assert 0 not in codes["values"]
-            actions[rule["action"]] = codes["values"]
+            actions.append((rule["action"], codes["values"]))
         for condition in rule.get("onPodConditions", []):
             assert condition["status"] in ENUMS["status"]
-            actions[rule["action"]] = condition["type"]
-    assert actions == {"FailJob": [entrypoint.EXIT_CONFIG_ERROR], "Ignore": "DisruptionTarget"}
+            actions.append((rule["action"], condition["type"]))
+    assert actions == [("FailJob", [entrypoint.EXIT_CONFIG_ERROR]),
+                       ("Ignore", [PREEMPTED_EXIT_CODE]), ("Ignore", "DisruptionTarget")], (
+        "a configuration error fails the job; a preemption (the evicted pod's DisruptionTarget, "
+        "its peers' exit 75 after the agreed backup) does not count against backoffLimit")
+    assert pod_spec["terminationGracePeriodSeconds"] == config.termination_grace
     (rule,) = spec["successPolicy"]["rules"]
     assert rule == {"succeededIndexes": "0"}
     _check_pod_spec(pod_spec, config)
@@ -424,6 +429,7 @@ def test_yaml_quotes_exactly_the_strings_that_need_it():
     (["--run-id", "ends-with-dash-"], "it is also a label value"),
     (["--max-restarts", "-1"], "--max-restarts=-1 is not valid"),
     (["--peer-timeout", "0"], "--peer-timeout=0 is not valid"),
+    (["--termination-grace", "0"], "--termination-grace=0 is not valid"),
     (["--checkpoint-url", "gs://b/has space"], "give a URL without spaces"),
     (["--image", "has space:1"], "--image='has space:1' is not valid"),
     (["--format", "deployment"], "argument --format: invalid choice: 'deployment'"),
