@@ -22,9 +22,11 @@ assert run.results[0] == run.results[1]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -177,6 +179,82 @@ def _run_once(target, num_workers, kwargs, env, per_worker_env, chief, timeout, 
     return ClusterRun(workers, timed_out)
 
 
+MARKER_ENV = "DISTTRAIN_TEST_JOB_MARKER"
+
+
+@dataclasses.dataclass
+class LaunchedJob:
+    """What one `python -m launch.local` job left: its exit, output and survivors.
+
+    Attributes:
+        returncode: the launcher's exit code (None when it was killed on timeout).
+        stdout: the launcher's stdout (the workers' prefixed stdout).
+        stderr: the launcher's stderr (the workers' prefixed stderr and its messages).
+        seconds: wall time until the launcher exited.
+        timed_out: True when it ran past the timeout and was killed.
+        survivors: processes of the job still alive after it ended (then SIGKILLed).
+    """
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool
+    survivors: list[int]
+
+    def report(self) -> str:
+        head = "launcher TIMED OUT and was killed\n" if self.timed_out else ""
+        return (f"{head}exit {self.returncode} after {self.seconds:.1f}s, survivors "
+                f"{self.survivors}\nstdout (tail):\n{self.stdout[-3000:]}\n"
+                f"stderr (tail):\n{self.stderr[-8000:]}")
+
+
+def run_launcher(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> LaunchedJob:
+    """Runs `python -m launch.local ARGS` to the end; no process of the job outlives the call.
+
+    Every process of the job carries a unique marker in its environment; after
+    the launcher exits (or is killed at `timeout`), the processes still carrying
+    it get 5 seconds to go, then SIGKILL, and are listed in `survivors`.
+
+    Args:
+        args: the launcher's arguments, e.g. `["--workers", "2", "--", *command]`.
+        timeout: seconds before the launcher's whole process group is killed.
+        cwd: working directory (default: the repository root).
+        env: extra environment for the launcher and so for every worker.
+        wrap: given the launcher's command, returns the command to run instead
+            (e.g. to run the whole job in a mount namespace).
+    """
+    marker = secrets.token_hex(8)
+    command = [sys.executable, "-m", "launch.local", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        wrap(command) if wrap else command, cwd=cwd or REPO_ROOT,
+        env=worker_env({**(env or {}), MARKER_ENV: marker}), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        timed_out = True
+    seconds = time.monotonic() - started
+    survivors = wait_gone(MARKER_ENV, marker, within=5)
+    for pid in survivors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return LaunchedJob(None if timed_out else proc.returncode, out, err, seconds, timed_out,
+                       survivors)
+
+
 def read_only_view(path: str | os.PathLike[str], command: list[str]) -> list[str]:
     """Wraps `command` to run in a private mount namespace where `path` is read-only.
 
@@ -194,6 +272,34 @@ def can_make_read_only_views() -> bool:
         ["unshare", "--mount", "sh", "-c", "mount --bind / / 2>/dev/null"], capture_output=True
     ) if os.geteuid() == 0 and shutil.which("unshare") else None
     return probe is not None and probe.returncode == 0
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds `name=value`.
+
+    Children inherit the environment, so a unique marker given to a launcher
+    finds every process of its job, in any mount namespace.
+    """
+    needle = f"{name}={value}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_gone(name: str, value: str, within: float) -> list[int]:
+    """Waits up to `within` seconds for `processes_with_env(name, value)` to end; the rest."""
+    deadline = time.monotonic() + within
+    while (pids := processes_with_env(name, value)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
 
 
 def _wait_all(procs: list[subprocess.Popen], deadline: float) -> tuple[dict[int, float], bool]:

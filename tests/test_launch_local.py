@@ -23,8 +23,10 @@ import uuid
 import pytest
 
 from disttrain.cluster import Cluster
-from launch.output import LineSplitter
 from launch.local import PORT_CLASH
+from launch.output import LineSplitter
+from tests import harness
+from tests.harness import processes_with_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "launch_workers" / "worker.py")
@@ -36,25 +38,11 @@ pytestmark = pytest.mark.timeout(60)
 
 def marked_pids(marker: str) -> list[int]:
     """Live processes whose environment carries this test's marker."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    return processes_with_env(MARKER_ENV, marker)
 
 
 def wait_gone(marker: str, within: float) -> list[int]:
-    deadline = time.monotonic() + within
-    while (pids := marked_pids(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return pids
+    return harness.wait_gone(MARKER_ENV, marker, within)
 
 
 class Launch:

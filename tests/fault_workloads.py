@@ -1,0 +1,142 @@
+"""Training scripts for the bad-input matrix and the fault-injection tests.
+
+Both run under `python -m launch.local` through `tests._worker`:
+
+- `checkpoint_train` trains a small model with ModelCheckpoint and EarlyStopping
+  whose arguments the bad-input cases make wrong (monitor, filepath template,
+  destination).
+- `fault_train` trains with BackupAndRestore while, on attempt 0 only, the
+  worker of rank `DISTTRAIN_FAULT_RANK` SIGKILLs itself after global step
+  `DISTTRAIN_FAULT_STEP`; it records every finished epoch and its final weights
+  under `result_dir`, so a test can compare a restarted job with an
+  uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+
+ENV_FAULT_RANK = "DISTTRAIN_FAULT_RANK"
+ENV_FAULT_STEP = "DISTTRAIN_FAULT_STEP"
+SAMPLES = 192
+GLOBAL_BATCH = 32
+STEPS_PER_EPOCH = SAMPLES // GLOBAL_BATCH
+
+
+def _datasets():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 6)).astype("float32")
+    y = (x[:, 0] - x[:, 1] > 0).astype("float32")
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    val = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(GLOBAL_BATCH)
+    return train, val
+
+
+def _model(width: int):
+    """Two hidden layers of `width` units: its checkpoint takes about 4 * width**2 bytes."""
+    import keras
+
+    from disttrain.strategy import strategy as make_strategy
+
+    with make_strategy().scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([
+            keras.Input((6,)), keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(width, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ])
+        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def checkpoint_train(filepath: str, epochs: int = 3, monitor: str = "val_loss",
+                     save_best_only: bool = True, width: int = 64,
+                     hold_port_of_rank: int | None = None) -> dict:
+    """fit with ModelCheckpoint(filepath, monitor, save_best_only), EarlyStopping and SyncStop.
+
+    With `hold_port_of_rank`, that worker first listens on its own TF_CONFIG port
+    itself, as another program holding the port would.
+    """
+    import socket
+
+    from disttrain import callbacks
+    from disttrain.cluster import Cluster
+
+    cluster = Cluster.from_env()
+    held = None
+    if hold_port_of_rank is not None and cluster.worker_rank == hold_port_of_rank:
+        port = int(cluster.training_addresses[cluster.worker_rank].rsplit(":", 1)[1])
+        held = socket.socket()
+        held.bind(("0.0.0.0", port))
+        held.listen()
+    model = _model(width)
+    train, val = _datasets()
+    stack = [
+        callbacks.ModelCheckpoint(filepath, monitor=monitor, save_best_only=save_best_only),
+        callbacks.EarlyStopping(monitor=monitor, patience=epochs),
+        callbacks.SyncStop(),
+    ]
+    history = model.fit(train, validation_data=val, epochs=epochs, callbacks=stack, verbose=0)
+    return {"epochs_run": len(history.history["loss"])}
+
+
+def fault_train(result_dir: str, backup_dir: str, epochs: int = 4, width: int = 16) -> dict:
+    """fit with BackupAndRestore(save_freq="epoch"); attempt 0 may SIGKILL one worker.
+
+    Appends `<attempt> <epoch>` to `<result_dir>/epochs-<rank>.log` after every
+    epoch, writes `<result_dir>/killed.json` just before the kill and, when fit
+    returns, `<result_dir>/<rank>-<attempt>.json` with the epochs run and the
+    final weights.
+    """
+    import keras
+
+    from disttrain import callbacks, coordination
+
+    attempt = int(os.environ.get("DISTTRAIN_ATTEMPT", "0"))
+    victim = int(os.environ.get(ENV_FAULT_RANK, "-1"))
+    kill_step = int(os.environ.get(ENV_FAULT_STEP, "0"))
+    model = _model(width)
+    model.build((None, 6))
+    train, val = _datasets()
+    rank = coordination.get().rank
+
+    class KillAtStep(keras.callbacks.Callback):
+        """SIGKILLs this process after global step `kill_step` (1-based) of attempt 0."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = self._epoch * STEPS_PER_EPOCH + batch + 1
+            if attempt == 0 and rank == victim and step == kill_step:
+                _write_json(os.path.join(result_dir, "killed.json"),
+                            {"rank": rank, "step": step, "pid": os.getpid()})
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+        def on_epoch_end(self, epoch, logs=None):
+            with open(os.path.join(result_dir, f"epochs-{rank}.log"), "a") as f:
+                f.write(f"{attempt} {epoch}\n")
+
+    history = model.fit(
+        train, validation_data=val, epochs=epochs, verbose=0,
+        callbacks=[callbacks.BackupAndRestore(backup_dir), KillAtStep(), callbacks.SyncStop()],
+    )
+    result = {"attempt": attempt, "epochs_run": len(history.history.get("loss", [])),
+              "weights": [np.asarray(w).tolist() for w in model.get_weights()]}
+    _write_json(os.path.join(result_dir, f"{rank}-{attempt}.json"), result)
+    return result
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,262 @@
+"""Bad input, end to end: every case is a real 2-worker job under `python -m launch.local`.
+
+Each case must end non-zero within a bound, with every worker printing the same
+disttrain error that names the bad value and the fix, leave the checkpoint an
+earlier attempt of the same run committed byte-identical (and loadable), and
+leave no process of the job behind. The cases: malformed TF_CONFIG, a missing
+monitor metric, a filepath template key missing from the logs, a read-only
+destination, a destination under a regular file, a full filesystem (a real
+small tmpfs in a private mount namespace, full mid-training), a port held by
+another listener, invalid launcher flags. A destination whose parent
+directories do not exist is created (the earlier attempt's job shows it).
+A backup written by a different model architecture is tested in test_backup.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests import fault_workloads
+from tests.harness import (
+    LaunchedJob,
+    can_make_read_only_views,
+    function_command,
+    read_only_view,
+    run_launcher,
+)
+
+RUN_ID = "bad-input-run"
+DESTINATION = "ckpt/sub"
+FILEPATH = f"{DESTINATION}/m-{{epoch}}.keras"
+WIDTH = 256
+JOB_TIMEOUT = 90
+PAGE = 4096
+# Room left on the tmpfs besides the earlier checkpoint: enough for the write probe,
+# the pending marker and the manifest, far too little for another checkpoint.
+TMPFS_SLACK = 16 * PAGE
+
+needs_namespaces = pytest.mark.skipif(not can_make_read_only_views(),
+                                      reason="needs root and unshare --mount")
+
+
+def _command(**kwargs) -> list[str]:
+    return function_command(fault_workloads.checkpoint_train,
+                            {"filepath": FILEPATH, "width": WIDTH, **kwargs})
+
+
+def _launch(cwd: Path, command: list[str], *flags: str,
+            wrap: Callable[[list[str]], list[str]] | None = None) -> LaunchedJob:
+    return run_launcher(["--workers", "2", "--run-id", RUN_ID, "--grace", "2", *flags, "--",
+                         *command], timeout=JOB_TIMEOUT, cwd=cwd, wrap=wrap)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory) -> Path:
+    """A directory whose `ckpt/sub/` holds 2 committed checkpoints of run RUN_ID.
+
+    Written by a real job whose destination's parent directories did not exist.
+    """
+    root = tmp_path_factory.mktemp("earlier")
+    job = _launch(root, _command(epochs=2))
+    assert job.returncode == 0 and not job.survivors, job.report()
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_destination_whose_parent_does_not_exist_is_created(earlier):
+    names = sorted(os.listdir(earlier / DESTINATION))
+    assert names == ["best.json", "m-1.keras", "m-2.keras"], names
+    manifest = json.loads((earlier / DESTINATION / "best.json").read_text())
+    assert manifest["run_id"] == RUN_ID and manifest["path"] == f"{DESTINATION}/m-2.keras"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One bad input: how to run the job, and the error every named worker must print.
+
+    Attributes:
+        command: the workers' command (run in the case's directory).
+        error: a regex for `<disttrain error class>: <message>` each of `workers` prints.
+        flags: extra launcher flags.
+        wrap: given the case's directory and a worker command, the command to run.
+        workers: the labels that must print `error` (none for launcher errors).
+        exit_code: the launcher's expected exit code.
+        within: seconds the job may take.
+        launcher_error: a regex the launcher's own stderr must match.
+        root_cause_only: only the worker that failed first must print `error`
+            (the others may be stopped by the launcher before they get as far);
+            any other that prints an error prints the same.
+    """
+
+    command: list[str]
+    error: str = ""
+    flags: tuple[str, ...] = ()
+    wrap: Callable[[Path, list[str]], list[str]] | None = None
+    workers: tuple[str, ...] = ("w0", "w1")
+    exit_code: int = 1
+    within: float = 60.0
+    launcher_error: str = ""
+    root_cause_only: bool = False
+
+
+def _with_env(name: str, value: str) -> Callable[[Path, list[str]], list[str]]:
+    return lambda _root, command: ["env", f"{name}={value}", *command]
+
+
+def _read_only_destination(root: Path, command: list[str]) -> list[str]:
+    return read_only_view(root / "ckpt", command)
+
+
+BAD_TF_CONFIG = json.dumps({"cluster": {"worker": "127.0.0.1:2222,127.0.0.1:2223"},
+                            "task": {"type": "worker", "index": 0}})
+
+CASES = {
+    "malformed TF_CONFIG": Case(
+        _command(), wrap=_with_env("TF_CONFIG", BAD_TF_CONFIG), root_cause_only=True,
+        error=r"ClusterConfigError: TF_CONFIG cluster\.worker='127\.0\.0\.1:2222,127\.0\.0\.1:2223'"
+              r": must be a list of 'host:port' strings\. Fix: write \"worker\": \[\"host:port\"",
+    ),
+    "missing monitor metric": Case(
+        _command(monitor="val_auc"),
+        error=r"CallbackConfigError: ModelCheckpoint\(monitor='val_auc'\): 'val_auc' is not in "
+              r"the logs\. Available: accuracy, loss, val_accuracy, val_loss\..* Fix: monitor "
+              r"one of the available metrics",
+    ),
+    "template key missing from the logs": Case(
+        function_command(fault_workloads.checkpoint_train, {
+            "filepath": f"{DESTINATION}/m-{{val_acc:.2f}}.keras", "width": WIDTH}),
+        error=r"CallbackConfigError: ModelCheckpoint\(filepath='ckpt/sub/m-\{val_acc:\.2f\}\.keras'"
+              r"\) uses \['val_acc'\], which are not in the logs\. Available: accuracy, loss, "
+              r"val_accuracy, val_loss, plus epoch, batch, run_id\. Fix: use available names",
+    ),
+    "read-only destination": Case(
+        _command(), wrap=_read_only_destination,
+        error=r"StorageError: ModelCheckpoint\.preflight failed on w0: StorageError: destination "
+              r"'ckpt/sub' is not writable: OSError: \[Errno 30\] Read-only file system.*\. "
+              r"Fix: check the permissions of the destination",
+    ),
+    "destination under a regular file": Case(
+        function_command(fault_workloads.checkpoint_train, {
+            "filepath": f"{DESTINATION}/m-1.keras/m-{{epoch}}.keras", "width": WIDTH}),
+        error=r"StorageError: ModelCheckpoint\.preflight failed on w0: StorageError: destination "
+              r"'ckpt/sub/m-1\.keras' is not writable: FileExistsError: \[Errno 17\] File exists: "
+              r"'.*/ckpt/sub/m-1\.keras'\. Fix: a file and a "
+              r"directory clash on this path; remove the clashing entry or choose another path",
+    ),
+    "port held by another listener": Case(
+        _command(hold_port_of_rank=1), flags=("--grace", "0.5"), workers=(),
+        launcher_error=r"w1 could not bind its port \(.*Could not start gRPC server.*\): "
+                       r"relaunching on fresh ports.*\(3/3\)(.|\n)*"
+                       r"summary of bad-input-run: exit 1 after .*4 attempt\(s\) "
+                       r"\(3 port-clash relaunch\(es\)\)",
+    ),
+    "invalid launcher flag --workers 0": Case(
+        _command(), flags=("--workers", "0"), workers=(), exit_code=2, within=10,
+        launcher_error=r"argument --workers: must be at least 1, got 0",
+    ),
+    "invalid launcher flag --max-restarts=-1": Case(
+        _command(), flags=("--max-restarts=-1",), workers=(), exit_code=2, within=10,
+        launcher_error=r"argument --max-restarts: must be at least 0, got -1",
+    ),
+}
+
+
+def _worker_errors(stderr: str) -> dict[str, list[str]]:
+    """The `disttrain.errors.<Class>: <message>` lines each worker printed, by label."""
+    found: dict[str, list[str]] = {}
+    for label, line in re.findall(r"^\[(w\d+)\] disttrain\.errors\.(\w+Error: .*)$", stderr,
+                                  re.MULTILINE):
+        found.setdefault(label, []).append(line)
+    return found
+
+
+def _assert_failed_clearly(case: Case, job: LaunchedJob) -> None:
+    assert not job.timed_out and job.returncode == case.exit_code, job.report()
+    assert job.seconds < case.within, job.report()
+    assert job.survivors == [], job.report()
+    if case.launcher_error:
+        assert re.search(case.launcher_error, job.stderr), job.report()
+    errors = _worker_errors(job.stderr)
+    labels = list(case.workers)
+    if case.root_cause_only:
+        culprit = re.search(r"^\[launch\] (w\d+) failed first", job.stderr, re.MULTILINE)
+        assert culprit, job.report()
+        labels = [culprit[1], *(label for label in case.workers if label in errors)]
+    lines = [errors.get(label, [""])[-1] for label in labels]
+    for line in lines:
+        assert re.match(case.error, line), (line, job.report())
+    assert len(set(lines)) <= 1, f"workers disagree: {lines}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_clearly_and_keeps_the_earlier_checkpoint(name, earlier, tmp_path):
+    case = CASES[name]
+    if case.wrap is _read_only_destination and not can_make_read_only_views():
+        pytest.skip("needs root and unshare --mount")
+    shutil.copytree(earlier / "ckpt", tmp_path / "ckpt")
+    before = _snapshot(tmp_path / "ckpt")
+    command = case.wrap(tmp_path, case.command) if case.wrap else case.command
+    job = _launch(tmp_path, command, *case.flags)
+    _assert_failed_clearly(case, job)
+    assert _snapshot(tmp_path / "ckpt") == before
+
+
+def _tmpfs_size(directory: Path) -> int:
+    used = sum(-(-len(data) // PAGE) * PAGE for data in _snapshot(directory).values())
+    return used + TMPFS_SLACK
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@needs_namespaces
+def test_full_filesystem_mid_training(earlier, tmp_path):
+    """A tmpfs just big enough for the earlier checkpoints; the first better epoch cannot be saved.
+
+    The job restores the earlier attempt's best value (same run id), so its first
+    save comes after 2 or 3 epochs: mid-training. The tmpfs lives in a private
+    mount namespace around the launcher; its content is copied out before it goes.
+    """
+    destination, after = tmp_path / "ckpt", tmp_path / "after"
+    destination.mkdir()
+    after.mkdir()
+    before = _snapshot(earlier / "ckpt")
+    size = _tmpfs_size(earlier / "ckpt")
+
+    def in_full_tmpfs(launcher: list[str]) -> list[str]:
+        d, a, e = (shlex.quote(str(p)) for p in (destination, after, earlier / "ckpt"))
+        script = (f"mount -t tmpfs -o size={size} disttrain-full {d} && cp -a {e}/. {d}/ && "
+                  f"{shlex.join(launcher)}; rc=$?; cp -a {d}/. {a}/; exit $rc")
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+    job = run_launcher(["--workers", "2", "--run-id", RUN_ID, "--grace", "2", "--",
+                        *_command(epochs=5)], timeout=JOB_TIMEOUT, cwd=tmp_path,
+                       wrap=in_full_tmpfs)
+    case = Case(
+        [], error=r"StorageError: ModelCheckpoint\.save failed on w0: StorageError: writing "
+                  r"'ckpt/sub/m-[23]\.keras' failed: OSError: \[Errno 28\] No space left on "
+                  r"device\. Fix: free space on the destination or write somewhere with more "
+                  r"room\.",
+    )
+    _assert_failed_clearly(case, job)
+    assert _snapshot(after) == before, "nothing committed before was touched, nothing added"
+    keras = pytest.importorskip("keras")
+    manifest = json.loads((after / "sub" / "best.json").read_text())
+    model = keras.models.load_model(after / "sub" / os.path.basename(manifest["path"]))
+    assert model.count_params() == 6 * WIDTH + WIDTH + WIDTH * WIDTH + WIDTH + WIDTH + 1
