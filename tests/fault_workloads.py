@@ -9,16 +9,22 @@ Both run under `python -m launch.local` through `tests._worker`:
   worker of rank `DISTTRAIN_FAULT_RANK` SIGKILLs itself after global step
   `DISTTRAIN_FAULT_STEP`; it records every finished epoch and its final weights
   under `result_dir`, so a test can compare a restarted job with an
-  uninterrupted one.
+  uninterrupted one. `run_fault_job` runs it under the launcher and collects
+  what it left (tests/test_fault_injection.py and benchmarks/faults.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import random
 import signal
 
 import numpy as np
+
+from tests.harness import LaunchedJob, function_command, run_launcher
 
 ENV_FAULT_RANK = "DISTTRAIN_FAULT_RANK"
 ENV_FAULT_STEP = "DISTTRAIN_FAULT_STEP"
@@ -131,6 +137,61 @@ def fault_train(result_dir: str, backup_dir: str, epochs: int = 4, width: int = 
               "weights": [np.asarray(w).tolist() for w in model.get_weights()]}
     _write_json(os.path.join(result_dir, f"{rank}-{attempt}.json"), result)
     return result
+
+
+def plan_fault(seed: int, workers: int, epochs: int) -> tuple[int, int]:
+    """The (victim rank, global step from 1) that `seed` picks among `workers` x `epochs`."""
+    rng = random.Random(seed)
+    return rng.randrange(workers), rng.randint(1, epochs * STEPS_PER_EPOCH)
+
+
+@dataclasses.dataclass
+class FaultRun:
+    """One `fault_train` job under `launch.local` and what its workers left in `result_dir`.
+
+    Attributes:
+        job: the launcher's exit, output and survivors.
+        results: rank -> the `<rank>-<attempt>.json` of the last attempt that wrote one.
+        epochs: rank -> the (attempt, epoch) pairs it finished, in order.
+        killed: what the victim wrote just before it SIGKILLed itself, or None.
+    """
+
+    job: LaunchedJob
+    results: dict[int, dict]
+    epochs: dict[int, list[tuple[int, int]]]
+    killed: dict | None
+
+
+def run_fault_job(result_dir: str, workers: int, epochs: int, fault: tuple[int, int] | None,
+                  max_restarts: int, timeout: float) -> FaultRun:
+    """Runs `fault_train` on `workers` local workers; `fault` is (victim rank, step) or None."""
+    command = function_command(fault_train, {
+        "result_dir": result_dir, "backup_dir": os.path.join(result_dir, "backup-{run_id}"),
+        "epochs": epochs})
+    env = {} if fault is None else {ENV_FAULT_RANK: str(fault[0]), ENV_FAULT_STEP: str(fault[1])}
+    job = run_launcher(["--workers", str(workers), "--max-restarts", str(max_restarts),
+                        "--grace", "1", "--", *command], timeout=timeout, env=env)
+    results, finished = {}, {}
+    for rank in range(workers):
+        for attempt in range(max_restarts + 1):
+            path = os.path.join(result_dir, f"{rank}-{attempt}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[rank] = json.load(f)
+        log = os.path.join(result_dir, f"epochs-{rank}.log")
+        with contextlib.suppress(FileNotFoundError), open(log) as f:
+            finished[rank] = [tuple(map(int, line.split())) for line in f]
+    killed_path = os.path.join(result_dir, "killed.json")
+    killed = None
+    if os.path.exists(killed_path):
+        with open(killed_path) as f:
+            killed = json.load(f)
+    return FaultRun(job, results, finished, killed)
+
+
+def max_weight_diff(a: list, b: list) -> float:
+    """The largest absolute difference between two lists of weight arrays."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
 def _write_json(path: str, obj: dict) -> None:

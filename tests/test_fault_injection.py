@@ -1,0 +1,91 @@
+"""Fault injection: SIGKILL a random worker at a random step of a real 2-worker job.
+
+Each seed picks (victim rank, global step) with `random.Random(seed)`; on
+attempt 0 the victim kills itself with SIGKILL after that step (a callback of
+`tests.fault_workloads.fault_train`). Under `launch.local --max-restarts 1` with
+`BackupAndRestore(save_freq="epoch")` the job must then succeed on attempt 1,
+resuming at the epoch the kill interrupted, run the planned epochs in all, and
+end with the weights of an uninterrupted run (the data order is deterministic).
+Without restarts it must end within a bound with exit 137, the launcher naming
+the victim and the signal. `python -m benchmarks.faults` runs many more seeds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from tests.fault_workloads import (
+    STEPS_PER_EPOCH,
+    max_weight_diff,
+    plan_fault,
+    run_fault_job,
+)
+
+WORKERS = 2
+EPOCHS = 4
+SEEDS = range(5)
+JOB_TIMEOUT = 120
+# Bounds on a loaded 2-core machine: one attempt takes about 10 s, a restarted job about 25 s.
+RESTARTED_WITHIN = 90
+FAILED_WITHIN = 45
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list:
+    """The final weights of the same job without a fault (identical on every worker)."""
+    run = run_fault_job(str(tmp_path_factory.mktemp("uninterrupted")), WORKERS, EPOCHS,
+                        fault=None, max_restarts=0, timeout=JOB_TIMEOUT)
+    assert run.job.returncode == 0 and not run.job.survivors, run.job.report()
+    assert [run.results[r]["epochs_run"] for r in range(WORKERS)] == [EPOCHS] * WORKERS
+    assert run.results[0]["weights"] == run.results[1]["weights"]
+    return run.results[0]["weights"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_killed_worker_is_restarted_and_the_job_ends_like_an_uninterrupted_one(
+        seed, uninterrupted, tmp_path):
+    victim, step = plan_fault(seed, WORKERS, EPOCHS)
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=(victim, step), max_restarts=1,
+                        timeout=JOB_TIMEOUT)
+    job = run.job
+    assert job.returncode == 0 and not job.survivors, job.report()
+    assert job.seconds < RESTARTED_WITHIN, job.report()
+    assert run.killed == {"rank": victim, "step": step, "pid": run.killed["pid"]}, run.killed
+    assert "2 attempt(s) (1 restart(s))" in job.stderr, job.report()
+    assert re.search(rf"^\[launch\]   w{victim} +0 .* 137\*$", job.stderr, re.MULTILINE), (
+        job.report())
+
+    killed_epoch = (step - 1) // STEPS_PER_EPOCH
+    for rank in range(WORKERS):
+        finished = run.epochs[rank]
+        first = [epoch for attempt, epoch in finished if attempt == 0]
+        second = [epoch for attempt, epoch in finished if attempt == 1]
+        assert first == list(range(killed_epoch)), (rank, finished)
+        assert second == list(range(killed_epoch, EPOCHS)), (rank, finished)
+        result = run.results[rank]
+        assert result["attempt"] == 1 and result["epochs_run"] == EPOCHS - killed_epoch
+    assert run.results[0]["weights"] == run.results[1]["weights"]
+    for got, want in zip(run.results[0]["weights"], uninterrupted):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert max_weight_diff(run.results[0]["weights"], uninterrupted) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_without_restarts_the_job_fails_fast_naming_the_killed_worker_and_signal(tmp_path):
+    victim, step = plan_fault(len(SEEDS), WORKERS, EPOCHS)
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=(victim, step), max_restarts=0,
+                        timeout=JOB_TIMEOUT)
+    job = run.job
+    assert job.returncode == 137 and not job.survivors, job.report()
+    assert job.seconds < FAILED_WITHIN, job.report()
+    assert run.killed is not None and run.killed["step"] == step
+    assert f"[launch] w{victim} failed first: exited with 137 (SIGKILL)" in job.stderr, (
+        job.report())
+    assert "exit 137 (SIGKILL)" in job.stderr and "1 attempt(s)" in job.stderr
+    assert run.results == {}, "no worker finished training"
