@@ -31,6 +31,7 @@ ENV_FAULT_STEP = "DISTTRAIN_FAULT_STEP"
 SAMPLES = 192
 GLOBAL_BATCH = 32
 STEPS_PER_EPOCH = SAMPLES // GLOBAL_BATCH
+WEIGHT_TOLERANCE = 1e-5
 
 
 def _datasets():
@@ -164,7 +165,11 @@ class FaultRun:
 
 def run_fault_job(result_dir: str, workers: int, epochs: int, fault: tuple[int, int] | None,
                   max_restarts: int, timeout: float) -> FaultRun:
-    """Runs `fault_train` on `workers` local workers; `fault` is (victim rank, step) or None."""
+    """Runs `fault_train` on `workers` local workers; `fault` is (victim rank, step) or None.
+
+    `result_dir` is created if needed and should be empty.
+    """
+    os.makedirs(result_dir, exist_ok=True)
     command = function_command(fault_train, {
         "result_dir": result_dir, "backup_dir": os.path.join(result_dir, "backup-{run_id}"),
         "epochs": epochs})
@@ -192,6 +197,53 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: tuple[int, 
 def max_weight_diff(a: list, b: list) -> float:
     """The largest absolute difference between two lists of weight arrays."""
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def restart_problems(run: FaultRun, fault: tuple[int, int], workers: int, epochs: int,
+                     reference: list, tolerance: float = WEIGHT_TOLERANCE) -> list[str]:
+    """What is wrong with a job that should have recovered from `fault` with one restart.
+
+    Expected: exit 0 and no process left; the victim killed itself at the planned
+    step of attempt 0; the launcher ran 2 attempts; every worker finished epochs
+    0..k-1 on attempt 0 and k..epochs-1 on attempt 1, k being the epoch the kill
+    interrupted; every worker ends with the same weights, within `tolerance` of
+    `reference` (an uninterrupted run's).
+
+    Returns:
+        One line per problem; empty when the job recovered as expected.
+    """
+    victim, step = fault
+    job = run.job
+    if job.timed_out or job.returncode != 0:
+        return [f"exit {job.returncode}" + (" (timed out)" if job.timed_out else "")]
+    problems = []
+    if job.survivors:
+        problems.append(f"processes left: {job.survivors}")
+    if run.killed is None or (run.killed["rank"], run.killed["step"]) != (victim, step):
+        problems.append(f"no kill of rank {victim} at step {step}: {run.killed}")
+    if "2 attempt(s) (1 restart(s))" not in job.stderr:
+        problems.append("not exactly 2 attempts")
+    killed_epoch = (step - 1) // STEPS_PER_EPOCH
+    for rank in range(workers):
+        finished = run.epochs.get(rank, [])
+        first = [epoch for attempt, epoch in finished if attempt == 0]
+        second = [epoch for attempt, epoch in finished if attempt == 1]
+        if first != list(range(killed_epoch)) or second != list(range(killed_epoch, epochs)):
+            problems.append(f"rank {rank} finished (attempt, epoch) {finished}, expected "
+                            f"epochs 0..{killed_epoch - 1} then {killed_epoch}..{epochs - 1}")
+        result = run.results.get(rank)
+        if result is None or result["attempt"] != 1:
+            problems.append(f"rank {rank} has no result of attempt 1: {result and result['attempt']}")
+        elif result["epochs_run"] != epochs - killed_epoch:
+            problems.append(f"rank {rank} ran {result['epochs_run']} epochs on attempt 1, "
+                            f"expected {epochs - killed_epoch}")
+    weights = [run.results[r]["weights"] for r in sorted(run.results)]
+    if any(w != weights[0] for w in weights):
+        problems.append("workers ended with different weights")
+    if weights and max_weight_diff(weights[0], reference) > tolerance:
+        problems.append(f"weights differ from the uninterrupted run by "
+                        f"{max_weight_diff(weights[0], reference):.3g} > {tolerance:g}")
+    return problems
 
 
 def _write_json(path: str, obj: dict) -> None:
