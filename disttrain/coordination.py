@@ -273,6 +273,27 @@ class Coordinator:
                                event, deadline, limit)
                 for rank in range(self.num_workers)]
 
+    def set_status(self, value: str) -> None:
+        """Replaces this worker's status line, which any worker can read with `statuses()`."""
+        if self._is_local:
+            return
+        import tensorflow as tf
+
+        ctx = self._tf_context()
+        key = self._event_key(f"status/{self.rank}")
+        with self._service_calls("set_status"):
+            try:
+                ctx.delete_config_key_value(key)
+            except tf.errors.NotFoundError:
+                pass
+            ctx.set_config_key_value(key, value)
+
+    def statuses(self) -> list[str | None]:
+        """Every worker's latest status line in rank order (None where none was set)."""
+        if self._is_local:
+            return [None]
+        return [self.poll(f"status/{rank}") for rank in range(self.num_workers)]
+
     @staticmethod
     def _attempt(action: Callable[[], object]) -> BaseException | None:
         try:
@@ -342,7 +363,8 @@ class Coordinator:
 
         try:
             yield
-        except (tf.errors.DeadlineExceededError, tf.errors.AlreadyExistsError):
+        except (tf.errors.DeadlineExceededError, tf.errors.AlreadyExistsError,
+                tf.errors.NotFoundError):
             raise
         except tf.errors.OpError as e:
             raise self._peer_lost(0, name, e) from e

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from disttrain import coordination, keras_compat
+from disttrain import coordination, keras_compat, liveness
 from disttrain.cluster import Cluster
 from disttrain.errors import StrategyError
 
@@ -44,7 +44,11 @@ def strategy(
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy` for multi-worker clusters,
         else `tf.distribute.get_strategy()`. Every worker also agrees on the run id
-        here (`coordination.get().run_id()`), at a point they all reach.
+        here (`coordination.get().run_id()`), at a point they all reach, and starts
+        a `disttrain.liveness.StallWatch`: a peer that is alive but stuck outside
+        training for `DISTTRAIN_COORDINATION_TIMEOUT` seconds is named and the job
+        fails instead of hanging (a dead or frozen peer is reported by TensorFlow's
+        coordination service within seconds).
 
     Raises:
         ClusterConfigError: TF_CONFIG is malformed.
@@ -89,6 +93,8 @@ def strategy(
         created = _create(cluster, implementation, timeout_seconds)
         _created = (key, created)
         coordination.get().run_id()
+        if cluster.is_multi_worker and not cluster.is_evaluator:
+            liveness.StallWatch(coordination.get()).start()
         return created
 
 

@@ -126,3 +126,41 @@ def hang_with_child() -> dict:
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     time.sleep(600)
     return {}
+
+
+def stalled_peer(how: str) -> dict:
+    """Rank 1 stops taking part in training after 5 steps: `how` is "loop" (alive, stuck in
+    a callback's endless loop) or "sigstop" (frozen). Rank 0 reports how fit failed."""
+    import os
+    import signal
+    import subprocess
+
+    import keras
+
+    from disttrain import coordination
+    from disttrain.strategy import strategy
+
+    with strategy().scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse")
+    rank = coordination.get().rank
+
+    class Stall(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if rank == 1 and batch == 5:
+                if how == "sigstop":
+                    # Thawed by death 30 s later, so that the cluster ends by itself.
+                    subprocess.Popen(["sh", "-c", f"sleep 30; kill -9 {os.getpid()}"])
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                while True:
+                    time.sleep(0.05)
+
+    import numpy as np
+
+    x = np.ones((64 * 1000, 4), "float32")
+    start = time.monotonic()
+    try:
+        model.fit(x, x[:, :1], batch_size=64, epochs=1, verbose=0, callbacks=[Stall()])
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

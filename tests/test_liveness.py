@@ -1,0 +1,61 @@
+"""No hangs: a dead, frozen or stuck peer fails the whole job within a bound, named."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from tests import coordination_workloads as work
+from tests.harness import run_cluster
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_where_classifies_the_innermost_frame():
+    from disttrain import liveness
+
+    def busy(done):
+        while not done.is_set():
+            time.sleep(0.01)
+
+    done = threading.Event()
+    thread = threading.Thread(target=busy, args=(done,))
+    thread.start()
+    try:
+        time.sleep(0.1)
+        state, place = liveness.where(sys._current_frames()[thread.ident])
+    finally:
+        done.set()
+        thread.join()
+    assert state == liveness.ELSEWHERE
+    assert place.startswith(__file__) and place.endswith("in busy")
+
+
+@pytest.mark.slow
+def test_a_live_peer_stuck_in_a_callback_is_named_and_everyone_fails():
+    """Bound: DISTTRAIN_COORDINATION_TIMEOUT (6 s here) plus a few looks (1.5 s each)."""
+    run = run_cluster(work.stalled_peer, 2, kwargs={"how": "loop"},
+                      env={"DISTTRAIN_COORDINATION_TIMEOUT": "6"}, timeout=120)
+    assert not run.timed_out, run.report()
+    stuck, waiting = run.workers[1], run.workers[0]
+    assert stuck.returncode == 70, run.report()
+    assert "coordination_workloads.py" in stuck.stderr and "in on_train_batch_end" in \
+        stuck.stderr.splitlines()[-1], "its last line says where it is stuck"
+    assert "Main thread, most recent call last" in stuck.stderr
+    error = waiting.result["error"]
+    assert error is not None and ("task:1" in error or "w1 has been at" in error), error
+    assert waiting.result["seconds"] < 45, "failed within the bound, not at the harness timeout"
+
+
+@pytest.mark.slow
+def test_a_frozen_peer_is_reported_by_the_heartbeat_naming_its_task():
+    """The frozen worker is SIGKILLed 30 s after it froze; the chief fails well before."""
+    run = run_cluster(work.stalled_peer, 2, kwargs={"how": "sigstop"}, timeout=120)
+    assert not run.timed_out, run.report()
+    error = run.workers[0].result["error"]
+    assert error is not None and "/job:worker/replica:0/task:1" in error, error
+    assert "stopped sending heartbeats" in error
+    assert run.workers[0].result["seconds"] < 28, "the heartbeat, not the later kill"
