@@ -67,11 +67,44 @@ def load_digits() -> tuple[Any, Any, Any, Any]:
     return x[:split], y[:split], x[split:], y[split:]
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Trains and returns the summary (identical on every worker)."""
-    import keras
+def datasets(batch_size: int) -> tuple[Any, Any]:
+    """Training (reshuffled each epoch, fixed seed) and validation `tf.data` datasets of
+    the digits, batched with the GLOBAL batch size."""
     import tensorflow as tf
 
+    x_train, y_train, x_val, y_val = load_digits()
+    train = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        .shuffle(len(x_train), seed=0, reshuffle_each_iteration=True)
+        .batch(batch_size)
+    )
+    return train, tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(batch_size)
+
+
+def build_model(learning_rate: float) -> Any:
+    """The demo's classifier, compiled, with fixed initial weights (call it in the
+    strategy's scope)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(128),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains and returns the summary (identical on every worker)."""
     import disttrain
     from disttrain import coordination, storage
 
@@ -79,33 +112,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     coord = coordination.get()
     run_id = coord.run_id()
     out = storage.join(args.output_dir, run_id)
-    x_train, y_train, x_val, y_val = load_digits()
     if args.batch_size < coord.num_workers:
         raise SystemExit(
             f"--batch-size {args.batch_size} is smaller than the {coord.num_workers} workers; "
             "each worker needs at least one sample per step. Fix: raise --batch-size."
         )
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        .shuffle(len(x_train), seed=0, reshuffle_each_iteration=True)
-        .batch(args.batch_size)
-    )
-    val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(args.batch_size)
+    train_ds, val_ds = datasets(args.batch_size)
     with strategy.scope():
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((64,)),
-            keras.layers.Dense(128),
-            keras.layers.BatchNormalization(),
-            keras.layers.Activation("relu"),
-            keras.layers.Dropout(0.2),
-            keras.layers.Dense(10, activation="softmax"),
-        ])
-        model.compile(
-            optimizer=keras.optimizers.Adam(args.learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+        model = build_model(args.learning_rate)
     callbacks = disttrain.callbacks.recommended(
         out, monitor="val_loss", patience=args.patience, tensorboard=not args.no_tensorboard,
     )

@@ -1,0 +1,109 @@
+"""`python -m benchmarks`: disttrain's side-by-side benchmarks, one table.
+
+Every comparison is measured in this run, on this machine, with the two sides
+interleaved (fresh localhost clusters, alternating), and reported as medians
+with their range over rounds; ratios are medians of per-round ratios. Machines
+are noisy: compare ratios, not absolute times across runs.
+
+    python -m benchmarks            # full run (about 20 minutes on 2 cores)
+    python -m benchmarks --quick    # about 8 minutes
+    python -m benchmarks --smoke    # about 2.5 minutes: checks that it works (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from benchmarks import (
+    batchnorm,
+    checkpoint,
+    early_stopping,
+    launcher,
+    scaling,
+    train_step,
+    vote,
+)
+from benchmarks.report import Row, table
+from benchmarks.settings import FULL, QUICK, SMOKE, Settings
+
+SECTIONS = ("train", "checkpoint", "early_stopping", "launcher")
+
+
+def machine() -> str:
+    """One line: cores, CPU, Python and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = []
+    for package in ("tensorflow", "keras", "tf_keras"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    return (f"{os.cpu_count()} CPU cores ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {', '.join(versions)}")
+
+
+def _train(settings: Settings) -> tuple[list[Row], str]:
+    measured = train_step.measure(settings)
+    dist = measured["disttrain"]
+    return (train_step.rows(measured, settings) + batchnorm.rows(dist) + vote.rows(dist)
+            + scaling.rows(measured, settings), scaling.model(measured, settings))
+
+
+def _checkpoint(settings: Settings) -> tuple[list[Row], str]:
+    return checkpoint.rows(checkpoint.measure(settings), settings), ""
+
+
+def _early_stopping(settings: Settings) -> tuple[list[Row], str]:
+    return early_stopping.rows(early_stopping.measure(settings), settings), ""
+
+
+def _launcher(settings: Settings) -> tuple[list[Row], str]:
+    return launcher.rows(launcher.measure(settings)), ""
+
+
+RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
+    "train": _train, "checkpoint": _checkpoint, "early_stopping": _early_stopping,
+    "launcher": _launcher,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer rounds and epochs (minutes)")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, one round: checks the script works; numbers mean nothing")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections")
+    args = parser.parse_args(argv)
+    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    rows: list[Row] = []
+    notes: list[str] = []
+    started = time.monotonic()
+    for name in args.only:
+        print(f"[benchmarks] {name} ({settings.name})...", file=sys.stderr, flush=True)
+        section_rows, note = RUNNERS[name](settings)
+        rows += section_rows
+        notes += [note] if note else []
+    print(f"disttrain benchmarks ({settings.name}, {time.monotonic() - started:.0f} s): "
+          f"{machine()}\n")
+    print(table(rows))
+    for note in notes:
+        print(f"\n{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Checkpoints: the chief's commit vs a plain `model.save`, and what non-chief workers write.
+
+disttrain's `ModelCheckpoint` commits on the chief (temp file in the destination
+directory, fsync, rename, fsync of the directory, then the `best.json` manifest)
+after agreeing with the other workers; the peer is the chief calling
+`model.save` to a sibling directory on the same file system. The two alternate
+save by save. Bytes are counted with `/proc/self/io` (wchar) on each worker
+around its checkpoint callback; tf_keras's `ModelCheckpoint` on a non-chief
+worker saves a full copy into `workertemp_<id>/` and deletes it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from typing import Any
+
+from benchmarks.cluster import TF_KERAS_ENV, TF_KERAS_MISSING, has_tf_keras, on_cluster
+from benchmarks.report import Goal, Row, Stat, ratio_row
+from benchmarks.settings import Settings
+from benchmarks.timing import bytes_written, median_ms
+
+FEATURES = 1000
+
+
+def sized_model(keras, params: int):
+    """A dense model with about `params` parameters (4 bytes each), compiled."""
+    hidden = max(1, params // (2 * FEATURES))
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(hidden),
+                              keras.layers.Dense(FEATURES)])
+    model.compile("adam", "mse")
+    return model
+
+
+def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str, Any]:
+    """On every worker: per size, `rounds` commits and `rounds` plain saves, alternating."""
+    import keras
+
+    import disttrain
+    from disttrain import callbacks, coordination
+
+    strategy = disttrain.strategy()
+    coord = coordination.get()
+    result: dict[str, Any] = {"chief": coord.is_chief}
+    for size in params:
+        with strategy.scope():
+            model = sized_model(keras, size)
+        checkpoint = callbacks.ModelCheckpoint(os.path.join(directory, str(size), "ours",
+                                                            "model.keras"))
+        checkpoint.set_model(model)
+        checkpoint.on_train_begin()
+        plain = os.path.join(directory, str(size), "plain", "model.keras")
+        os.makedirs(os.path.dirname(plain), exist_ok=True)
+        result[str(size)] = _alternate(coord, model, checkpoint, plain, rounds)
+    return result
+
+
+def _alternate(coord, model, checkpoint, plain: str, rounds: int) -> dict[str, Any]:
+    """Alternates a checkpoint commit (every worker) and a plain save (the chief)."""
+    commit, save, written = [], [], []
+    for epoch in range(rounds):
+        for ours in ((True, False) if epoch % 2 else (False, True)):
+            if ours:
+                before = bytes_written()
+                commit.append(median_ms(
+                    lambda e=epoch: checkpoint.on_epoch_end(e, {"loss": 1.0}), 1, warmup=0))
+                written.append(bytes_written() - before)
+            else:
+                coord.barrier("bench.checkpoint.save")
+                if coord.is_chief:
+                    save.append(median_ms(lambda: model.save(plain), 1, warmup=0))
+    return {"commit_ms": commit, "save_ms": save, "written": statistics.median(written),
+            "file_bytes": os.path.getsize(plain) if coord.is_chief else 0}
+
+
+def tf_keras_worker(directory: str, params: int) -> dict[str, Any]:
+    """On every worker: bytes written by one tf_keras `ModelCheckpoint` save."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = sized_model(tf.keras, params)
+    checkpoint = tf.keras.callbacks.ModelCheckpoint(os.path.join(directory, "model.keras"))
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    before = bytes_written()
+    checkpoint.on_epoch_end(0, {"loss": 1.0})
+    return {"chief": strategy.cluster_resolver.task_id == 0, "written": bytes_written() - before}
+
+
+def measure(settings: Settings, workers: int = 2) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as tmp:
+        ours = on_cluster(disttrain_worker, workers, {
+            "directory": os.path.join(tmp, "disttrain"), "params": list(settings.checkpoint_params),
+            "rounds": settings.checkpoint_rounds})
+        theirs = on_cluster(tf_keras_worker, workers, {
+            "directory": os.path.join(tmp, "tf_keras"),
+            "params": max(settings.checkpoint_params)}, env=TF_KERAS_ENV) if has_tf_keras() else []
+    return {"disttrain": ours, "tf_keras": theirs}
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:.0f} B"
+
+
+def rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
+    chief = next(r for r in measured["disttrain"] if r["chief"])
+    others = [r for r in measured["disttrain"] if not r["chief"]]
+    result = []
+    for size in settings.checkpoint_params:
+        one = chief[str(size)]
+        result.append(ratio_row(
+            f"checkpoint commit on the chief, {_megabytes(one['file_bytes'])} .keras file",
+            one["commit_ms"], "model.save, same file system", one["save_ms"], " ms", Goal(1.05)))
+    largest = str(max(settings.checkpoint_params))
+    ours = Stat.of([r[largest]["written"] for r in others])
+    theirs = [r["written"] for r in measured["tf_keras"] if not r["chief"]]
+    peer = (f"tf_keras ModelCheckpoint: {_megabytes(Stat.of(theirs).median)}" if theirs
+            else TF_KERAS_MISSING)
+    goal_met = "met" if ours.high == 0 else "MISSED"
+    result.append(Row(
+        f"bytes written per save by each non-chief worker ({_megabytes(int(chief[largest]['file_bytes']))} model)",
+        _megabytes(ours.median), peer, "-",
+        f"0: {goal_met}"))
+    return result

@@ -1,0 +1,37 @@
+"""How much each benchmark measures: the full run, `--quick` and the CI `--smoke` run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Sizes and repetitions; every section reads its own fields."""
+
+    name: str
+    rounds: int
+    """Interleaved rounds of each side-by-side comparison (fresh clusters each)."""
+    epochs: int
+    """Timed epochs per training cluster (after one untimed warm-up epoch)."""
+    steps: int
+    """Steps per epoch of the MLP (global batch 256)."""
+    collective_calls: int
+    """Calls per in-process microbenchmark (votes, all-reduces)."""
+    checkpoint_params: tuple[int, ...]
+    """Model sizes (parameters) for the checkpoint comparison."""
+    checkpoint_rounds: int
+    demo_epochs: int
+    """Fixed epochs of the early-stopping comparison (the issue asks for 80)."""
+    scaling_workers: tuple[int, ...]
+
+
+FULL = Settings("full", rounds=5, epochs=3, steps=30, collective_calls=200,
+                checkpoint_params=(200_000, 25_000_000), checkpoint_rounds=7, demo_epochs=80,
+                scaling_workers=(1, 2, 4))
+QUICK = Settings("quick", rounds=2, epochs=2, steps=20, collective_calls=100,
+                 checkpoint_params=(200_000, 25_000_000), checkpoint_rounds=3, demo_epochs=30,
+                 scaling_workers=(1, 2, 4))
+SMOKE = Settings("smoke", rounds=1, epochs=1, steps=3, collective_calls=5,
+                 checkpoint_params=(20_000,), checkpoint_rounds=1, demo_epochs=3,
+                 scaling_workers=(1, 2))

@@ -1,0 +1,77 @@
+"""Votes: what agreeing on a decision costs, per call and per epoch."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from benchmarks.report import Goal, Row, Stat
+from benchmarks.timing import median_ms
+
+
+def in_process(keras, model, dataset, epochs: int, calls: int) -> dict[str, Any]:
+    """Runs in every worker: vote latency, a compiled all-reduce of a flag, and the
+    epoch-end time of the deciding callbacks (ReduceLROnPlateau, EarlyStopping without
+    its best-weights copy, SyncStop: each agrees through a vote) within a real `fit`.
+    """
+    import tensorflow as tf
+
+    from disttrain import callbacks, coordination
+
+    coord = coordination.get()
+    strategy = model.distribute_strategy
+
+    @tf.function
+    def all_reduce_flag(flag):
+        return strategy.run(
+            lambda f: tf.distribute.get_replica_context().all_reduce("SUM", tf.identity(f)),
+            args=(flag,))
+
+    marks: dict[str, list[float]] = {"before": [], "after": [], "begin": []}
+
+    class Mark(keras.callbacks.Callback):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.name == "before":
+                marks["begin"].append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            marks[self.name].append(time.perf_counter())
+
+    deciders = [callbacks.ReduceLROnPlateau(monitor="loss", patience=10_000),
+                callbacks.EarlyStopping(monitor="loss", patience=10_000,
+                                        restore_best_weights=False), callbacks.SyncStop()]
+    model.fit(dataset, epochs=epochs + 1, verbose=0,
+              callbacks=[Mark("before"), *deciders, Mark("after")])
+    decide = [(b - a) * 1000 for a, b in zip(marks["before"][1:], marks["after"][1:])]
+    epoch = [(e - b) * 1000 for b, e in zip(marks["begin"][1:], marks["after"][1:])]
+    return {
+        "vote_ms": median_ms(lambda: coord.any(False, "bench.vote"), calls),
+        "flag_all_reduce_ms": median_ms(lambda: all_reduce_flag(tf.constant(0.0)).numpy(),
+                                        calls),
+        "decisions_per_epoch_ms": statistics.median(decide),
+        "decisions_epoch_ms": statistics.median(epoch),
+    }
+
+
+def rows(results: list[dict[str, Any]], workers: int = 2) -> list[Row]:
+    """Per-call latency against the goal, and the per-epoch cost as a share of the epoch."""
+    vote = Stat.of([r["vote_ms"] for r in results])
+    flag = Stat.of([r["flag_all_reduce_ms"] for r in results])
+    per_epoch = Stat.of([r["decisions_per_epoch_ms"] for r in results])
+    share = Stat.of([100 * r["decisions_per_epoch_ms"] / r["decisions_epoch_ms"]
+                     for r in results])
+    epoch = Stat.of([r["decisions_epoch_ms"] for r in results])
+    return [
+        Row(f"vote, one call, {workers} workers (coordination.any)", vote.show(" ms", 2),
+            f"compiled all-reduce of a flag: {flag.show(' ms', 2)}",
+            Stat.of([r["vote_ms"] / r["flag_all_reduce_ms"] for r in results]).show("x", 2),
+            Goal(2, " ms").verdict(vote.median)),
+        Row("votes per epoch (ReduceLROnPlateau, EarlyStopping, SyncStop)",
+            per_epoch.show(" ms", 2), f"the epoch: {epoch.show(' ms', 0)}",
+            f"{share.show('%', 2)} of epoch"),
+    ]

@@ -1,0 +1,40 @@
+"""`python -m benchmarks --smoke` still runs end to end and prints its table.
+
+A smoke run checks that the benchmark script works (every section, tiny sizes,
+one round); its numbers mean nothing and nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import REPO_ROOT, worker_env
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_every_row():
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke"], check=False,
+                         cwd=REPO_ROOT,
+                         env=worker_env(), capture_output=True, text=True, timeout=500)
+    assert run.returncode == 0, run.stderr[-5000:]
+    out = run.stdout
+    assert out.startswith("disttrain benchmarks (smoke")
+    assert "| what " in out and "| disttrain " in out and "| ratio " in out
+    for row in ("train step, MLP 3x512", "vote, one call", "votes per epoch",
+                "BatchNormalization statistics synced", "throughput, 2 worker(s)",
+                "checkpoint commit on the chief", "bytes written per save by each non-chief",
+                "digits demo, 2 workers", "launch.local, 2 workers: start to first training step",
+                "launch.local: teardown after a worker fails"):
+        assert row in out, f"missing row {row!r} in:\n{out}"
+    assert "Scaling model:" in out
+
+
+def test_help_lists_the_sizes():
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], check=False,
+                         cwd=REPO_ROOT,
+                         env=worker_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "--quick" in run.stdout and "--smoke" in run.stdout
