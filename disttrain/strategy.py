@@ -10,6 +10,7 @@ names it instead of deep inside TensorFlow. The Keras 3 fixes of
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any
 
@@ -48,7 +49,8 @@ def strategy(
         a `disttrain.liveness.StallWatch`: a peer that is alive but stuck outside
         training for `DISTTRAIN_COORDINATION_TIMEOUT` seconds is named and the job
         fails instead of hanging (a dead or frozen peer is reported by TensorFlow's
-        coordination service within seconds).
+        coordination service within seconds). SIGTERM terminates the worker
+        again (TensorFlow's coordination agent makes it ignore SIGTERM).
 
     Raises:
         ClusterConfigError: TF_CONFIG is malformed.
@@ -94,8 +96,22 @@ def strategy(
         _created = (key, created)
         coordination.get().run_id()
         if cluster.is_multi_worker and not cluster.is_evaluator:
+            _terminate_on_sigterm_again()
             liveness.StallWatch(coordination.get()).start()
         return created
+
+
+def _terminate_on_sigterm_again() -> None:
+    """Undoes the SIGTERM handler TensorFlow's coordination agent installs in C++.
+
+    With it, a worker ignores SIGTERM (measured with TF 2.21: alive 5 s after a
+    SIGTERM), so `kubectl delete` or a launcher's stop waits for SIGKILL. Python
+    still reports the default disposition, so a handler set by the script itself
+    is kept. `BackupAndRestore` installs its own handler during `fit`.
+    """
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None):

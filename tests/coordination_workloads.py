@@ -164,3 +164,19 @@ def stalled_peer(how: str) -> dict:
     except Exception as e:  # noqa: BLE001 - the error is the result
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
     return {"error": None, "seconds": time.monotonic() - start}
+
+
+def sigterm_self() -> dict:
+    """Rank 1 sends itself SIGTERM after the strategy exists; it must die of it."""
+    import os
+    import signal
+
+    from disttrain import coordination
+    from disttrain.strategy import strategy
+
+    strategy()
+    if coordination.get().rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)
+        return {"survived": True}
+    return {"survived": None}

@@ -59,3 +59,12 @@ def test_a_frozen_peer_is_reported_by_the_heartbeat_naming_its_task():
     assert error is not None and "/job:worker/replica:0/task:1" in error, error
     assert "stopped sending heartbeats" in error
     assert run.workers[0].result["seconds"] < 28, "the heartbeat, not the later kill"
+
+
+@pytest.mark.slow
+def test_sigterm_terminates_a_worker_again():
+    """TensorFlow's coordination agent makes MWMS workers ignore SIGTERM; strategy() undoes it."""
+    run = run_cluster(work.sigterm_self, 2, timeout=120)
+    assert not run.timed_out, run.report()
+    assert run.workers[1].returncode in (-15, 143), run.report()
+    assert run.workers[1].seconds < 15, "died of the signal, not after the 20 s sleep"
