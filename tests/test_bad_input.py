@@ -4,12 +4,13 @@ Each case must end non-zero within a bound, with every worker printing the same
 disttrain error that names the bad value and the fix, leave the checkpoint an
 earlier attempt of the same run committed byte-identical (and loadable), and
 leave no process of the job behind. The cases: malformed TF_CONFIG, a missing
-monitor metric, a filepath template key missing from the logs, a read-only
-destination, a destination under a regular file, a full filesystem (a real
-small tmpfs in a private mount namespace, full mid-training), a port held by
-another listener, invalid launcher flags. A destination whose parent
-directories do not exist is created (the earlier attempt's job shows it).
-A backup written by a different model architecture is tested in test_backup.py.
+monitor metric, a filepath template key missing from the logs, an unbalanced
+brace in the template, a read-only destination, a destination under a regular
+file, a full filesystem (a real small tmpfs in a private mount namespace, full
+mid-training), a port held by another listener, invalid launcher flags. A
+destination whose parent directories do not exist is created (the earlier
+attempt's job shows it). A backup written by a different model architecture is
+tested in test_backup.py.
 """
 
 from __future__ import annotations
@@ -138,11 +139,15 @@ CASES = {
               r"one of the available metrics",
     ),
     "template key missing from the logs": Case(
-        function_command(fault_workloads.checkpoint_train, {
-            "filepath": f"{DESTINATION}/m-{{val_acc:.2f}}.keras", "width": WIDTH}),
+        _command(filepath=f"{DESTINATION}/m-{{val_acc:.2f}}.keras"),
         error=r"CallbackConfigError: ModelCheckpoint\(filepath='ckpt/sub/m-\{val_acc:\.2f\}\.keras'"
               r"\) uses \['val_acc'\], which are not in the logs\. Available: accuracy, loss, "
               r"val_accuracy, val_loss, plus epoch, batch, run_id\. Fix: use available names",
+    ),
+    "unbalanced brace in the filepath template": Case(
+        _command(filepath=f"{DESTINATION}/m-{{epoch.keras"),
+        error=r"CallbackConfigError: ModelCheckpoint\(filepath='ckpt/sub/m-\{epoch\.keras'\) is "
+              r"not a valid template: .*\. Fix: balance the braces",
     ),
     "read-only destination": Case(
         _command(), wrap=_read_only_destination,
@@ -151,8 +156,7 @@ CASES = {
               r"Fix: check the permissions of the destination",
     ),
     "destination under a regular file": Case(
-        function_command(fault_workloads.checkpoint_train, {
-            "filepath": f"{DESTINATION}/m-1.keras/m-{{epoch}}.keras", "width": WIDTH}),
+        _command(filepath=f"{DESTINATION}/m-1.keras/m-{{epoch}}.keras"),
         error=r"StorageError: ModelCheckpoint\.preflight failed on w0: StorageError: destination "
               r"'ckpt/sub/m-1\.keras' is not writable: FileExistsError: \[Errno 17\] File exists: "
               r"'.*/ckpt/sub/m-1\.keras'\. Fix: a file and a "
@@ -245,9 +249,7 @@ def test_full_filesystem_mid_training(earlier, tmp_path):
                   f"{shlex.join(launcher)}; rc=$?; cp -a {d}/. {a}/; exit $rc")
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
-    job = run_launcher(["--workers", "2", "--run-id", RUN_ID, "--grace", "2", "--",
-                        *_command(epochs=5)], timeout=JOB_TIMEOUT, cwd=tmp_path,
-                       wrap=in_full_tmpfs)
+    job = _launch(tmp_path, _command(epochs=5), wrap=in_full_tmpfs)
     case = Case(
         [], error=r"StorageError: ModelCheckpoint\.save failed on w0: StorageError: writing "
                   r"'ckpt/sub/m-[23]\.keras' failed: OSError: \[Errno 28\] No space left on "
