@@ -149,3 +149,34 @@ def save_forever(directory: str, epochs: int = 400) -> dict:
         checkpoint.on_epoch_end(epoch % 7, {"val_loss": 1.0 / (epoch + 1), "loss": 1.0})
     checkpoint.on_train_end()
     return {"kept": [c["path"] for c in checkpoint.checkpoints]}
+
+
+def backup_forever(directory: str, epochs: int = 300) -> dict:
+    """fit() with BackupAndRestore backing up at every epoch; prints READY after the first.
+
+    The test SIGKILLs this process at random moments and runs it again (same run id);
+    every run resumes from the latest committed backup.
+    """
+    import sys
+
+    import keras
+
+    from disttrain import callbacks
+
+    class Ready(keras.callbacks.Callback):
+        """Prints READY <first epoch of this run> once this run has committed a backup."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            first = self.model._initial_epoch or 0
+            if epoch == first + 1:
+                print(f"READY {first}", flush=True)
+                sys.stdout.flush()
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    x = np.ones((32, 4), "float32")
+    history = model.fit(x, x[:, :1], batch_size=16, epochs=epochs, verbose=0, callbacks=[
+        callbacks.BackupAndRestore(directory, delete_checkpoint=False), Ready()])
+    return {"epochs_run": len(history.history.get("loss", []))}

@@ -301,3 +301,49 @@ def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_the
     for name, value in reference[0]["weights"].items():
         np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path):
+    """SIGKILL a process in the middle of fit() (backing up every epoch) at random moments.
+
+    After every kill the newest committed backup loads, whatever was half-written beside
+    it; each restart resumes from it; the last run leaves exactly one backup, no temp file.
+    """
+    import random
+    import time
+
+    directory = tmp_path / "backup"
+    rng = random.Random(1)
+    command = function_command(callback_workloads.backup_forever, {"directory": str(directory)})
+    env = worker_env({"DISTTRAIN_RUN_ID": "backup-crash-loop",
+                      "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
+    resumed_at = []
+    for attempt in range(6):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline().split()
+            assert line[:1] == ["READY"], proc.stderr.read()[-3000:]
+            resumed_at.append(int(line[1]))
+            time.sleep(rng.uniform(0.2, 1.5))
+        finally:
+            proc.kill()
+            proc.communicate(timeout=30)
+        committed = [n for n in storage.listdir(str(directory))
+                     if storage.is_committed(storage.join(str(directory), n))]
+        assert committed, (attempt, os.listdir(directory))
+        newest = directory / committed[-1] / "model.weights.h5"
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64),
+                                  keras.layers.Dense(1)])
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(str(newest))
+    assert resumed_at == sorted(resumed_at) and resumed_at[-1] > 0, resumed_at
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    [left] = os.listdir(directory)
+    assert storage.is_committed(str(directory / left))
+    assert sorted(os.listdir(directory / left)) == [storage.MANIFEST_NAME, "model.weights.h5"], (
+        "no temp file is left behind")
