@@ -49,11 +49,21 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
     - A failed backup write on the chief raises the same `StorageError` on every
       worker.
 
-    As in Keras, training resumes at the start of the epoch after the last
-    backup; with an integer `save_freq` the partial epoch is run again. The
-    backup of an epoch is taken when the next epoch begins, after every callback
-    has finished the epoch, so the callback states it holds match the epoch it
-    resumes from whatever the order of the callback list.
+    - With an integer `save_freq`, training resumes inside the epoch, at the
+      batch after the backup (Keras runs the whole epoch again): the batches
+      already trained are drawn from the input and skipped, so with a
+      deterministic input order the run continues on the same batches. That
+      epoch's training metrics average only the batches run after the restart.
+    - Preemption: during `fit`, SIGTERM on any worker makes every worker stop
+      after the same training step (agreed through `disttrain.preemption`),
+      the chief back up there, and every worker raise `disttrain.errors.Preempted`,
+      which exits the process with 75; a second SIGTERM kills at once.
+    - A backup written by a model whose variables differ in number, shape or
+      dtype is refused with `CallbackConfigError` before anything is loaded.
+
+    The backup of an epoch is taken when the next epoch begins, after every
+    callback has finished the epoch, so the callback states it holds match the
+    epoch it resumes from whatever the order of the callback list.
     `python -m launch.local --max-restarts K` and the Kubernetes Job's restart
     budget restart the job with the same `DISTTRAIN_RUN_ID`, so `{run_id}` in
     `backup_dir` finds the backup of the failed attempt.
