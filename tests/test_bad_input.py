@@ -9,7 +9,8 @@ brace in the template, a read-only destination, a destination under a regular
 file, a full filesystem (a real small tmpfs in a private mount namespace, full
 mid-training), a port held by another listener, invalid launcher flags. A
 destination whose parent directories do not exist is created (the earlier
-attempt's job shows it). A backup written by a different model architecture is
+attempt's job shows it); a bucket that does not exist (on a real GCS emulator)
+is a clear error before training. A backup written by a different model architecture is
 tested in test_backup.py.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from disttrain import storage
 from tests import fault_workloads
 from tests.harness import (
     LaunchedJob,
@@ -55,9 +57,10 @@ def _command(**kwargs) -> list[str]:
 
 
 def _launch(cwd: Path, command: list[str], *flags: str,
-            wrap: Callable[[list[str]], list[str]] | None = None) -> LaunchedJob:
+            wrap: Callable[[list[str]], list[str]] | None = None,
+            env: dict[str, str] | None = None) -> LaunchedJob:
     return run_launcher(["--workers", "2", "--run-id", RUN_ID, "--grace", "2", *flags, "--",
-                         *command], timeout=JOB_TIMEOUT, cwd=cwd, wrap=wrap)
+                         *command], timeout=JOB_TIMEOUT, cwd=cwd, wrap=wrap, env=env)
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -220,6 +223,20 @@ def test_bad_input_fails_clearly_and_keeps_the_earlier_checkpoint(name, earlier,
     job = _launch(tmp_path, command, *case.flags)
     _assert_failed_clearly(case, job)
     assert _snapshot(tmp_path / "ckpt") == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_bucket_that_does_not_exist_is_a_clear_error_before_training(gcs, tmp_path):
+    """An object store has no directories to create: a missing bucket must be named, with the fix."""
+    job = _launch(tmp_path, _command(filepath="gs://no-such-bucket-disttrain/{run_id}/m.keras"),
+                  env={storage.ENV_STORAGE_EMULATOR_HOST: gcs.endpoint})
+    case = Case(
+        [], error=r"StorageError: ModelCheckpoint\.preflight failed on w0: StorageError: "
+                  r"destination 'gs://no-such-bucket-disttrain/bad-input-run' is not writable: "
+                  r".*Fix: check the URL; if the bucket does not exist, create it",
+    )
+    _assert_failed_clearly(case, job)
 
 
 def _tmpfs_size(directory: Path) -> int:
