@@ -220,8 +220,9 @@ def run_launcher(
     """Runs `python -m launch.local ARGS` to the end; no process of the job outlives the call.
 
     Every process of the job carries a unique marker in its environment; after
-    the launcher exits (or is killed at `timeout`), the processes still carrying
-    it get 5 seconds to go, then SIGKILL, and are listed in `survivors`.
+    the launcher exits (or is killed at `timeout`, or the caller is interrupted,
+    e.g. by pytest-timeout), the processes still carrying it get 5 seconds to
+    go, then SIGKILL, and are listed in `survivors`.
 
     Args:
         args: the launcher's arguments, e.g. `["--workers", "2", "--", *command]`.
@@ -240,17 +241,21 @@ def run_launcher(
         stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
-        timed_out = True
-    seconds = time.monotonic() - started
-    survivors = wait_gone(MARKER_ENV, marker, within=5)
-    for pid in survivors:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            timed_out = True
+        seconds = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        survivors = wait_gone(MARKER_ENV, marker, within=5)
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return LaunchedJob(None if timed_out else proc.returncode, out, err, seconds, timed_out,
                        survivors)
 
