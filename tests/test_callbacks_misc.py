@@ -304,11 +304,28 @@ def test_csv_logger_header_mismatch_is_a_clear_error(tmp_path):
     assert _read_text(url) == before
 
 
-def test_csv_logger_write_failure_is_a_storage_error(tmp_path):
+def test_csv_logger_unwritable_destination_fails_before_training(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
-    with pytest.raises(StorageError, match="CSVLogger.write failed"):
-        _fit(_model(), [CSVLogger(str(blocker / "log.csv"))], epochs=1)
+    epochs = []
+    counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: epochs.append(epoch))
+    with pytest.raises(StorageError, match=r"CSVLogger\.load failed on w0: StorageError: "
+                                           r"destination '.*blocker' is not writable"):
+        _fit(_model(), [CSVLogger(str(blocker / "log.csv")), counter], epochs=1)
+    assert epochs == []
+
+
+def test_csv_logger_write_failure_during_training_is_a_storage_error(tmp_path):
+    directory = tmp_path / "logs"
+    directory.mkdir()
+
+    def replace_directory_with_a_file(epoch, logs):
+        directory.rmdir()
+        directory.write_text("a file where a directory should be")
+
+    breaker = keras.callbacks.LambdaCallback(on_epoch_end=replace_directory_with_a_file)
+    with pytest.raises(StorageError, match=r"CSVLogger\.write failed"):
+        _fit(_model(), [breaker, CSVLogger(str(directory / "log.csv"))], epochs=1)
 
 
 def test_csv_logger_leaves_no_temp_files(tmp_path):
@@ -446,7 +463,9 @@ def test_multi_worker_csv_written_by_the_chief_only(cluster):
 def test_multi_worker_csv_chief_write_failure_raises_everywhere(cluster):
     _, (chief, other) = cluster
     failure = chief["csv_logger"]["failure"]
-    assert failure and failure.startswith("StorageError: CSVLogger.write failed on w0")
+    assert failure and failure.startswith(
+        "StorageError: CSVLogger.load failed on w0: StorageError: destination"), failure
+    assert "blocker' is not writable" in failure, "found by the probe at train begin"
     assert other["csv_logger"]["failure"] == failure
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import posixpath
 
 import keras
 
@@ -30,6 +31,8 @@ class CSVLogger(DistributedCallback, keras.callbacks.CSVLogger):
       rows continue it without a second header; if its header differs from the
       columns of this run, `CallbackConfigError` is raised at the first epoch
       end instead of writing rows under the wrong header (Keras appends them).
+    - The file's directory is probed for writability at train begin, so an
+      unwritable destination fails before the first epoch, not after it.
     - A failed read or write on the chief raises the same `StorageError` on
       every worker.
 
@@ -76,6 +79,7 @@ class CSVLogger(DistributedCallback, keras.callbacks.CSVLogger):
         self.coordinator.run_on_chief("CSVLogger.write", write_row, StorageError)
 
     def _load(self) -> None:
+        storage.probe_writable(posixpath.dirname(self.filename) or ".")
         existing = ""
         if self.append and storage.exists(self.filename):
             existing = storage.read_bytes(self.filename).decode("utf-8")
