@@ -61,7 +61,8 @@ _OBJECT_STORE_PROTOCOLS = _GCS_PROTOCOLS | {
     "s3", "s3a", "az", "abfs", "abfss", "adl", "oss", "r2",
 }
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
-_PROBE_PREFIX = ".disttrain-probe-"
+# Name prefix of the small files written to test that a destination accepts writes.
+PROBE_PREFIX = ".disttrain-probe-"
 _COPY_CHUNK = 8 * 1024 * 1024
 _WORKER_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -665,7 +666,7 @@ def probe_writable(url_dir: str) -> None:
     probe_writable("gs://bucket/run")  # before the first epoch, not after it
     ```
     """
-    url = join(url_dir, f"{_PROBE_PREFIX}{secrets.token_hex(8)}")
+    url = join(url_dir, f"{PROBE_PREFIX}{secrets.token_hex(8)}")
     try:
         atomic_write_bytes(url, b"disttrain write probe\n")
         remove(url)
@@ -725,7 +726,7 @@ def remove_stale_temporaries(url_dir: str) -> list[str]:
     remove_stale_temporaries("/data/run-7/checkpoints")
     ```
     """
-    stale = [n for n in listdir(url_dir) if _TEMP_RE.match(n) or n.startswith(_PROBE_PREFIX)]
+    stale = [n for n in listdir(url_dir) if _TEMP_RE.match(n) or n.startswith(PROBE_PREFIX)]
     for name in stale:
         remove(join(url_dir, name))
     return stale

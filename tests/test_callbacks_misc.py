@@ -13,6 +13,8 @@ import io
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import fsspec
 import keras
@@ -25,7 +27,12 @@ from disttrain.callbacks.tensorboard import TensorBoard
 from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
 from disttrain.errors import CallbackConfigError, StorageError
 from tests import callback_workloads_misc as workloads
-from tests.harness import run_cluster
+from tests.harness import (
+    can_make_read_only_views,
+    read_only_view,
+    run_cluster,
+    worker_env,
+)
 
 TRAIN_SAMPLES = 10
 TEST_SAMPLES = 10
@@ -389,6 +396,40 @@ def test_tensorboard_rejects_unknown_non_chief_mode():
 def test_tensorboard_log_dir_tensorflow_cannot_write_is_a_storage_error():
     with pytest.raises(StorageError, match="use a writable local path or a gs:// URL"):
         _fit(_model(), [TensorBoard(log_dir="memory://tb")], epochs=1)
+
+
+TENSORBOARD_ON_A_READ_ONLY_DIRECTORY = """
+import sys
+import keras
+import numpy as np
+from disttrain.callbacks.tensorboard import TensorBoard
+from disttrain.errors import StorageError
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse")
+begun = []
+counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: begun.append(epoch))
+try:
+    model.fit(np.zeros((8, 2)), np.zeros((8, 1)), epochs=1, verbose=0,
+              callbacks=[TensorBoard(sys.argv[1]), counter])
+except StorageError as e:
+    print("ERROR", e, "BEGUN", begun)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not can_make_read_only_views(), reason="needs root and unshare --mount")
+def test_tensorboard_read_only_log_dir_is_a_storage_error_before_training(tmp_path):
+    """An existing read-only directory passes makedirs; the write probe catches it."""
+    log_dir = tmp_path / "tb"
+    log_dir.mkdir()
+    command = [sys.executable, "-c", TENSORBOARD_ON_A_READ_ONLY_DIRECTORY, str(log_dir)]
+    done = subprocess.run(read_only_view(log_dir, command), env=worker_env(),
+                          capture_output=True, text=True, timeout=100, check=False)
+    assert re.search(r"^ERROR TensorBoard\.log_dir failed on \w+: StorageError: TensorBoard "
+                     r"cannot write to log_dir '.*tb': .*Read-only file system.*\. Fix: check "
+                     r"the permissions of log_dir.* BEGUN \[\]$", done.stdout, re.MULTILINE), (
+        done.stdout + done.stderr[-3000:])
+    assert os.listdir(log_dir) == []
 
 
 def test_tensorboard_off_on_non_chief_writes_nothing(tmp_path, monkeypatch):

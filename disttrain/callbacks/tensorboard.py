@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import secrets
 import weakref
 
 import keras
@@ -40,9 +41,10 @@ class TensorBoard(DistributedCallback, keras.callbacks.TensorBoard):
       embeddings checkpoint); with `non_chief="scratch"` each writes its own
       logs to a private local scratch directory (`storage.scratch_dir`, path in
       `write_dir`), removed at train end, or at process exit when `fit` raised.
-    - At `set_model` the chief creates `log_dir`; if it cannot (permissions, a
-      URL scheme TensorFlow cannot write such as `memory://`), every worker
-      raises the same `StorageError`.
+    - At `set_model` the chief creates `log_dir` and probes it with a small file;
+      if it cannot write there (permissions, a read-only file system, a URL
+      scheme TensorFlow cannot write such as `memory://`), every worker raises
+      the same `StorageError` before training.
     - `write_dir` is where this worker writes: `log_dir` on the chief, the
       scratch directory or `None` elsewhere.
 
@@ -143,15 +145,26 @@ class TensorBoard(DistributedCallback, keras.callbacks.TensorBoard):
             self._remove_scratch()
 
     def _make_log_dir(self) -> None:
+        """Chief only: creates `log_dir` and writes and removes a probe file in it.
+
+        TensorFlow's summary writer fails at train begin on a directory it cannot
+        write (an existing read-only one passes `makedirs`), with a TensorFlow
+        error on the chief alone; the probe makes that the same `StorageError`
+        on every worker.
+        """
         import tensorflow as tf
 
+        probe = f"{str(self.log_dir).rstrip('/')}/{storage.PROBE_PREFIX}{secrets.token_hex(8)}"
         try:
             tf.io.gfile.makedirs(self.log_dir)
+            with tf.io.gfile.GFile(probe, "w") as f:
+                f.write("disttrain write probe\n")
+            tf.io.gfile.remove(probe)
         except tf.errors.OpError as e:
             raise StorageError(
-                f"TensorBoard cannot create log_dir {self.log_dir!r}: {e.message}. Fix: "
-                "TensorBoard writes through TensorFlow's file systems; use a writable "
-                "local path or a gs:// URL."
+                f"TensorBoard cannot write to log_dir {self.log_dir!r}: {e.message}. Fix: "
+                "check the permissions of log_dir; TensorBoard writes through TensorFlow's "
+                "file systems, so use a writable local path or a gs:// URL."
             ) from e
 
     def _make_scratch(self, run_id: str) -> str:
