@@ -14,6 +14,9 @@ Fixes:
   (PerReplica...)". We build from this worker's local batch instead (the
   batch only provides shapes and dtypes). Upstream: keras-team/keras#20585,
   #20329, tensorflow/tensorflow#72388.
+  Under multi-worker it also refuses `steps_per_execution > 1` with a clear
+  error before the first step: Keras 3.15's multi-step loop fails there with
+  "You must feed a value for placeholder tensor".
 - `scalar_metric_reduction`: `reduce_per_replica` reduces each step's scalar
   metrics with `strategy.reduce("MEAN", v, axis=0)` on multi-worker, which
   raises "Invalid reduction dimension 0 for input with 0 dimensions". We
@@ -110,6 +113,14 @@ def _install_symbolic_build() -> None:
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
             return
+        if self.steps_per_execution > 1 and trainer._collective_all_reduce_multi_worker(
+                self.distribute_strategy):
+            raise KerasCompatError(
+                f"compile(steps_per_execution={self.steps_per_execution}) does not work under "
+                "multi-worker MultiWorkerMirroredStrategy in this Keras (measured on 3.15.1: "
+                "its multi-step loop fails with 'You must feed a value for placeholder "
+                "tensor'). Fix: compile with steps_per_execution=1 (the default)."
+            )
         if iterator is not None:
             for _, _, it in iterator:
                 batch = next(it)

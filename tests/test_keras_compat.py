@@ -81,3 +81,11 @@ def test_batchnorm_statistics_drift_without_that_fix():
     assert any(a["weights"][p] != b["weights"][p] for p in moving), (
         "BatchNormalization statistics agreed without the fix: revisit keras_compat"
     )
+
+
+def test_steps_per_execution_above_one_is_a_clear_error_before_training():
+    run = run_cluster(workloads.multi_step_execution, 2,
+                      kwargs={"steps_per_execution": 4}, timeout=120).assert_ok()
+    for result in run.results:
+        assert result["error"].startswith("KerasCompatError: compile(steps_per_execution=4)")
+        assert "Fix: compile with steps_per_execution=1" in result["error"]

@@ -106,3 +106,20 @@ def fails_without_compat() -> dict:
     except Exception as e:  # noqa: BLE001 - the failure is the result
         return {"error": f"{type(e).__name__}: {e}"[:500]}
     return {"error": None}
+
+
+def multi_step_execution(steps_per_execution: int) -> dict:
+    """fit with compile(steps_per_execution=k); returns the error (or None)."""
+    import keras
+
+    from disttrain.strategy import strategy
+
+    x, y, _ = _data()
+    with strategy().scope():
+        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse", steps_per_execution=steps_per_execution)
+    try:
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    except Exception as e:  # noqa: BLE001 - the failure is the result
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    return {"error": None}
