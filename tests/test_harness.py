@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from tests import coordination_workloads as work
-from tests.harness import run_cluster
+from tests.harness import processes_with_env, run_cluster
 
 
 def _alive(pid: int) -> bool:
@@ -28,19 +27,6 @@ def test_a_hanging_cluster_times_out_and_every_process_is_killed(tmp_path):
     with pytest.raises(AssertionError, match="TIMED OUT"):
         run.assert_ok()
     assert all(rc is not None for rc in run.returncodes)
-    assert _pids_of_marked_processes() == [], "workers or their children were left behind"
-
-
-def _pids_of_marked_processes() -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if b"DISTTRAIN_HARNESS_MARK=" in environ and _alive(int(entry)):
-            found.append(int(entry))
-    return found
+    left = [pid for pid in processes_with_env("DISTTRAIN_HARNESS_MARK", str(tmp_path))
+            if _alive(pid)]
+    assert left == [], "workers or their children were left behind"
