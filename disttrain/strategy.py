@@ -54,7 +54,8 @@ def strategy(
 
     Raises:
         ClusterConfigError: TF_CONFIG is malformed.
-        StrategyError: bad options, or options differing from the first call.
+        StrategyError: bad options, options differing from the first call, or
+            this task cannot listen on its address.
 
     Example:
 
@@ -127,4 +128,15 @@ def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None
         }[implementation],
         timeout_seconds=timeout_seconds,
     )
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as e:
+        if "Could not start gRPC server" not in str(e):
+            raise
+        address = cluster.training_addresses[cluster.worker_rank]
+        raise StrategyError(
+            f"{cluster.label} could not listen on its TF_CONFIG address {address} (TensorFlow: "
+            "Could not start gRPC server): the port is taken, or the host is not an address "
+            "of this machine. Fix: give this task a free port on one of its own addresses "
+            "(python -m launch.local picks free ports itself)."
+        ) from e

@@ -18,7 +18,12 @@ from tests.harness import REPO_ROOT, function_command, run_cluster, worker_env
 keras = pytest.importorskip("keras")
 
 from disttrain import callbacks, storage  # noqa: E402
-from disttrain.errors import PREEMPTED_EXIT_CODE, CallbackConfigError, Preempted  # noqa: E402
+from disttrain.errors import (  # noqa: E402
+    PREEMPTED_EXIT_CODE,
+    CallbackConfigError,
+    Preempted,
+    StorageError,
+)
 
 
 class Interrupt(Exception):
@@ -347,3 +352,17 @@ def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path):
     assert storage.is_committed(str(directory / left))
     assert sorted(os.listdir(directory / left)) == [storage.MANIFEST_NAME, "model.weights.h5"], (
         "no temp file is left behind")
+
+
+def test_an_unwritable_backup_dir_fails_before_the_first_epoch(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    epochs = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs.append(epoch)
+
+    with pytest.raises(StorageError, match=r"is not writable.*Fix:"):
+        _fit(_model(), [callbacks.BackupAndRestore(str(blocker / "backup")), Count()])
+    assert epochs == []

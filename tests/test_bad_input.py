@@ -11,7 +11,7 @@ mid-training), a port held by another listener, invalid launcher flags. A
 destination whose parent directories do not exist is created (the earlier
 attempt's job shows it); a bucket that does not exist (on a real GCS emulator)
 is a clear error before training. A backup written by a different model
-architecture is tested in test_backup.py.
+architecture is refused on every worker before training and kept.
 """
 
 from __future__ import annotations
@@ -285,3 +285,31 @@ def test_full_filesystem_mid_training(earlier, tmp_path):
     manifest = json.loads((after / "sub" / "best.json").read_text())
     model = keras.models.load_model(after / "sub" / os.path.basename(manifest["path"]))
     assert model.count_params() == 6 * WIDTH + WIDTH + WIDTH * WIDTH + WIDTH + WIDTH + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_backup_of_another_architecture_is_refused_on_every_worker_and_kept(tmp_path):
+    """A job killed mid-run leaves a backup of 16-unit layers; the same run restarted with
+    32-unit layers refuses it on both workers before training and leaves it as it was."""
+    backup = tmp_path / "backup"
+    killed = run_launcher(
+        ["--workers", "2", "--run-id", RUN_ID, "--grace", "2", "--", *function_command(
+            fault_workloads.fault_train,
+            {"result_dir": str(tmp_path), "backup_dir": str(backup), "width": 16})],
+        timeout=JOB_TIMEOUT, cwd=tmp_path,
+        env={fault_workloads.ENV_FAULT_RANK: "1",
+             fault_workloads.ENV_FAULT_STEP: str(2 * fault_workloads.STEPS_PER_EPOCH + 2)})
+    assert killed.returncode == 137 and not killed.survivors, killed.report()
+    before = _snapshot(backup)
+    assert before, "the killed job left a backup"
+    case = Case(
+        command=function_command(fault_workloads.fault_train, {
+            "result_dir": str(tmp_path), "backup_dir": str(backup), "width": 32}),
+        error=r"CallbackConfigError: BackupAndRestore\.restore failed on w0: CallbackConfigError: "
+              r"BackupAndRestore: the backup .* was written by a different model or optimizer "
+              r"\(variable #0 is .* \(6, 16\) float32 in the backup, .* \(6, 32\) float32 in "
+              r"this model\)\. Nothing was loaded .* Fix: give this model its own backup_dir",
+        within=60.0)
+    _assert_failed_clearly(case, _launch(tmp_path, case.command))
+    assert _snapshot(backup) == before

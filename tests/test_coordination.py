@@ -113,3 +113,22 @@ def test_strategy_rejects_malformed_tf_config_before_tensorflow_sees_it():
                    {"TF_CONFIG": '{"cluster": {"worker": ["h:1"]}, "task": {"type": "worker"}}'})
     assert proc.returncode != 0
     assert "ClusterConfigError: TF_CONFIG task.index=None: missing" in proc.stderr
+
+
+def test_strategy_names_the_address_it_cannot_listen_on():
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        proc = _python("import disttrain; disttrain.strategy()", {"TF_CONFIG": json.dumps({
+            "cluster": {"worker": [f"127.0.0.1:{port}", "127.0.0.1:1"]},
+            "task": {"type": "worker", "index": 0}})})
+    finally:
+        held.close()
+    assert proc.returncode != 0
+    assert (f"StrategyError: w0 could not listen on its TF_CONFIG address 127.0.0.1:{port} "
+            "(TensorFlow: Could not start gRPC server)") in proc.stderr, proc.stderr[-3000:]
+    assert "Fix: give this task a free port" in proc.stderr

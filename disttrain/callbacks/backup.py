@@ -134,6 +134,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         chosen: dict = {}
 
         def find_latest():
+            storage.probe_writable(self.directory)
             latest = self._committed_backups()
             chosen["name"] = latest[-1] if latest else ""
             chosen["next"] = (int(_BACKUP_RE.match(latest[-1]).group(1)) + 1) if latest else 0
