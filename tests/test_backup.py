@@ -152,39 +152,44 @@ def test_bad_arguments(kwargs, match):
         callbacks.BackupAndRestore(**kwargs)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_launcher_restart_resumes_a_crashed_cluster(tmp_path):
-    """Worker 1 dies at the end of epoch 3; launch.local restarts the group; it resumes at epoch 3.
-
-    (The backup of epoch 3's end would have been taken as epoch 4 began.)
-    """
+def _reference_and_restarted(tmp_path, grace: int, **fault) -> tuple[dict, object, list]:
+    """An uninterrupted 2-worker resume_job, and the same job with `fault` on attempt 0 under
+    `launch.local --max-restarts 1`: (reference result, launcher process, attempt-1 results)."""
     reference = run_cluster(
         callback_workloads.resume_job, 2,
         kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup")},
-    ).assert_ok().results
-    results = tmp_path / "crash"
+    ).assert_ok().results[0]
+    results = tmp_path / "restarted"
     results.mkdir()
     command = function_command(callback_workloads.resume_job, {
-        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
-        "crash_epoch": 2,
-    })
+        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"), **fault})
     proc = subprocess.run(
         [sys.executable, "-m", "launch.local", "--workers", "2", "--max-restarts", "1",
-         "--grace", "5", "--", *command],
-        env=worker_env(),
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+         "--grace", str(grace), "--", *command],
+        env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "attempt 1" in proc.stderr
+    assert not (results / "1-0.json").exists(), "worker 1 did not finish attempt 0"
     resumed = [json.loads((results / f"{rank}-1.json").read_text()) for rank in (0, 1)]
-    assert not (results / "1-0.json").exists(), "worker 1 died on attempt 0"
-    assert [r["epochs_run"] for r in resumed] == [3, 3], "epochs 3 to 5 only"
     assert resumed[0]["weights"] == resumed[1]["weights"]
-    assert resumed[0]["best_epoch"] == reference[0]["best_epoch"]
-    for name, value in reference[0]["weights"].items():
+    for name, value in reference["weights"].items():
         np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
                                    rtol=1e-5, atol=1e-6)
+    return reference, proc, resumed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_launcher_restart_resumes_a_crashed_cluster(tmp_path):
+    """Worker 1 dies at the end of epoch 3; launch.local restarts the group; it resumes at epoch 3
+    and ends equal to an uninterrupted run.
+
+    (The backup of epoch 3's end would have been taken as epoch 4 began.)
+    """
+    reference, _, resumed = _reference_and_restarted(tmp_path, grace=5, crash_epoch=2)
+    assert [r["epochs_run"] for r in resumed] == [3, 3], "epochs 3 to 5 only"
+    assert resumed[0]["best_epoch"] == reference["best_epoch"]
 
 
 class InterruptAtBatch(keras.callbacks.Callback):
@@ -274,22 +279,7 @@ def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_the
     """Worker 1 gets SIGTERM after its 8th step (epoch 2 of 6-batch epochs): both workers
     save one backup at the same later step and exit 75; launch.local restarts the group,
     which resumes at that step and ends equal to an uninterrupted run."""
-    reference = run_cluster(
-        callback_workloads.resume_job, 2,
-        kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup")},
-    ).assert_ok().results
-    results = tmp_path / "preempt"
-    results.mkdir()
-    command = function_command(callback_workloads.resume_job, {
-        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
-        "sigterm_step": 8,
-    })
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.local", "--workers", "2", "--max-restarts", "1",
-         "--grace", "20", "--", *command],
-        env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    _, proc, resumed = _reference_and_restarted(tmp_path, grace=20, sigterm_step=8)
     saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w1\): backup saved at "
                        r"epoch (\d), batch (\d); exiting with 75", proc.stderr)
     assert sorted(w for w, *_ in saved) == ["w0", "w1"], proc.stderr[-5000:]
@@ -300,12 +290,7 @@ def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_the
     for worker in ("w0", "w1"):
         assert re.search(worker + r" +0 +[\d.]+s +75\*?\s", proc.stderr), (
             f"{worker} exited 75 by itself in attempt 0")
-    resumed = [json.loads((results / f"{rank}-1.json").read_text()) for rank in (0, 1)]
     assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2, "the rest of that epoch on"
-    assert resumed[0]["weights"] == resumed[1]["weights"]
-    for name, value in reference[0]["weights"].items():
-        np.testing.assert_allclose(np.asarray(resumed[0]["weights"][name]), np.asarray(value),
-                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
