@@ -351,3 +351,17 @@ def test_an_unwritable_backup_dir_fails_before_the_first_epoch(tmp_path):
     with pytest.raises(StorageError, match=r"is not writable.*Fix:"):
         _fit(_model(), [callbacks.BackupAndRestore(str(blocker / "backup")), Count()])
     assert epochs == []
+
+
+def test_a_resumed_csv_log_holds_every_epoch_once(tmp_path):
+    """The crash after epoch 3's row was written: the backup (taken as epoch 3 began) holds
+    the file's length then, so the resumed run writes epoch 3 again without a duplicate."""
+    backup, log = str(tmp_path / "backup"), str(tmp_path / "log.csv")
+    with pytest.raises(Interrupt):
+        _fit(_model(), [callbacks.BackupAndRestore(backup), callbacks.CSVLogger(log, append=True),
+                        InterruptAt(2)])
+    assert [line.split(",")[0] for line in open(log).read().splitlines()] == [
+        "epoch", "0", "1", "2"]
+    _fit(_model(), [callbacks.CSVLogger(log, append=True), callbacks.BackupAndRestore(backup)])
+    assert [line.split(",")[0] for line in open(log).read().splitlines()] == [
+        "epoch", "0", "1", "2", "3", "4", "5"]

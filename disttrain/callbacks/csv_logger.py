@@ -35,6 +35,11 @@ class CSVLogger(DistributedCallback, keras.callbacks.CSVLogger):
       unwritable destination fails before the first epoch, not after it.
     - A failed read or write on the chief raises the same `StorageError` on
       every worker.
+    - With `disttrain.callbacks.BackupAndRestore`, a resumed run continues the
+      file where the backup was taken: rows of epochs after the backup (written
+      before the failure, trained again after it) are dropped, so every epoch
+      appears once (with `append=True`, which resuming needs to keep the rows
+      before the failure at all).
 
     Each epoch rewrites the whole file, so the cost grows with the number of
     epochs (a few KB per hundred epochs for a handful of metrics).
@@ -77,6 +82,18 @@ class CSVLogger(DistributedCallback, keras.callbacks.CSVLogger):
             self._commit()
 
         self.coordinator.run_on_chief("CSVLogger.write", write_row, StorageError)
+
+    def backup_state(self):
+        lines = self.csv_file.getvalue().count("\n") if self.csv_file is not None else 0
+        return {"lines": lines}, []
+
+    def restore_state(self, state, arrays):
+        if self.csv_file is None:
+            return
+        kept = "".join(self.csv_file.getvalue().splitlines(keepends=True)[:state["lines"]])
+        self.csv_file = io.StringIO(kept)
+        self.csv_file.seek(0, io.SEEK_END)
+        self.append_header = not kept
 
     def _load(self) -> None:
         storage.probe_writable(posixpath.dirname(self.filename) or ".")
