@@ -365,3 +365,48 @@ def test_a_resumed_csv_log_holds_every_epoch_once(tmp_path):
     _fit(_model(), [callbacks.CSVLogger(log, append=True), callbacks.BackupAndRestore(backup)])
     assert [line.split(",")[0] for line in open(log).read().splitlines()] == [
         "epoch", "0", "1", "2", "3", "4", "5"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_it(tmp_path):
+    """The launcher passes SIGTERM to both workers: they agree on one step, save one
+    backup and exit 75; the launcher exits 143; the same run started again resumes there."""
+    import signal as signals
+    import time
+
+    results = tmp_path / "results"
+    results.mkdir()
+    command = function_command(callback_workloads.resume_job, {
+        "result_dir": str(results), "backup_dir": str(tmp_path / "backup"), "epochs": 400})
+    launcher = [sys.executable, "-m", "launch.local", "--workers", "2", "--run-id", "term-run",
+                "--grace", "30", "--", *command]
+    proc = subprocess.Popen(launcher, env=worker_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "backup").glob("backup-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signals.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-5000:]
+    saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w\d\): backup saved at "
+                       r"epoch (\d+), batch (\d+)", err)
+    assert sorted(w for w, *_ in saved) == ["w0", "w1"], err[-5000:]
+    assert len({(e, b) for _, e, b in saved}) == 1, "one agreed step"
+    assert re.search(r"w0 +75 \(preempted\)", err) and re.search(r"w1 +75 \(preempted\)", err)
+    epoch, batch = int(saved[0][1]), int(saved[0][2])
+    [name] = storage.listdir(str(tmp_path / "backup"))
+    metadata = storage.read_manifest(storage.join(str(tmp_path / "backup"), name))["metadata"]
+    assert (metadata["epoch"] + 1, metadata["batches"]) == (epoch, batch)
+    again = subprocess.run(
+        [*launcher[:launcher.index("--grace")], "--", *function_command(
+            callback_workloads.resume_job, {"result_dir": str(results),
+                                            "backup_dir": str(tmp_path / "backup"),
+                                            "epochs": epoch})],
+        env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-5000:]
+    resumed = json.loads((results / "0-0.json").read_text())
+    assert resumed["epochs_run"] == 1, "only the rest of the interrupted epoch"
