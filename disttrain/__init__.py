@@ -22,11 +22,13 @@ from typing import Any
 
 from disttrain.cluster import Cluster
 from disttrain.errors import (
+    PREEMPTED_EXIT_CODE,
     CallbackConfigError,
     ClusterConfigError,
     CoordinationError,
     DisttrainError,
     KerasCompatError,
+    Preempted,
     StorageError,
     StrategyError,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "CoordinationError",
     "DisttrainError",
     "KerasCompatError",
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
     "StorageError",
     "StrategyError",
     *_LAZY,
