@@ -132,3 +132,13 @@ def test_strategy_names_the_address_it_cannot_listen_on():
     assert (f"StrategyError: w0 could not listen on its TF_CONFIG address 127.0.0.1:{port} "
             "(TensorFlow: Could not start gRPC server)") in proc.stderr, proc.stderr[-3000:]
     assert "Fix: give this task a free port" in proc.stderr
+
+
+def test_single_worker_events_need_no_tensorflow():
+    proc = _python(
+        "import sys, json; from disttrain import coordination as c; k = c.get(); "
+        "r = [k.poll('e'), k.post('e', 'a'), k.post('e', 'b'), k.poll('e', wait=1.0), "
+        "k.post('ack/0', '7'), k.collect('ack'), k.statuses()]; k.set_status('x'); "
+        "print(json.dumps([r, 'tensorflow' in sys.modules]))")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [[None, True, False, "a", True, ["7"], [None]], False]
