@@ -84,7 +84,12 @@ class PreemptionWatch:
         return self
 
     def stop(self) -> None:
-        """Restores the previous signal handler and ends the watcher thread."""
+        """Restores the previous signal handler and ends the watcher thread.
+
+        A request that arrived after this worker's last step but before its peers'
+        is still acknowledged, so a peer that saw it in time gets its answer and,
+        with the stop step past the end of training, finishes normally too.
+        """
         if self._previous_handler is not None:
             signal.signal(self._signum, self._previous_handler)
             self._previous_handler = None
@@ -92,12 +97,11 @@ class PreemptionWatch:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    @property
-    def requested(self) -> bool:
-        """True once a preemption of this or any worker is known here."""
-        with self._lock:
-            return self._seen
+            try:
+                if not self._seen and self._coord.poll(_REQUEST) is not None:
+                    self._acknowledge()
+            except CoordinationError:
+                return
 
     def step_done(self, completed: int) -> bool:
         """Records that `completed` training steps are done; True when it is time to stop.
@@ -145,9 +149,12 @@ class PreemptionWatch:
             requester = self._coord.poll(_REQUEST, wait=_POLL_S)
             if requester is None:
                 continue
-            with self._lock:
-                self._seen = True
-                self.requested_by = requester
-                completed = self._completed
-            self._coord.post(f"{_ACK}/{self._coord.rank}", str(completed))
+            self.requested_by = requester
+            self._acknowledge()
             return
+
+    def _acknowledge(self) -> None:
+        with self._lock:
+            self._seen = True
+            completed = self._completed
+        self._coord.post(f"{_ACK}/{self._coord.rank}", str(completed))
