@@ -36,6 +36,8 @@ class StrategyError(DisttrainError, RuntimeError):
 
 
 PREEMPTED_EXIT_CODE = 75
+STALLED_EXIT_CODE = 70
+"""Exit code of a worker that `disttrain.liveness` found stuck while its peers waited."""
 
 
 class Preempted(SystemExit):

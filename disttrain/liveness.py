@@ -44,9 +44,8 @@ import time
 import traceback
 
 from disttrain.coordination import Coordinator
-from disttrain.errors import CoordinationError
+from disttrain.errors import STALLED_EXIT_CODE, CoordinationError
 
-STALLED_EXIT_CODE = 70
 IN_TENSORFLOW = "tensorflow"
 IN_EXCHANGE = "exchange"
 ELSEWHERE = "elsewhere"

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from disttrain.errors import PREEMPTED_EXIT_CODE
+from disttrain.errors import PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE
 from launch.output import Console, OutputStream
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -62,9 +62,11 @@ def exit_code(returncode: int) -> int:
 
 
 def describe_exit(code: int) -> str:
-    """`3`, `137 (SIGKILL)` for a death by signal, `75 (preempted)` for a preemption exit."""
+    """`3`, `137 (SIGKILL)` for a death by signal, `75 (preempted)`, `70 (stuck)`."""
     if code == PREEMPTED_EXIT_CODE:
         return f"{code} (preempted)"
+    if code == STALLED_EXIT_CODE:
+        return f"{code} (stuck)"
     if code > 128:
         try:
             return f"{code} ({signal.Signals(code - 128).name})"

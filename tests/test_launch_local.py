@@ -147,6 +147,13 @@ def test_splitter_cuts_endless_lines():
     assert s.finish() == [b"ij"]
 
 
+def test_exit_codes_are_described_by_their_meaning():
+    from launch import procs
+
+    assert [procs.describe_exit(c) for c in (0, 1, 70, 75, 137, 143, 200)] == [
+        "0", "1", "70 (stuck)", "75 (preempted)", "137 (SIGKILL)", "143 (SIGTERM)", "200"]
+
+
 def test_port_clash_pattern_matches_what_tensorflow_prints():
     for line in (
         "E0000 00:00:1795376631.581638    3428 add_port.cc:83] Failed to add port to server: "
