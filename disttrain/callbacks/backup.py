@@ -184,8 +184,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._save_due = self.save_freq == "epoch"
 
     def _save_model(self, epoch: int | None = None, batches: int | None = None):
-        """Backs up now: at the end of epoch `self._current_epoch - 1` by default, or
-        after `batches` batches of epoch `epoch` (a mid-epoch backup)."""
+        """Backs up now, recording where training resumes: after `batches` batches of
+        `epoch` when given (a preemption); else at the epoch that begins (save_freq
+        "epoch") or after the batches done so far in this epoch (an integer save_freq)."""
         if batches is None:
             if self.save_freq == "epoch":
                 epoch, batches = self._current_epoch, 0
