@@ -124,7 +124,7 @@ class PreemptionWatch:
         return completed >= self._stop_step
 
     def _on_signal(self, signum, frame) -> None:
-        if self._local.is_set() or self._closing.is_set():
+        if self._local.is_set():
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self._local.set()

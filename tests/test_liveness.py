@@ -17,18 +17,21 @@ pytestmark = pytest.mark.timeout(300)
 def test_where_classifies_the_innermost_frame():
     from disttrain import liveness
 
-    def busy(done):
-        while not done.is_set():
+    def busy(started, done):
+        started.append(True)  # a C call: no Python frame of its own to be sampled in
+        while not done:
             time.sleep(0.01)
 
-    done = threading.Event()
-    thread = threading.Thread(target=busy, args=(done,))
+    started, done = [], []
+    thread = threading.Thread(target=busy, args=(started, done))
     thread.start()
     try:
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.001)
         state, place = liveness.where(sys._current_frames()[thread.ident])
     finally:
-        done.set()
+        done.append(True)
         thread.join()
     assert state == liveness.ELSEWHERE
     assert place.startswith(__file__) and place.endswith("in busy")
