@@ -14,9 +14,6 @@ Fixes:
   (PerReplica...)". We build from this worker's local batch instead (the
   batch only provides shapes and dtypes). Upstream: keras-team/keras#20585,
   #20329, tensorflow/tensorflow#72388.
-  Under multi-worker it also refuses `steps_per_execution > 1` with a clear
-  error before the first step: Keras 3.15's multi-step loop fails there with
-  "You must feed a value for placeholder tensor".
 - `scalar_metric_reduction`: `reduce_per_replica` reduces each step's scalar
   metrics with `strategy.reduce("MEAN", v, axis=0)` on multi-worker, which
   raises "Invalid reduction dimension 0 for input with 0 dimensions". We
@@ -32,6 +29,18 @@ Fixes:
   each). Upstream: keras-team/keras#20585, ray-project/ray#47464.
   Epoch-level logs are read by Keras from the metric variables, which are
   summed across all workers, so they are exact global values.
+- `multi_worker_steps_per_execution`: with `compile(steps_per_execution=k)`,
+  k > 1, Keras runs k steps per call in a `tf.while_loop` that calls the step
+  as a nested `tf.function` inside a `tf.cond`. Under multi-worker MWMS every
+  collective's instance key is a call-time capture, which does not reach a
+  nested function called inside control flow: the first call fails with "You
+  must feed a value for placeholder tensor". Our loop traces the step inline
+  (no nested function) and reduces the step outputs (the logs) once per call
+  instead of once per step: k steps, one metric all-reduce. Each step still
+  fetches its batch with `get_next_as_optional`, so workers agree when the data
+  ends, and a call ends early at the end of the data, as Keras's does. With
+  `jit_compile=True` it is a clear error before the first step. Measured here
+  (keras 3.15.1, TF 2.21), not reported upstream that we found.
 - `synced_batchnorm_statistics`: BatchNormalization creates its moving
   statistics with `aggregation="none"`, so each worker keeps statistics of its
   own shard and checkpoints hold one shard's statistics. We average them across
@@ -113,14 +122,6 @@ def _install_symbolic_build() -> None:
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
             return
-        if self.steps_per_execution > 1 and trainer._collective_all_reduce_multi_worker(
-                self.distribute_strategy):
-            raise KerasCompatError(
-                f"compile(steps_per_execution={self.steps_per_execution}) does not work under "
-                "multi-worker MultiWorkerMirroredStrategy in this Keras (measured on 3.15.1: "
-                "its multi-step loop fails with 'You must feed a value for placeholder "
-                "tensor'). Fix: compile with steps_per_execution=1 (the default)."
-            )
         if iterator is not None:
             for _, _, it in iterator:
                 batch = next(it)
@@ -210,6 +211,95 @@ def _compiled_when_multi_worker(method: Callable) -> Callable:
         return functions[key]()
 
     return wrapper
+
+
+def _multi_step_needed() -> bool:
+    trainer = _tf_trainer_module()
+    return _source_contains(trainer.TensorFlowTrainer._make_function, "multi_step_on_iterator",
+                            "one_step_on_data = tf.function(", "tf.cond(")
+
+
+def _install_multi_step() -> None:
+
+    trainer = _tf_trainer_module()
+    original = trainer.TensorFlowTrainer._make_function
+
+    @functools.wraps(original)
+    def _make_function(self, step_function):
+        if (self.steps_per_execution == 1 or self.run_eagerly
+                or not trainer._collective_all_reduce_multi_worker(self.distribute_strategy)):
+            return original(self, step_function)
+        if self.jit_compile:
+            raise KerasCompatError(
+                f"compile(steps_per_execution={self.steps_per_execution}, jit_compile=True) "
+                "does not work under multi-worker MultiWorkerMirroredStrategy: Keras's "
+                "multi-step loop fails there ('You must feed a value for placeholder "
+                "tensor'), and disttrain's does not compile with XLA. Fix: compile with "
+                "jit_compile=False, or with steps_per_execution=1."
+            )
+        return _multi_step_function(self, step_function)
+
+    trainer.TensorFlowTrainer._make_function = _make_function
+
+
+def _multi_step_function(model, step_function) -> Callable:
+    """Keras's `train_function`/`test_function` contract for k = steps_per_execution > 1
+    under multi-worker: `function(iterator)` runs up to k steps and returns the last
+    step's logs, reduced across workers, or raises StopIteration when the data had
+    no batch left."""
+    import tensorflow as tf
+
+    trainer = _tf_trainer_module()
+    strategy = model.distribute_strategy
+    limit = model.steps_per_execution
+
+    @model._autoconvert_optionals
+    def run_step(data):
+        return strategy.run(step_function, args=(data,))
+
+    def reduce(outputs):
+        return trainer.reduce_per_replica(outputs, strategy, reduction="auto")
+
+    @functools.partial(tf.function, reduce_retracing=True, autograph=False)
+    def run_steps(iterator):
+        # The loop carries Optionals whose element spec is known only once the
+        # step is traced: empty Optionals get it from the traced branch.
+        outputs = tf.experimental.Optional.empty(None)
+
+        def body(step, _, batch):
+            result = tf.experimental.Optional.from_value(run_step(batch.get_value()))
+            outputs._element_spec = result.element_spec
+            following = tf.cond(step + 1 < limit, iterator.get_next_as_optional, lambda: batch)
+            return step + 1, result, following
+
+        _, last, _ = tf.while_loop(
+            lambda step, _, batch: tf.logical_and(step < limit, batch.has_value()),
+            body, [tf.constant(0), outputs, iterator.get_next_as_optional()])
+        last._element_spec = outputs.element_spec
+        logs = tf.experimental.Optional.empty(None)
+
+        def reduced():
+            result = tf.experimental.Optional.from_value(reduce(last.get_value()))
+            logs._element_spec = result.element_spec
+            return result
+
+        return tf.cond(last.has_value(), reduced, lambda: logs)
+
+    one_step = tf.function(lambda data: reduce(run_step(data)), reduce_retracing=True,
+                           autograph=False)
+
+    def function(iterator):
+        if isinstance(iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)):
+            logs = run_steps(iterator)
+            if not logs.has_value():
+                raise StopIteration
+            return logs.get_value()
+        outputs = None
+        for _, data in zip(range(limit), iterator):
+            outputs = one_step(data)
+        return outputs
+
+    return function
 
 
 def _batchnorm_needed() -> bool:
@@ -313,6 +403,12 @@ _FIXES = (
         "keras-team/keras#20585, ray-project/ray#47464",
         _scalar_reduction_needed,
         _install_scalar_reduction,
+    ),
+    _Fix(
+        "multi_worker_steps_per_execution",
+        "measured here (keras 3.15.1): the multi-step loop fails under multi-worker MWMS",
+        _multi_step_needed,
+        _install_multi_step,
     ),
     _Fix(
         "synced_batchnorm_statistics",

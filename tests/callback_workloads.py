@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 
-def _model_and_data(seed: int = 0):
+def _model_and_data(seed: int = 0, steps_per_execution: int = 1):
     import keras
     import tensorflow as tf
 
@@ -23,7 +23,8 @@ def _model_and_data(seed: int = 0):
             keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
             keras.layers.Activation("relu"), keras.layers.Dense(1, activation="sigmoid"),
         ])
-        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", metrics=["accuracy"])
+        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=steps_per_execution)
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     val = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(32)
     return model, train, val
@@ -83,9 +84,10 @@ def checkpoint_job(
 
 def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
                crash_epoch: int | None = None, crash_rank: int = 1,
-               sigterm_step: int | None = None) -> dict:
+               sigterm_step: int | None = None, steps_per_execution: int = 1) -> dict:
     """fit with BackupAndRestore + EarlyStopping; on attempt 0 `crash_rank` dies after
-    `crash_epoch`, or gets SIGTERM after its training step number `sigterm_step`.
+    `crash_epoch`, or gets SIGTERM after its training call number `sigterm_step` (a call
+    runs `steps_per_execution` steps).
 
     Writes `<result_dir>/<rank>-<attempt>.json` (the launcher runs this, not the harness).
     """
@@ -98,7 +100,7 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     from disttrain import callbacks, coordination
 
     attempt = int(os.environ.get("DISTTRAIN_ATTEMPT", "0"))
-    model, train, val = _model_and_data()
+    model, train, val = _model_and_data(steps_per_execution=steps_per_execution)
     model.build((None, 6))
     rank = coordination.get().rank
 

@@ -152,17 +152,21 @@ def test_bad_arguments(kwargs, match):
         callbacks.BackupAndRestore(**kwargs)
 
 
-def _reference_and_restarted(tmp_path, grace: int, **fault) -> tuple[dict, object, list]:
+def _reference_and_restarted(tmp_path, grace: int, job: dict | None = None,
+                             **fault) -> tuple[dict, object, list]:
     """An uninterrupted 2-worker resume_job, and the same job with `fault` on attempt 0 under
-    `launch.local --max-restarts 1`: (reference result, launcher process, attempt-1 results)."""
+    `launch.local --max-restarts 1`: (reference result, launcher process, attempt-1 results).
+    `job` holds further resume_job arguments for both runs."""
     reference = run_cluster(
         callback_workloads.resume_job, 2,
-        kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup")},
+        kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup"),
+                **(job or {})},
     ).assert_ok().results[0]
     results = tmp_path / "restarted"
     results.mkdir()
     command = function_command(callback_workloads.resume_job, {
-        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"), **fault})
+        "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
+        **(job or {}), **fault})
     proc = subprocess.run(
         [sys.executable, "-m", "launch.local", "--workers", "2", "--max-restarts", "1",
          "--grace", str(grace), "--", *command],
@@ -291,6 +295,23 @@ def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_the
         assert re.search(worker + r" +0 +[\d.]+s +75\*?\s", proc.stderr), (
             f"{worker} exited 75 by itself in attempt 0")
     assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2, "the rest of that epoch on"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_with_steps_per_execution_stops_and_resumes_between_calls(tmp_path):
+    """compile(steps_per_execution=2): 6 batches an epoch are 3 calls. Worker 1 gets
+    SIGTERM after its 4th call (epoch 2, batch 2); both save one backup after a whole
+    call (an even batch) and the restart ends equal to an uninterrupted k=2 run."""
+    _, proc, resumed = _reference_and_restarted(
+        tmp_path, grace=20, job={"steps_per_execution": 2}, sigterm_step=4)
+    saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w1\): backup saved at "
+                       r"epoch (\d), batch (\d); exiting with 75", proc.stderr)
+    assert sorted(w for w, *_ in saved) == ["w0", "w1"], proc.stderr[-5000:]
+    assert len({(e, b) for _, e, b in saved}) == 1, "both stopped after the same call"
+    epoch, batch = int(saved[0][1]), int(saved[0][2])
+    assert batch % 2 == 0 and (epoch, batch) > (2, 2), (epoch, batch)
+    assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ def _summary(model, history, evaluation, predictions) -> dict:
     }
 
 
-def sequential(batchnorm: bool = True, epochs: int = 2, skip_fixes: tuple = ()) -> dict:
+def sequential(batchnorm: bool = True, epochs: int = 2, skip_fixes: tuple = (),
+               steps_per_execution: int = 1) -> dict:
     """Sequential model fed from tf.data, with validation data, accuracy and AUC."""
     import keras
     import tensorflow as tf
@@ -53,6 +54,7 @@ def sequential(batchnorm: bool = True, epochs: int = 2, skip_fixes: tuple = ()) 
         model.compile(
             keras.optimizers.SGD(0.1), "binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
+            steps_per_execution=steps_per_execution,
         )
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     val = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(GLOBAL_BATCH)
@@ -108,8 +110,18 @@ def fails_without_compat() -> dict:
     return {"error": None}
 
 
-def multi_step_execution(steps_per_execution: int) -> dict:
-    """fit with compile(steps_per_execution=k); returns the error (or None)."""
+def multi_step_without_fix(steps_per_execution: int) -> dict:
+    """Stock Keras's multi-step loop under MWMS; returns the exception it raises (or None)."""
+    try:
+        sequential(batchnorm=False, epochs=1, steps_per_execution=steps_per_execution,
+                   skip_fixes=("multi_worker_steps_per_execution",))
+    except Exception as e:  # noqa: BLE001 - the failure is the result
+        return {"error": f"{type(e).__name__}: {e}"[-500:]}
+    return {"error": None}
+
+
+def multi_step_with_xla() -> dict:
+    """compile(steps_per_execution=4, jit_compile=True) under MWMS; returns the error."""
     import keras
 
     from disttrain.strategy import strategy
@@ -117,9 +129,10 @@ def multi_step_execution(steps_per_execution: int) -> dict:
     x, y, _ = _data()
     with strategy().scope():
         model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
-        model.compile("sgd", "mse", steps_per_execution=steps_per_execution)
+        model.compile("sgd", "mse", steps_per_execution=4, jit_compile=True)
     try:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     except Exception as e:  # noqa: BLE001 - the failure is the result
-        return {"error": f"{type(e).__name__}: {e}"[:500]}
+        return {"error": f"{type(e).__name__}: {e}"[:500],
+                "trained": int(model.optimizer.iterations.numpy())}
     return {"error": None}
