@@ -42,7 +42,8 @@ def model(measured: dict[str, list], settings: Settings) -> str:
     def speedup(n: int) -> float:
         return single_ms / (single_ms / n + all_reduce_ms(n))
 
-    floor_ms = single_ms + gradient_ms + latency_ms
+    compute_ms = Stat.of([step_ms(r, settings.steps) for r in measured["independent"]]).median
+    floor_ms = compute_ms + gradient_ms + latency_ms
     sentences = [
         (f"Scaling model: each step all-reduces the gradients once ({megabytes:.1f} MB float32 "
         "for this MLP) and the step's metrics once (a few bytes)."),
@@ -53,12 +54,13 @@ def model(measured: dict[str, list], settings: Settings) -> str:
         f"processes over loopback gRPC (about {megabytes / gradient_ms:.2f} GB/s, CPU-bound: "
         f"both processes share {os.cpu_count()} cores), {latency_ms:.1f} ms for a small one, "
         f"{single_ms:.1f} ms for a 1-process step."),
-        ("On one machine the workers split the cores the single process has to itself, so "
-         "each worker's half batch takes about as long as the whole 1-process step, and a "
-         f"2-worker step costs at least {single_ms:.1f} + {gradient_ms:.1f} + {latency_ms:.1f} = "
-         f"{floor_ms:.1f} ms ({floor_ms / single_ms:.1f}x the 1-process step) before the "
-         "processes contend for the cores: 1.3x is out of reach here without sending fewer "
-         "bytes (compressed gradients, which change the results)."),
+        ("On one machine the workers split the cores the single process has to itself: 2 "
+         "processes computing their half batches at the same time, with no communication, take "
+         f"{compute_ms:.1f} ms a step ({compute_ms / single_ms:.2f}x the 1-process step), so a "
+         f"2-worker step costs at least {compute_ms:.1f} + {gradient_ms:.1f} + {latency_ms:.1f} "
+         f"= {floor_ms:.1f} ms ({floor_ms / single_ms:.1f}x the 1-process step): 1.3x is out of "
+         "reach here without sending fewer bytes (compressed gradients, which change the "
+         "results) or a faster transport between processes than TensorFlow's gRPC."),
         ("On a cluster of hosts like this one with 10 Gbit/s between them and 50 us per hop, "
         f"the all-reduce takes about {all_reduce_ms(2):.1f} ms at N=2, {all_reduce_ms(8):.1f} ms "
         f"at N=8 and {all_reduce_ms(64):.1f} ms at N=64 (the bytes term tends to 2x the "

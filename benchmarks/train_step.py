@@ -4,8 +4,9 @@ The model is a 3-layer 512-wide MLP on 784 features, 10 classes, Adam, global ba
 256, synthetic data; every side trains the same model on the same data with the
 same global batch. A cluster times `epochs` epochs after an untimed warm-up epoch
 and reports the median epoch. The disttrain cluster also measures, in the same
-processes, the collectives a step is made of, votes (`benchmarks.vote`) and the
-BatchNormalization sync (`benchmarks.batchnorm`).
+processes, the collectives a step is made of, where the step's time goes
+(`benchmarks.anatomy`), votes (`benchmarks.vote`) and the BatchNormalization sync
+(`benchmarks.batchnorm`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import statistics
 from typing import Any
 
-from benchmarks import batchnorm, collectives, vote
+from benchmarks import anatomy, batchnorm, collectives, vote
 from benchmarks.cluster import TF_KERAS_ENV, TF_KERAS_MISSING, has_tf_keras, on_cluster
 from benchmarks.report import Goal, Row, Stat, ratio_row
 from benchmarks.settings import Settings
@@ -36,7 +37,7 @@ def data(steps: int):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).prefetch(2)
 
 
-def mlp(keras, batchnorm_layers: bool = False):
+def mlp(keras, batchnorm_layers: bool = False, steps_per_execution: int = 1):
     """The benchmark model, compiled; `keras` is Keras 3 or tf_keras."""
     layers = [keras.Input((FEATURES,))]
     for _ in range(3):
@@ -47,7 +48,7 @@ def mlp(keras, batchnorm_layers: bool = False):
     model = keras.Sequential([*layers, keras.layers.Dense(10)])
     model.compile(keras.optimizers.Adam(1e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model
 
 
@@ -68,7 +69,20 @@ def keras3_worker(epochs: int, steps: int, calls: int, extras: bool) -> dict[str
                                                    scalars=2, calls=calls))
         result.update(vote.in_process(keras, model, dataset, epochs, calls))
         result.update(batchnorm.in_process(keras, strategy, dataset, epochs, mlp))
+        result.update(anatomy.in_process(keras, strategy, model, dataset, mlp, epochs, steps,
+                                         calls))
     return result
+
+
+def independent_worker(epochs: int, steps: int, workers: int) -> dict[str, Any]:
+    """One of `workers` processes that each train the model alone on 1/`workers` of the
+    global batch at the same time, without a strategy: the compute of a multi-worker
+    step on these cores, with no communication."""
+    import keras
+
+    batch = GLOBAL_BATCH // workers
+    dataset = data(steps).unbatch().batch(batch).take(steps)
+    return {"epoch_s": statistics.median(epoch_seconds(keras, mlp(keras), dataset, epochs))}
 
 
 def tf_keras_worker(epochs: int, steps: int) -> dict[str, Any]:
@@ -87,13 +101,16 @@ def tf_keras_worker(epochs: int, steps: int) -> dict[str, Any]:
 
 
 def measure(settings: Settings, workers: int = 2) -> dict[str, list]:
-    """Interleaved rounds: one process, disttrain on `workers`, tf_keras on `workers`,
-    and disttrain on the other worker counts of `settings.scaling_workers`."""
+    """Interleaved rounds: one process, disttrain on `workers`, `workers` independent
+    processes (compute alone), tf_keras on `workers`, and disttrain on the other worker
+    counts of `settings.scaling_workers`."""
     base = {"epochs": settings.epochs, "steps": settings.steps}
     sides = {
         "single": lambda: on_cluster(keras3_worker, 1, {**base, "calls": 0, "extras": False}),
         "disttrain": lambda: on_cluster(
             keras3_worker, workers, {**base, "calls": settings.collective_calls, "extras": True}),
+        "independent": lambda: on_cluster(independent_worker, workers,
+                                          {**base, "workers": workers}),
     }
     if has_tf_keras():
         sides["tf_keras"] = lambda: on_cluster(tf_keras_worker, workers, base, env=TF_KERAS_ENV)
@@ -134,4 +151,8 @@ def rows(measured: dict[str, list], settings: Settings, workers: int = 2) -> lis
         ratio_row("  2 scalar metrics per step: 1 packed all-reduce (default)",
                   [r["scalars_packed_ms"] for r in dist], "one all-reduce each (stock)",
                   [r["scalars_separate_ms"] for r in dist], " ms", digits=2),
+        ratio_row(f"  compute alone: {workers} processes, batch {GLOBAL_BATCH // workers} each, "
+                  "no strategy", [step_ms(r, steps) for r in measured["independent"]],
+                  "1 process, same global batch", single, " ms"),
+        *anatomy.rows(dist, ours),
     ]
