@@ -85,7 +85,7 @@ def measure(settings: Settings, workers: int = 2) -> dict[str, list[float]]:
     sides = {"launch": _launch_local, "bare": _bare}
     out: dict[str, list[float]] = {f"{s}_{m}": [] for s in sides for m in ("first", "teardown")}
     with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as tmp:
-        for round_ in range(settings.rounds):
+        for round_ in range(settings.launcher_rounds):
             for name in (("launch", "bare") if round_ % 2 == 0 else ("bare", "launch")):
                 marker = os.path.join(tmp, f"{name}{round_}")
                 out[f"{name}_first"].append(_timed(sides[name], marker, workers, -1)[0])

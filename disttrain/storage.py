@@ -361,6 +361,87 @@ def _discard(path: str) -> None:
             os.unlink(path)
 
 
+class StagedFile:
+    """A local temp file that becomes `url`, atomically, when committed.
+
+    Writing and committing are separate steps, so a caller can write in one
+    thread and commit in another (`ModelCheckpoint(async_commit=True)`). For a
+    local `url` the temp file lives in the destination directory and the commit
+    is an fsync plus `os.replace`; otherwise it is local staging space and the
+    commit is one whole-object upload (`atomic_upload`). Until `commit`
+    succeeds, `url` is untouched. Most callers want the `atomic_local_file`
+    context manager instead.
+
+    Args:
+        url: destination file.
+        suffix: required ending of the temp file name. Defaults to the
+            destination name's extensions (`model.weights.h5` -> `.weights.h5`),
+            so writers that pick the format from the name (Keras) work.
+
+    Raises:
+        StorageError: when the temp file cannot be prepared.
+
+    Example:
+
+    ```python
+    staged = StagedFile("gs://bucket/run/model.keras")
+    try:
+        model.save(staged.path)
+        staged.check_written()
+    except BaseException:
+        staged.discard()
+        raise
+    threading.Thread(target=staged.commit).start()   # discards itself when done
+    ```
+    """
+
+    def __init__(self, url: str, suffix: str | None = None):
+        self.url = url
+        fs, self._dest = url_to_fs(url)
+        self._local_dest = isinstance(fs, LocalFileSystem)
+        suffix = _default_suffix(url) if suffix is None else suffix
+        self._tmp_dir: str | None = None
+        with _wrapped("preparing a temp file for", url):
+            if self._local_dest:
+                os.makedirs(os.path.dirname(self._dest), exist_ok=True)
+                self.path = _local_temp_path(self._dest, suffix)
+            else:
+                self._tmp_dir = tempfile.mkdtemp(prefix="disttrain-upload-")
+                self.path = os.path.join(self._tmp_dir, f"upload{suffix}")
+
+    def writing_failed(self, error: OSError) -> StorageError:
+        """The error to raise when writing `path` raised `error` (no space, permissions):
+        it names the destination, and for a remote one, the local staging space."""
+        return _staging_error(self.url, self.path, self._local_dest, error)
+
+    def check_written(self) -> None:
+        """Raises StorageError unless a single file was written to `path`."""
+        if not os.path.isfile(self.path):
+            raise StorageError(
+                f"committing {self.url!r} failed: nothing was written to the temp file "
+                f"{self.path!r} (or a directory was written). Fix: write a single file to the "
+                "path that atomic_local_file yields."
+            )
+
+    def commit(self) -> None:
+        """Makes the written file `url`, then removes the temp file (also on failure)."""
+        try:
+            self.check_written()
+            if self._local_dest:
+                with _wrapped("committing", self.url):
+                    _commit_local(self.path, self._dest)
+            else:
+                atomic_upload(self.path, self.url)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Removes the temp file (and staging directory); `url` is left untouched."""
+        _discard(self.path)
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
     """Gives a local temp file path to write into, committed to `url` on clean exit.
@@ -370,7 +451,8 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
     On a clean exit the file is committed atomically: for a local `url` the temp
     file lives in the destination directory and the commit is an fsync plus
     `os.replace`; otherwise it is uploaded with `atomic_upload`. On an exception
-    the temp file is removed and `url` is left untouched.
+    the temp file is removed and `url` is left untouched. (`StagedFile` splits
+    the write from the commit.)
 
     Args:
         url: destination file.
@@ -392,40 +474,17 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
         model.save(path)
     ```
     """
-    if suffix is None:
-        suffix = _default_suffix(url)
-    fs, path = url_to_fs(url)
-    local_dest = isinstance(fs, LocalFileSystem)
-    with _wrapped("preparing a temp file for", url):
-        if local_dest:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp_dir = None
-            tmp = _local_temp_path(path, suffix)
-        else:
-            tmp_dir = tempfile.mkdtemp(prefix="disttrain-upload-")
-            tmp = os.path.join(tmp_dir, f"upload{suffix}")
+    staged = StagedFile(url, suffix)
     try:
         try:
-            yield tmp
+            yield staged.path
         except StorageError:
             raise
         except OSError as e:
-            raise _staging_error(url, tmp, local_dest, e) from e
-        if not os.path.isfile(tmp):
-            raise StorageError(
-                f"committing {url!r} failed: nothing was written to the temp file {tmp!r} "
-                "(or a directory was written). Fix: write a single file to the path that "
-                "atomic_local_file yields."
-            )
-        if local_dest:
-            with _wrapped("committing", url):
-                _commit_local(tmp, path)
-        else:
-            atomic_upload(tmp, url)
+            raise staged.writing_failed(e) from e
+        staged.commit()
     finally:
-        _discard(tmp)
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        staged.discard()
 
 
 def _staging_error(url: str, tmp: str, local_dest: bool, error: OSError) -> StorageError:

@@ -43,8 +43,15 @@ def checkpoint_job(
     stop_epoch: int | None = None,
     early_stopping_patience: int | None = None,
     save_freq: str | int = "epoch",
+    async_commit: bool = False,
+    sabotage: bool = False,
 ) -> dict:
-    """fit with ModelCheckpoint (+ optional one-worker stop and EarlyStopping) and SyncStop."""
+    """fit with ModelCheckpoint (+ optional one-worker stop and EarlyStopping) and SyncStop.
+
+    `sabotage`: after the chief's probe, its `memory://` checkpoint directory is replaced
+    by a file at the first epoch end (before the checkpoint's), so every later write there
+    fails; `epochs_ended` counts the epoch ends reached before the error."""
+    import fsspec
     import keras
 
     from disttrain import callbacks, coordination
@@ -58,18 +65,30 @@ def checkpoint_job(
             if rank == stop_rank and epoch == stop_epoch:
                 self.model.stop_training = True
 
-    stack = [StopOnOneWorker()]
+    ended = []
+
+    class Sabotage(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            ended.append(epoch)
+            if sabotage and rank == 0 and epoch == 0:
+                fs, directory = fsspec.core.url_to_fs(checkpoint.directory)
+                fs.rm(directory, recursive=True)
+                fs.pipe(directory, b"not a directory")
+
+    stack = [StopOnOneWorker(), Sabotage()]
     if early_stopping_patience is not None:
         stack.append(callbacks.EarlyStopping(patience=early_stopping_patience, min_delta=10.0))
     checkpoint = callbacks.ModelCheckpoint(
-        filepath, save_best_only=save_best_only, max_to_keep=max_to_keep, save_freq=save_freq
+        filepath, save_best_only=save_best_only, max_to_keep=max_to_keep, save_freq=save_freq,
+        async_commit=async_commit,
     )
     stack += [checkpoint, callbacks.SyncStop()]
     started = time.monotonic()
     try:
         history = model.fit(train, validation_data=val, epochs=epochs, callbacks=stack, verbose=0)
     except DisttrainError as e:
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - started}
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - started,
+                "epochs_ended": len(ended)}
     return {
         "error": None,
         "epochs_run": len(history.history["loss"]),

@@ -237,6 +237,64 @@ def test_checkpoint_out_of_space_names_the_file_and_leaves_the_directory_as_it_w
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
+def test_checkpoint_async_commit_writes_what_a_synchronous_one_writes(tmp_path):
+    values = [1.0, 0.5, 0.7, 0.4, 0.3]
+    manifests = {}
+    for mode in (False, True):
+        directory = tmp_path / str(mode)
+        ckpt = callbacks.ModelCheckpoint(str(directory / "e{epoch}.keras"), save_best_only=True,
+                                         max_to_keep=2, async_commit=mode)
+        _drive(ckpt, values)
+        assert sorted(os.listdir(directory)) == ["best.json", "e4.keras", "e5.keras"]
+        manifest = json.loads((directory / "best.json").read_text())
+        manifests[mode] = {k: v for k, v in manifest.items() if k not in ("run_id", "written_at")}
+        for record in manifests[mode]["checkpoints"]:
+            record["path"] = os.path.basename(record["path"])
+        manifests[mode]["path"] = os.path.basename(manifests[mode]["path"])
+        manifests[mode]["deleting"] = [os.path.basename(p) for p in manifests[mode]["deleting"]]
+    assert manifests[True] == manifests[False]
+
+
+def test_checkpoint_async_commit_is_done_when_fit_returns(tmp_path):
+    x, y = _data()
+    model = _tiny_model()
+    ckpt = callbacks.ModelCheckpoint(str(tmp_path / "m-{epoch}.keras"), async_commit=True)
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[ckpt])
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "m-1.keras", "m-2.keras", "m-3.keras"]
+    loaded = keras.models.load_model(tmp_path / "m-3.keras")
+    for got, want in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_checkpoint_commit_failure_is_raised_at_once_or_at_the_next_save(async_commit):
+    """The checkpoint directory (memory://) becomes a file after the probe: the first
+    commit fails. Synchronously it is raised by that save; with async_commit by the
+    next one, which writes nothing, or by on_train_end when no save follows."""
+    import fsspec
+
+    for saves in (2, 1):
+        ckpt = callbacks.ModelCheckpoint(f"memory://async-{async_commit}-{saves}/m-{{epoch}}.keras",
+                                         async_commit=async_commit)
+        ckpt.set_model(_tiny_model())
+        ckpt.on_train_begin()
+        fs, directory = fsspec.core.url_to_fs(ckpt.directory)
+        fs.rm(directory, recursive=True)
+        fs.pipe(directory, b"not a directory")
+        raised_at = None
+        with pytest.raises(StorageError, match=r"ModelCheckpoint\.(save|result)"):
+            for epoch in range(saves):
+                raised_at = epoch
+                ckpt.on_epoch_end(epoch, {"val_loss": 1.0, "loss": 1.0})
+            raised_at = "train_end"
+            ckpt.on_train_end()
+        if not async_commit:
+            assert raised_at == 0
+        else:
+            assert raised_at == (1 if saves == 2 else "train_end")
+        assert fs.cat(directory) == b"not a directory"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -321,6 +379,46 @@ def test_early_stopping_agrees_and_restores_identical_weights(tmp_path):
     results = _assert_ok(run)
     assert results[0]["epochs_run"] == results[1]["epochs_run"] == 2
     assert results[0]["weights"] == results[1]["weights"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_a_failed_commit_raises_the_same_error_on_every_worker(async_commit):
+    """The chief's memory:// directory becomes a file at the first epoch end: the
+    first commit fails, raised on both workers by that save, or with async_commit by
+    the next one."""
+    run = run_cluster(
+        callback_workloads.checkpoint_job, 2,
+        kwargs={"filepath": "memory://failing-commit/m-{epoch}.keras", "epochs": 4,
+                "async_commit": async_commit, "sabotage": True},
+        timeout=180,
+    ).assert_ok()
+    errors = [r["error"] for r in run.results]
+    assert errors[0] is not None and errors[0] == errors[1], run.report()
+    assert errors[0].startswith("StorageError: ModelCheckpoint.save failed on w0"), errors[0]
+    assert "failing-commit" in errors[0]
+    assert [r["epochs_ended"] for r in run.results] == [2 if async_commit else 1] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_commit_on_a_cluster_writes_only_on_the_chief_and_equals_its_weights(tmp_path):
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    run = run_cluster(
+        callback_workloads.checkpoint_job, 2,
+        kwargs={"filepath": str(dest / "m-{epoch}.keras"), "epochs": 3, "max_to_keep": 2,
+                "async_commit": True},
+        wrap=(lambda rank, cmd: cmd if rank == 0 else read_only_view(dest, cmd))
+        if can_make_read_only_views() else None,
+    )
+    results = _assert_ok(run)
+    assert results[0]["weights"] == results[1]["weights"]
+    assert sorted(os.listdir(dest)) == ["best.json", "m-2.keras", "m-3.keras"]
+    loaded = keras.models.load_model(dest / "m-3.keras")
+    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
+        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
 
 
 @pytest.mark.slow
