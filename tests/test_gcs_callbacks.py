@@ -23,11 +23,14 @@ def gcs_env(gcs):
     return {storage.ENV_STORAGE_EMULATOR_HOST: gcs.endpoint}
 
 
-def test_checkpoints_from_two_workers_to_gcs(gcs, gcs_env):
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_checkpoints_from_two_workers_to_gcs(gcs, gcs_env, async_commit):
+    """With async_commit the uploads run in the chief's background thread."""
     base = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
     run = run_cluster(
         callback_workloads.checkpoint_job, 2, env=gcs_env,
-        kwargs={"filepath": base + "/{run_id}/m-{epoch}.keras", "epochs": 3, "max_to_keep": 2},
+        kwargs={"filepath": base + "/{run_id}/m-{epoch}.keras", "epochs": 3, "max_to_keep": 2,
+                "async_commit": async_commit},
     ).assert_ok()
     results = run.results
     assert [r["error"] for r in results] == [None, None], run.report()
