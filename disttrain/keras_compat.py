@@ -59,7 +59,8 @@ Example:
 >>> import disttrain.keras_compat as kc
 >>> kc.apply()          # idempotent; disttrain.strategy() calls it for you
 >>> sorted(kc.applied())  # doctest: +SKIP
-['scalar_metric_reduction', 'symbolic_build_local_batch', 'synced_batchnorm_statistics']
+['multi_worker_steps_per_execution', 'scalar_metric_reduction', 'symbolic_build_local_batch',
+ 'synced_batchnorm_statistics']
 
 Set `DISTTRAIN_KERAS_COMPAT=0` to leave Keras untouched (for comparisons).
 """

@@ -85,8 +85,8 @@ def test_strategy_is_created_once_with_fixes_applied():
     for facts in run.results:
         assert facts["type"] == "CollectiveAllReduceStrategy"
         assert facts["same_object"] and facts["replicas"] == 2
-        assert facts["fixes"] == ["scalar_metric_reduction", "symbolic_build_local_batch",
-                                  "synced_batchnorm_statistics"]
+        assert facts["fixes"] == ["multi_worker_steps_per_execution", "scalar_metric_reduction",
+                                  "symbolic_build_local_batch", "synced_batchnorm_statistics"]
         assert "already created" in facts["different_options"]
 
 
