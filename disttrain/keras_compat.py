@@ -221,7 +221,6 @@ def _multi_step_needed() -> bool:
 
 
 def _install_multi_step() -> None:
-
     trainer = _tf_trainer_module()
     original = trainer.TensorFlowTrainer._make_function
 

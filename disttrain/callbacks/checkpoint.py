@@ -79,12 +79,12 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             (`python -m benchmarks`). Guarantees are unchanged: each file appears
             atomically and a crash leaves the previous checkpoint. What changes:
             a checkpoint is committed shortly after `on_epoch_end` returns rather
-            than before, and a failure of that commit is raised on every worker
-            at the next save or at the end of `fit`, together with the chief's
-            error. `fit` returns only after the last commit; a process that ends
-            otherwise (an exception, `disttrain.Preempted`) still finishes it before
-            exiting. Default False: the commit is done when the callback returns,
-            as in Keras.
+            than before, and a failure of that commit is raised on every worker,
+            with the chief's message, at the next save or at the end of `fit`.
+            `fit` returns only after the last commit; a process that ends
+            otherwise (an exception, `disttrain.Preempted`) still finishes it
+            before the interpreter exits. Default False: the commit is done when
+            the callback returns, as in Keras.
 
     Example:
 
