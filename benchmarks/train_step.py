@@ -20,6 +20,7 @@ from benchmarks.cluster import TF_KERAS_ENV, TF_KERAS_MISSING, has_tf_keras, on_
 from benchmarks.report import Goal, Row, Stat, ratio_row
 from benchmarks.settings import Settings
 from benchmarks.timing import epoch_seconds
+from launch import local as launch_local
 
 GLOBAL_BATCH = 256
 FEATURES = 784
@@ -102,18 +103,26 @@ def tf_keras_worker(epochs: int, steps: int) -> dict[str, Any]:
 
 def measure(settings: Settings, workers: int = 2) -> dict[str, list]:
     """Interleaved rounds: one process, disttrain on `workers`, `workers` independent
-    processes (compute alone), tf_keras on `workers`, and disttrain on the other worker
-    counts of `settings.scaling_workers`."""
+    processes (compute alone), tf_keras on `workers`, each of these three again with
+    the thread pools `launch.local` gives each task by default, and disttrain on the
+    other worker counts of `settings.scaling_workers`."""
     base = {"epochs": settings.epochs, "steps": settings.steps}
+    capped = launch_local.thread_env(launch_local.threads_per_task(workers))
     sides = {
         "single": lambda: on_cluster(keras3_worker, 1, {**base, "calls": 0, "extras": False}),
         "disttrain": lambda: on_cluster(
             keras3_worker, workers, {**base, "calls": settings.collective_calls, "extras": True}),
         "independent": lambda: on_cluster(independent_worker, workers,
                                           {**base, "workers": workers}),
+        "capped": lambda: on_cluster(keras3_worker, workers,
+                                     {**base, "calls": 0, "extras": False}, env=capped),
+        "independent_capped": lambda: on_cluster(independent_worker, workers,
+                                                 {**base, "workers": workers}, env=capped),
     }
     if has_tf_keras():
         sides["tf_keras"] = lambda: on_cluster(tf_keras_worker, workers, base, env=TF_KERAS_ENV)
+        sides["tf_keras_capped"] = lambda: on_cluster(tf_keras_worker, workers, base,
+                                                      env={**TF_KERAS_ENV, **capped})
     for n in settings.scaling_workers:
         if n not in (1, workers):
             sides[f"disttrain_{n}"] = lambda n=n: on_cluster(
@@ -137,13 +146,21 @@ def rows(measured: dict[str, list], settings: Settings, workers: int = 2) -> lis
     single = [step_ms(r, steps) for r in measured["single"]]
     dist = measured["disttrain"]
     mb = dist[0]["gradient_bytes"] / 1e6
-    return [
+    result = [
         ratio_row(f"train step, MLP 3x{WIDTH}, batch {GLOBAL_BATCH}, {workers} workers",
                   ours, "1 process, same global batch", single, " ms", Goal(1.3)),
         ratio_row(f"train step, {workers} workers", ours, f"tf_keras, {workers} workers",
                   [step_ms(r, steps) for r in measured["tf_keras"]], " ms", Goal(0.8))
         if "tf_keras" in measured else Row(f"train step, {workers} workers",
                                            Stat.of(ours).show(" ms"), TF_KERAS_MISSING),
+        ratio_row(f"train step, {workers} workers, {_threads(workers)}",
+                  [step_ms(r, steps) for r in measured["capped"]],
+                  "1 process, same global batch", single, " ms", Goal(1.3)),
+        ratio_row(f"train step, {workers} workers, {_threads(workers)}",
+                  [step_ms(r, steps) for r in measured["capped"]],
+                  f"tf_keras, {workers} workers, same threads",
+                  [step_ms(r, steps) for r in measured["tf_keras_capped"]], " ms", Goal(0.8))
+        if "tf_keras_capped" in measured else None,
         Row(f"  of which gradient all-reduce ({mb:.1f} MB, one packed collective)",
             Stat.of([r["gradient_ms"] for r in dist]).show(" ms"),
             f"1-process step: {Stat.of(single).show(' ms')}",
@@ -154,5 +171,14 @@ def rows(measured: dict[str, list], settings: Settings, workers: int = 2) -> lis
         ratio_row(f"  compute alone: {workers} processes, batch {GLOBAL_BATCH // workers} each, "
                   "no strategy", [step_ms(r, steps) for r in measured["independent"]],
                   "1 process, same global batch", single, " ms"),
+        ratio_row(f"  the same, {_threads(workers)}", [step_ms(r, steps) for r in
+                                                       measured["independent_capped"]],
+                  "1 process, same global batch", single, " ms"),
         *anatomy.rows(dist, ours),
     ]
+    return [row for row in result if row is not None]
+
+
+def _threads(workers: int) -> str:
+    """The thread cap `launch.local` gives each of `workers` tasks here, as a row label."""
+    return f"{launch_local.threads_per_task(workers)} thread(s) each (launch.local default)"

@@ -61,6 +61,28 @@ PORT_CLASH = re.compile(
 # Set for every worker unless the user's environment already sets them.
 DEFAULT_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONFAULTHANDLER": "1"}
 
+# TensorFlow's thread pools (read at start-up) and OpenMP's; by default each
+# process sizes them to every core of the machine.
+THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
+def threads_per_task(num_tasks: int, cores: int | None = None) -> int:
+    """Each task's share of this machine's cores (at least 1): the default of
+    `--threads-per-worker`, as torchrun caps OMP_NUM_THREADS. Measured here (2 cores):
+    two TensorFlow processes with default pools trained half batches at about twice
+    the time of one process with the whole batch; with one thread each, at about the
+    same time (`python -m benchmarks`, rows "compute alone")."""
+    return max(1, (cores or os.cpu_count() or 1) // num_tasks)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment additions that cap a task's thread pools at `threads`
+    (none for 0); variables the user's environment sets are left alone."""
+    if threads == 0:
+        return {}
+    return {name: str(threads) for name in THREAD_ENV if name not in os.environ}
+
+
 EPILOG = """\
 examples:
   python -m launch.local --workers 2
@@ -76,6 +98,9 @@ each task's environment gets:
   DISTTRAIN_ATTEMPT        0, then 1, 2, ... when the group is started again
   DISTTRAIN_RESULT_FILE    where the chief may write a JSON result; shown at the end
   PYTHONUNBUFFERED=1, and unless already set TF_CPP_MIN_LOG_LEVEL=2, PYTHONFAULTHANDLER=1
+  TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS, OMP_NUM_THREADS
+                           unless already set: --threads-per-worker (default: the CPU cores
+                           divided by the number of tasks; 0 leaves them unset)
 
 output: every line is prefixed with its task ([w0], [w1], [chief], [evaluator]);
 workers' stdout goes to stdout, their stderr and the launcher's messages to stderr.
@@ -128,6 +153,9 @@ class LaunchConfig:
         log_dir: where `attempt-N/<task>.stdout.log` and `.stderr.log` go, or None.
         chief_only_output: show only the chief's output on the console.
         dry_run: print what would run and start nothing.
+        threads_per_worker: size of each task's TensorFlow and OpenMP thread pools;
+            None: `threads_per_task` (this machine's cores shared out); 0: leave
+            TensorFlow's defaults (every task sized to all cores).
     """
 
     workers: int = 1
@@ -143,10 +171,18 @@ class LaunchConfig:
     log_dir: pathlib.Path | None = None
     chief_only_output: bool = False
     dry_run: bool = False
+    threads_per_worker: int | None = None
 
     @property
     def num_tasks(self) -> int:
         return self.workers + self.chief + self.evaluator
+
+    @property
+    def threads(self) -> int:
+        """Threads per task: `threads_per_worker`, or this machine's cores shared out."""
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return threads_per_task(self.num_tasks)
 
 
 def _number(kind: type, minimum: float, inclusive: bool = True):
@@ -203,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show only the chief's output (the others still go to --log-dir)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each task's environment additions and command; start nothing")
+    parser.add_argument("--threads-per-worker", type=_number(int, 0), metavar="N",
+                        help="cap each task's thread pools (TF_NUM_INTRAOP_THREADS, "
+                             "TF_NUM_INTEROP_THREADS, OMP_NUM_THREADS) at N; default: the CPU "
+                             "cores divided by the number of tasks, so tasks do not oversubscribe "
+                             "the cores; 0: TensorFlow's defaults. Variables already set in the "
+                             "environment win")
     return parser
 
 
@@ -236,7 +278,7 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
         command=tuple(command) or DEFAULT_COMMAND, grace=ns.grace,
         max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
         log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, dry_run=ns.dry_run,
-        **overrides,
+        threads_per_worker=ns.threads_per_worker, **overrides,
     )
 
 
@@ -266,6 +308,7 @@ def plan_tasks(config: LaunchConfig, attempt: int,
             "PYTHONUNBUFFERED": "1",
         }
         env.update((k, v) for k, v in DEFAULT_ENV.items() if k not in os.environ)
+        env.update(thread_env(config.threads))
         plan.append((task, env))
     return plan
 

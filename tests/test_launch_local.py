@@ -193,6 +193,7 @@ def test_launcher_does_not_import_tensorflow():
     (["--host", "bad host"], "not a valid 'host:port' address"),
     (["--grace", "-1"], "must be at least 0"),
     (["--timeout", "0"], "must be more than 0"),
+    (["--threads-per-worker", "-1"], "must be at least 0"),
 ])
 def test_bad_input_exits_2_before_starting_anything(launch, tmp_path, args, message):
     logs = tmp_path / "logs"
@@ -242,6 +243,30 @@ def test_more_tasks_than_cores_warns(launch):
     code, out, err, _ = run(launch, "--workers", str(cores), "--evaluator", "--dry-run")
     assert code == 0, err
     assert f"warning: {cores + 1} tasks on {cores} CPU cores" in err
+
+
+def test_each_task_gets_its_share_of_the_cores_as_thread_pools(launch):
+    share = str(max(1, os.cpu_count() // 3))
+    code, out, err, _ = run(launch, "--workers", "2", "--evaluator", *worker("report"))
+    assert code == 0, err
+    got = reports(out)
+    assert len(got) == 3, out
+    for _, report in got:
+        assert [report[k] for k in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                                    "OMP_NUM_THREADS")] == [share] * 3, report
+
+
+@pytest.mark.parametrize("flag, user_env, expected", [
+    ("3", {"OMP_NUM_THREADS": "7"}, ["3", "3", "7"]),
+    ("0", {}, [None, None, None]),
+])
+def test_threads_per_worker_flag_and_the_users_environment(launch, flag, user_env, expected):
+    code, out, err, _ = run(launch, "--workers", "2", "--threads-per-worker", flag,
+                            *worker("report"), env=user_env)
+    assert code == 0, err
+    for _, report in reports(out):
+        assert [report[k] for k in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                                    "OMP_NUM_THREADS")] == expected, report
 
 
 def test_dry_run_without_command_shows_the_demo(launch):

@@ -44,7 +44,8 @@ def task() -> tuple[dict, str, bool]:
 def report() -> None:
     config, label, is_chief = task()
     keys = ("DISTTRAIN_RUN_ID", "DISTTRAIN_ATTEMPT", "DISTTRAIN_RESULT_FILE",
-            "PYTHONUNBUFFERED", "TF_CPP_MIN_LOG_LEVEL", "PYTHONFAULTHANDLER")
+            "PYTHONUNBUFFERED", "TF_CPP_MIN_LOG_LEVEL", "PYTHONFAULTHANDLER",
+            "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
     info = {"label": label, "pid": os.getpid(), "tf_config": config,
             **{k: os.environ.get(k) for k in keys}}
     print("REPORT " + json.dumps(info))
