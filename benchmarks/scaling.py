@@ -43,7 +43,9 @@ def model(measured: dict[str, list], settings: Settings) -> str:
         return single_ms / (single_ms / n + all_reduce_ms(n))
 
     compute_ms = Stat.of([step_ms(r, settings.steps) for r in measured["independent"]]).median
-    floor_ms = compute_ms + gradient_ms + latency_ms
+    capped_ms = Stat.of([step_ms(r, settings.steps)
+                         for r in measured["independent_capped"]]).median
+    floor_ms = capped_ms + gradient_ms + latency_ms
     sentences = [
         (f"Scaling model: each step all-reduces the gradients once ({megabytes:.1f} MB float32 "
         "for this MLP) and the step's metrics once (a few bytes)."),
@@ -56,8 +58,10 @@ def model(measured: dict[str, list], settings: Settings) -> str:
         f"{single_ms:.1f} ms for a 1-process step."),
         ("On one machine the workers split the cores the single process has to itself: 2 "
          "processes computing their half batches at the same time, with no communication, take "
-         f"{compute_ms:.1f} ms a step ({compute_ms / single_ms:.2f}x the 1-process step), so a "
-         f"2-worker step costs at least {compute_ms:.1f} + {gradient_ms:.1f} + {latency_ms:.1f} "
+         f"{compute_ms:.1f} ms a step ({compute_ms / single_ms:.2f}x the 1-process step) with "
+         f"TensorFlow's default thread pools and {capped_ms:.1f} ms "
+         f"({capped_ms / single_ms:.2f}x) with the pools launch.local gives each task, so a "
+         f"2-worker step costs at least {capped_ms:.1f} + {gradient_ms:.1f} + {latency_ms:.1f} "
          f"= {floor_ms:.1f} ms ({floor_ms / single_ms:.1f}x the 1-process step): 1.3x is out of "
          "reach here without sending fewer bytes (compressed gradients, which change the "
          "results) or a faster transport between processes than TensorFlow's gRPC."),
