@@ -66,13 +66,13 @@ DEFAULT_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONFAULTHANDLER": "1"}
 THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
 
-def threads_per_task(num_tasks: int, cores: int | None = None) -> int:
+def threads_per_task(num_tasks: int) -> int:
     """Each task's share of this machine's cores (at least 1): the default of
     `--threads-per-worker`, as torchrun caps OMP_NUM_THREADS. Measured here (2 cores):
     two TensorFlow processes with default pools trained half batches at about twice
     the time of one process with the whole batch; with one thread each, at about the
     same time (`python -m benchmarks`, rows "compute alone")."""
-    return max(1, (cores or os.cpu_count() or 1) // num_tasks)
+    return max(1, (os.cpu_count() or 1) // num_tasks)
 
 
 def thread_env(threads: int) -> dict[str, str]:
