@@ -12,8 +12,10 @@ Fixes:
   calls `strategy.reduce("MEAN", <PerReplica batch>)` to get a sample batch
   for building the model; under MWMS that raises "Attempt to convert a value
   (PerReplica...)". We build from this worker's local batch instead (the
-  batch only provides shapes and dtypes). Upstream: keras-team/keras#20585,
-  #20329, tensorflow/tensorflow#72388.
+  batch only provides shapes and dtypes), and only when something is left to
+  build, so a built model's `evaluate` and `predict` leave the epoch's iterator
+  untouched. Upstream: keras-team/keras#20585, #20329,
+  tensorflow/tensorflow#72388.
 - `scalar_metric_reduction`: `reduce_per_replica` reduces each step's scalar
   metrics with `strategy.reduce("MEAN", v, axis=0)` on multi-worker, which
   raises "Invalid reduction dimension 0 for input with 0 dimensions". We
@@ -41,6 +43,30 @@ Fixes:
   ends, and a call ends early at the end of the data, as Keras's does. With
   `jit_compile=True` it is a clear error before the first step. Measured here
   (keras 3.15.1, TF 2.21), not reported upstream that we found.
+- `persistent_epoch_iterator`: with no `steps_per_epoch`, Keras creates a new
+  iterator over the input at the start of every epoch and another at its end
+  (dropped unused), and runs fit's validation with a new one each time. Under
+  multi-worker each creation and deletion of a distributed iterator costs tens to
+  hundreds of milliseconds (measured 40 ms to create, 0 to 1,000 ms to delete),
+  and for a finite dataset every step adds an all-reduce on whether each worker
+  still has data. When the input has a known number of batches N (a
+  `tf.data.Dataset` of known cardinality, NumPy arrays or tensors), N is a
+  multiple of `steps_per_execution` and the input is not FILE-sharded, we
+  iterate `dataset.repeat()` once per `fit`/`evaluate`/`predict` call and take N
+  steps per epoch: each epoch is one full pass, and TensorFlow skips the has-data
+  all-reduce for an infinite dataset. An input without randomness trains exactly
+  as with Keras's iterators. A `shuffle()` reshuffles every pass, in other orders
+  than Keras's (whose discarded iterators also draw from the shuffle's seed);
+  random ops inside the pipeline (Keras's own shuffle of NumPy inputs, random
+  augmentation) draw new values each epoch, where under a global seed Keras's
+  new iterator per epoch replays the first epoch's values. The iterator is kept
+  across epochs and validations only when the previous epoch ended exactly at
+  a pass boundary; an epoch stopped early is followed by a fresh iterator. A
+  2-worker MLP epoch of 30 steps went from 0.94-2.2 s to 0.83-0.95 s here.
+  Inputs with per-epoch hooks (a PyDataset, a generator), an unknown
+  cardinality, a user's `steps_per_epoch` and FILE sharding (workers may hold
+  different numbers of batches) keep Keras's behaviour. Not reported upstream
+  that we found.
 - `synced_batchnorm_statistics`: BatchNormalization creates its moving
   statistics with `aggregation="none"`, so each worker keeps statistics of its
   own shard and checkpoints hold one shard's statistics. We average them across
@@ -59,8 +85,8 @@ Example:
 >>> import disttrain.keras_compat as kc
 >>> kc.apply()          # idempotent; disttrain.strategy() calls it for you
 >>> sorted(kc.applied())  # doctest: +SKIP
-['multi_worker_steps_per_execution', 'scalar_metric_reduction', 'symbolic_build_local_batch',
- 'synced_batchnorm_statistics']
+['multi_worker_steps_per_execution', 'persistent_epoch_iterator', 'scalar_metric_reduction',
+ 'symbolic_build_local_batch', 'synced_batchnorm_statistics']
 
 Set `DISTTRAIN_KERAS_COMPAT=0` to leave Keras untouched (for comparisons).
 """
@@ -120,22 +146,23 @@ def _install_symbolic_build() -> None:
 
     trainer = _tf_trainer_module()
 
+    def local_batches(epoch_iterator, strategy):
+        for begin, end, it in epoch_iterator:
+            batch = tree.map_structure(
+                lambda x: strategy.experimental_local_results(x)[0]
+                if isinstance(x, tf.distribute.DistributedValues) else x,
+                next(it))
+            yield begin, end, [batch]
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
             return
+        # Keras's `_symbolic_build` draws from `iterator` only when something is
+        # left to build: a built model leaves the epoch's iterator untouched.
         if iterator is not None:
-            for _, _, it in iterator:
-                batch = next(it)
-                strategy = self.distribute_strategy
-                data_batch = tree.map_structure(
-                    lambda x: strategy.experimental_local_results(x)[0]
-                    if isinstance(x, tf.distribute.DistributedValues)
-                    else x,
-                    batch,
-                )
-                break
+            iterator = local_batches(iterator, self.distribute_strategy)
         with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+            self._symbolic_build(iterator=iterator, data_batch=data_batch)
 
     trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
 
@@ -302,6 +329,81 @@ def _multi_step_function(model, step_function) -> Callable:
     return function
 
 
+def _persistent_iterator_needed() -> bool:
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    return _source_contains(EpochIterator._enumerate_iterator, "self.steps_per_epoch is None",
+                            "self._current_iterator = iter(self._get_iterator())")
+
+
+def _one_pass_dataset(epoch_iterator):
+    """The tf.data dataset behind `epoch_iterator` when it can be repeated without
+    changing what an epoch trains on, else None: a multi-worker strategy, no
+    `steps_per_epoch` from the user, an input whose number of batches N is exact
+    (a `tf.data.Dataset` of known cardinality, or NumPy arrays and tensors, which
+    Keras slices itself; not a PyDataset or generator), N a multiple of
+    steps_per_execution (no call runs past the end of an epoch), and no FILE
+    sharding (its workers may hold different numbers of batches; with DATA
+    sharding every worker holds its part of every batch)."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
+
+    trainer = _tf_trainer_module()
+    adapter = epoch_iterator.data_adapter
+    batches = epoch_iterator._num_batches
+    if (epoch_iterator.steps_per_epoch is not None or not batches
+            or batches % epoch_iterator.steps_per_execution
+            or type(adapter) not in (TFDatasetAdapter, ArrayDataAdapter)
+            or not trainer._collective_all_reduce_multi_worker(
+                epoch_iterator._distribute_strategy)):
+        return None
+    dataset = adapter.get_tf_dataset()
+    if (not isinstance(dataset, tf.data.Dataset)
+            or (isinstance(adapter, TFDatasetAdapter) and int(dataset.cardinality()) != batches)
+            or dataset.options().experimental_distribute.auto_shard_policy
+            == tf.data.experimental.AutoShardPolicy.FILE):
+        return None
+    return dataset
+
+
+def _install_persistent_iterator() -> None:
+    trainer = _tf_trainer_module()
+    cls = trainer.TFEpochIterator
+    original_init, original_reset = cls.__init__, cls.reset
+    original_enumerate = cls._enumerate_iterator
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._disttrain_at_pass_start = False
+        dataset = _one_pass_dataset(self)
+        self._disttrain_persistent = dataset is not None
+        if dataset is not None:
+            self._distributed_dataset = (
+                self._distribute_strategy.experimental_distribute_dataset(dataset.repeat()))
+            self.steps_per_epoch, self._num_batches = self._num_batches, None
+
+    @functools.wraps(original_reset)
+    def reset(self):
+        if not getattr(self, "_disttrain_persistent", False):
+            return original_reset(self)
+        kept = self._current_iterator if self._disttrain_at_pass_start else None
+        original_reset(self)
+        self._current_iterator, self._num_batches = kept, None
+
+    @functools.wraps(original_enumerate)
+    def _enumerate_iterator(self):
+        if not getattr(self, "_disttrain_persistent", False):
+            yield from original_enumerate(self)
+            return
+        self._disttrain_at_pass_start = False
+        yield from original_enumerate(self)
+        self._disttrain_at_pass_start = True
+
+    cls.__init__, cls.reset, cls._enumerate_iterator = __init__, reset, _enumerate_iterator
+
+
 def _batchnorm_needed() -> bool:
     from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
@@ -330,8 +432,9 @@ def sync_batchnorm_statistics(model) -> None:
     and disttrain's ModelCheckpoint and BackupAndRestore do before they save. A
     worker that calls `evaluate` or `predict` alone (both are collective under
     MWMS) then fails with a `CoordinationError` naming the missing peers after
-    the coordination timeout, instead of hanging in the all-reduce. A no-op
-    outside multi-worker training and for models without BatchNormalization.
+    the coordination timeout, instead of hanging in the all-reduce. A no-op, with
+    no barrier, outside multi-worker training and for models without
+    BatchNormalization.
     """
     if "synced_batchnorm_statistics" not in _applied or not getattr(model, "built", False):
         return
@@ -341,19 +444,22 @@ def sync_batchnorm_statistics(model) -> None:
         return
     from disttrain import coordination
 
-    coordination.get().barrier("keras_compat.sync_batchnorm_statistics")
-    sync = _bn_sync_functions.get(model)
+    if model not in _bn_sync_functions:
+        _bn_sync_functions[model] = _make_bn_sync(strategy, _batchnorm_statistics(model))
+    sync = _bn_sync_functions[model]
     if sync is None:
-        sync = _make_bn_sync(strategy, _batchnorm_statistics(model))
-        _bn_sync_functions[model] = sync
+        return
+    coordination.get().barrier("keras_compat.sync_batchnorm_statistics")
     sync()
 
 
-def _make_bn_sync(strategy, variables: list) -> Callable[[], None]:
+def _make_bn_sync(strategy, variables: list) -> Callable[[], None] | None:
+    """The compiled all-reduce of `variables`; None when there are none (every
+    worker has the same model, so all skip the barrier too)."""
     import tensorflow as tf
 
     if not variables:
-        return lambda: None
+        return None
 
     def average_on_replica():
         context = tf.distribute.get_replica_context()
@@ -409,6 +515,13 @@ _FIXES = (
         "measured here (keras 3.15.1): the multi-step loop fails under multi-worker MWMS",
         _multi_step_needed,
         _install_multi_step,
+    ),
+    _Fix(
+        "persistent_epoch_iterator",
+        "measured here (keras 3.15.1): a new distributed iterator twice per epoch and a "
+        "has-data all-reduce per step",
+        _persistent_iterator_needed,
+        _install_persistent_iterator,
     ),
     _Fix(
         "synced_batchnorm_statistics",

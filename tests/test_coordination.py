@@ -27,6 +27,7 @@ def test_every_primitive_agrees_on_three_workers():
         assert (r["num_workers"], r["any"], r["all"], r["all_true"]) == (3, True, False, True)
         assert r["gather"] == ["value-0", "value-1", "value-2"]
         assert r["broadcast"] == "from-0"
+        assert r["chief_result"] == {"rank": 0}
         assert r["run_id"] == results[0]["run_id"]
         assert r["error"] == "StorageError: t.error failed on w1: ValueError: disk full"
         assert r["chief_error"] == "t.chief failed on w0: ZeroDivisionError: division by zero"
@@ -85,8 +86,9 @@ def test_strategy_is_created_once_with_fixes_applied():
     for facts in run.results:
         assert facts["type"] == "CollectiveAllReduceStrategy"
         assert facts["same_object"] and facts["replicas"] == 2
-        assert facts["fixes"] == ["multi_worker_steps_per_execution", "scalar_metric_reduction",
-                                  "symbolic_build_local_batch", "synced_batchnorm_statistics"]
+        assert facts["fixes"] == ["multi_worker_steps_per_execution", "persistent_epoch_iterator",
+                                  "scalar_metric_reduction", "symbolic_build_local_batch",
+                                  "synced_batchnorm_statistics"]
         assert "already created" in facts["different_options"]
 
 

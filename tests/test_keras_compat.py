@@ -114,3 +114,59 @@ def test_steps_per_execution_with_xla_is_a_clear_error_before_training():
             "KerasCompatError: compile(steps_per_execution=4, jit_compile=True)"), result
         assert "Fix: compile with jit_compile=False" in result["error"]
         assert result["trained"] == 0
+
+
+def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators():
+    """One repeated input iterator per fit/evaluate/predict call gives the same
+    training as Keras's new iterators per epoch (NumPy validation, an epoch stopped
+    mid-way, a second fit), identical on every worker; Keras's iterator creations
+    (two per epoch and one per validation) drop to one per call."""
+    ours = run_cluster(workloads.epoch_iterators, 2).assert_ok()
+    stock = run_cluster(workloads.epoch_iterators, 2, kwargs={
+        "skip_fixes": ["persistent_epoch_iterator"]}).assert_ok()
+    _assert_all_identical(ours.results, keys=("history", "history_again", "evaluate", "predict",
+                                              "weights"))
+    a, b = ours.results[0], stock.results[0]
+    assert len(a["history"]["loss"]) == 3, "the callback stops fit in its third epoch"
+    for key in ("history", "history_again", "evaluate", "predict", "weights"):
+        _assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    # Ours: fit builds the model from a first iterator, then trains from one more;
+    # its validation data gets one; the second fit, evaluate and predict one each.
+    assert a["iterators_created"] == {"fit": 3, "fit_again": 2, "evaluate": 1, "predict": 1}
+    assert b["iterators_created"]["fit"] >= 3 * 2 + 3 * 2, b["iterators_created"]
+
+
+def test_persistent_epoch_iterator_with_a_shuffled_input():
+    """A seeded tf.data shuffle: every worker trains the same, every epoch."""
+    run = run_cluster(workloads.epoch_iterators, 2, kwargs={"shuffle_seed": 5}).assert_ok()
+    _assert_all_identical(run.results, keys=("history", "history_again", "evaluate", "predict",
+                                             "weights"))
+    result = run.results[0]
+    assert result["iterators_created"]["fit"] == 3
+    assert result["history_again"]["loss"][-1] < result["history"]["loss"][0]
+
+
+def test_numpy_shuffle_replays_one_permutation_per_new_iterator():
+    """What the persistent iterator changes for NumPy inputs with `shuffle=True`
+    under a global seed: Keras's pipeline draws its permutation inside the dataset,
+    so each new iterator (Keras's per-epoch path) replays the same one, while one
+    repeated iterator (disttrain's multi-worker path) draws a new one per pass."""
+    import keras
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    x = np.arange(64, dtype="float32")
+
+    def first_batches(repeat: bool) -> list[list[float]]:
+        keras.utils.set_random_seed(7)
+        dataset = ArrayDataAdapter(x, batch_size=64, shuffle=True).get_tf_dataset()
+        if repeat:
+            passes = iter(dataset.repeat())
+            return [next(passes).numpy().tolist() for _ in range(3)]
+        return [next(iter(dataset)).numpy().tolist() for _ in range(3)]
+
+    new_iterators, repeated = first_batches(False), first_batches(True)
+    assert new_iterators[0] == new_iterators[1] == new_iterators[2]
+    assert repeated[0] == new_iterators[0]
+    assert repeated[1] != repeated[0] and repeated[2] != repeated[1]
+    for permutation in repeated:
+        assert sorted(permutation) == x.tolist()

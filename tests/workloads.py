@@ -136,3 +136,64 @@ def multi_step_with_xla() -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:500],
                 "trained": int(model.optimizer.iterations.numpy())}
     return {"error": None}
+
+
+def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None) -> dict:
+    """fit on a tf.data input (shuffled when `shuffle_seed` is set) with NumPy
+    validation, stopped mid-epoch by a callback, then a second fit, evaluate and
+    predict; also counts the input iterators Keras creates in each
+    (`TFEpochIterator._get_iterator` calls)."""
+    import collections
+
+    import keras
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    from disttrain import keras_compat
+    from disttrain.strategy import strategy as make_strategy
+
+    if skip_fixes:
+        keras_compat.apply(skip=tuple(skip_fixes))
+    strategy = make_strategy()
+    created: collections.Counter = collections.Counter()
+    phase = ["fit"]
+    get_iterator = TFEpochIterator._get_iterator
+
+    def counting(self):
+        created[phase[0]] += 1
+        return get_iterator(self)
+
+    TFEpochIterator._get_iterator = counting
+
+    class StopInEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 2 and batch == 4:
+                self.model.stop_training = True
+
+    x, y, _ = _data()
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", metrics=["accuracy"])
+    train = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle_seed is not None:
+        train = train.shuffle(len(x), seed=shuffle_seed)
+    train = train.batch(GLOBAL_BATCH)
+    history = model.fit(train, epochs=5, validation_data=(x[:96], y[:96]), verbose=0,
+                        callbacks=[StopInEpoch()])
+    phase[0] = "fit_again"
+    again = model.fit(train, epochs=2, validation_data=(x[:96], y[:96]), verbose=0)
+    phase[0] = "evaluate"
+    evaluation = model.evaluate(x[:96], y[:96], batch_size=GLOBAL_BATCH, verbose=0,
+                                return_dict=True)
+    phase[0] = "predict"
+    predictions = model.predict(
+        tf.data.Dataset.from_tensor_slices(x[:70]).batch(GLOBAL_BATCH), verbose=0)
+    summary = _summary(model, history, evaluation, predictions)
+    summary["history_again"] = again.history
+    summary["iterators_created"] = dict(created)
+    return summary
