@@ -186,16 +186,26 @@ class Coordinator:
         action: Callable[[], object],
         error_type: type[DisttrainError] = CoordinationError,
         timeout: float | None = None,
-    ) -> None:
-        """Runs `action` on the chief only; its failure is raised on every worker.
+    ) -> object:
+        """Runs `action` on the chief only; returns its result on every worker, and
+        its failure is raised on every worker.
 
-        Other workers wait (up to `timeout`) for the chief's outcome. If the chief's
-        action raises, every worker raises `error_type` with the same message (the
-        chief's is chained to the original exception), so a failed checkpoint
-        write ends the job everywhere instead of leaving peers blocked.
+        Other workers wait (up to `timeout`) for the chief's outcome: one exchange
+        carries the result (JSON-serialisable) or the error. If the chief's action
+        raises, every worker raises `error_type` with the same message (the chief's
+        is chained to the original exception), so a failed checkpoint write ends
+        the job everywhere instead of leaving peers blocked.
         """
-        self.raise_if_any(name, self._attempt(action) if self.is_chief else None,
-                          error_type, timeout)
+        error, result = None, None
+        if self.is_chief:
+            try:
+                result = action()
+            except Exception as e:  # noqa: BLE001 - reported to every worker, then raised
+                error = e
+        outcome = json.dumps({"error": _report(error), "result": result}) if self.is_chief else ""
+        chief = json.loads(self.gather(name, outcome, timeout)[0])
+        self._raise_first(name, [chief["error"]], error, error_type)
+        return chief["result"]
 
     def raise_if_any(
         self,
@@ -210,10 +220,11 @@ class Coordinator:
         error class when it was one (a `CallbackConfigError` stays one), else as
         `error_type`, with the same message naming the worker and the original error.
         """
-        text = "" if error is None else json.dumps(
-            {"type": type(error).__name__, "message": f"{type(error).__name__}: {error}"}
-        )
-        reports = self.gather(name, text, timeout)
+        self._raise_first(name, self.gather(name, _report(error), timeout), error, error_type)
+
+    def _raise_first(self, name: str, reports: list[str], error: BaseException | None,
+                     error_type: type[DisttrainError]) -> None:
+        """Raises the first failure among `reports` (one per rank, "" for none)."""
         failed = [(rank, json.loads(msg)) for rank, msg in enumerate(reports) if msg]
         if not failed:
             return
@@ -294,14 +305,6 @@ class Coordinator:
             return [None]
         return [self.poll(f"status/{rank}") for rank in range(self.num_workers)]
 
-    @staticmethod
-    def _attempt(action: Callable[[], object]) -> BaseException | None:
-        try:
-            action()
-        except Exception as e:  # noqa: BLE001 - reported to every worker, then raised
-            return e
-        return None
-
     def _label(self, rank: int) -> str:
         return self.cluster.label_of_rank(rank)
 
@@ -376,6 +379,13 @@ class Coordinator:
             "The peer process exited or is unreachable; see its log for the cause."
         )
 
+
+
+def _report(error: BaseException | None) -> str:
+    """An error as exchanged between workers ("" for none)."""
+    if error is None:
+        return ""
+    return json.dumps({"type": type(error).__name__, "message": f"{type(error).__name__}: {error}"})
 
 
 _default: Coordinator | None = None

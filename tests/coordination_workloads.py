@@ -24,6 +24,7 @@ def exchanges() -> dict:
         "gather": coord.gather("t.gather", f"value-{rank}"),
         "broadcast": coord.broadcast(f"from-{rank}" if coord.is_chief else None, "t.bcast"),
         "run_id": coord.run_id(),
+        "chief_result": coord.run_on_chief("t.result", lambda: {"rank": rank}),
     }
     coord.barrier("t.barrier")
     for i in range(50):

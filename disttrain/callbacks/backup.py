@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -131,16 +130,14 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._resume_batches = 0
         self._steps = 0
         self.directory = self._template.format(run_id=self.run_id)
-        chosen: dict = {}
-
-        def find_latest():
+        def find_latest() -> dict:
             storage.probe_writable(self.directory)
             latest = self._committed_backups()
-            chosen["name"] = latest[-1] if latest else ""
-            chosen["next"] = (int(_BACKUP_RE.match(latest[-1]).group(1)) + 1) if latest else 0
+            if not latest:
+                return {"name": "", "next": 0}
+            return {"name": latest[-1], "next": int(_BACKUP_RE.match(latest[-1]).group(1)) + 1}
 
-        self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
-        shared = json.loads(self.coordinator.broadcast(json.dumps(chosen), "BackupAndRestore.latest"))
+        shared = self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
         self._next_index = shared["next"]
         error = None
         if shared["name"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-import json
 import os
 import posixpath
 import string
@@ -156,14 +155,14 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     def on_train_begin(self, logs=None):
         self.directory = self._directory_template.format(run_id=self.run_id)
-        state: dict[str, Any] = {}
 
-        def preflight():
+        def preflight() -> dict[str, Any]:
+            """Chief: checks the destination; this run's saved state, if resuming."""
             self._finish_commit()
             storage.probe_writable(self.directory)
             manifest = storage.read_json(self.manifest_url)
             if manifest is None:
-                return
+                return {}
             if manifest.get("run_id") == self.run_id or self.overwrite:
                 storage.remove_stale_temporaries(self.directory)
             if manifest.get("run_id") != self.run_id and not self.overwrite:
@@ -173,14 +172,13 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                     f"{self.run_id!r}. Refusing to mix or overwrite them. Fix: use a new "
                     "directory, put {run_id} in filepath, or pass overwrite=True."
                 )
-            if manifest.get("run_id") == self.run_id:
-                state.update(best=manifest.get("best_value"),
-                             checkpoints=manifest.get("checkpoints", []))
+            if manifest.get("run_id") != self.run_id:
+                return {}
+            return {"best": manifest.get("best_value"),
+                    "checkpoints": manifest.get("checkpoints", [])}
 
-        self.coordinator.run_on_chief("ModelCheckpoint.preflight", preflight, StorageError)
-        shared = json.loads(
-            self.coordinator.broadcast(json.dumps(state), "ModelCheckpoint.state")
-        )
+        shared = self.coordinator.run_on_chief("ModelCheckpoint.preflight", preflight,
+                                               StorageError)
         self.checkpoints = shared.get("checkpoints", [])
         if shared.get("best") is not None and self.save_best_only:
             self.best = shared["best"]
@@ -209,26 +207,31 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         if self.monitor_op is None and current is not None:
             self._set_monitor_op()
         improved = current is not None and bool(self._is_improvement(current, self.best))
-        wanted = improved or not self.save_best_only or current is None
-        decided = self.coordinator.broadcast("1" if wanted else "0", "ModelCheckpoint.decide")
-        previous_best = self.best
-        if decided != "1":
-            self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from "
-                      f"{_fmt(previous_best)}")
+        path = self._format_path(epoch, batch, logs)
+        record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
+                  "monitor": self.monitor, "value": None if current is None else float(current)}
+
+        def save() -> bool:
+            """Chief: decides, says so and writes; every worker takes the chief's decision
+            (one exchange per save)."""
+            if not (improved or not self.save_best_only or current is None):
+                self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from "
+                          f"{_fmt(self.best)}")
+                return False
+            if self.save_best_only:
+                self._say(f"\nEpoch {epoch + 1}: {self.monitor} improved from "
+                          f"{_fmt(self.best)} to {_fmt(current)}, saving model to {path}")
+            else:
+                self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
+            if improved:
+                self.best = float(current)
+            self._write(record)
+            return True
+
+        if not self.coordinator.run_on_chief("ModelCheckpoint.save", save, StorageError):
             return
         if improved:
             self.best = float(current)
-        path = self._format_path(epoch, batch, logs)
-        if self.save_best_only:
-            self._say(f"\nEpoch {epoch + 1}: {self.monitor} improved from "
-                      f"{_fmt(previous_best)} to {_fmt(current)}, saving model to {path}")
-        else:
-            self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
-        record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
-                  "monitor": self.monitor, "value": None if current is None else float(current)}
-        self.coordinator.run_on_chief(
-            "ModelCheckpoint.save", lambda: self._write(record), StorageError
-        )
         self.checkpoints = self._retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
         )[0]
