@@ -3,8 +3,9 @@
 The step is rebuilt in layers, each a compiled function run on the same batch
 by every worker: the forward and backward pass alone (no communication), plus
 the gradient all-reduce, Keras's whole `train_step` (optimizer update, metric
-updates), and that step fed from the distributed iterator (each step's batch
-comes with an all-reduce on whether every worker still has data). Then the same
+updates), and that step fed from the distributed iterator (of the repeated
+dataset, as `fit` uses it through `keras_compat`'s persistent iterator: no
+all-reduce on whether every worker still has data). Then the same
 model trains under `fit` with `compile(steps_per_execution=8)` (fixed by
 `keras_compat`: eight steps per call, one log reduction per call) to show what
 host round trips cost.

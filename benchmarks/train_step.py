@@ -23,6 +23,7 @@ from benchmarks.timing import epoch_seconds
 from launch import local as launch_local
 
 GLOBAL_BATCH = 256
+PERSISTENT_ITERATOR = "persistent_epoch_iterator"
 FEATURES = 784
 WIDTH = 512
 
@@ -53,12 +54,16 @@ def mlp(keras, batchnorm_layers: bool = False, steps_per_execution: int = 1):
     return model
 
 
-def keras3_worker(epochs: int, steps: int, calls: int, extras: bool) -> dict[str, Any]:
-    """Keras 3 through `disttrain.strategy()` (one process: the default strategy)."""
+def keras3_worker(epochs: int, steps: int, calls: int, extras: bool,
+                  skip_fixes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keras 3 through `disttrain.strategy()` (one process: the default strategy),
+    without the `keras_compat` fixes named in `skip_fixes`."""
     import keras
 
     import disttrain
+    from disttrain import keras_compat
 
+    keras_compat.apply(skip=tuple(skip_fixes))
     strategy = disttrain.strategy()
     with strategy.scope():
         model = mlp(keras)
@@ -104,8 +109,9 @@ def tf_keras_worker(epochs: int, steps: int) -> dict[str, Any]:
 def measure(settings: Settings, workers: int = 2) -> dict[str, list]:
     """Interleaved rounds: one process, disttrain on `workers`, `workers` independent
     processes (compute alone), tf_keras on `workers`, each of these three again with
-    the thread pools `launch.local` gives each task by default, and disttrain on the
-    other worker counts of `settings.scaling_workers`."""
+    the thread pools `launch.local` gives each task by default, disttrain with Keras's
+    own per-epoch input iterators, and disttrain on the other worker counts of
+    `settings.scaling_workers`."""
     base = {"epochs": settings.epochs, "steps": settings.steps}
     capped = launch_local.thread_env(launch_local.threads_per_task(workers))
     sides = {
@@ -116,6 +122,9 @@ def measure(settings: Settings, workers: int = 2) -> dict[str, list]:
                                           {**base, "workers": workers}),
         "capped": lambda: on_cluster(keras3_worker, workers,
                                      {**base, "calls": 0, "extras": False}, env=capped),
+        "keras_iterators": lambda: on_cluster(
+            keras3_worker, workers, {**base, "calls": 0, "extras": False,
+                                     "skip_fixes": [PERSISTENT_ITERATOR]}),
         "independent_capped": lambda: on_cluster(independent_worker, workers,
                                                  {**base, "workers": workers}, env=capped),
     }
@@ -161,6 +170,9 @@ def rows(measured: dict[str, list], settings: Settings, workers: int = 2) -> lis
                   f"tf_keras, {workers} workers, same threads",
                   [step_ms(r, steps) for r in measured["tf_keras_capped"]], " ms", Goal(0.8))
         if "tf_keras_capped" in measured else None,
+        ratio_row(f"  one input iterator per fit (keras_compat {PERSISTENT_ITERATOR})",
+                  ours, "Keras's new iterators each epoch",
+                  [step_ms(r, steps) for r in measured["keras_iterators"]], " ms"),
         Row(f"  of which gradient all-reduce ({mb:.1f} MB, one packed collective)",
             Stat.of([r["gradient_ms"] for r in dist]).show(" ms"),
             f"1-process step: {Stat.of(single).show(' ms')}",
