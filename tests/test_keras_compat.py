@@ -116,14 +116,19 @@ def test_steps_per_execution_with_xla_is_a_clear_error_before_training():
         assert result["trained"] == 0
 
 
-def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators():
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators(
+        steps_per_execution):
     """One repeated input iterator per fit/evaluate/predict call gives the same
     training as Keras's new iterators per epoch (NumPy validation, an epoch stopped
-    mid-way, a second fit), identical on every worker; Keras's iterator creations
-    (two per epoch and one per validation) drop to one per call."""
-    ours = run_cluster(workloads.epoch_iterators, 2).assert_ok()
+    mid-way, a second fit; with 3 steps per call, 8 batches end each epoch with a
+    call of 2 and the 3 validation batches fit one call), identical on every
+    worker; Keras's iterator creations (two per epoch and one per validation) drop
+    to one per call."""
+    kwargs = {"steps_per_execution": steps_per_execution}
+    ours = run_cluster(workloads.epoch_iterators, 2, kwargs=kwargs).assert_ok()
     stock = run_cluster(workloads.epoch_iterators, 2, kwargs={
-        "skip_fixes": ["persistent_epoch_iterator"]}).assert_ok()
+        **kwargs, "skip_fixes": ["persistent_epoch_iterator"]}).assert_ok()
     _assert_all_identical(ours.results, keys=("history", "history_again", "evaluate", "predict",
                                               "weights"))
     a, b = ours.results[0], stock.results[0]

@@ -138,10 +138,11 @@ def multi_step_with_xla() -> dict:
     return {"error": None}
 
 
-def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None) -> dict:
-    """fit on a tf.data input (shuffled when `shuffle_seed` is set) with NumPy
-    validation, stopped mid-epoch by a callback, then a second fit, evaluate and
-    predict; also counts the input iterators Keras creates in each
+def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
+                    steps_per_execution: int = 1) -> dict:
+    """fit on a tf.data input of 8 batches (shuffled when `shuffle_seed` is set)
+    with NumPy validation of 3, stopped mid-epoch by a callback, then a second fit,
+    evaluate and predict; also counts the input iterators Keras creates in each
     (`TFEpochIterator._get_iterator` calls)."""
     import collections
 
@@ -170,7 +171,7 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None) -> 
             self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
-            if self.epoch == 2 and batch == 4:
+            if self.epoch == 2 and batch >= 4:
                 self.model.stop_training = True
 
     x, y, _ = _data()
@@ -178,7 +179,8 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None) -> 
         keras.utils.set_random_seed(3)
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                                   keras.layers.Dense(1, activation="sigmoid")])
-        model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", metrics=["accuracy"])
+        model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=steps_per_execution)
     train = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle_seed is not None:
         train = train.shuffle(len(x), seed=shuffle_seed)
