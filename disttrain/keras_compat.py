@@ -46,28 +46,32 @@ Fixes:
 - `persistent_epoch_iterator`: with no `steps_per_epoch`, Keras creates a new
   iterator over the input at the start of every epoch and another at its end
   (dropped unused), and runs fit's validation with a new one each time. Under
-  multi-worker each creation and deletion of a distributed iterator costs tens to
-  hundreds of milliseconds (measured 40 ms to create, 0 to 1,000 ms to delete),
-  and for a finite dataset every step adds an all-reduce on whether each worker
-  still has data. When the input has a known number of batches N (a
+  multi-worker each creation and deletion of a distributed iterator costs tens
+  to hundreds of milliseconds (measured 40 ms to create, 0 to 1,000 ms to
+  delete), and for a finite dataset every step adds an all-reduce on whether
+  each worker still has data. When the input has a known number of batches N (a
   `tf.data.Dataset` of known cardinality, NumPy arrays or tensors) and is not
   FILE-sharded, we iterate `dataset.repeat()` once per `fit`/`evaluate`/
   `predict` call and take N steps per epoch (with `steps_per_execution=k`, an
   epoch's last call runs only the N mod k batches left): each epoch is one full
-  pass, and TensorFlow skips the has-data all-reduce for an infinite dataset. An input without randomness trains exactly
-  as with Keras's iterators. A `shuffle()` reshuffles every pass, in other orders
-  than Keras's (whose discarded iterators also draw from the shuffle's seed);
-  random ops inside the pipeline (Keras's own shuffle of NumPy inputs, random
-  augmentation) draw new values each epoch, where under a global seed Keras's
-  new iterator per epoch replays the first epoch's values. The iterator is kept
-  across epochs and validations only when the previous epoch ended exactly at
-  a pass boundary; an epoch stopped early is followed by a fresh iterator. The
-  cost is one more distribution of the dataset per call (about 13 ms here). A
-  2-worker MLP step went from 36.9 to 29.0 ms (`python -m benchmarks`).
-  Inputs with per-epoch hooks (a PyDataset, a generator), an unknown
-  cardinality, a user's `steps_per_epoch` and FILE sharding (workers may hold
-  different numbers of batches) keep Keras's behaviour. Not reported upstream
-  that we found.
+  pass, and TensorFlow skips the has-data all-reduce for an infinite dataset. An
+  input without randomness trains exactly as with Keras's iterators. A
+  `shuffle()` reshuffles every pass, in other orders than Keras's (whose
+  discarded iterators also draw from the shuffle's seed); random ops inside the
+  pipeline (Keras's own shuffle of NumPy inputs, random augmentation) draw new
+  values each epoch, where under a global seed Keras's new iterator per epoch
+  replays the first epoch's values. A pipeline that reads state a callback
+  changes between epochs (a `tf.Variable` in a `map`) sees the change a few
+  batches late, as the iterator prefetches across the epoch boundary.
+  `apply(skip=("persistent_epoch_iterator",))` keeps Keras's iterators for such
+  inputs. The iterator is kept across epochs and validations only when the
+  previous epoch ended exactly at a pass boundary; an epoch stopped early is
+  followed by a fresh iterator. The cost is one more distribution of the dataset
+  per call (about 13 ms here). A 2-worker MLP step went from 40.6 to 27.6 ms
+  (`python -m benchmarks`). Inputs with per-epoch hooks (a PyDataset, a
+  generator), an unknown cardinality, a user's `steps_per_epoch` and FILE
+  sharding (workers may hold different numbers of batches) keep Keras's
+  behaviour. Not reported upstream that we found.
 - `synced_batchnorm_statistics`: BatchNormalization creates its moving
   statistics with `aggregation="none"`, so each worker keeps statistics of its
   own shard and checkpoints hold one shard's statistics. We average them across
