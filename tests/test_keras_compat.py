@@ -116,16 +116,16 @@ def test_steps_per_execution_with_xla_is_a_clear_error_before_training():
         assert result["trained"] == 0
 
 
-@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize("steps_per_execution, numpy_input", [(1, False), (3, False), (1, True)])
 def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators(
-        steps_per_execution):
+        steps_per_execution, numpy_input):
     """One repeated input iterator per fit/evaluate/predict call gives the same
-    training as Keras's new iterators per epoch (NumPy validation, an epoch stopped
-    mid-way, a second fit; with 3 steps per call, 8 batches end each epoch with a
-    call of 2 and the 3 validation batches fit one call), identical on every
-    worker; Keras's iterator creations (two per epoch and one per validation) drop
-    to one per call."""
-    kwargs = {"steps_per_execution": steps_per_execution}
+    training as Keras's new iterators per epoch (tf.data or NumPy training input,
+    NumPy validation, an epoch stopped mid-way, a second fit; with 3 steps per
+    call, 8 batches end each epoch with a call of 2 and the 3 validation batches
+    fit one call), identical on every worker; Keras's iterator creations (two per
+    epoch and one per validation) drop to one per call."""
+    kwargs = {"steps_per_execution": steps_per_execution, "numpy_input": numpy_input}
     ours = run_cluster(workloads.epoch_iterators, 2, kwargs=kwargs).assert_ok()
     stock = run_cluster(workloads.epoch_iterators, 2, kwargs={
         **kwargs, "skip_fixes": ["persistent_epoch_iterator"]}).assert_ok()

@@ -139,11 +139,11 @@ def multi_step_with_xla() -> dict:
 
 
 def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
-                    steps_per_execution: int = 1) -> dict:
-    """fit on a tf.data input of 8 batches (shuffled when `shuffle_seed` is set)
-    with NumPy validation of 3, stopped mid-epoch by a callback, then a second fit,
-    evaluate and predict; also counts the input iterators Keras creates in each
-    (`TFEpochIterator._get_iterator` calls)."""
+                    steps_per_execution: int = 1, numpy_input: bool = False) -> dict:
+    """fit on 8 batches (a tf.data input, shuffled when `shuffle_seed` is set, or
+    NumPy arrays in order) with NumPy validation of 3, stopped mid-epoch by a
+    callback, then a second fit, evaluate and predict; also counts the input
+    iterators Keras creates in each (`TFEpochIterator._get_iterator` calls)."""
     import collections
 
     import keras
@@ -185,10 +185,12 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
     if shuffle_seed is not None:
         train = train.shuffle(len(x), seed=shuffle_seed)
     train = train.batch(GLOBAL_BATCH)
-    history = model.fit(train, epochs=5, validation_data=(x[:96], y[:96]), verbose=0,
+    inputs = ({"x": x, "y": y, "batch_size": GLOBAL_BATCH, "shuffle": False} if numpy_input
+              else {"x": train})
+    history = model.fit(**inputs, epochs=5, validation_data=(x[:96], y[:96]), verbose=0,
                         callbacks=[StopInEpoch()])
     phase[0] = "fit_again"
-    again = model.fit(train, epochs=2, validation_data=(x[:96], y[:96]), verbose=0)
+    again = model.fit(**inputs, epochs=2, validation_data=(x[:96], y[:96]), verbose=0)
     phase[0] = "evaluate"
     evaluation = model.evaluate(x[:96], y[:96], batch_size=GLOBAL_BATCH, verbose=0,
                                 return_dict=True)
