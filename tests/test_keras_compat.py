@@ -151,6 +151,17 @@ def test_persistent_epoch_iterator_with_a_shuffled_input():
     assert result["history_again"]["loss"][-1] < result["history"]["loss"][0]
 
 
+def test_a_pipeline_reading_a_variable_keeps_keras_iterators():
+    """A callback changes a variable the input's `map` reads: every batch of the next
+    epoch sees the new value (a persistent iterator would have prefetched several
+    batches with the old one), because such inputs keep Keras's iterators."""
+    run = run_cluster(workloads.epoch_state_pipeline, 2).assert_ok()
+    for result in run.results:
+        for epoch, running in enumerate(result["losses"]):
+            assert running == pytest.approx([epoch ** 2] * 8), (epoch, running)
+        assert result["iterators_created"] >= 3 * 2
+
+
 def test_numpy_shuffle_replays_one_permutation_per_new_iterator():
     """What the persistent iterator changes for NumPy inputs with `shuffle=True`
     under a global seed: Keras's pipeline draws its permutation inside the dataset,

@@ -201,3 +201,46 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
     summary["history_again"] = again.history
     summary["iterators_created"] = dict(created)
     return summary
+
+
+def epoch_state_pipeline() -> dict:
+    """A pipeline that reads a variable a callback raises after every epoch (x = y =
+    level); the model predicts 0 and never learns (SGD with learning rate 0), so each
+    batch's running loss is level**2 when every batch of an epoch sees that epoch's
+    level. Also counts the input iterators Keras creates."""
+    import keras
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+
+    from disttrain.strategy import strategy as make_strategy
+
+    strategy = make_strategy()
+    created = [0]
+    get_iterator = TFEpochIterator._get_iterator
+
+    def counting(self):
+        created[0] += 1
+        return get_iterator(self)
+
+    TFEpochIterator._get_iterator = counting
+    level = tf.Variable(0.0, trainable=False)
+    train = (tf.data.Dataset.from_tensor_slices(np.zeros((256, 1), "float32"))
+             .map(lambda v: (v + level, v + level)).batch(GLOBAL_BATCH).prefetch(2))
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((1,)),
+                                  keras.layers.Dense(1, kernel_initializer="zeros")])
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+    losses: list[list[float]] = []
+
+    class Raise(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            losses.append([])
+
+        def on_train_batch_end(self, batch, logs=None):
+            losses[-1].append(float(logs["loss"]))
+
+        def on_epoch_end(self, epoch, logs=None):
+            level.assign(float(epoch + 1))
+
+    model.fit(train, epochs=3, verbose=0, callbacks=[Raise()])
+    return {"losses": losses, "iterators_created": created[0]}
