@@ -64,14 +64,14 @@ Fixes:
   keeps Keras's iterators). A pipeline whose functions capture a variable or
   lookup table keeps Keras's iterators too: a callback may change that state
   between epochs, and an iterator prefetching across the epoch boundary would
-  read it early (measured: 7 of 8 batches of the next epoch). The iterator is kept across epochs and validations only when the
-  previous epoch ended exactly at a pass boundary; an epoch stopped early is
-  followed by a fresh iterator. The cost is one more distribution of the dataset
-  per call (about 13 ms here). A 2-worker MLP step went from 40.6 to 27.6 ms
-  (`python -m benchmarks`). Inputs with per-epoch hooks (a PyDataset, a
-  generator), an unknown cardinality, a user's `steps_per_epoch` and FILE
-  sharding (workers may hold different numbers of batches) keep Keras's
-  behaviour. Not reported upstream that we found.
+  read it early (measured: 7 of 8 batches of the next epoch). The iterator is
+  kept across epochs and validations only when the previous epoch ended exactly
+  at a pass boundary; an epoch stopped early is followed by a fresh iterator.
+  The cost is one more distribution of the dataset per call (about 13 ms here).
+  A 2-worker MLP step went from 40.6 to 27.6 ms (`python -m benchmarks`). Inputs
+  with per-epoch hooks (a PyDataset, a generator), an unknown cardinality, a
+  user's `steps_per_epoch` and FILE sharding (workers may hold different numbers
+  of batches) keep Keras's behaviour. Not reported upstream that we found.
 - `synced_batchnorm_statistics`: BatchNormalization creates its moving
   statistics with `aggregation="none"`, so each worker keeps statistics of its
   own shard and checkpoints hold one shard's statistics. We average them across

@@ -130,6 +130,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._resume_batches = 0
         self._steps = 0
         self.directory = self._template.format(run_id=self.run_id)
+
         def find_latest() -> dict:
             storage.probe_writable(self.directory)
             latest = self._committed_backups()
