@@ -186,3 +186,38 @@ def test_numpy_shuffle_replays_one_permutation_per_new_iterator():
     assert repeated[1] != repeated[0] and repeated[2] != repeated[1]
     for permutation in repeated:
         assert sorted(permutation) == x.tolist()
+
+
+def test_pipelines_that_capture_state_are_recognised():
+    """`persistent_epoch_iterator` keeps Keras's iterators for an input whose
+    functions capture a variable or lookup table, wherever it sits in the pipeline,
+    and only for those."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from disttrain.keras_compat import _captures_state
+
+    level = tf.Variable(1.0)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer([0], [1], tf.int64, tf.int64), -1)
+    plain = tf.data.Dataset.range(8).map(lambda i: i * 2).batch(2).prefetch(1)
+    reads_variable = tf.data.Dataset.range(8).map(lambda i: tf.cast(i, tf.float32) * level)
+    stateful = {
+        "map": reads_variable.batch(2),
+        "filter": tf.data.Dataset.range(8).filter(lambda i: tf.cast(i, tf.float32) > level),
+        "lookup": tf.data.Dataset.range(8).map(table.lookup),
+        "zip": tf.data.Dataset.zip((plain.unbatch(), reads_variable)).batch(2),
+        "interleave": tf.data.Dataset.range(2).interleave(
+            lambda i: tf.data.Dataset.range(i).map(lambda j: tf.cast(j, tf.float32) * level)),
+    }
+    stateless = {
+        "plain": plain,
+        "shuffle": tf.data.Dataset.range(8).shuffle(8, seed=1).batch(2),
+        "random_op": tf.data.Dataset.range(8).map(lambda i: tf.random.uniform(())),
+        "keras_arrays": ArrayDataAdapter(np.zeros((8, 2), "float32"), batch_size=2,
+                                         shuffle=True).get_tf_dataset(),
+    }
+    assert {name: _captures_state(d) for name, d in stateful.items()} == dict.fromkeys(
+        stateful, True)
+    assert {name: _captures_state(d) for name, d in stateless.items()} == dict.fromkeys(
+        stateless, False)
