@@ -5,7 +5,7 @@ interleaved (fresh localhost clusters, alternating), and reported as medians
 with their range over rounds; ratios are medians of per-round ratios. Machines
 are noisy: compare ratios, not absolute times across runs.
 
-    python -m benchmarks            # full run (about 18 minutes on 2 cores)
+    python -m benchmarks            # full run (about 16 minutes on 2 cores)
     python -m benchmarks --quick    # about 4 minutes
     python -m benchmarks --smoke    # about 2.5 minutes: checks that it works (CI)
 """

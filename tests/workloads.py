@@ -138,24 +138,14 @@ def multi_step_with_xla() -> dict:
     return {"error": None}
 
 
-def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
-                    steps_per_execution: int = 1, numpy_input: bool = False) -> dict:
-    """fit on 8 batches (a tf.data input, shuffled when `shuffle_seed` is set, or
-    NumPy arrays in order) with NumPy validation of 3, stopped mid-epoch by a
-    callback, then a second fit, evaluate and predict; also counts the input
-    iterators Keras creates in each (`TFEpochIterator._get_iterator` calls)."""
+def _count_iterator_creations() -> tuple[dict[str, int], list[str]]:
+    """Counts the input iterators Keras creates (`TFEpochIterator._get_iterator`
+    calls) from now on in this process, per phase: returns the counts and a
+    one-element list holding the current phase's name ("fit" to start), to reassign."""
     import collections
 
-    import keras
-    import tensorflow as tf
     from keras.src.backend.tensorflow.trainer import TFEpochIterator
 
-    from disttrain import keras_compat
-    from disttrain.strategy import strategy as make_strategy
-
-    if skip_fixes:
-        keras_compat.apply(skip=tuple(skip_fixes))
-    strategy = make_strategy()
     created: collections.Counter = collections.Counter()
     phase = ["fit"]
     get_iterator = TFEpochIterator._get_iterator
@@ -165,6 +155,25 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
         return get_iterator(self)
 
     TFEpochIterator._get_iterator = counting
+    return created, phase
+
+
+def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
+                    steps_per_execution: int = 1, numpy_input: bool = False) -> dict:
+    """fit on 8 batches (a tf.data input, shuffled when `shuffle_seed` is set, or
+    NumPy arrays in order) with NumPy validation of 3, stopped mid-epoch by a
+    callback, then a second fit, evaluate and predict; also counts the input
+    iterators Keras creates in each (`TFEpochIterator._get_iterator` calls)."""
+    import keras
+    import tensorflow as tf
+
+    from disttrain import keras_compat
+    from disttrain.strategy import strategy as make_strategy
+
+    if skip_fixes:
+        keras_compat.apply(skip=tuple(skip_fixes))
+    strategy = make_strategy()
+    created, phase = _count_iterator_creations()
 
     class StopInEpoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -210,19 +219,11 @@ def epoch_state_pipeline() -> dict:
     level. Also counts the input iterators Keras creates."""
     import keras
     import tensorflow as tf
-    from keras.src.backend.tensorflow.trainer import TFEpochIterator
 
     from disttrain.strategy import strategy as make_strategy
 
     strategy = make_strategy()
-    created = [0]
-    get_iterator = TFEpochIterator._get_iterator
-
-    def counting(self):
-        created[0] += 1
-        return get_iterator(self)
-
-    TFEpochIterator._get_iterator = counting
+    created, _ = _count_iterator_creations()
     level = tf.Variable(0.0, trainable=False)
     train = (tf.data.Dataset.from_tensor_slices(np.zeros((256, 1), "float32"))
              .map(lambda v: (v + level, v + level)).batch(GLOBAL_BATCH).prefetch(2))
@@ -243,4 +244,4 @@ def epoch_state_pipeline() -> dict:
             level.assign(float(epoch + 1))
 
     model.fit(train, epochs=3, verbose=0, callbacks=[Raise()])
-    return {"losses": losses, "iterators_created": created[0]}
+    return {"losses": losses, "iterators_created": created["fit"]}

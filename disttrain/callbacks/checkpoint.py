@@ -230,7 +230,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
         if not self.coordinator.run_on_chief("ModelCheckpoint.save", save, StorageError):
             return
-        if improved:
+        if improved:  # the other workers' turn; the chief set it before writing the manifest
             self.best = float(current)
         self.checkpoints = self._retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
