@@ -5,13 +5,18 @@ directory, fsync, rename, fsync of the directory, then the `best.json` manifest)
 after agreeing with the other workers; with `async_commit=True` everything after
 the temp file is written runs in a background thread, and the row times what the
 training thread waits for. The peer is the chief calling `model.save` to a
-sibling directory on the same file system. The sides rotate save by save. Bytes are counted with `/proc/self/io` (wchar) on each worker
-around its checkpoint callback; tf_keras's `ModelCheckpoint` on a non-chief
-worker saves a full copy into `workertemp_<id>/` and deletes it.
+sibling directory on the same file system. A further side shows what durability
+alone costs: the chief's `model.save` through `storage.atomic_local_file` (temp
+file, fsync, rename, fsync of the directory), without manifest, marker or
+exchange. The sides rotate save by save. Bytes are counted with `/proc/self/io`
+(wchar) on each worker around its checkpoint callback; tf_keras's
+`ModelCheckpoint` on a non-chief worker saves a full copy into
+`workertemp_<id>/` and deletes it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -39,7 +44,7 @@ def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str
     import keras
 
     import disttrain
-    from disttrain import callbacks, coordination
+    from disttrain import callbacks, coordination, storage
 
     strategy = disttrain.strategy()
     coord = coordination.get()
@@ -56,23 +61,33 @@ def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str
             checkpoints[mode].on_train_begin()
         plain = os.path.join(directory, str(size), "plain", "model.keras")
         os.makedirs(os.path.dirname(plain), exist_ok=True)
-        result[str(size)] = _alternate(coord, model, checkpoints, plain, rounds)
+        durable = os.path.join(directory, str(size), "durable", "model.keras")
+
+        def save_durably(model=model, path=durable):
+            with storage.atomic_local_file(path) as tmp:
+                model.save(tmp)
+
+        saves = {"plain": functools.partial(model.save, plain), "durable": save_durably}
+        result[str(size)] = _alternate(coord, checkpoints, saves, rounds)
+        result[str(size)]["file_bytes"] = os.path.getsize(plain) if coord.is_chief else 0
     return result
 
 
-def _alternate(coord, model, checkpoints: dict, plain: str, rounds: int) -> dict[str, Any]:
-    """Rotates a synchronous commit and an async one (every worker) and a plain save (the
-    chief). The async side is timed until `on_epoch_end` returns; its background commit
-    is then waited for, untimed, so it never overlaps the next measurement."""
-    times: dict[str, list[float]] = {"sync": [], "async": [], "plain": []}
+def _alternate(coord, checkpoints: dict, saves: dict, rounds: int) -> dict[str, Any]:
+    """Rotates a synchronous commit and an async one (every worker) and the `saves`
+    without disttrain's callback (the chief). The async side is timed until
+    `on_epoch_end` returns; its background commit is then waited for, untimed, so it
+    never overlaps the next measurement."""
+    times: dict[str, list[float]] = {side: [] for side in [*checkpoints, *saves]}
     written = []
     order = list(times)
     for epoch in range(rounds):
-        for side in order[epoch % 3:] + order[:epoch % 3]:
-            if side == "plain":
+        shift = epoch % len(order)
+        for side in order[shift:] + order[:shift]:
+            if side in saves:
                 coord.barrier("bench.checkpoint.save")
                 if coord.is_chief:
-                    times[side].append(median_ms(lambda: model.save(plain), 1, warmup=0))
+                    times[side].append(median_ms(saves[side], 1, warmup=0))
                 continue
             checkpoint = checkpoints[side]
             before = bytes_written()
@@ -81,8 +96,7 @@ def _alternate(coord, model, checkpoints: dict, plain: str, rounds: int) -> dict
             checkpoint._finish_commit()
             written.append(bytes_written() - before)
     return {"commit_ms": times["sync"], "async_ms": times["async"], "save_ms": times["plain"],
-            "written": statistics.median(written),
-            "file_bytes": os.path.getsize(plain) if coord.is_chief else 0}
+            "durable_ms": times["durable"], "written": statistics.median(written)}
 
 
 def tf_keras_worker(directory: str, params: int) -> dict[str, Any]:
@@ -128,6 +142,9 @@ def rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
         result.append(ratio_row(
             f"  async_commit=True: training blocked, {size_text}",
             one["async_ms"], "model.save, same file system", one["save_ms"], " ms", Goal(1.05)))
+        result.append(ratio_row(
+            f"  fsync + atomic rename alone (storage.atomic_local_file), {size_text}",
+            one["durable_ms"], "model.save, same file system", one["save_ms"], " ms"))
     largest = str(max(settings.checkpoint_params))
     ours = Stat.of([r[largest]["written"] for r in others])
     theirs = [r["written"] for r in measured["tf_keras"] if not r["chief"]]

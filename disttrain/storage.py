@@ -238,6 +238,11 @@ def _commit_local(tmp: str, path: str) -> None:
     """fsyncs the finished same-directory temp file `tmp` and renames it over `path`."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    _rename_durably(tmp, path)
+
+
+def _rename_durably(tmp: str, path: str) -> None:
+    """Renames the durable temp file `tmp` over `path` and makes the rename durable."""
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
 
@@ -250,7 +255,9 @@ def _local_replace(path: str, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        _commit_local(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        _rename_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -27,8 +27,10 @@ def exchanges() -> dict:
         "chief_result": coord.run_on_chief("t.result", lambda: {"rank": rank}),
     }
     coord.barrier("t.barrier")
-    for i in range(50):
+    for i in range(150):
         coord.any(False, f"t.many-{i}")
+    coord.barrier("t.after_many")
+    seen["stored_keys"] = _stored_exchange_keys(coord, [0, 127, coord._seq - 1])
     try:
         coord.raise_if_any("t.error", ValueError("disk full") if rank == 1 else None,
                            StorageError)
@@ -39,6 +41,24 @@ def exchanges() -> dict:
     except CoordinationError as e:
         seen["chief_error"] = str(e)
     return seen
+
+
+def _stored_exchange_keys(coord, seqs: list[int]) -> list[list[bool]]:
+    """For each exchange number, whether each rank's key is still in the key-value store."""
+    import tensorflow as tf
+
+    ctx = coord._tf_context()
+    stored = []
+    for seq in seqs:
+        row = []
+        for rank in range(coord.num_workers):
+            try:
+                ctx.get_config_key_value(coord._key(seq, rank), 1)
+                row.append(True)
+            except tf.errors.DeadlineExceededError:
+                row.append(False)
+        stored.append(row)
+    return stored
 
 
 def peer_exits(exit_rank: int) -> dict:

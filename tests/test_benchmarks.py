@@ -29,7 +29,8 @@ def test_smoke_run_prints_every_row():
                 "digits demo, 2 workers", "launch.local, 2 workers: start to first training step",
                 "launch.local: teardown after a worker fails", "compute alone: 2 processes",
                 "+ gradient all-reduce", "fit with compile(steps_per_execution=8)",
-                "(launch.local default)", "one input iterator per fit"):
+                "(launch.local default)", "one input iterator per fit",
+                "fsync + atomic rename alone"):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "Scaling model:" in out
 

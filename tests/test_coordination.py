@@ -31,6 +31,8 @@ def test_every_primitive_agrees_on_three_workers():
         assert r["run_id"] == results[0]["run_id"]
         assert r["error"] == "StorageError: t.error failed on w1: ValueError: disk full"
         assert r["chief_error"] == "t.chief failed on w0: ZeroDivisionError: division by zero"
+        # Finished blocks of exchange keys are deleted; the current block's keys stay.
+        assert r["stored_keys"] == [[False] * 3, [False] * 3, [True] * 3]
 
 
 @pytest.mark.slow
