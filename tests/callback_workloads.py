@@ -148,8 +148,9 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     return result
 
 
-def save_forever(directory: str, epochs: int = 400) -> dict:
-    """Drives ModelCheckpoint(max_to_keep=1) through many epoch ends; prints READY first.
+def save_forever(directory: str, name: str, epochs: int = 400) -> dict:
+    """Drives ModelCheckpoint(directory/name, max_to_keep=1) through many epoch ends;
+    prints READY first.
 
     The test SIGKILLs this process at random moments and runs it again (same run id).
     """
@@ -161,7 +162,7 @@ def save_forever(directory: str, epochs: int = 400) -> dict:
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
-    checkpoint = callbacks.ModelCheckpoint(directory + "/ckpt-{epoch}.keras", max_to_keep=1)
+    checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1)
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
     print("READY", flush=True)

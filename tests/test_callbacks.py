@@ -459,11 +459,14 @@ def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(tmp_path
 
 
 @pytest.mark.timeout(300)
-def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path):
+@pytest.mark.parametrize("name", ["ckpt-{epoch}.keras", "best.keras"])
+def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name):
     """SIGKILL a saving process at random moments, restart the same run each time.
 
     After every kill the manifest names only files that exist; no restart is refused
-    (a file committed just before a kill is this run's, not a stranger's).
+    (a file committed just before a kill is this run's, not a stranger's). Names that
+    change from save to save are claimed by the pending marker; a fixed name by the
+    manifest.
     """
     import random
     import subprocess
@@ -473,7 +476,8 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path):
 
     directory = tmp_path / "ckpt"
     rng = random.Random(0)
-    command = function_command(callback_workloads.save_forever, {"directory": str(directory)})
+    command = function_command(callback_workloads.save_forever,
+                               {"directory": str(directory), "name": name})
     env = worker_env({"DISTTRAIN_RUN_ID": "crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
     for attempt in range(8):

@@ -243,11 +243,12 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         being deleted) or its pending marker name it: a restarted attempt has lost
         its in-memory records, a crash between a file's commit and the manifest
         leaves the file named by the pending marker only, and a crash during
-        retention leaves files the manifest lists under `deleting`. A
-        never-committed file is deleted when a later save names another path;
-        deletions that did not happen are retried at the next save. A save that
-        fails with an error (a full disk) removes its own pending marker, so the
-        directory is left exactly as it was. With `async_commit` everything after
+        retention leaves files the manifest lists under `deleting`. The marker is
+        written only for a path the manifest does not keep already (a fixed file
+        name is claimed by its first save). A never-committed file is deleted when
+        a later save names another path; deletions that did not happen are retried
+        at the next save. A save that fails with an error (a full disk) removes its
+        own pending marker, so the directory is left exactly as it was. With `async_commit` everything after
         the model is written to its temp file runs in the background, in the same
         order; the previous commit is always finished (or its error raised) first.
         """
@@ -277,8 +278,8 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         )
         kept_paths = {c["path"] for c in kept}
         deleting = sorted(({c["path"] for c in dropped} | deleting_before) - kept_paths)
-        commit = functools.partial(self._commit, record, staged, pending.get("path") == path,
-                                   self._manifest(kept, deleting), deleting)
+        commit = functools.partial(self._commit, record, staged, path not in kept_before,
+                                   pending, self._manifest(kept, deleting), deleting)
         if self.async_commit:
             if self._committer is None:
                 self._committer = concurrent.futures.ThreadPoolExecutor(
@@ -304,19 +305,26 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             raise
         return staged
 
-    def _commit(self, record: dict[str, Any], staged: storage.StagedFile, marked_before: bool,
-                manifest: dict[str, Any], deleting: list[str]) -> None:
+    def _commit(self, record: dict[str, Any], staged: storage.StagedFile, claim: bool,
+                pending: dict[str, Any], manifest: dict[str, Any], deleting: list[str]) -> None:
+        """Chief only: commits `staged` to the record's path, then the manifest.
+
+        `claim`: write the pending marker first (the manifest does not list the path
+        yet). `pending`: the marker found before this save ({} for none).
+        """
         path = record["path"]
         try:
-            storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
+            if claim:
+                storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
             staged.commit()
         except BaseException:
             staged.discard()
-            if not marked_before:
+            if claim and pending.get("path") != path:
                 self._drop_pending_marker()
             raise
         storage.write_json(self.manifest_url, manifest)
-        storage.remove(self._pending_url)
+        if claim or pending:
+            storage.remove(self._pending_url)
         for old in deleting:
             try:
                 storage.remove(old)
