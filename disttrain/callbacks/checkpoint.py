@@ -248,9 +248,10 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         name is claimed by its first save). A never-committed file is deleted when
         a later save names another path; deletions that did not happen are retried
         at the next save. A save that fails with an error (a full disk) removes its
-        own pending marker, so the directory is left exactly as it was. With `async_commit` everything after
-        the model is written to its temp file runs in the background, in the same
-        order; the previous commit is always finished (or its error raised) first.
+        own pending marker, so the directory is left exactly as it was. With
+        `async_commit` everything after the model is written to its temp file runs
+        in the background, in the same order; the previous commit is always
+        finished (or its error raised) first.
         """
         self._finish_commit()
         path = record["path"]
