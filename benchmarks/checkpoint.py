@@ -151,8 +151,8 @@ def rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
     peer = (f"tf_keras ModelCheckpoint: {_megabytes(Stat.of(theirs).median)}" if theirs
             else TF_KERAS_MISSING)
     goal_met = "met" if ours.high == 0 else "MISSED"
+    model_size = _megabytes(int(chief[largest]["file_bytes"]))
     result.append(Row(
-        f"bytes written per save by each non-chief worker ({_megabytes(int(chief[largest]['file_bytes']))} model)",
-        _megabytes(ours.median), peer, "-",
-        f"0: {goal_met}"))
+        f"bytes written per save by each non-chief worker ({model_size} model)",
+        _megabytes(ours.median), peer, "-", f"0: {goal_met}"))
     return result
