@@ -60,3 +60,25 @@ def test_backup_and_restore_on_gcs(gcs, gcs_env, tmp_path):
     ).assert_ok()
     assert [r["epochs_run"] for r in again.results] == [0, 0], "both restored the finished run"
     assert again.results[0]["weights"] == run.results[0]["weights"]
+
+
+def test_checkpoint_saves_to_gcs_make_no_reads_after_the_first(gcs):
+    """The chief keeps the manifest and the pending marker it wrote, so each later save
+    of a fixed name to gs:// is two uploads (the file, then the manifest) and no reads."""
+    from disttrain import callbacks
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    directory = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
+    checkpoint = callbacks.ModelCheckpoint(directory + "/best.keras")
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    checkpoint.on_epoch_end(0, {"loss": 1.0})
+    offset = gcs.log_size()
+    for epoch in range(1, 4):
+        checkpoint.on_epoch_end(epoch, {"loss": 1.0})
+    methods = [line.split('"')[1].split()[0] for line in gcs.requests_since(offset)]
+    assert methods == ["POST"] * 6, gcs.requests_since(offset)
+    manifest = storage.read_json(storage.join(directory, "best.json"))
+    assert manifest["epoch"] == 4 and manifest["path"] == directory + "/best.keras"
+    assert storage.listdir(directory) == ["best.json", "best.keras"]

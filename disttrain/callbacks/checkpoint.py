@@ -147,6 +147,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         self._directory_template = directory or "."
         self.directory: str | None = None
         self.checkpoints: list[dict[str, Any]] = []
+        self._stored: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._checked_keys = False
 
     @property
@@ -159,6 +160,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         def preflight() -> dict[str, Any]:
             """Chief: checks the destination; this run's saved state, if resuming."""
             self._finish_commit()
+            self._stored = None
             storage.probe_writable(self.directory)
             manifest = storage.read_json(self.manifest_url)
             if manifest is None:
@@ -255,12 +257,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         """
         self._finish_commit()
         path = record["path"]
-        manifest = storage.read_json(self.manifest_url) or {}
-        if manifest.get("run_id") != self.run_id:
-            manifest = {}
-        pending = storage.read_json(self._pending_url) or {}
-        if pending.get("run_id") != self.run_id:
-            pending = {}
+        manifest, pending = self._stored or self._read_stored()
         kept_before = {c.get("path") for c in manifest.get("checkpoints", [])}
         deleting_before = {p for p in manifest.get("deleting", []) if storage.exists(p)}
         if pending.get("path") not in (None, path) and pending["path"] not in kept_before:
@@ -314,6 +311,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         yet). `pending`: the marker found before this save ({} for none).
         """
         path = record["path"]
+        self._stored = None
         try:
             if claim:
                 storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
@@ -326,6 +324,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         storage.write_json(self.manifest_url, manifest)
         if claim or pending:
             storage.remove(self._pending_url)
+        self._stored = (manifest, {})
         for old in deleting:
             try:
                 storage.remove(old)
@@ -336,6 +335,15 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                     stacklevel=2,
                 )
         self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
+
+    def _read_stored(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Chief: this run's manifest and pending marker as stored ({} for none, or for
+        another run's). After a successful commit `_stored` holds them instead, so a
+        save to an object store makes no reads; a failed commit clears it."""
+        manifest = storage.read_json(self.manifest_url) or {}
+        pending = storage.read_json(self._pending_url) or {}
+        return ({} if manifest.get("run_id") != self.run_id else manifest,
+                {} if pending.get("run_id") != self.run_id else pending)
 
     def _finish_commit(self) -> None:
         """Chief: waits for the background commit of the previous save, if any, and
