@@ -36,7 +36,7 @@ from disttrain.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "strategy": ("disttrain.strategy", "strategy"),
+    "strategy": ("disttrain.distribute", "strategy"),
     "callbacks": ("disttrain.callbacks", None),
     "coordination": ("disttrain.coordination", None),
     "storage": ("disttrain.storage", None),
@@ -66,3 +66,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(module, attr) if attr else module
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

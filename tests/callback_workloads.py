@@ -11,7 +11,7 @@ def _model_and_data(seed: int = 0, steps_per_execution: int = 1):
     import keras
     import tensorflow as tf
 
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     strategy = make_strategy()
     rng = np.random.default_rng(seed)

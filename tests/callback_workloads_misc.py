@@ -28,7 +28,7 @@ NOBODY = 65534
 def _model(learning_rate: float = 0.05):
     import keras
 
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     with make_strategy().scope():
         keras.utils.set_random_seed(1)
@@ -86,7 +86,7 @@ def reduce_lr() -> dict:
     """Worker 1 alone sees a steadily improving val_loss; the chief's LR must win."""
     import keras
 
-    from disttrain.callbacks.reduce_lr import ReduceLROnPlateau
+    from disttrain.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 
     model = _model(0.1)
     rank = _rank()

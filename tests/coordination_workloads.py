@@ -10,7 +10,7 @@ def exchanges() -> dict:
     """Every coordination primitive once; returns what this worker saw."""
     from disttrain import coordination
     from disttrain.errors import CoordinationError, StorageError
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     strategy()
     coord = coordination.get()
@@ -69,7 +69,7 @@ def peer_exits(exit_rank: int) -> dict:
     """
     from disttrain import coordination
     from disttrain.errors import CoordinationError
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     strategy()
     coord = coordination.get()
@@ -88,7 +88,7 @@ def diverge() -> dict:
     """Rank 0 and rank 1 reach different call sites."""
     from disttrain import coordination
     from disttrain.errors import CoordinationError
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     strategy()
     coord = coordination.get()
@@ -103,7 +103,7 @@ def stuck_peer() -> dict:
     """Rank 1 is alive but late; rank 0 waits with a 2 s limit."""
     from disttrain import coordination
     from disttrain.errors import CoordinationError
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     strategy()
     coord = coordination.get()
@@ -123,7 +123,7 @@ def strategy_facts() -> dict:
     """What disttrain.strategy() gives on this task."""
     from disttrain import keras_compat
     from disttrain.errors import StrategyError
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     first = strategy()
     facts = {
@@ -159,7 +159,7 @@ def stalled_peer(how: str) -> dict:
     import keras
 
     from disttrain import coordination
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     with strategy().scope():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
@@ -193,7 +193,7 @@ def sigterm_self() -> dict:
     import signal
 
     from disttrain import coordination
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     strategy()
     if coordination.get().rank == 1:

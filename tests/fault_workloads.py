@@ -49,7 +49,7 @@ def _model(width: int):
     """Two hidden layers of `width` units: its checkpoint takes about 4 * width**2 bytes."""
     import keras
 
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     with make_strategy().scope():
         keras.utils.set_random_seed(3)

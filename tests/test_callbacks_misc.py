@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from disttrain.callbacks.csv_logger import CSVLogger
-from disttrain.callbacks.reduce_lr import ReduceLROnPlateau
+from disttrain.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from disttrain.callbacks.tensorboard import TensorBoard
 from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
 from disttrain.errors import CallbackConfigError, StorageError

@@ -38,7 +38,7 @@ def sequential(batchnorm: bool = True, epochs: int = 2, skip_fixes: tuple = (),
     import tensorflow as tf
 
     from disttrain import keras_compat
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     if skip_fixes:
         keras_compat.apply(skip=tuple(skip_fixes))
@@ -71,7 +71,7 @@ def functional_dict(epochs: int = 2) -> dict:
     import keras
     import tensorflow as tf
 
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     strategy = make_strategy()
     x, y, w = _data()
@@ -124,7 +124,7 @@ def multi_step_with_xla() -> dict:
     """compile(steps_per_execution=4, jit_compile=True) under MWMS; returns the error."""
     import keras
 
-    from disttrain.strategy import strategy
+    from disttrain.distribute import strategy
 
     x, y, _ = _data()
     with strategy().scope():
@@ -168,7 +168,7 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
     import tensorflow as tf
 
     from disttrain import keras_compat
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     if skip_fixes:
         keras_compat.apply(skip=tuple(skip_fixes))
@@ -220,7 +220,7 @@ def epoch_state_pipeline() -> dict:
     import keras
     import tensorflow as tf
 
-    from disttrain.strategy import strategy as make_strategy
+    from disttrain.distribute import strategy as make_strategy
 
     strategy = make_strategy()
     created, _ = _count_iterator_creations()

@@ -11,14 +11,14 @@ from typing import Any
 
 _EXPORTS = {
     "DistributedCallback": "disttrain.callbacks.base",
-    "ModelCheckpoint": "disttrain.callbacks.checkpoint",
+    "ModelCheckpoint": "disttrain.callbacks.model_checkpoint",
     "EarlyStopping": "disttrain.callbacks.early_stopping",
-    "ReduceLROnPlateau": "disttrain.callbacks.reduce_lr",
+    "ReduceLROnPlateau": "disttrain.callbacks.reduce_lr_on_plateau",
     "TerminateOnNaN": "disttrain.callbacks.terminate_on_nan",
     "CSVLogger": "disttrain.callbacks.csv_logger",
     "TensorBoard": "disttrain.callbacks.tensorboard",
     "SyncStop": "disttrain.callbacks.sync_stop",
-    "BackupAndRestore": "disttrain.callbacks.backup",
+    "BackupAndRestore": "disttrain.callbacks.backup_and_restore",
     "recommended": "disttrain.callbacks.stack",
 }
 
@@ -31,3 +31,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

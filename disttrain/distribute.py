@@ -1,5 +1,9 @@
 """`disttrain.strategy()`: the distribution strategy for this process, with Keras 3 fixed.
 
+The module is `disttrain.distribute`, not `disttrain.strategy`: importing a
+submodule binds it on its package, and a module named `strategy` would replace
+the function `disttrain.strategy` (then "'module' object is not callable").
+
 One call gives every script the right strategy: `MultiWorkerMirroredStrategy`
 when TF_CONFIG describes more than one training task, TensorFlow's default
 strategy otherwise (a single process, or the evaluator task). TF_CONFIG is
