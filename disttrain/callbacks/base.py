@@ -12,6 +12,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from disttrain import coordination
 from disttrain.errors import CallbackConfigError
 
@@ -66,7 +68,7 @@ class DistributedCallback:
         logs = logs or {}
         value = logs.get(monitor)
         if value is not None:
-            return float(value)
+            return self._as_scalar(value, monitor)
         name = type(self).__name__
         available = ", ".join(sorted(logs)) or "(none)"
         hint = ""
@@ -83,6 +85,25 @@ class DistributedCallback:
             raise CallbackConfigError(message)
         warnings.warn(message, stacklevel=3)
         return None
+
+    def _as_scalar(self, value: Any, monitor: str) -> float:
+        """`value` as a float: a scalar, or an array holding one value (a metric
+        such as `F1Score` on one class logs shape `(1,)`, which Keras compares as
+        is).
+
+        Raises:
+            CallbackConfigError: the array holds several values (per-class
+                metrics): no single best exists to compare.
+        """
+        array = np.asarray(value)
+        if array.size != 1:
+            raise CallbackConfigError(
+                f"{type(self).__name__}(monitor={monitor!r}): the metric holds "
+                f"{array.size} values (shape {array.shape}), not one, so there is no single "
+                "value to compare between epochs. Fix: monitor a scalar metric, e.g. "
+                "F1Score(average='macro') instead of per-class scores."
+            )
+        return float(array.reshape(()))
 
     def warn_if_training_metric(self, logs: Mapping[str, Any] | None, monitor: str) -> None:
         """Warns once when a training metric is monitored while validation ones exist."""
