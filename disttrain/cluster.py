@@ -13,8 +13,18 @@ TF_CONFIG looks like:
 Rules (those of `tf.distribute.MultiWorkerMirroredStrategy`):
 - training tasks are the optional single `chief` plus the `worker`s;
 - worker 0 is the chief unless a `chief` task exists;
-- an `evaluator` task is *not* listed in `cluster`, it only names itself in `task`;
 - indices are integers, addresses are unique `host:port` strings.
+
+The shapes platforms write are accepted as they are (sources in README,
+"Where it runs"):
+- Vertex AI: a separate `chief` (worker pool 0), top-level `environment` and
+  `job` (the job spec), `task.trial` and `task.cloud`;
+- Kubeflow TFJob: `chief`, or `master` (its older name, read as `chief`), and
+  the `evaluator` listed inside `cluster` (one at most);
+- SageMaker (`environment: "cloud"`) and Ray Train (a plain worker list).
+TensorFlow is given the training view only (`Cluster.to_tf_config`): `master`
+as `chief`, no evaluator. A parameter-server job (`ps`) is not a
+MultiWorkerMirroredStrategy job and is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +50,10 @@ ENV_RESULT_FILE = "DISTTRAIN_RESULT_FILE"
 
 TRAINING_TASK_TYPES = ("chief", "worker")
 TASK_TYPES = ("chief", "worker", "evaluator")
+# Older names platforms still write (Kubeflow TFJob's Master, old Vertex AI jobs).
+TASK_TYPE_ALIASES = {"master": "chief"}
+# Top-level keys besides cluster and task: TensorFlow's own, and Vertex AI's job spec.
+EXTRA_TOP_LEVEL_KEYS = ("environment", "rpc_layer", "job")
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)$")
@@ -147,11 +161,12 @@ class Cluster:
             config = tf_config
         if not isinstance(config, Mapping):
             raise _fail("", config, "must be a JSON object", 'use {"cluster": ..., "task": ...}')
-        unknown = sorted(set(config) - {"cluster", "task", "environment", "rpc_layer"})
+        unknown = sorted(set(config) - {"cluster", "task", *EXTRA_TOP_LEVEL_KEYS})
         if unknown:
             raise _fail(
                 "keys", unknown, "unknown top-level keys",
-                "keep only 'cluster' and 'task' (and optionally 'environment', 'rpc_layer')",
+                "keep only 'cluster' and 'task' (and optionally "
+                f"{', '.join(repr(k) for k in EXTRA_TOP_LEVEL_KEYS)})",
             )
         cluster = _parse_cluster(config.get("cluster"))
         task_type, task_index = _parse_task(config.get("task"), cluster)
@@ -236,30 +251,31 @@ def _parse_cluster(cluster: Any) -> dict[str, list[str]]:
     if not isinstance(cluster, Mapping):
         raise _fail("cluster", cluster, "must be an object", 'use {"worker": ["host:port", ...]}')
     for key in cluster:
-        if key == "evaluator":
-            raise _fail(
-                "cluster.evaluator", cluster[key], "an evaluator must not be listed in cluster",
-                "remove 'evaluator' from cluster; the evaluator sets only "
-                'task={"type": "evaluator", "index": 0}',
-            )
         if key == "ps":
             raise _fail(
                 "cluster.ps", cluster[key],
-                "parameter servers are not supported (disttrain uses MultiWorkerMirroredStrategy)",
-                "remove 'ps' and list all training tasks under 'worker'",
+                "a parameter-server job (ParameterServerStrategy) is not a "
+                "MultiWorkerMirroredStrategy job, which disttrain runs",
+                "configure the platform's job without parameter servers (e.g. no 'ps' replica "
+                "or worker pool 2) and list all training tasks under 'worker'",
             )
-        if key not in TRAINING_TASK_TYPES:
+        if key not in TASK_TYPES and key not in TASK_TYPE_ALIASES:
             raise _fail(
                 f"cluster.{key}", cluster[key], "unknown task type",
-                f"use only {', '.join(repr(t) for t in TRAINING_TASK_TYPES)} as cluster keys",
+                f"use only {', '.join(repr(t) for t in TASK_TYPES)} as cluster keys",
             )
+    if "chief" in cluster and "master" in cluster:
+        raise _fail("cluster.master", cluster["master"],
+                    "'master' is another name for 'chief', and both are given",
+                    "keep one of them")
     parsed: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
-    for key in TRAINING_TASK_TYPES:
-        if key not in cluster:
+    for name in (*TASK_TYPE_ALIASES, *TASK_TYPES):
+        if name not in cluster:
             continue
-        addresses = cluster[key]
-        field = f"cluster.{key}"
+        key = TASK_TYPE_ALIASES.get(name, name)
+        addresses = cluster[name]
+        field = f"cluster.{name}"
         if not isinstance(addresses, list | tuple):
             raise _fail(field, addresses, "must be a list of 'host:port' strings",
                         f'write "{key}": ["host:port", ...]')
@@ -269,6 +285,9 @@ def _parse_cluster(cluster: Any) -> dict[str, list[str]]:
         if key == "chief" and len(addresses) != 1:
             raise _fail(field, addresses, "there can be exactly one chief",
                         "list one chief address and put the others under 'worker'")
+        if key == "evaluator" and len(addresses) != 1:
+            raise _fail(field, addresses, "there can be at most one evaluator",
+                        "run one evaluator task (e.g. one Evaluator replica)")
         for i, address in enumerate(addresses):
             host, port = parse_address(address, f"{field}[{i}]")
             canonical = f"{host.lower()}:{port}"
@@ -278,7 +297,7 @@ def _parse_cluster(cluster: Any) -> dict[str, list[str]]:
                             "give every task its own host:port")
             seen[canonical] = f"{field}[{i}]"
         parsed[key] = list(addresses)
-    if not parsed:
+    if not set(parsed) & set(TRAINING_TASK_TYPES):
         raise _fail("cluster", dict(cluster), "lists no training task",
                     'add "worker": ["host:port", ...]')
     return parsed
@@ -294,9 +313,10 @@ def _parse_task(task: Any, cluster: dict[str, list[str]]) -> tuple[str, int]:
         raise _fail("task.type", None, "missing", example)
     if "index" not in task:
         raise _fail("task.index", None, "missing", example)
-    task_type, index = task["type"], task["index"]
+    written, index = task["type"], task["index"]
+    task_type = TASK_TYPE_ALIASES.get(written, written)
     if task_type not in TASK_TYPES:
-        raise _fail("task.type", task_type, "unknown task type",
+        raise _fail("task.type", written, "unknown task type",
                     f"use one of {', '.join(repr(t) for t in TASK_TYPES)}")
     if isinstance(index, bool) or not isinstance(index, int):
         raise _fail("task.index", index, "must be an integer (not a string or float)",
@@ -307,8 +327,8 @@ def _parse_task(task: Any, cluster: dict[str, list[str]]) -> tuple[str, int]:
                         'use {"type": "evaluator", "index": 0}')
         return task_type, index
     if task_type not in cluster:
-        raise _fail("task.type", task_type, f"cluster has no '{task_type}' entry",
-                    f"add '{task_type}' to cluster or fix task.type")
+        raise _fail("task.type", written, f"cluster has no '{written}' entry",
+                    f"add '{written}' to cluster or fix task.type")
     size = len(cluster[task_type])
     if not 0 <= index < size:
         raise _fail("task.index", index,

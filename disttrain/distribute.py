@@ -132,8 +132,17 @@ def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None
         }[implementation],
         timeout_seconds=timeout_seconds,
     )
+    # TensorFlow gets the training view of TF_CONFIG, whatever shape the platform wrote
+    # (a TFJob evaluator listed in the cluster, `master` for the chief: see disttrain.cluster).
+    # Unlike TF_CONFIG's resolver this one does not count GPUs itself: it is told.
+    view = cluster.to_tf_config()
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(view["cluster"]), task_type=view["task"]["type"],
+        task_id=view["task"]["index"], rpc_layer="grpc",
+        num_accelerators={"GPU": len(tf.config.get_visible_devices("GPU"))})
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options)
     except tf.errors.UnknownError as e:
         if "Could not start gRPC server" not in str(e):
             raise

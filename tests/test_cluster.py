@@ -8,6 +8,7 @@ import pytest
 
 from disttrain.cluster import Cluster, parse_address
 from disttrain.errors import ClusterConfigError
+from tests.platform_shapes import SHAPES
 
 W2 = ["127.0.0.1:2001", "127.0.0.1:2002"]
 
@@ -63,13 +64,20 @@ def test_ipv6_and_hostnames():
         (json.dumps({"cluster": {"worker": W2}, "task": {"type": "worker"}}), "task.index",
          "index"),
         (cfg({"worker": W2}, {"type": "master", "index": 0}), "task.type='master'",
+         "add 'master'"),
+        (cfg({"worker": W2}, {"type": "Worker", "index": 0}), "task.type='Worker'",
          "'chief', 'worker', 'evaluator'"),
         (cfg({"workers": W2}, {"type": "worker", "index": 0}), "cluster.workers",
          "'chief', 'worker'"),
-        (cfg({"worker": W2, "ps": ["h:1"]}, {"type": "worker", "index": 0}), "cluster.ps",
-         "remove 'ps'"),
-        (cfg({"worker": W2, "evaluator": ["h:1"]}, {"type": "worker", "index": 0}),
-         "cluster.evaluator", "remove 'evaluator'"),
+        (cfg({"worker": W2, "ps": ["h:1"]}, {"type": "worker", "index": 0}),
+         "cluster.ps=['h:1']: a parameter-server job", "without parameter servers"),
+        (cfg({"worker": W2, "evaluator": ["h:1", "h:2"]}, {"type": "worker", "index": 0}),
+         "cluster.evaluator=['h:1', 'h:2']: there can be at most one evaluator",
+         "one evaluator task"),
+        (cfg({"worker": W2, "evaluator": ["127.0.0.1:2001"]}, {"type": "worker", "index": 0}),
+         "cluster.evaluator[0]='127.0.0.1:2001': duplicate", "own host:port"),
+        (cfg({"chief": ["h:1"], "master": ["h:2"], "worker": W2}, {"type": "chief", "index": 0}),
+         "cluster.master=['h:2']: 'master' is another name for 'chief'", "keep one"),
         (cfg({"worker": W2}, {"type": "worker", "index": "1"}), "task.index='1'", "without quotes"),
         (cfg({"worker": W2}, {"type": "worker", "index": 1.0}), "task.index=1.0", "integer"),
         (cfg({"worker": W2}, {"type": "worker", "index": True}), "task.index=True", "integer"),
@@ -118,3 +126,23 @@ def test_importing_cluster_does_not_import_tensorflow():
     code = "import sys, disttrain, disttrain.cluster, launch.tf_config; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_platform_shape_parses_with_one_chief_and_a_training_view_tf_accepts(shape):
+    addresses = ["10.0.0.1:2222", "10.0.0.2:2222", "10.0.0.3:2222"]
+    configs = SHAPES[shape](addresses, "10.0.0.9:2222")
+    clusters = [Cluster.from_env({"TF_CONFIG": json.dumps(c)}) for c in configs]
+    training = [c for c in clusters if not c.is_evaluator]
+    assert [c.worker_rank for c in training] == [0, 1, 2]
+    assert [c.is_chief for c in training] == [True, False, False]
+    assert {c.training_addresses for c in clusters} == {tuple(addresses)}
+    for c in clusters:
+        view = c.to_tf_config()
+        assert set(view) == {"cluster", "task"}
+        assert set(view["cluster"]) <= {"chief", "worker"}
+        assert view["task"]["type"] in ("chief", "worker", "evaluator")
+    if shape.startswith(("vertex", "tfjob")):
+        assert training[0].task_type == "chief" and training[0].label == "chief"
+        assert clusters[-1].is_evaluator and not clusters[-1].is_chief
+        assert clusters[-1].worker_rank == -1
