@@ -1,4 +1,8 @@
-"""Worker functions for coordination and strategy tests on real clusters."""
+"""Worker functions for coordination and strategy tests on real clusters.
+
+The `*_over` functions take a coordinator, so that the same protocol steps also
+run on ranks simulated in threads over an in-process transport.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,16 @@ import time
 def exchanges() -> dict:
     """Every coordination primitive once; returns what this worker saw."""
     from disttrain import coordination
-    from disttrain.errors import CoordinationError, StorageError
     from disttrain.distribute import strategy
 
     strategy()
-    coord = coordination.get()
+    return exchanges_over(coordination.get())
+
+
+def exchanges_over(coord) -> dict:
+    """Every primitive of `coord` once; returns what this worker saw."""
+    from disttrain.errors import CoordinationError, StorageError
+
     rank = coord.rank
     seen = {
         "rank": rank,
@@ -44,21 +53,13 @@ def exchanges() -> dict:
 
 
 def _stored_exchange_keys(coord, seqs: list[int]) -> list[list[bool]]:
-    """For each exchange number, whether each rank's key is still in the key-value store."""
-    import tensorflow as tf
+    """For each exchange number, whether each rank's key is still in the key-value store.
 
-    ctx = coord._tf_context()
-    stored = []
-    for seq in seqs:
-        row = []
-        for rank in range(coord.num_workers):
-            try:
-                ctx.get_config_key_value(coord._key(seq, rank), 1)
-                row.append(True)
-            except tf.errors.DeadlineExceededError:
-                row.append(False)
-        stored.append(row)
-    return stored
+    A read of a stored key from the chief's service can take more than a
+    millisecond on a loaded machine, so each read may wait a little.
+    """
+    return [[coord.transport.get(coord._key(seq, rank), 0.2) is not None
+             for rank in range(coord.num_workers)] for seq in seqs]
 
 
 def peer_exits(exit_rank: int) -> dict:
@@ -87,11 +88,16 @@ def peer_exits(exit_rank: int) -> dict:
 def diverge() -> dict:
     """Rank 0 and rank 1 reach different call sites."""
     from disttrain import coordination
-    from disttrain.errors import CoordinationError
     from disttrain.distribute import strategy
 
     strategy()
-    coord = coordination.get()
+    return diverge_over(coordination.get())
+
+
+def diverge_over(coord) -> dict:
+    """Rank 0 and rank 1 of `coord`'s group reach different call sites."""
+    from disttrain.errors import CoordinationError
+
     try:
         coord.any(True, "t.left" if coord.rank == 0 else "t.right", timeout=30)
     except CoordinationError as e:

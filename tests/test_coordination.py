@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from disttrain.cluster import Cluster
+from disttrain.coordination import Coordinator, InProcessTransport, PeerLostError
+from disttrain.errors import CallbackConfigError, CoordinationError
+from disttrain.testing import run_cluster, worker_env
 from tests import coordination_workloads as work
-from tests.harness import REPO_ROOT, run_cluster, worker_env
+from tests.processes import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,7 +28,10 @@ def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_every_primitive_agrees_on_three_workers():
     run = run_cluster(work.exchanges, 3).assert_ok()
-    results = run.results
+    _assert_every_primitive_agreed(run.results)
+
+
+def _assert_every_primitive_agreed(results: list[dict]) -> None:
     for r in results:
         assert (r["num_workers"], r["any"], r["all"], r["all_true"]) == (3, True, False, True)
         assert r["gather"] == ["value-0", "value-1", "value-2"]
@@ -146,3 +155,103 @@ def test_single_worker_events_need_no_tensorflow():
         "print(json.dumps([r, 'tensorflow' in sys.modules]))")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [[None, True, False, "a", True, ["7"], [None]], False]
+
+
+# The protocol over an in-process transport: ranks simulated in threads, no cluster.
+
+
+def _on_simulated_ranks(fn, num_workers: int, transport: InProcessTransport | None = None,
+                        timeout: float = 60.0) -> list:
+    """Runs `fn(coordinator)` on `num_workers` ranks, one thread each, sharing one
+    in-process store; returns each rank's result (or the exception it raised)."""
+    transport = transport or InProcessTransport(num_workers)
+    workers = tuple(f"127.0.0.1:{2000 + rank}" for rank in range(num_workers))
+    results: list = [None] * num_workers
+
+    def run(rank: int) -> None:
+        coord = Coordinator(Cluster(task_index=rank, workers=workers), timeout=timeout,
+                            transport=transport)
+        try:
+            results[rank] = fn(coord)
+        except Exception as e:  # noqa: BLE001 - the error is the result
+            results[rank] = e
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(num_workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 10)
+    assert not any(thread.is_alive() for thread in threads), "a simulated rank hung"
+    return results
+
+
+def test_every_primitive_agrees_on_three_simulated_ranks():
+    _assert_every_primitive_agreed(_on_simulated_ranks(work.exchanges_over, 3))
+
+
+def test_simulated_ranks_at_different_call_sites_fail_with_both_names():
+    for r in _on_simulated_ranks(work.diverge_over, 2):
+        assert "workers diverged" in r["error"]
+        assert "'t.left'" in r["error"] and "'t.right'" in r["error"]
+
+
+def test_an_error_on_one_simulated_rank_is_raised_on_every_rank_as_its_class():
+    def fail_on_rank_2(coord):
+        bad = CallbackConfigError("monitor='val_acc' is not logged") if coord.rank == 2 else None
+        coord.raise_if_any("t.config", bad)
+
+    for rank, error in enumerate(_on_simulated_ranks(fail_on_rank_2, 3)):
+        assert type(error) is CallbackConfigError
+        assert str(error) == ("t.config failed on w2: CallbackConfigError: "
+                              "monitor='val_acc' is not logged")
+        assert (error.__cause__ is not None) == (rank == 2)
+
+
+def test_a_simulated_rank_that_never_comes_times_out_with_its_name():
+    def only_rank_0_votes(coord):
+        if coord.rank == 1:
+            return None
+        start = time.monotonic()
+        try:
+            coord.any(False, "t.vote", timeout=1)
+        except CoordinationError as e:
+            return str(e), time.monotonic() - start
+        return None, time.monotonic() - start
+
+    message, seconds = _on_simulated_ranks(only_rank_0_votes, 2)[0]
+    assert "timed out at 't.vote' waiting for w1" in message
+    assert "within 1s" in message
+    assert 0.9 < seconds < 3
+
+
+def test_a_peer_the_transport_lost_is_named_with_the_exchange():
+    class PeerGone(InProcessTransport):
+        def check_peer(self, rank: int, wait: float) -> None:
+            raise PeerLostError(rank, ConnectionError("socket closed\nmore detail"))
+
+    def only_rank_0_votes(coord):
+        return coord.any(False, "t.vote") if coord.rank == 0 else None
+
+    error = _on_simulated_ranks(only_rank_0_votes, 2, transport=PeerGone(2))[0]
+    assert type(error) is CoordinationError
+    assert str(error).startswith("lost w1 at 't.vote': ConnectionError: socket closed. ")
+    assert isinstance(error.__cause__, ConnectionError)
+
+
+def test_events_and_statuses_on_simulated_ranks():
+    def announce(coord):
+        first = coord.post("request", coord._label(coord.rank))
+        coord.post(f"ack/{coord.rank}", str(10 + coord.rank))
+        acks = coord.collect("ack", timeout=10)
+        coord.set_status(f"status-{coord.rank}")
+        coord.set_status(f"latest-{coord.rank}")
+        coord.barrier("t.statuses_set")
+        return first, coord.poll("request"), acks, coord.statuses()
+
+    results = _on_simulated_ranks(announce, 3)
+    assert sum(first for first, *_ in results) == 1
+    winner = next(label for (first, label, *_) in results if first)
+    for _, requester, acks, statuses in results:
+        assert requester == winner
+        assert acks == ["10", "11", "12"]
+        assert statuses == ["latest-0", "latest-1", "latest-2"]

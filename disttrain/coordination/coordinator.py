@@ -1,33 +1,9 @@
-"""Agreement across workers: votes, broadcasts, barriers and shared errors.
+"""The agreement protocol: ordered exchanges, shared errors, events and statuses.
 
-This is the only module in disttrain that talks across workers. It uses the
-key-value store of TensorFlow's coordination service, which
-`MultiWorkerMirroredStrategy` starts on the chief, instead of a collective
-all-reduce:
-
-- it needs no strategy object (a collective issued through
-  `tf.distribute.get_strategy()` outside `strategy.scope()` silently stays
-  local), and it can carry strings: run ids, best values, error messages;
-- it never hangs: waits are sliced, and between slices the peer we wait for is
-  probed, so a peer that died is reported within about a second; a live peer
-  that never reaches the same point fails after `timeout` seconds;
-- it detects divergence: each exchange carries the name of its call site, and
-  workers that reach different call sites at the same step get an error that
-  names both, instead of silently pairing unrelated values;
-- it is cheap: an exchange costs each worker one write and one read per peer
-  (about 0.7 ms between two local processes), and the chief deletes finished
-  exchanges in blocks, one call per 64 exchanges.
-
-Every worker must make the same sequence of calls (never inside `if is_chief`).
-On a single worker every call returns at once without TensorFlow.
-
-Example:
-
-```python
-coord = coordination.get()
-stop = coord.any(local_stop, "EarlyStopping.stop")     # same answer everywhere
-run_id = coord.broadcast(new_id if coord.is_chief else None, "run_id")
-```
+Every exchange is numbered per coordinator; each worker writes its value under
+`disttrain/<seq // 64>/<seq>/<rank>` and reads its peers' keys. The chief
+deletes a block of 64 exchanges (one directory) once every worker is past it.
+What carries the keys is the coordinator's `Transport`.
 """
 
 from __future__ import annotations
@@ -37,15 +13,17 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from disttrain import errors
 from disttrain.cluster import Cluster, new_run_id
+from disttrain.coordination.in_process import InProcessTransport
+from disttrain.coordination.transport import PeerLostError, Transport
 from disttrain.errors import CoordinationError, DisttrainError
 
 ENV_TIMEOUT = "DISTTRAIN_COORDINATION_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
-_POLL_MS = 500
+_POLL_S = 0.5
 _KEY_PREFIX = "disttrain"
 # Exchange keys live in blocks of this many exchanges; the chief deletes a block,
 # one directory in the key-value store, once every worker is past it.
@@ -70,6 +48,16 @@ def _default_timeout() -> float:
     return value
 
 
+def _transport_for(cluster: Cluster) -> Transport:
+    """TensorFlow's coordination service for a training task of a multi-worker
+    cluster; else (one worker, or an evaluator) a store of this process's own."""
+    if cluster.is_multi_worker and not cluster.is_evaluator:
+        from disttrain.coordination.coordination_service import CoordinationServiceTransport
+
+        return CoordinationServiceTransport(cluster)
+    return InProcessTransport()
+
+
 class Coordinator:
     """Agreement among the training tasks of one cluster; one per process (`get()`).
 
@@ -78,22 +66,35 @@ class Coordinator:
         timeout: seconds to wait for a live peer before failing; default
             `DISTTRAIN_COORDINATION_TIMEOUT` or 1800 (long enough for the chief to
             write a large checkpoint to object storage while the others wait).
+        transport: the key-value store shared with the peers; default
+            TensorFlow's coordination service in a multi-worker cluster, else an
+            `InProcessTransport`. Only one coordinator per process may use the
+            default; pass a transport to build others (e.g. simulated ranks in
+            threads sharing one `InProcessTransport(num_workers=n)`).
+
+    Example:
+
+    ```python
+    coord = coordination.get()
+    stop = coord.any(local_stop, "EarlyStopping.stop")     # same answer everywhere
+    ```
     """
 
-    def __init__(self, cluster: Cluster | None = None, timeout: float | None = None):
-        with _default_lock:
-            if _instances:
-                raise CoordinationError(
-                    "a Coordinator already exists in this process; exchanges of two "
-                    "coordinators would collide. Fix: use disttrain.coordination.get()."
-                )
-            _instances.append(self)
+    def __init__(self, cluster: Cluster | None = None, timeout: float | None = None,
+                 transport: Transport | None = None):
+        if transport is None:
+            with _default_lock:
+                if _instances:
+                    raise CoordinationError(
+                        "a Coordinator already exists in this process; exchanges of two "
+                        "coordinators would collide. Fix: use disttrain.coordination.get()."
+                    )
+                _instances.append(self)
         self.cluster = cluster or Cluster.from_env()
         self.timeout = _default_timeout() if timeout is None else float(timeout)
+        self.transport = transport or _transport_for(self.cluster)
         self._seq = 0
-        self._context = None
         self._run_id: str | None = None
-        self._local_events: dict[str, str] = {}
 
     def run_id(self) -> str:
         """The run id, identical on every worker.
@@ -104,7 +105,8 @@ class Coordinator:
         if self._run_id is None:
             if self.cluster.run_id:
                 self._run_id = self.cluster.run_id
-            elif self._is_local:
+            elif self.cluster.is_evaluator:
+                # An evaluator is outside the training group: no chief tells it an id.
                 self._run_id = new_run_id()
             else:
                 self._run_id = self.broadcast(new_run_id() if self.is_chief else None, "run_id")
@@ -120,11 +122,7 @@ class Coordinator:
 
     @property
     def num_workers(self) -> int:
-        return 1 if self._is_local else self.cluster.num_workers
-
-    @property
-    def _is_local(self) -> bool:
-        return not self.cluster.is_multi_worker or self.cluster.is_evaluator
+        return self.transport.num_workers
 
     def gather(self, name: str, value: str, timeout: float | None = None) -> list[str]:
         """Every worker contributes `value`; all get the list of values in rank order.
@@ -138,14 +136,16 @@ class Coordinator:
         Raises:
             CoordinationError: a peer died, timed out, or reached a different call site.
         """
-        if self._is_local:
-            return [value]
-        ctx = self._tf_context()
         seq = self._seq
         self._seq += 1
-        with self._service_calls(name):
-            ctx.set_config_key_value(
-                self._key(seq, self.rank), json.dumps({"name": name, "value": value})
+        key = self._key(seq, self.rank)
+        with self._transport_calls(name):
+            stored = self.transport.set(key, json.dumps({"name": name, "value": value}))
+        if not stored:
+            raise CoordinationError(
+                f"exchange key {key!r} at {name!r} was already written: another process "
+                f"coordinates as {self._label(self.rank)} through the same store. Fix: start "
+                "each task of the cluster once, with its own TF_CONFIG task index."
             )
         values = []
         limit = self.timeout if timeout is None else timeout
@@ -154,8 +154,7 @@ class Coordinator:
             if rank == self.rank:
                 values.append(value)
                 continue
-            raw = self._wait_for(ctx, self._key(seq, rank), rank, name, deadline, limit)
-            entry = json.loads(raw)
+            entry = json.loads(self._wait_for(self._key(seq, rank), rank, name, deadline, limit))
             if entry["name"] != name:
                 raise CoordinationError(
                     f"workers diverged at exchange #{seq}: {self._label(self.rank)} is at "
@@ -166,8 +165,8 @@ class Coordinator:
             values.append(entry["value"])
         if self.is_chief and seq % _KEYS_PER_BLOCK == 0 and seq > 0:
             # Every worker has set its key of `seq`, so it has read every key before it.
-            with self._service_calls(name):
-                ctx.delete_config_key_value(self._block(seq // _KEYS_PER_BLOCK - 1))
+            with self._transport_calls(name):
+                self.transport.delete(self._block(seq // _KEYS_PER_BLOCK - 1))
         return values
 
     def any(self, flag: bool, name: str, timeout: float | None = None) -> bool:
@@ -253,32 +252,16 @@ class Coordinator:
         Unlike the exchanges above, posting is not a step every worker takes:
         any thread of any worker may post at any time, and the first post of an
         event wins. Used for announcements that arrive asynchronously (a worker
-        got SIGTERM). Returns True when this call's value is the one stored.
+        got SIGTERM). Returns True when this call's value is the one stored,
+        False when the event was already posted.
         """
-        if self._is_local:
-            self._local_events.setdefault(event, value)
-            return self._local_events[event] == value
-        import tensorflow as tf
-
-        try:
-            with self._service_calls(f"post {event}"):
-                self._tf_context().set_config_key_value(self._event_key(event), value)
-        except tf.errors.AlreadyExistsError:
-            return False
-        return True
+        with self._transport_calls(f"post {event}"):
+            return self.transport.set(self._event_key(event), value)
 
     def poll(self, event: str, wait: float = 0.0) -> str | None:
         """The value posted under `event`, waiting up to `wait` seconds; None if none yet."""
-        if self._is_local:
-            return self._local_events.get(event)
-        import tensorflow as tf
-
-        try:
-            with self._service_calls(f"poll {event}"):
-                return self._tf_context().get_config_key_value(
-                    self._event_key(event), max(int(wait * 1000), 1))
-        except tf.errors.DeadlineExceededError:
-            return None
+        with self._transport_calls(f"poll {event}"):
+            return self.transport.get(self._event_key(event), wait)
 
     def collect(self, event: str, timeout: float | None = None) -> list[str]:
         """Waits until every worker posted `f"{event}/<rank>"`; their values in rank order.
@@ -286,41 +269,24 @@ class Coordinator:
         A dead peer is reported within about a second and a live one that never
         posts fails after `timeout` (default `self.timeout`), as in `gather`.
         """
-        if self._is_local:
-            return [self._local_events[f"{event}/0"]]
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        return [self._wait_for(self._tf_context(), self._event_key(f"{event}/{rank}"), rank,
-                               event, deadline, limit)
+        return [self._wait_for(self._event_key(f"{event}/{rank}"), rank, event, deadline, limit)
                 for rank in range(self.num_workers)]
 
     def set_status(self, value: str) -> None:
         """Replaces this worker's status line, which any worker can read with `statuses()`."""
-        if self._is_local:
-            return
-        import tensorflow as tf
-
-        ctx = self._tf_context()
         key = self._event_key(f"status/{self.rank}")
-        with self._service_calls("set_status"):
-            try:
-                ctx.delete_config_key_value(key)
-            except tf.errors.NotFoundError:
-                pass
-            ctx.set_config_key_value(key, value)
+        with self._transport_calls("set_status"):
+            self.transport.delete(key)
+            self.transport.set(key, value)
 
     def statuses(self) -> list[str | None]:
         """Every worker's latest status line in rank order (None where none was set)."""
-        if self._is_local:
-            return [None]
         return [self.poll(f"status/{rank}") for rank in range(self.num_workers)]
 
     def _label(self, rank: int) -> str:
         return self.cluster.label_of_rank(rank)
-
-    def _task_name(self, rank: int) -> str:
-        task_type, index = self.cluster.task_at_rank(rank)
-        return f"/job:{task_type}/replica:0/task:{index}"
 
     @staticmethod
     def _block(block: int) -> str:
@@ -334,65 +300,35 @@ class Coordinator:
     def _event_key(event: str) -> str:
         return f"{_KEY_PREFIX}/event/{event}"
 
-    def _tf_context(self):
-        if self._context is None:
-            from tensorflow.python.eager import context
-
-            ctx = context.context()
-            if ctx.coordination_service is None:
-                raise CoordinationError(
-                    "this process is part of a multi-worker cluster (TF_CONFIG) but "
-                    "TensorFlow's coordination service is not running. Fix: create the "
-                    "strategy with disttrain.strategy() before fit() or any disttrain callback."
-                )
-            self._context = ctx
-        return self._context
-
-    def _wait_for(
-        self, ctx, key: str, rank: int, name: str, deadline: float, limit: float
-    ) -> str:
-        import tensorflow as tf
-
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise CoordinationError(
-                    f"timed out at {name!r} waiting for {self._label(rank)}: it is alive but "
-                    f"did not get there within {limit:.0f}s. Workers may have diverged "
-                    f"(one is stuck or runs different code). Fix: check {self._label(rank)}'s "
-                    f"log; raise the limit with {ENV_TIMEOUT} if it is just slow."
-                )
-            try:
-                with self._service_calls(name):
-                    return ctx.get_config_key_value(key, min(_POLL_MS, remaining_ms))
-            except tf.errors.DeadlineExceededError:
-                pass
-            if rank != self.rank:
-                try:
-                    ctx.check_collective_ops_peer_health(self._task_name(rank), _POLL_MS)
-                except tf.errors.OpError as e:
-                    raise self._peer_lost(rank, name, e) from e
+    def _wait_for(self, key: str, rank: int, name: str, deadline: float, limit: float) -> str:
+        """Reads `key`, written by `rank`, in slices; between slices probes that peer."""
+        with self._transport_calls(name):
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CoordinationError(
+                        f"timed out at {name!r} waiting for {self._label(rank)}: it is alive "
+                        f"but did not get there within {limit:.0f}s. Workers may have diverged "
+                        f"(one is stuck or runs different code). Fix: check "
+                        f"{self._label(rank)}'s log; raise the limit with {ENV_TIMEOUT} if it "
+                        "is just slow."
+                    )
+                value = self.transport.get(key, min(_POLL_S, remaining))
+                if value is not None:
+                    return value
+                if rank != self.rank:
+                    self.transport.check_peer(rank, _POLL_S)
 
     @contextlib.contextmanager
-    def _service_calls(self, name: str):
-        """Turns a failed call to the key-value store into losing rank 0, which hosts it."""
-        import tensorflow as tf
-
+    def _transport_calls(self, name: str) -> Iterator[None]:
+        """Turns a lost peer into an error naming it and the exchange `name`."""
         try:
             yield
-        except (tf.errors.DeadlineExceededError, tf.errors.AlreadyExistsError,
-                tf.errors.NotFoundError):
-            raise
-        except tf.errors.OpError as e:
-            raise self._peer_lost(0, name, e) from e
-
-    def _peer_lost(self, rank: int, name: str, error: Exception) -> CoordinationError:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return CoordinationError(
-            f"lost {self._label(rank)} at {name!r}: {type(error).__name__}: {first_line[:200]}. "
-            "The peer process exited or is unreachable; see its log for the cause."
-        )
-
+        except PeerLostError as lost:
+            raise CoordinationError(
+                f"lost {self._label(lost.rank)} at {name!r}: {lost.detail}. "
+                "The peer process exited or is unreachable; see its log for the cause."
+            ) from lost.error
 
 
 def _report(error: BaseException | None) -> str:
@@ -410,6 +346,13 @@ def get() -> Coordinator:
 
     Sharing one matters: exchanges are numbered per coordinator, and every
     worker must number the same exchange the same way.
+
+    Example:
+
+    ```python
+    coord = coordination.get()
+    coord.barrier("data_ready")
+    ```
     """
     global _default
     with _default_lock:
