@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from disttrain.testing import run_cluster
 from tests import workloads
-from tests.harness import run_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -195,7 +195,7 @@ def test_pipelines_that_capture_state_are_recognised():
     import tensorflow as tf
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
-    from disttrain.keras_compat import _captures_state
+    from disttrain.keras_compat.epoch_iterator import _captures_state
 
     level = tf.Variable(1.0)
     table = tf.lookup.StaticHashTable(

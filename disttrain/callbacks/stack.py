@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+
 from disttrain import storage
 
 
@@ -21,13 +24,14 @@ def recommended(
     """Returns the callbacks most multi-worker jobs want, in the right order.
 
     Order: `BackupAndRestore` → `ReduceLROnPlateau` → `EarlyStopping` →
-    `ModelCheckpoint` → `CSVLogger` → `TensorBoard` → `SyncStop`. The LR change is
-    applied before the stop vote, the checkpoint sees the final decision of the
-    epoch, and `SyncStop` comes last so any stop request, from these or from
-    callbacks the caller inserts before it, is agreed across workers. The
-    backup makes a restarted job (same `directory`, e.g. the same run id after
-    `launch.local --max-restarts`) resume where it stopped, callback state
-    included.
+    `ModelCheckpoint` → `CSVLogger` → `TensorBoard`. The LR change is applied
+    before the early-stopping decision, and the checkpoint sees the final
+    decision of the epoch. A stop asked by any callback on any worker, from these
+    or from callbacks the caller adds anywhere in the list, is agreed across
+    workers after the epoch's callbacks ran (see `disttrain.keras_compat`), so
+    no `SyncStop` is needed. The backup makes a restarted job (same
+    `directory`, e.g. the same run id after `launch.local --max-restarts`)
+    resume where it stopped, callback state included.
 
     Layout under `directory` (any fsspec URL):
     `checkpoints/epoch<NNN>-<monitor><value>.keras` (best `max_to_keep`, manifest
@@ -44,7 +48,8 @@ def recommended(
         lr_factor: factor the LR is multiplied by.
         max_to_keep: best checkpoints kept.
         save_weights_only: save `.weights.h5` instead of `.keras`.
-        tensorboard: include TensorBoard (chief only).
+        tensorboard: include TensorBoard (chief only). Left out, with a warning,
+            when the optional `tensorboard` package is not installed.
         backup: include BackupAndRestore (resume after a failure).
         verbose: verbosity of the callbacks (messages on the chief).
 
@@ -61,7 +66,6 @@ def recommended(
         EarlyStopping,
         ModelCheckpoint,
         ReduceLROnPlateau,
-        SyncStop,
         TensorBoard,
     )
 
@@ -79,7 +83,10 @@ def recommended(
         ),
         CSVLogger(storage.join(directory, "history.csv"), append=True),
     ]
-    if tensorboard:
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        warnings.warn("recommended(): TensorBoard left out because the optional 'tensorboard' "
+                      "package is not installed. Fix: pip install tensorboard, or pass "
+                      "tensorboard=False.", stacklevel=2)
+    elif tensorboard:
         stack.append(TensorBoard(storage.join(directory, "tensorboard")))
-    stack.append(SyncStop())
     return stack

@@ -1,24 +1,23 @@
-"""SyncStop: makes any callback's `model.stop_training` agree across workers."""
+"""SyncStop: asks for a stop vote after every batch; the per-epoch vote needs no callback."""
 
 from __future__ import annotations
 
 import keras
 
-from disttrain.callbacks.base import DistributedCallback
 
+class SyncStop(keras.callbacks.Callback):
+    """Carries the stop-agreement option; every worker already stops together at epoch ends.
 
-class SyncStop(DistributedCallback, keras.callbacks.Callback):
-    """Stops every worker when any callback on any worker asked to stop.
-
-    A stop decision taken on one worker only (a third-party or custom callback
-    setting `model.stop_training = True`) makes that worker leave `fit` while
-    the others block in the next collective forever. Put `SyncStop` last in the
-    callback list: at each epoch end it votes, and if any worker wants to stop,
-    all stop after the same epoch.
+    Under multi-worker training, `disttrain.keras_compat` (applied by
+    `disttrain.strategy()`) makes every worker vote on `model.stop_training`
+    after all callbacks' `on_epoch_end`: a stop asked by any callback on any
+    worker ends `fit` on every worker after the same epoch, wherever the callback
+    sits in the list. `SyncStop()` therefore does nothing itself, at any position;
+    it is kept so that existing scripts work unchanged.
 
     Callbacks that stop in the middle of an epoch (from `on_train_batch_end`)
-    need `per_batch=True`, which votes after every batch (about 0.9 ms per batch
-    on loopback with 2 workers).
+    need `SyncStop(per_batch=True)` anywhere in the list: the workers then also
+    vote after every training batch (one more exchange per batch).
 
     Args:
         per_batch: also vote after every training batch.
@@ -26,7 +25,8 @@ class SyncStop(DistributedCallback, keras.callbacks.Callback):
     Example:
 
     ```python
-    model.fit(ds, epochs=10, callbacks=[MyCustomStopper(), disttrain.callbacks.SyncStop()])
+    model.fit(ds, epochs=10, callbacks=[MyMidEpochStopper(),
+                                        disttrain.callbacks.SyncStop(per_batch=True)])
     ```
     """
 
@@ -34,13 +34,7 @@ class SyncStop(DistributedCallback, keras.callbacks.Callback):
         super().__init__()
         self.per_batch = per_batch
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.per_batch:
-            self._sync("SyncStop.batch")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._sync("SyncStop.epoch")
-
-    def _sync(self, name: str) -> None:
-        if self.coordinator.any(bool(self.model.stop_training), name):
-            self.model.stop_training = True
+    @property
+    def agree_stop_per_batch(self) -> bool:
+        """Read by `keras_compat.stop_agreement`: whether to vote after every batch."""
+        return self.per_batch

@@ -1,0 +1,214 @@
+"""The one patch of Keras's epoch iterator: a persistent input iterator, and resuming mid-epoch.
+
+Two behaviours share `TFEpochIterator._enumerate_iterator`, so they live in one
+wrapper with one order: the epoch's steps come from the persistent iterator when
+the fix `persistent_epoch_iterator` is on (else from Keras's), then the batches
+a mid-epoch resume asked to skip are drawn from those steps without training on
+them. The wrapper is installed once, by `keras_compat.apply()` or by the first
+`skip_batches_of_next_epoch()`, whichever comes first.
+
+See `docs/keras_compat.md#persistent_epoch_iterator` and
+`docs/keras_compat.md#resuming-inside-an-epoch`.
+
+Example:
+
+```python
+from disttrain.keras_compat import epoch_iterator
+
+epoch_iterator.skip_batches_of_next_epoch(120)   # in a callback's on_epoch_begin
+```
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+
+from disttrain.keras_compat import detection
+
+NAME = "persistent_epoch_iterator"
+UPSTREAM = ("measured here (keras 3.15.1): a new distributed iterator twice per epoch and a "
+            "has-data all-reduce per step")
+
+_lock = threading.Lock()
+_wrapped = False
+_persistent = False
+_pending_skip = 0
+
+
+def is_needed() -> bool:
+    """Whether Keras makes a new input iterator per epoch when `steps_per_epoch` is None."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    return detection.source_contains(EpochIterator._enumerate_iterator,
+                                     "self.steps_per_epoch is None",
+                                     "self._current_iterator = iter(self._get_iterator())")
+
+
+def install() -> None:
+    """Turns on the persistent iterator for epoch iterators created from now on."""
+    global _persistent
+    _wrap_once()
+    with _lock:
+        _persistent = True
+
+
+def skip_batches_of_next_epoch(batches: int) -> None:
+    """Asks the next training epoch to pass over its first `batches` batches.
+
+    The batches are drawn from the input without training on them and without
+    batch callbacks, so with a deterministic input order the rest of the epoch
+    trains on what an uninterrupted run would have. The first epoch enumerated
+    after the request consumes it: make it in `on_epoch_begin`.
+
+    Args:
+        batches: how many batches of the epoch were trained before the backup.
+
+    Raises:
+        ValueError: `batches` is negative.
+    """
+    global _pending_skip
+    if batches < 0:
+        raise ValueError(f"batches={batches} must be >= 0. Fix: pass the number of batches "
+                         "of the epoch already trained (0 for none).")
+    _wrap_once()
+    with _lock:
+        _pending_skip = batches
+
+
+def cancel() -> None:
+    """Drops a skip request no epoch has consumed (e.g. `fit` ended first)."""
+    global _pending_skip
+    with _lock:
+        _pending_skip = 0
+
+
+def _take_skip() -> int:
+    global _pending_skip
+    with _lock:
+        batches, _pending_skip = _pending_skip, 0
+    return batches
+
+
+def _wrap_once() -> None:
+    global _wrapped
+    with _lock:
+        if _wrapped:
+            return
+        cls = detection.tf_trainer().TFEpochIterator
+        original_init, original_reset = cls.__init__, cls.reset
+        original_enumerate = cls._enumerate_iterator
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self._disttrain_at_pass_start = False
+            dataset = _one_pass_dataset(self) if _persistent else None
+            self._disttrain_persistent = dataset is not None
+            if dataset is not None:
+                self._distributed_dataset = (
+                    self._distribute_strategy.experimental_distribute_dataset(dataset.repeat()))
+                self.steps_per_epoch, self._num_batches = self._num_batches, None
+
+        @functools.wraps(original_reset)
+        def reset(self):
+            if not getattr(self, "_disttrain_persistent", False):
+                return original_reset(self)
+            kept = self._current_iterator if self._disttrain_at_pass_start else None
+            original_reset(self)
+            self._current_iterator, self._num_batches = kept, None
+
+        @functools.wraps(original_enumerate)
+        def _enumerate_iterator(self):
+            skip = _take_skip()
+            if getattr(self, "_disttrain_persistent", False):
+                steps = _one_pass(self, original_enumerate)
+            else:
+                steps = original_enumerate(self)
+            if skip:
+                steps = _skip(steps, skip)
+            yield from steps
+
+        cls.__init__, cls.reset, cls._enumerate_iterator = __init__, reset, _enumerate_iterator
+        _wrapped = True
+
+
+def _one_pass(epoch_iterator, original_enumerate):
+    """The steps of one epoch over the repeated dataset: exactly one pass."""
+    epoch_iterator._disttrain_at_pass_start = False
+    batches = epoch_iterator.steps_per_epoch
+    for begin, end, iterator in original_enumerate(epoch_iterator):
+        if begin + epoch_iterator.steps_per_execution > batches:
+            # The epoch's last call runs only the batches left in this pass.
+            iterator = itertools.islice(iterator, batches - begin)
+        yield begin, end, iterator
+    epoch_iterator._disttrain_at_pass_start = True
+
+
+def _skip(steps, skip: int):
+    """`steps` without the steps that end before batch `skip`, their batches drawn unused."""
+    import tensorflow as tf
+
+    for begin, end, iterator in steps:
+        if end < skip:
+            try:
+                for _ in range(end - begin + 1):
+                    next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                return
+            continue
+        yield begin, end, iterator
+
+
+def _one_pass_dataset(epoch_iterator):
+    """The tf.data dataset behind `epoch_iterator` when it can be repeated without
+    changing what an epoch trains on, else None: a multi-worker strategy, no
+    `steps_per_epoch` from the user, an input whose number of batches N is exact
+    (a `tf.data.Dataset` of known cardinality, or NumPy arrays and tensors, which
+    Keras slices itself; not a PyDataset or generator), and no FILE sharding (its
+    workers may hold different numbers of batches; with DATA sharding every
+    worker holds its part of every batch)."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
+
+    adapter = epoch_iterator.data_adapter
+    batches = epoch_iterator._num_batches
+    if (epoch_iterator.steps_per_epoch is not None or not batches
+            or type(adapter) not in (TFDatasetAdapter, ArrayDataAdapter)
+            or not detection.is_multi_worker(epoch_iterator._distribute_strategy)):
+        return None
+    dataset = adapter.get_tf_dataset()
+    if (not isinstance(dataset, tf.data.Dataset)
+            or (isinstance(adapter, TFDatasetAdapter) and int(dataset.cardinality()) != batches)
+            or dataset.options().experimental_distribute.auto_shard_policy
+            == tf.data.experimental.AutoShardPolicy.FILE
+            or _captures_state(dataset)):
+        return None
+    return dataset
+
+
+def _captures_state(dataset) -> bool:
+    """Whether a function of the pipeline (a `map`, `filter`, `interleave`...)
+    captures a resource: a variable or lookup table a callback may change between
+    epochs, which an iterator prefetching across the epoch boundary would read
+    too early. True when the pipeline cannot be inspected (a TensorFlow change)."""
+    import tensorflow as tf
+    from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
+
+    pending, seen = [dataset], set()
+    try:
+        while pending:
+            node = pending.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for value in vars(node).values():
+                if isinstance(value, StructuredFunctionWrapper) and any(
+                        t.dtype == tf.resource for t in value.function.captured_inputs):
+                    return True
+            pending.extend(node._inputs())
+    except (AttributeError, TypeError, NotImplementedError):
+        return True
+    return False

@@ -1,0 +1,89 @@
+"""Fix `scalar_metric_reduction`: reduce a step's scalar logs across workers.
+
+Rank-0 values are reduced with `axis=None`, all scalars of one dtype in one
+all-reduce; the epoch's metric reads and resets run compiled under multi-worker.
+See `docs/keras_compat.md#scalar_metric_reduction`.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+
+from disttrain.keras_compat import detection
+
+NAME = "scalar_metric_reduction"
+UPSTREAM = "keras-team/keras#20585, ray-project/ray#47464"
+
+_compiled_metric_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_needed() -> bool:
+    """Whether Keras reduces every per-replica value with `axis=0`."""
+    return detection.source_contains(detection.tf_trainer().reduce_per_replica,
+                                     'strategy.reduce("MEAN", v, axis=0)')
+
+
+def install() -> None:
+    """Replaces `reduce_per_replica`; compiles `get_metrics_result` and `reset_metrics`."""
+    import tensorflow as tf
+    from keras.src import tree
+
+    trainer = detection.tf_trainer()
+    original = trainer.reduce_per_replica
+
+    def _local(v):
+        return v.values[0] if trainer._is_per_replica_instance(v) else v
+
+    def _mean_of_scalars(strategy, scalars: list) -> list:
+        stacked = strategy.run(lambda *xs: tf.stack(xs), args=tuple(scalars))
+        return tf.unstack(strategy.reduce("MEAN", stacked, axis=None), num=len(scalars))
+
+    def reduce_per_replica(values, strategy, reduction):
+        multi_worker = trainer._collective_all_reduce_multi_worker(strategy)
+        if not multi_worker or reduction not in ("auto", "mean"):
+            return original(values, strategy, reduction)
+        flat = tree.flatten(values)
+        reduced = list(flat)
+        scalars_by_dtype: dict = {}
+        for i, v in enumerate(flat):
+            if v is None:
+                continue
+            if _local(v).shape.rank == 0:
+                scalars_by_dtype.setdefault(_local(v).dtype, []).append(i)
+            else:
+                reduced[i] = original(v, strategy, reduction)
+        for indices in scalars_by_dtype.values():
+            means = _mean_of_scalars(strategy, [flat[i] for i in indices])
+            for i, mean in zip(indices, means):
+                reduced[i] = mean
+        return tree.pack_sequence_as(values, reduced)
+
+    reduce_per_replica.__wrapped__ = original
+    trainer.reduce_per_replica = reduce_per_replica
+    for name in ("get_metrics_result", "reset_metrics"):
+        setattr(trainer.TensorFlowTrainer, name,
+                _compiled_when_multi_worker(getattr(trainer.TensorFlowTrainer, name)))
+
+
+def _compiled_when_multi_worker(method: Callable) -> Callable:
+    """`method(model)` run as a `tf.function` when called eagerly under multi-worker MWMS.
+
+    One function per model and set of metric variables (a metric built later, or a
+    recompile, gets a new one); inside a traced step the method runs as is.
+    """
+    import tensorflow as tf
+
+    @functools.wraps(method)
+    def wrapper(self):
+        if not (tf.executing_eagerly() and detection.is_multi_worker(self.distribute_strategy)):
+            return method(self)
+        key = (method.__name__, tuple(id(v) for m in self.metrics for v in m.variables))
+        functions = _compiled_metric_functions.setdefault(self, {})
+        if key not in functions:
+            model = weakref.ref(self)
+            functions[key] = tf.function(lambda: method(model()), autograph=False)
+        return functions[key]()
+
+    return wrapper

@@ -1,0 +1,45 @@
+"""Fix `symbolic_build_local_batch`: build the model from this worker's local batch.
+
+See `docs/keras_compat.md#symbolic_build_local_batch`.
+"""
+
+from __future__ import annotations
+
+from disttrain.keras_compat import detection
+
+NAME = "symbolic_build_local_batch"
+UPSTREAM = "keras-team/keras#20585, keras-team/keras#20329, tensorflow/tensorflow#72388"
+
+
+def is_needed() -> bool:
+    """Whether Keras builds from `strategy.reduce` of a per-replica batch."""
+    method = getattr(detection.tf_trainer().TensorFlowTrainer, "_maybe_symbolic_build", None)
+    return method is not None and detection.source_contains(method, "distribute_strategy.reduce(")
+
+
+def install() -> None:
+    """Replaces `TensorFlowTrainer._maybe_symbolic_build`."""
+    import tensorflow as tf
+    from keras.src import tree
+
+    trainer = detection.tf_trainer()
+
+    def local_batches(epoch_iterator, strategy):
+        for begin, end, it in epoch_iterator:
+            batch = tree.map_structure(
+                lambda x: strategy.experimental_local_results(x)[0]
+                if isinstance(x, tf.distribute.DistributedValues) else x,
+                next(it))
+            yield begin, end, [batch]
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        # Keras's `_symbolic_build` draws from `iterator` only when something is
+        # left to build: a built model leaves the epoch's iterator untouched.
+        if iterator is not None:
+            iterator = local_batches(iterator, self.distribute_strategy)
+        with self.distribute_strategy.scope():
+            self._symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build

@@ -1,0 +1,31 @@
+"""A stop asked by any callback on one worker ends fit on every worker, whatever the order."""
+
+from __future__ import annotations
+
+import pytest
+
+from disttrain.testing import run_cluster
+from tests import stop_agreement_workloads
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.mark.parametrize("num_workers, stop_rank", [(2, 1), (1, 0)])
+def test_a_stop_on_one_worker_at_epoch_end_stops_every_worker(num_workers, stop_rank):
+    """The stopper comes first, before disttrain's callbacks, and no SyncStop is in the
+    list: every worker still ends after the same epoch (the third) and exits 0. One
+    worker alone (the default strategy) stops there too, with no vote."""
+    run = run_cluster(stop_agreement_workloads.stop_on_one_worker, num_workers,
+                      kwargs={"stop_rank": stop_rank, "stop_epoch": 2}, timeout=180).assert_ok()
+    assert [r["epochs_run"] for r in run.results] == [3] * num_workers
+    assert [r["batches"] for r in run.results] == [[8, 8, 8]] * num_workers
+
+
+def test_a_mid_epoch_stop_is_agreed_after_that_batch_when_asked():
+    """`SyncStop(per_batch=True)`, even first in the list, makes every worker vote after
+    each batch: a stop on worker 1 at batch 3 of the second epoch ends both there."""
+    run = run_cluster(stop_agreement_workloads.stop_on_one_worker, 2,
+                      kwargs={"stop_rank": 1, "stop_epoch": 1, "stop_batch": 3},
+                      timeout=180).assert_ok()
+    assert [r["epochs_run"] for r in run.results] == [2, 2]
+    assert [r["batches"] for r in run.results] == [[8, 4], [8, 4]]
