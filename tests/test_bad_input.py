@@ -27,15 +27,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import fault_workloads
 from disttrain import storage
-from tests import fault_workloads
-from tests.harness import (
-    LaunchedJob,
-    can_make_read_only_views,
-    function_command,
-    read_only_view,
-    run_launcher,
-)
+from disttrain.testing import LaunchedJob, function_command, run_launcher
+from tests.processes import can_make_read_only_views, read_only_view
 
 RUN_ID = "bad-input-run"
 DESTINATION = "ckpt/sub"
@@ -313,3 +308,21 @@ def test_a_backup_of_another_architecture_is_refused_on_every_worker_and_kept(tm
         within=60.0)
     _assert_failed_clearly(case, _launch(tmp_path, case.command))
     assert _snapshot(backup) == before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("build, owner", [
+    (lambda callbacks: callbacks.BackupAndRestore("backup/{epoch}"),
+     r"BackupAndRestore\(backup_dir='backup/\{epoch\}'\)"),
+    (lambda callbacks: callbacks.ModelCheckpoint("ckpt/{epoch}/m.keras"),
+     r"ModelCheckpoint\(filepath='ckpt/\{epoch\}/m\.keras'\)"),
+])
+def test_a_directory_with_fields_besides_run_id_is_refused_when_the_callback_is_made(build, owner):
+    """Both callbacks expand `{run_id}` the same way: another field in the directory is a clear
+    error naming the argument when the callback is built, not a KeyError when training starts."""
+    from disttrain import callbacks
+    from disttrain.errors import CallbackConfigError
+
+    with pytest.raises(CallbackConfigError, match=owner + r": the directory uses \['epoch'\]; "
+                                                   r"only \{run_id\} may appear there.*Fix: "):
+        build(callbacks)

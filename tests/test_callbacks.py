@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
+from disttrain.testing import run_cluster
 from tests import callback_workloads
-from tests.harness import can_make_read_only_views, read_only_view, run_cluster
+from tests.processes import can_make_read_only_views, read_only_view
 
 keras = pytest.importorskip("keras")
 
@@ -197,13 +200,41 @@ def test_checkpoint_never_replaces_a_file_it_did_not_write(tmp_path):
     assert (tmp_path / "m.keras").read_bytes() == b"precious"
 
 
+def _drive_in_new_process(path: str, values: list[float], run_id: str) -> float:
+    """`_drive` of a new save-best ModelCheckpoint in a new process of run `run_id` (a
+    restarted attempt); returns its best value."""
+    code = ("import sys, json; from tests.test_callbacks import _drive; "
+            "from disttrain import callbacks; "
+            "c = callbacks.ModelCheckpoint(sys.argv[1], save_best_only=True); "
+            "_drive(c, json.loads(sys.argv[2])); print(json.dumps(c.best))")
+    proc = subprocess.run([sys.executable, "-c", code, path, json.dumps(values)],
+                          env={**os.environ, "DISTTRAIN_RUN_ID": run_id}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_checkpoint_restart_of_same_run_keeps_best(tmp_path):
     path = str(tmp_path / "e{epoch}.keras")
-    _drive(callbacks.ModelCheckpoint(path, save_best_only=True), [0.5])
-    again = callbacks.ModelCheckpoint(path, save_best_only=True)
-    _drive(again, [0.9, 0.6, 0.4])
+    assert _drive_in_new_process(path, [0.5], "restart-1") == pytest.approx(0.5)
+    assert _drive_in_new_process(path, [0.9, 0.6, 0.4], "restart-1") == pytest.approx(0.4)
     assert sorted(os.listdir(tmp_path)) == ["best.json", "e1.keras", "e3.keras"]
-    assert again.best == pytest.approx(0.4)
+
+
+def test_checkpoint_new_callback_in_a_second_fit_starts_fresh_like_keras(tmp_path):
+    """A notebook: a second fit of the same process with a new save-best ModelCheckpoint
+    saves at its first epoch (Keras's behaviour), even after the user deleted the file;
+    the same callback object used again keeps its best, as Keras's does."""
+    path = str(tmp_path / "best.keras")
+    first = callbacks.ModelCheckpoint(path, save_best_only=True)
+    _drive(first, [0.5])
+    os.remove(path)
+    second = callbacks.ModelCheckpoint(path, save_best_only=True)
+    _drive(second, [0.9])
+    assert os.path.exists(path) and second.best == pytest.approx(0.9)
+    assert json.loads((tmp_path / "best.json").read_text())["value"] == pytest.approx(0.9)
+    _drive(second, [0.95])
+    assert second.best == pytest.approx(0.9)
 
 
 def test_checkpoint_unwritable_destination_fails_before_training(tmp_path):
@@ -472,7 +503,7 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name):
     import subprocess
     import time
 
-    from tests.harness import function_command, worker_env
+    from disttrain.testing import function_command, worker_env
 
     directory = tmp_path / "ckpt"
     rng = random.Random(0)

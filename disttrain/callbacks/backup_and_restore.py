@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import sys
 import tempfile
 
@@ -12,7 +11,7 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils
 
-from disttrain import keras_compat, resume, storage
+from disttrain import keras_compat, storage
 from disttrain.callbacks.base import DistributedCallback, attached_callbacks
 from disttrain.errors import (
     PREEMPTED_EXIT_CODE,
@@ -20,9 +19,10 @@ from disttrain.errors import (
     Preempted,
     StorageError,
 )
+from disttrain.keras_compat import epoch_iterator
 from disttrain.preemption import PreemptionWatch
 
-_BACKUP_RE = re.compile(r"^backup-(\d{6,})$")
+BACKUP_PREFIX = "backup-"
 WEIGHTS = "model.weights.h5"
 STATES = "callbacks.npz"
 
@@ -102,16 +102,18 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                 f"BackupAndRestore(save_freq={save_freq!r}): must be 'epoch' or a positive "
                 "number of batches. Fix: pass e.g. save_freq=500."
             )
+        self._template = os.fspath(backup_dir)
+        self._owner = f"BackupAndRestore(backup_dir={self._template!r})"
+        storage.check_run_id_only(self._template, self._owner, _DIRECTORY_FIX)
         super().__init__(
-            os.fspath(backup_dir), save_freq=save_freq, double_checkpoint=double_checkpoint,
+            self._template, save_freq=save_freq, double_checkpoint=double_checkpoint,
             delete_checkpoint=delete_checkpoint,
         )
         self.verbose = verbose
-        self._template = os.fspath(backup_dir)
         self.directory: str | None = None
+        self._manager: storage.CheckpointManager | None = None
         self._pending_states: dict | None = None
         self._pending_arrays: dict[str, list] = {}
-        self._next_index = 0
         self._save_due = False
         self._epoch = 0
         self._resume_batches = 0
@@ -129,21 +131,21 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._save_due = False
         self._resume_batches = 0
         self._steps = 0
-        self.directory = self._template.format(run_id=self.run_id)
+        self.directory = storage.expand_run_id(self._template, self.run_id, self._owner,
+                                               _DIRECTORY_FIX)
+        self._manager = storage.CheckpointManager(
+            self.directory, self.run_id, max_to_keep=2 if self.double_checkpoint else 1,
+            step_prefix=BACKUP_PREFIX, owner="BackupAndRestore")
 
-        def find_latest() -> dict:
-            storage.probe_writable(self.directory)
-            latest = self._committed_backups()
-            if not latest:
-                return {"name": "", "next": 0}
-            return {"name": latest[-1], "next": int(_BACKUP_RE.match(latest[-1]).group(1)) + 1}
+        def find_latest() -> str:
+            self._manager.open()
+            return self._manager.latest() or ""
 
-        shared = self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
-        self._next_index = shared["next"]
+        latest = self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
         error = None
-        if shared["name"]:
+        if latest:
             try:
-                self._restore(storage.join(self.directory, shared["name"]))
+                self._restore(latest)
             except Exception as e:  # noqa: BLE001 - reported to every worker below
                 error = e
         self.coordinator.raise_if_any("BackupAndRestore.restore", error, StorageError)
@@ -159,7 +161,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._save_due = False
             self._save_model()
         if self._resume_batches:
-            resume.skip_batches_of_next_epoch(self._resume_batches)
+            epoch_iterator.skip_batches_of_next_epoch(self._resume_batches)
             self._last_batch_seen = self._resume_batches - 1
             self._resume_batches = 0
 
@@ -204,15 +206,13 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             metadata["callbacks"][key] = state
             for i, array in enumerate(callback_arrays):
                 arrays[f"{key}/{i}"] = np.asarray(array)
-        name = f"backup-{self._next_index:06d}"
-        self._next_index += 1
         self.coordinator.run_on_chief(
-            "BackupAndRestore.save", lambda: self._write(name, metadata, arrays), StorageError
+            "BackupAndRestore.save", lambda: self._write(metadata, arrays), StorageError
         )
 
     def on_train_end(self, logs=None):
         self._end_watch()
-        resume.cancel()
+        epoch_iterator.cancel()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._save_due and not self.delete_checkpoint:
@@ -230,7 +230,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._watch.stop()
             self._watch = None
 
-    def _write(self, name: str, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
+    def _write(self, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Chief: writes the weights and callback states, and commits them as the next backup
+        (the manager then deletes the backups `double_checkpoint` does not keep)."""
         with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
             weights = os.path.join(tmp, WEIGHTS)
             self.model.save_weights(weights)
@@ -239,19 +241,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                 states = os.path.join(tmp, STATES)
                 np.savez(states, **arrays)
                 files[STATES] = states
-            storage.commit_checkpoint(storage.join(self.directory, name), files, metadata)
-        keep = set(self._committed_backups()[-(2 if self.double_checkpoint else 1):])
-        for old in self._backups():
-            if old not in keep:
-                storage.remove(storage.join(self.directory, old), recursive=True)
-
-    def _backups(self) -> list[str]:
-        names = [n for n in storage.listdir(self.directory) if _BACKUP_RE.match(n)]
-        return sorted(names, key=lambda n: int(_BACKUP_RE.match(n).group(1)))
-
-    def _committed_backups(self) -> list[str]:
-        return [n for n in self._backups()
-                if storage.is_committed(storage.join(self.directory, n))]
+            self._manager.save_directory(files, metadata)
 
     def _restore(self, url: str) -> None:
         manifest = storage.read_manifest(url)
@@ -304,6 +294,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             name = type(callback).__name__
             counts[name] = counts.get(name, 0) + 1
             yield f"{name}-{counts[name]}", callback
+
+
+_DIRECTORY_FIX = "remove them; a backup directory holds the backups of one run"
 
 
 def _fingerprint(model) -> list[list]:

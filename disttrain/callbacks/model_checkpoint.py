@@ -1,15 +1,9 @@
-"""ModelCheckpoint: chief-only, atomic saves to any fsspec URL, with retention and a manifest."""
+"""ModelCheckpoint: chief-only, atomic saves to any fsspec URL, via `storage.CheckpointManager`."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import functools
 import os
 import posixpath
-import string
-import time
-import warnings
 from typing import Any
 
 import keras
@@ -22,7 +16,8 @@ from disttrain.cluster import ENV_RESULT_FILE
 from disttrain.errors import CallbackConfigError, StorageError
 
 MANIFEST = "best.json"
-PENDING = ".pending.json"
+_DIRECTORY_FIX = ("move the other fields into the file name, so every checkpoint of a run "
+                  "has one manifest")
 
 
 class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
@@ -51,8 +46,10 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
       holding the manifest of a different run is refused (pass `overwrite=True`
       or put `{run_id}` in the path); a file this run did not write is never
       replaced unless `overwrite=True`. When the manifest belongs to this same
-      run (a restarted attempt), its best value is restored, so a restart never
-      replaces a better checkpoint with a worse one.
+      run and was written by an earlier process (a restarted attempt), its best
+      value is restored, so a restart never replaces a better checkpoint with a
+      worse one. A new `ModelCheckpoint` in a later `fit` of the same process
+      starts with no best value, as Keras's does.
     - A monitor missing from the logs (with `save_best_only`) or a template key
       missing from the logs raises `CallbackConfigError` listing the available
       metrics, instead of Keras's warn-and-save (`strict=False` restores that).
@@ -121,68 +118,52 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 f"ModelCheckpoint(save_freq={save_freq!r}): must be 'epoch' or a positive "
                 "number of batches. Fix: pass e.g. save_freq=100."
             )
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-        ):
-            raise CallbackConfigError(
-                f"ModelCheckpoint(max_to_keep={max_to_keep!r}): must be a positive integer "
-                "or None (keep all). Fix: pass e.g. max_to_keep=3."
-            )
+        storage.check_max_to_keep(max_to_keep, "ModelCheckpoint")
         self.max_to_keep = max_to_keep
         self.strict = strict
         self.overwrite = overwrite
         self.async_commit = bool(async_commit)
-        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._in_flight: concurrent.futures.Future | None = None
-        self._fields = _template_fields(filepath)
-        directory = posixpath.dirname(filepath)
-        bad = _template_fields(directory) - {"run_id"}
-        if bad:
-            raise CallbackConfigError(
-                f"ModelCheckpoint(filepath={filepath!r}): the directory part uses "
-                f"{sorted(bad)}; only {{run_id}} may appear there, so every checkpoint of a run "
-                "lands in one directory with one manifest. Fix: move the other fields into "
-                "the file name."
-            )
-        self._directory_template = directory or "."
+        owner = f"ModelCheckpoint(filepath={filepath!r})"
+        self._fields = storage.template_fields(filepath, owner, int_fields=("epoch", "batch"))
+        self._directory_template = posixpath.dirname(filepath) or "."
+        storage.check_run_id_only(self._directory_template, owner, _DIRECTORY_FIX)
         self.directory: str | None = None
-        self.checkpoints: list[dict[str, Any]] = []
-        self._stored: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._manager: storage.CheckpointManager | None = None
         self._checked_keys = False
 
     @property
     def manifest_url(self) -> str:
         return storage.join(self.directory or self._directory_template, MANIFEST)
 
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The records (path, epoch, value...) of the kept checkpoints, same on every worker."""
+        return self._manager.checkpoints if self._manager is not None else []
+
     def on_train_begin(self, logs=None):
-        self.directory = self._directory_template.format(run_id=self.run_id)
+        self.directory = storage.expand_run_id(
+            self._directory_template, self.run_id, f"ModelCheckpoint(filepath={self.filepath!r})",
+            _DIRECTORY_FIX)
+        previous, self._manager = self._manager, storage.CheckpointManager(
+            self.directory, self.run_id, max_to_keep=self.max_to_keep,
+            keep_best=self.save_best_only, index_name=MANIFEST, overwrite=self.overwrite,
+            async_commit=self.async_commit, owner="ModelCheckpoint")
 
         def preflight() -> dict[str, Any]:
             """Chief: checks the destination; this run's saved state, if resuming."""
-            self._finish_commit()
-            self._stored = None
-            storage.probe_writable(self.directory)
-            manifest = storage.read_json(self.manifest_url)
-            if manifest is None:
-                return {}
-            if manifest.get("run_id") == self.run_id or self.overwrite:
-                storage.remove_stale_temporaries(self.directory)
-            if manifest.get("run_id") != self.run_id and not self.overwrite:
-                raise StorageError(
-                    f"ModelCheckpoint: {self.directory!r} holds checkpoints of run "
-                    f"{manifest.get('run_id')!r} ({self.manifest_url}), this is run "
-                    f"{self.run_id!r}. Refusing to mix or overwrite them. Fix: use a new "
-                    "directory, put {run_id} in filepath, or pass overwrite=True."
-                )
-            if manifest.get("run_id") != self.run_id:
-                return {}
-            return {"best": manifest.get("best_value"),
+            if previous is not None:
+                previous.wait()
+            manifest = self._manager.open()
+            # A restart resumes the run's best; a new callback in a later fit of this
+            # process starts from none, as Keras's does (its files stay this run's).
+            fresh = previous is None and self._manager.written_by_this_process(manifest)
+            return {"best": None if fresh else manifest.get("best_value"),
                     "checkpoints": manifest.get("checkpoints", [])}
 
         shared = self.coordinator.run_on_chief("ModelCheckpoint.preflight", preflight,
                                                StorageError)
-        self.checkpoints = shared.get("checkpoints", [])
-        if shared.get("best") is not None and self.save_best_only:
+        self._manager.checkpoints = shared["checkpoints"]
+        if shared["best"] is not None and self.save_best_only:
             self.best = shared["best"]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -191,7 +172,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     def on_train_end(self, logs=None):
         def report():
-            self._finish_commit()
+            self._manager.wait()
             result_file = os.environ.get(ENV_RESULT_FILE)
             if result_file and self.checkpoints:
                 storage.write_json(result_file, self._result())
@@ -208,6 +189,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             current = self.monitored(logs, self.monitor)
         if self.monitor_op is None and current is not None:
             self._set_monitor_op()
+        self._manager.mode = self._mode()
         improved = current is not None and bool(self._is_improvement(current, self.best))
         path = self._format_path(epoch, batch, logs)
         record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
@@ -227,159 +209,32 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
             if improved:
                 self.best = float(current)
-            self._write(record)
+            self._manager.save_file(
+                record, self._write_model,
+                {"monitor": self.monitor,
+                 "best_value": None if self.best is None else float(self.best)},
+                on_commit=lambda: self._say(
+                    f"\nEpoch {epoch + 1}: finished saving model to {path}"))
             return True
 
         if not self.coordinator.run_on_chief("ModelCheckpoint.save", save, StorageError):
             return
         if improved:  # the other workers' turn; the chief set it before writing the manifest
             self.best = float(current)
-        self.checkpoints = self._retained(
-            [c for c in self.checkpoints if c["path"] != path] + [record]
-        )[0]
+        self._manager.add(record)
 
-    def _write(self, record: dict[str, Any]) -> None:
-        """Chief only: the file, the pending marker, the commit, the manifest, deletions.
-
-        A file is this run's to replace when its records, its manifest (kept or
-        being deleted) or its pending marker name it: a restarted attempt has lost
-        its in-memory records, a crash between a file's commit and the manifest
-        leaves the file named by the pending marker only, and a crash during
-        retention leaves files the manifest lists under `deleting`. The marker is
-        written only for a path the manifest does not keep already (a fixed file
-        name is claimed by its first save). A never-committed file is deleted when
-        a later save names another path; deletions that did not happen are retried
-        at the next save. A save that fails with an error (a full disk) removes its
-        own pending marker, so the directory is left exactly as it was. With
-        `async_commit` everything after the model is written to its temp file runs
-        in the background, in the same order; the previous commit is always
-        finished (or its error raised) first.
-        """
-        self._finish_commit()
-        path = record["path"]
-        manifest, pending = self._stored or self._read_stored()
-        kept_before = {c.get("path") for c in manifest.get("checkpoints", [])}
-        deleting_before = {p for p in manifest.get("deleting", []) if storage.exists(p)}
-        if pending.get("path") not in (None, path) and pending["path"] not in kept_before:
-            storage.remove(pending["path"])
-        ours = (path in kept_before or path in deleting_before or pending.get("path") == path
-                or any(c["path"] == path for c in self.checkpoints))
-        if not self.overwrite and not ours and storage.exists(path):
-            raise StorageError(
-                f"ModelCheckpoint: {path!r} already exists and was not written by run "
-                f"{self.run_id!r}. Refusing to overwrite it. Fix: use a new directory, put "
-                "{run_id} or {epoch} in filepath, or pass overwrite=True."
-            )
-        staged = self._stage(path)
-        kept, dropped = self._retained(
-            [c for c in self.checkpoints if c["path"] != path] + [record]
-        )
-        kept_paths = {c["path"] for c in kept}
-        deleting = sorted(({c["path"] for c in dropped} | deleting_before) - kept_paths)
-        commit = functools.partial(self._commit, record, staged, path not in kept_before,
-                                   pending, self._manifest(kept, deleting), deleting)
-        if self.async_commit:
-            if self._committer is None:
-                self._committer = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="disttrain-checkpoint-commit")
-            self._in_flight = self._committer.submit(commit)
+    def _write_model(self, path: str) -> None:
+        """Writes the model (or its weights) to the local temp file the manager commits."""
+        if self.save_weights_only:
+            self.model.save_weights(path, overwrite=True)
         else:
-            commit()
+            self.model.save(path, overwrite=True)
 
-    def _stage(self, path: str) -> storage.StagedFile:
-        """Writes the model (or its weights) to a temp file that `_commit` makes `path`."""
-        staged = storage.StagedFile(path)
-        try:
-            try:
-                if self.save_weights_only:
-                    self.model.save_weights(staged.path, overwrite=True)
-                else:
-                    self.model.save(staged.path, overwrite=True)
-            except OSError as e:
-                raise staged.writing_failed(e) from e
-            staged.check_written()
-        except BaseException:
-            staged.discard()
-            raise
-        return staged
-
-    def _commit(self, record: dict[str, Any], staged: storage.StagedFile, claim: bool,
-                pending: dict[str, Any], manifest: dict[str, Any], deleting: list[str]) -> None:
-        """Chief only: commits `staged` to the record's path, then the manifest.
-
-        `claim`: write the pending marker first (the manifest does not list the path
-        yet). `pending`: the marker found before this save ({} for none).
-        """
-        path = record["path"]
-        self._stored = None
-        try:
-            if claim:
-                storage.write_json(self._pending_url, {"run_id": self.run_id, "path": path})
-            staged.commit()
-        except BaseException:
-            staged.discard()
-            if claim and pending.get("path") != path:
-                self._drop_pending_marker()
-            raise
-        storage.write_json(self.manifest_url, manifest)
-        if claim or pending:
-            storage.remove(self._pending_url)
-        self._stored = (manifest, {})
-        for old in deleting:
-            try:
-                storage.remove(old)
-            except StorageError as e:
-                warnings.warn(
-                    f"ModelCheckpoint: could not delete {old!r}, which max_to_keep dropped "
-                    f"({e}); the next save retries.",
-                    stacklevel=2,
-                )
-        self._say(f"\nEpoch {record['epoch']}: finished saving model to {path}")
-
-    def _read_stored(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Chief: this run's manifest and pending marker as stored ({} for none, or for
-        another run's). After a successful commit `_stored` holds them instead, so a
-        save to an object store makes no reads; a failed commit clears it."""
-        manifest = storage.read_json(self.manifest_url) or {}
-        pending = storage.read_json(self._pending_url) or {}
-        return ({} if manifest.get("run_id") != self.run_id else manifest,
-                {} if pending.get("run_id") != self.run_id else pending)
-
-    def _finish_commit(self) -> None:
-        """Chief: waits for the background commit of the previous save, if any, and
-        raises its error."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
-
-    def _drop_pending_marker(self) -> None:
-        """After a failed save, removes the pending marker this save wrote.
-
-        The failed write committed nothing, so the marker claims nothing and the
-        directory is left as it was before the save (a marker that already named
-        the same path, from a crash, is kept by the caller). Best effort: the
-        original error is the one that matters.
-        """
-        with contextlib.suppress(StorageError):
-            storage.remove(self._pending_url)
-
-    @property
-    def _pending_url(self) -> str:
-        return storage.join(self.directory, PENDING)
-
-    def _retained(self, records: list[dict[str, Any]]):
-        if self.max_to_keep is None or len(records) <= self.max_to_keep:
-            return records, []
-        if self.save_best_only:
-            sign = 1.0 if self.monitor_op == ops.greater else -1.0
-            ranked = sorted(
-                records,
-                key=lambda c: (c["value"] is not None, sign * (c["value"] or 0.0)),
-                reverse=True,
-            )
-            keep = ranked[: self.max_to_keep]
-            return [c for c in records if c in keep], [c for c in records if c not in keep]
-        return records[-self.max_to_keep:], records[: -self.max_to_keep]
+    def _mode(self) -> str | None:
+        """Which monitored value is best, in the manager's terms ('max', 'min' or None)."""
+        if self.monitor_op is None:
+            return None
+        return "max" if self.monitor_op == ops.greater else "min"
 
     def _result(self) -> dict[str, Any]:
         best = self.best_checkpoint()
@@ -387,30 +242,12 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 "monitor": self.monitor, "value": best["value"], "run_id": self.run_id,
                 "manifest": self.manifest_url}
 
-    def _manifest(self, kept: list[dict[str, Any]], deleting: list[str]) -> dict[str, Any]:
-        best = self._best_of(kept)
-        return {
-            "run_id": self.run_id,
-            "path": best["path"],
-            "epoch": best["epoch"],
-            "monitor": self.monitor,
-            "value": best["value"],
-            "best_value": None if self.best is None else float(self.best),
-            "checkpoints": kept,
-            "deleting": deleting,
-            "written_at": time.time(),
-        }
-
     def best_checkpoint(self) -> dict[str, Any] | None:
         """The best kept checkpoint's record (path, epoch, value...), same on every worker."""
-        return self._best_of(self.checkpoints) if self.checkpoints else None
-
-    def _best_of(self, kept: list[dict[str, Any]]) -> dict[str, Any]:
-        scored = [c for c in kept if c["value"] is not None]
-        if not scored or self.monitor_op is None:
-            return kept[-1]
-        greater = self.monitor_op == ops.greater
-        return (max if greater else min)(scored, key=lambda c: c["value"])
+        if self._manager is None:
+            return None
+        self._manager.mode = self._mode()
+        return self._manager.best()
 
     def _format_path(self, epoch, batch, logs) -> str:
         values = {**logs, "epoch": epoch + 1, "run_id": self.run_id}
@@ -439,31 +276,3 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 def _fmt(value) -> str:
     return "None" if value is None else f"{float(value):.5f}"
 
-
-def _template_fields(template: str) -> set[str]:
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise CallbackConfigError(
-            f"ModelCheckpoint(filepath={template!r}) is not a valid template: {e}. Fix: "
-            "balance the braces, or double them ('{{', '}}') for literal braces."
-        ) from None
-    fields = set()
-    for _, field, spec, _ in parsed:
-        if field is None:
-            continue
-        if field == "" or field.isdigit():
-            raise CallbackConfigError(
-                f"ModelCheckpoint(filepath={template!r}) has a positional field '{{}}'. "
-                "Fix: name it, e.g. {epoch:02d} or {val_loss:.4f}."
-            )
-        name = field.split(".")[0].split("[")[0]
-        try:
-            format(1 if name in ("epoch", "batch") else 1.0, spec or "")
-        except ValueError:
-            raise CallbackConfigError(
-                f"ModelCheckpoint(filepath={template!r}): format spec {spec!r} of {{{field}}} "
-                "is invalid. Fix: use a spec such as :02d for epoch or :.4f for metrics."
-            ) from None
-        fields.add(name)
-    return fields

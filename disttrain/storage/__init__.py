@@ -1,0 +1,96 @@
+"""Durable reads, writes and deletes through fsspec, for checkpoints and logs.
+
+The only part of disttrain that touches storage. It works on local paths,
+`file://`, `memory://`, `gs://` (gcsfs), `s3://` (when s3fs is installed) and
+any other fsspec URL, and it never imports TensorFlow or Keras. One concept per
+module:
+
+- `fs`: URLs to filesystems, paths, reads, listings, deletes and the errors
+  (`StorageError` naming the URL, what failed and the fix).
+- `atomic`: files that appear all at once (`atomic_write_bytes`,
+  `atomic_upload`, `StagedFile`, `atomic_local_file`, JSON), write probes and
+  the temp files a killed writer leaves.
+- `manifest`: multi-file checkpoint directories committed by a manifest written
+  last (`commit_checkpoint`, `read_manifest`, `is_committed`).
+- `manager`: `CheckpointManager`, the commit protocol of a directory of
+  checkpoints (commit point, pending marker, retention, ownership, leftovers),
+  used by `ModelCheckpoint` and `BackupAndRestore`.
+- `template`: `{run_id}` in destination templates.
+- `scratch`: local scratch directories private to one run and worker.
+
+Every name is available from `disttrain.storage` directly.
+
+Example:
+
+>>> from disttrain import storage
+>>> storage.write_json("memory://doc/init.json", {"epoch": 1})
+>>> storage.read_json(storage.join("memory://doc", "init.json"))
+{'epoch': 1}
+"""
+
+from disttrain.storage.atomic import (
+    PROBE_PREFIX,
+    StagedFile,
+    atomic_local_file,
+    atomic_upload,
+    atomic_write_bytes,
+    probe_writable,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
+from disttrain.storage.fs import (
+    ENV_STORAGE_EMULATOR_HOST,
+    exists,
+    is_local,
+    join,
+    listdir,
+    local_copy,
+    read_bytes,
+    remove,
+    url_to_fs,
+)
+from disttrain.storage.manager import PENDING_NAME, CheckpointManager, check_max_to_keep
+from disttrain.storage.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    commit_checkpoint,
+    is_committed,
+    read_manifest,
+)
+from disttrain.storage.scratch import scratch, scratch_dir
+from disttrain.storage.template import check_run_id_only, expand_run_id, template_fields
+
+__all__ = [
+    "ENV_STORAGE_EMULATOR_HOST",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "PENDING_NAME",
+    "PROBE_PREFIX",
+    "CheckpointManager",
+    "StagedFile",
+    "atomic_local_file",
+    "atomic_upload",
+    "atomic_write_bytes",
+    "check_max_to_keep",
+    "check_run_id_only",
+    "commit_checkpoint",
+    "expand_run_id",
+    "exists",
+    "is_committed",
+    "is_local",
+    "join",
+    "listdir",
+    "local_copy",
+    "probe_writable",
+    "read_bytes",
+    "read_json",
+    "read_manifest",
+    "remove",
+    "remove_stale_temporaries",
+    "scratch",
+    "scratch_dir",
+    "template_fields",
+    "url_to_fs",
+    "write_json",
+]

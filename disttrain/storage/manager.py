@@ -1,0 +1,469 @@
+"""CheckpointManager: the commit protocol of one directory of checkpoints.
+
+A checkpoint directory is written by one process (the chief) and read by many,
+possibly after a crash of the writer at any moment. The manager decides what a
+reader may trust and what may be deleted:
+
+- Commit point. Single-file checkpoints (`save_file`) are listed by an index
+  file (`index_name`, e.g. `best.json`), written after the file; a checkpoint
+  is committed when the index lists it. Directory checkpoints
+  (`save_directory`, `<step_prefix><NNNNNN>/`) are committed by their own
+  manifest, written last (`commit_checkpoint`, `is_committed`).
+- Pending marker. Before a single file the index does not list yet is
+  committed, a marker (`.pending.json`) names it, so after a crash between the
+  file and the index the file is still known to be this run's.
+- Retention. `max_to_keep` keeps the latest checkpoints, or the best ones by
+  their `value` (`keep_best=True`, ordered by `mode`). Dropped checkpoints are
+  deleted only after the commit point no longer lists them, so an index never
+  names a missing file; deletions that fail are retried at the next save.
+- Ownership. The index records the run id: a directory indexed by another run
+  is refused, and so is replacing a file this run did not write, unless
+  `overwrite=True`.
+- Leftovers. Temp files and write probes of killed writers are removed when
+  this run opens its directory; a file committed but never indexed is deleted
+  when a later save names another path; uncommitted checkpoint directories are
+  deleted after the next committed one.
+
+Commits can run in a background thread (`async_commit=True`): `save_file`
+returns once the checkpoint is written to its local temp file, and the next
+save (or `wait`) raises the commit's error.
+
+The manager does no I/O until `open`, and only the process that writes calls
+`open`, `save_file`, `save_directory` and `wait`; other processes keep the same
+records with `add`, which is pure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import re
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.storage.atomic import (
+    StagedFile,
+    probe_writable,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
+from disttrain.storage.fs import exists, join, listdir, remove
+from disttrain.storage.manifest import commit_checkpoint, is_committed
+
+PENDING_NAME = ".pending.json"
+# Written into every index: tells a restart of the run (another process) from a later
+# manager of this same process (a second `fit` in a notebook).
+WRITER_ID = secrets.token_hex(8)
+_MODES = ("min", "max", None)
+
+
+def check_max_to_keep(max_to_keep: int | None, owner: str) -> None:
+    """Raises unless `max_to_keep` is a positive integer or None (keep all).
+
+    Args:
+        max_to_keep: the value to check.
+        owner: how the message names the caller, e.g. `"ModelCheckpoint"`.
+
+    Raises:
+        CallbackConfigError: naming the bad value.
+
+    Example:
+
+    >>> check_max_to_keep(3, "ModelCheckpoint")
+    """
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+        raise CallbackConfigError(
+            f"{owner}(max_to_keep={max_to_keep!r}): must be a positive integer "
+            "or None (keep all). Fix: pass e.g. max_to_keep=3."
+        )
+
+
+class CheckpointManager:
+    """Commits checkpoints into one directory, keeps the best or latest, cleans up after crashes.
+
+    Records describe committed checkpoints: dicts with at least `path` (the
+    checkpoint's URL) and, for single files, `epoch` and `value` (the monitored
+    metric, or None); other keys are kept as they are. `checkpoints` holds the
+    committed records, oldest first.
+
+    Args:
+        directory: the checkpoint directory (URL or local path).
+        run_id: the run id written into the index and compared with it.
+        max_to_keep: keep at most this many checkpoints; `None` keeps all.
+        keep_best: retention keeps the best `value`s (by `mode`) instead of the
+            latest checkpoints.
+        mode: `"min"` or `"max"`: which `value` is best; `None` until known
+            (then `best` is the latest, and `keep_best` ranks as `"min"`).
+        index_name: the index file of single-file checkpoints (`save_file`);
+            `None` for directory checkpoints (`save_directory`).
+        step_prefix: name prefix of directory checkpoints.
+        overwrite: allow replacing another run's checkpoints and files this
+            run did not write.
+        async_commit: commit single files in a background thread.
+        owner: how messages name the user of the manager, e.g. `"ModelCheckpoint"`.
+
+    Raises:
+        CallbackConfigError: when `max_to_keep` or `mode` is invalid.
+
+    Example:
+
+    ```python
+    manager = CheckpointManager("gs://bucket/run-7", "run-7", max_to_keep=3,
+                                keep_best=True, mode="min", index_name="best.json")
+    manager.open()
+    manager.save_file({"path": "gs://bucket/run-7/m-1.keras", "epoch": 1, "value": 0.4},
+                      model.save)
+    manager.wait()
+    ```
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        run_id: str,
+        *,
+        max_to_keep: int | None = None,
+        keep_best: bool = False,
+        mode: str | None = None,
+        index_name: str | None = None,
+        step_prefix: str = "ckpt-",
+        overwrite: bool = False,
+        async_commit: bool = False,
+        owner: str = "CheckpointManager",
+    ):
+        check_max_to_keep(max_to_keep, owner)
+        self.owner = owner
+        self.directory = directory
+        self.run_id = run_id
+        self.max_to_keep = max_to_keep
+        self.keep_best = keep_best
+        self.mode = mode
+        self.index_name = index_name
+        self.step_prefix = step_prefix
+        self.overwrite = overwrite
+        self.async_commit = async_commit
+        self.checkpoints: list[dict[str, Any]] = []
+        self._step_re = re.compile(rf"^{re.escape(step_prefix)}(\d{{6,}})$")
+        self._next_step = 0
+        self._stored: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: concurrent.futures.Future | None = None
+
+    @property
+    def mode(self) -> str | None:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str | None) -> None:
+        if mode not in _MODES:
+            raise CallbackConfigError(
+                f"{self.owner}(mode={mode!r}): must be 'min', 'max' or None. Fix: pass mode='min' "
+                "for losses, mode='max' for accuracies."
+            )
+        self._mode = mode
+
+    @property
+    def index_url(self) -> str:
+        """The URL of the index file (single-file checkpoints)."""
+        return join(self.directory, self._require_index())
+
+    @property
+    def pending_url(self) -> str:
+        """The URL of the pending marker (single-file checkpoints)."""
+        return join(self.directory, PENDING_NAME)
+
+    def open(self) -> dict[str, Any]:
+        """Prepares the directory for this run's saves; call once, before the first save.
+
+        Checks that the directory accepts writes. Single files: reads the index;
+        refuses another run's (unless `overwrite`), removes the temp files and
+        probes killed writers left, and takes this run's records from it.
+        Directories: takes the committed ones as records (another run's too:
+        they are what a restarted job resumes from).
+
+        Returns:
+            This run's index ({} when there is none, or for directory checkpoints).
+
+        Raises:
+            StorageError: the directory is not writable, cannot be read, or holds
+                another run's index without `overwrite`.
+        """
+        self.wait()
+        self._stored = None
+        probe_writable(self.directory)
+        if self.index_name is None:
+            self.checkpoints = [{"path": join(self.directory, name), "step": step}
+                                for name, step in self._steps() if self._committed(name)]
+            self._next_step = self.checkpoints[-1]["step"] + 1 if self.checkpoints else 0
+            return {}
+        index = read_json(self.index_url)
+        if index is None:
+            return {}
+        ours = index.get("run_id") == self.run_id
+        if ours or self.overwrite:
+            remove_stale_temporaries(self.directory)
+        if not ours and not self.overwrite:
+            raise StorageError(
+                f"{self.owner}: {self.directory!r} holds checkpoints of run "
+                f"{index.get('run_id')!r} ({self.index_url}), this is run {self.run_id!r}. "
+                "Refusing to mix or overwrite them. Fix: use a new directory, put {run_id} in "
+                "the path, or pass overwrite=True."
+            )
+        if not ours:
+            return {}
+        self.checkpoints = list(index.get("checkpoints", []))
+        return index
+
+    @staticmethod
+    def written_by_this_process(index: Mapping[str, Any]) -> bool:
+        """Whether `index` (as `open` returned it) was written by this process, rather
+        than by an earlier process of the run (a restart)."""
+        return index.get("writer") == WRITER_ID
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Records a committed checkpoint in memory, applying retention (no I/O).
+
+        Processes that do not write call this to keep the same records as the
+        writer; adding the same record twice changes nothing.
+        """
+        self.checkpoints = self.retained(
+            [c for c in self.checkpoints if c["path"] != record["path"]] + [record]
+        )[0]
+
+    def retained(
+        self, records: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Splits records (oldest first) into those `max_to_keep` keeps and those it drops.
+
+        Example:
+
+        >>> manager = CheckpointManager("memory://doc/m", "run", max_to_keep=1,
+        ...                             keep_best=True, mode="max")
+        >>> manager.retained([{"path": "a", "value": 0.9}, {"path": "b", "value": 0.7}])
+        ([{'path': 'a', 'value': 0.9}], [{'path': 'b', 'value': 0.7}])
+        """
+        if self.max_to_keep is None or len(records) <= self.max_to_keep:
+            return records, []
+        if not self.keep_best:
+            return records[-self.max_to_keep:], records[: -self.max_to_keep]
+        sign = 1.0 if self.mode == "max" else -1.0
+        ranked = sorted(
+            records,
+            key=lambda c: (c.get("value") is not None, sign * (c.get("value") or 0.0)),
+            reverse=True,
+        )
+        keep = ranked[: self.max_to_keep]
+        return [c for c in records if c in keep], [c for c in records if c not in keep]
+
+    def best(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The best record by `value` and `mode` (the latest when `mode` is None or no record
+        has a value); None when there are none. Defaults to `checkpoints`."""
+        records = self.checkpoints if records is None else records
+        if not records:
+            return None
+        scored = [c for c in records if c.get("value") is not None]
+        if not scored or self.mode is None:
+            return records[-1]
+        return (max if self.mode == "max" else min)(scored, key=lambda c: c["value"])
+
+    def latest(self) -> str | None:
+        """The URL of the newest committed checkpoint, or None."""
+        return self.checkpoints[-1]["path"] if self.checkpoints else None
+
+    def save_file(
+        self,
+        record: dict[str, Any],
+        write: Callable[[str], None],
+        metadata: Mapping[str, Any] | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """Saves a single-file checkpoint at `record["path"]` and commits it.
+
+        `write(local_path)` writes the checkpoint to a local temp file (with the
+        destination's extensions). Then, in order: the pending marker (for a
+        path the index does not list yet), the file (atomically), the index
+        (the commit point: this run's records after retention, the best record's
+        `path`, `epoch` and `value`, and `metadata`), the marker's removal, and
+        the deletion of dropped files. With `async_commit` everything after
+        `write` runs in the background; the previous commit is always finished
+        (or its error raised) first. A save that fails leaves the directory as
+        it was.
+
+        Args:
+            record: the checkpoint's record; its `path` is the destination URL.
+            write: writes the checkpoint to the local path it is given.
+            metadata: more JSON-serializable fields for the index.
+            on_commit: called after the commit (in the background thread with
+                `async_commit`).
+
+        Raises:
+            StorageError: the path holds a file this run did not write (without
+                `overwrite`), or a write, the commit or the index failed.
+        """
+        self.wait()
+        path = record["path"]
+        index, pending = self._stored or self._read_stored()
+        kept_before = {c.get("path") for c in index.get("checkpoints", [])}
+        deleting_before = {p for p in index.get("deleting", []) if exists(p)}
+        if pending.get("path") not in (None, path) and pending["path"] not in kept_before:
+            remove(pending["path"])
+        ours = (path in kept_before or path in deleting_before or pending.get("path") == path
+                or any(c["path"] == path for c in self.checkpoints))
+        if not self.overwrite and not ours and exists(path):
+            raise StorageError(
+                f"{self.owner}: {path!r} already exists and was not written by run "
+                f"{self.run_id!r}. Refusing to overwrite it. Fix: use a new directory, put "
+                "{run_id} or {epoch} in the path, or pass overwrite=True."
+            )
+        staged = _stage(path, write)
+        kept, dropped = self.retained(
+            [c for c in self.checkpoints if c["path"] != path] + [record]
+        )
+        kept_paths = {c["path"] for c in kept}
+        deleting = sorted(({c["path"] for c in dropped} | deleting_before) - kept_paths)
+        new_index = {
+            "run_id": self.run_id,
+            **{key: self.best(kept).get(key) for key in ("path", "epoch", "value")},
+            **(metadata or {}),
+            "checkpoints": kept,
+            "deleting": deleting,
+            "written_at": time.time(),
+            "writer": WRITER_ID,
+        }
+        commit = functools.partial(self._commit, path, staged, path not in kept_before,
+                                   pending, new_index, deleting, on_commit)
+        if self.async_commit:
+            if self._committer is None:
+                self._committer = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="disttrain-checkpoint-commit")
+            self._in_flight = self._committer.submit(commit)
+        else:
+            commit()
+        self.checkpoints = kept
+
+    def save_directory(
+        self, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+    ) -> str:
+        """Commits a directory checkpoint (the next step), then applies retention.
+
+        The files go to `<directory>/<step_prefix><NNNNNN>/` with a manifest
+        written last (`commit_checkpoint`). Afterwards every other
+        `<step_prefix>*` entry that retention drops, or that was never
+        committed (a crash mid-commit), is deleted.
+
+        Args:
+            files: relative destination name -> local source path.
+            metadata: JSON-serializable data for the checkpoint's manifest.
+
+        Returns:
+            The URL of the committed checkpoint directory.
+
+        Raises:
+            StorageError: when the commit or a deletion fails.
+        """
+        name = f"{self.step_prefix}{self._next_step:06d}"
+        url = join(self.directory, name)
+        commit_checkpoint(url, files, metadata)
+        self._next_step += 1
+        steps = self._steps()
+        committed = [{"path": join(self.directory, n), "step": s}
+                     for n, s in steps if self._committed(n)]
+        self.checkpoints = self.retained(committed)[0]
+        kept = {c["path"] for c in self.checkpoints}
+        for n, _ in steps:
+            if join(self.directory, n) not in kept:
+                remove(join(self.directory, n), recursive=True)
+        return url
+
+    def wait(self) -> None:
+        """Waits for the background commit of the previous save, if any, and raises its error."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def _commit(self, path: str, staged: StagedFile, claim: bool, pending: dict[str, Any],
+                index: dict[str, Any], deleting: list[str],
+                on_commit: Callable[[], None] | None) -> None:
+        """Commits `staged` to `path`, then the index, then deletes what was dropped.
+
+        `claim`: write the pending marker first (the index does not list the path
+        yet). `pending`: the marker found before this save ({} for none). After
+        a failure the marker this save wrote is removed again (best effort: the
+        original error is the one that matters); one that already named the
+        same path, from a crash, is kept.
+        """
+        self._stored = None
+        try:
+            if claim:
+                write_json(self.pending_url, {"run_id": self.run_id, "path": path})
+            staged.commit()
+        except BaseException:
+            staged.discard()
+            if claim and pending.get("path") != path:
+                with contextlib.suppress(StorageError):
+                    remove(self.pending_url)
+            raise
+        write_json(self.index_url, index)
+        if claim or pending:
+            remove(self.pending_url)
+        self._stored = (index, {})
+        for old in deleting:
+            try:
+                remove(old)
+            except StorageError as e:
+                warnings.warn(
+                    f"{self.owner}: could not delete {old!r}, which max_to_keep dropped "
+                    f"({e}); the next save retries.",
+                    stacklevel=2,
+                )
+        if on_commit is not None:
+            on_commit()
+
+    def _read_stored(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This run's index and pending marker as stored ({} for none, or for another
+        run's). After a successful commit `_stored` holds them instead, so a save to
+        an object store makes no reads; a failed commit clears it."""
+        index = read_json(self.index_url) or {}
+        pending = read_json(self.pending_url) or {}
+        return ({} if index.get("run_id") != self.run_id else index,
+                {} if pending.get("run_id") != self.run_id else pending)
+
+    def _steps(self) -> list[tuple[str, int]]:
+        """The directory checkpoints present, committed or not, as (name, step), by step."""
+        found = [(n, int(m.group(1))) for n in listdir(self.directory)
+                 if (m := self._step_re.match(n))]
+        return sorted(found, key=lambda entry: entry[1])
+
+    def _committed(self, name: str) -> bool:
+        return is_committed(join(self.directory, name))
+
+    def _require_index(self) -> str:
+        if self.index_name is None:
+            raise StorageError(
+                f"{self.owner}: single-file checkpoints in {self.directory!r} need an index. "
+                "Fix: create the CheckpointManager with index_name='...' (e.g. 'best.json')."
+            )
+        return self.index_name
+
+
+def _stage(path: str, write: Callable[[str], None]) -> StagedFile:
+    """Writes a checkpoint with `write` into a temp file that a `StagedFile` commit makes `path`."""
+    staged = StagedFile(path)
+    try:
+        try:
+            write(staged.path)
+        except OSError as e:
+            raise staged.writing_failed(e) from e
+        staged.check_written()
+    except BaseException:
+        staged.discard()
+        raise
+    return staged

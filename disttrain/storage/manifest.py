@@ -1,0 +1,171 @@
+"""Multi-file checkpoint directories: every file first, then a manifest as the commit marker.
+
+A directory is trusted only when `is_committed` says so: its manifest
+(`MANIFEST_NAME`, written last) exists and every file it lists has its size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+from disttrain.errors import StorageError
+from disttrain.storage.atomic import _json_bytes, atomic_upload, atomic_write_bytes, read_json
+from disttrain.storage.fs import _COPY_CHUNK, _wrapped, join, remove, url_to_fs
+
+MANIFEST_NAME = "disttrain_manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def _check_relative_name(name: str, url_dir: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\\" in name
+        or any(p in ("", ".", "..") for p in name.split("/"))
+        or name == MANIFEST_NAME
+    ):
+        raise StorageError(
+            f"committing checkpoint {url_dir!r} failed: {name!r} is not a valid file name. "
+            f"Fix: use relative names like 'model.weights.h5' or 'sub/part-0' (no '..', "
+            f"no leading '/', not {MANIFEST_NAME!r})."
+        )
+    return name
+
+
+def _describe_local_file(local_path: str, url_dir: str) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with _wrapped(f"reading for checkpoint {url_dir!r} the local file", local_path):
+        with open(local_path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def commit_checkpoint(
+    url_dir: str, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Commits a multi-file checkpoint: every file first, the manifest last.
+
+    Local files are hashed before anything is written, so a missing source file
+    changes nothing. An existing manifest in `url_dir` is removed before any
+    file is overwritten, so a commit that fails half-way leaves the directory
+    uncommitted rather than describing a mix of old and new files.
+
+    Args:
+        url_dir: destination directory (URL or local path).
+        files: relative destination name -> local source path.
+        metadata: JSON-serializable data stored in the manifest (epoch, metrics, ...).
+
+    Returns:
+        The manifest written to `join(url_dir, MANIFEST_NAME)`: `format`,
+        `created` (UTC ISO time), `files` (name -> `size`, `sha256`), `metadata`.
+
+    Raises:
+        StorageError: on a bad name, an unreadable source file or a failed write.
+
+    Example:
+
+    ```python
+    manifest = commit_checkpoint(
+        "gs://bucket/run/ckpt-0005",
+        {"model.weights.h5": "/tmp/scratch/model.weights.h5"},
+        {"epoch": 5, "val_loss": 0.31},
+    )
+    ```
+    """
+    described = {
+        _check_relative_name(name, url_dir): _describe_local_file(local_path, url_dir)
+        for name, local_path in files.items()
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "files": described,
+        "metadata": dict(metadata or {}),
+    }
+    manifest_bytes = _json_bytes(manifest)
+    remove(join(url_dir, MANIFEST_NAME))
+    for name, local_path in files.items():
+        atomic_upload(local_path, join(url_dir, name))
+    atomic_write_bytes(join(url_dir, MANIFEST_NAME), manifest_bytes)
+    return manifest
+
+
+def read_manifest(url_dir: str) -> dict[str, Any] | None:
+    """Reads the manifest of a checkpoint directory.
+
+    Args:
+        url_dir: checkpoint directory.
+
+    Returns:
+        The manifest dict, or `None` when the directory holds no manifest
+        (never committed, or a commit in progress / interrupted).
+
+    Raises:
+        StorageError: when the manifest cannot be read or is malformed.
+
+    Example:
+
+    ```python
+    manifest = read_manifest("gs://bucket/run/ckpt-0005")
+    epoch = manifest["metadata"]["epoch"] if manifest else None
+    ```
+    """
+    url = join(url_dir, MANIFEST_NAME)
+    manifest = read_json(url)
+    if manifest is None:
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()
+    ):
+        raise StorageError(
+            f"reading {url!r} failed: not a disttrain manifest (needs a 'files' object "
+            "mapping names to {'size': int, 'sha256': str}). Fix: remove the directory "
+            "or write it again with commit_checkpoint."
+        )
+    return manifest
+
+
+def _size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return info.get("size") if info.get("type") == "file" else None
+
+
+def is_committed(url_dir: str) -> bool:
+    """True when `url_dir` has a manifest and every file it lists exists with its size.
+
+    Args:
+        url_dir: checkpoint directory.
+
+    Raises:
+        StorageError: when the storage cannot be queried.
+
+    Example:
+
+    ```python
+    committed = [d for d in listdir(run) if is_committed(join(run, d))]
+    ```
+    """
+    manifest = read_manifest(url_dir)
+    if manifest is None:
+        return False
+    fs, path = url_to_fs(url_dir)
+    with _wrapped("checking checkpoint", url_dir):
+        for name, entry in manifest["files"].items():
+            file_path = posixpath.join(path, name)
+            fs.invalidate_cache(file_path)
+            if _size(fs, file_path) != entry["size"]:
+                return False
+    return True
