@@ -93,7 +93,7 @@ def _alternate(coord, checkpoints: dict, saves: dict, rounds: int) -> dict[str, 
             before = bytes_written()
             times[side].append(median_ms(
                 lambda e=epoch: checkpoint.on_epoch_end(e, {"loss": 1.0}), 1, warmup=0))
-            checkpoint._finish_commit()
+            checkpoint._manager.wait()
             written.append(bytes_written() - before)
     return {"commit_ms": times["sync"], "async_ms": times["async"], "save_ms": times["plain"],
             "durable_ms": times["durable"], "written": statistics.median(written)}

@@ -1,4 +1,4 @@
-"""Running benchmark functions on real localhost clusters (the test harness's `run_cluster`)."""
+"""Running benchmark functions on real localhost clusters (`disttrain.testing.run_cluster`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tests.harness import run_cluster
+from disttrain.testing import run_cluster
 
 
 class BenchmarkError(RuntimeError):

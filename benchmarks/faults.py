@@ -8,7 +8,7 @@ First one uninterrupted job gives the reference weights. Then, for each seed,
 `random.Random(seed)` picks a victim rank and a global step; the victim SIGKILLs
 itself after that step of attempt 0 of a real job under
 `python -m launch.local --max-restarts 1` with
-`BackupAndRestore(save_freq="epoch")` (`tests.fault_workloads.fault_train`).
+`BackupAndRestore(save_freq="epoch")` (`benchmarks.fault_workloads.fault_train`).
 A seed is `ok` when the job exits 0 after exactly 2 attempts, every worker ran
 the planned epochs (resuming at the interrupted one) and ended with weights
 within 1e-5 of the reference; otherwise the row says what went wrong. Prints
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from tests.fault_workloads import (
+from benchmarks.fault_workloads import (
     max_weight_diff,
     plan_fault,
     restart_problems,

@@ -1,4 +1,4 @@
-"""Launcher: `launch.local` vs bare subprocesses (the harness: Popen with TF_CONFIG).
+"""Launcher: `launch.local` vs bare subprocesses with TF_CONFIG (`disttrain.testing.run_cluster`).
 
 Time to first training step: from starting the launcher (or the processes) to the
 end of the first training step of a small model on every worker. Teardown: a
@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.report import Goal, Row, Stat, ratio_row
 from benchmarks.settings import Settings
-from tests.harness import REPO_ROOT, function_command, run_cluster, worker_env
+from disttrain.testing import function_command, run_cluster, worker_env
 
 FAILED_EXIT = 3
 
@@ -57,7 +57,7 @@ def probe(marker: str, fail_rank: int) -> dict[str, Any]:
 def _launch_local(kwargs: dict[str, Any], workers: int) -> None:
     command = [sys.executable, "-m", "launch.local", "--workers", str(workers), "--",
                *function_command(probe, kwargs)]
-    subprocess.run(command, env=worker_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+    subprocess.run(command, env=worker_env(), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300, check=False)
 
 

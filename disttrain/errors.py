@@ -1,7 +1,11 @@
-"""Exception types raised by disttrain.
+"""Exception types raised by disttrain, and the exit codes of its processes.
 
 Every error names the bad value and says how to fix it. They all derive from
 `DisttrainError`, so `except disttrain.DisttrainError` catches any of them.
+
+Exit codes are the form an error takes between processes (a worker, a
+launcher, a pod): each has one name here, which the launchers, the Kubernetes
+manifests and the workers share. Importing this module imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,9 +39,21 @@ class StrategyError(DisttrainError, RuntimeError):
     """The distribution strategy cannot be created as asked."""
 
 
-PREEMPTED_EXIT_CODE = 75
+EXIT_CONFIG_ERROR = 2
+"""A configuration error found before training (bad arguments, environment or TF_CONFIG):
+retrying cannot help, so the Kubernetes manifests fail the job at once."""
+EXIT_PEERS_UNREACHABLE = 3
+"""`launch.entrypoint` did not meet every peer within its `--peer-timeout`."""
 STALLED_EXIT_CODE = 70
 """Exit code of a worker that `disttrain.liveness` found stuck while its peers waited."""
+PREEMPTED_EXIT_CODE = 75
+"""A worker stopped for a preemption after saving a backup (`EX_TEMPFAIL`): restart it."""
+EXIT_TIMEOUT = 124
+"""`launch.local` stopped a job that ran past `--timeout` or `--startup-timeout`."""
+EXIT_CANNOT_EXECUTE = 126
+"""The command exists but cannot be executed (as in POSIX shells)."""
+EXIT_COMMAND_NOT_FOUND = 127
+"""The command was not found (as in POSIX shells)."""
 
 
 class Preempted(SystemExit):

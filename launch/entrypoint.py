@@ -77,8 +77,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, Cluster, parse_address, validate_run_id
-from disttrain.errors import ClusterConfigError
+from disttrain.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_COMMAND_NOT_FOUND,
+    EXIT_CONFIG_ERROR,
+    EXIT_PEERS_UNREACHABLE,
+    ClusterConfigError,
+)
 from launch import tf_config
+from launch.cli import split_command
 
 ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
 ENV_JOB_NAME = "DISTTRAIN_JOB_NAME"
@@ -93,8 +100,6 @@ ENV_PORT = "DISTTRAIN_PORT"
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"  # set by the Job controller, 1.27+
 JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"  # set by the JobSet controller, v0.9.0+
 
-EXIT_CONFIG_ERROR = 2
-EXIT_PEERS_UNREACHABLE = 3
 # Long enough for a node to be added by an autoscaler and pull a TensorFlow image.
 DEFAULT_PEER_TIMEOUT = 600.0
 
@@ -346,12 +351,10 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help=f"how long to wait to meet every peer: its name resolves, its port accepts TCP, "
              f"and it has reached this task (default {DEFAULT_PEER_TIMEOUT:g})",
     )
-    argv = list(argv)
-    if "--" not in argv:
+    options, command = split_command(argv)
+    if command is None:
         parser.error("no command: put it after '--', e.g. -- python train.py")
-    split = argv.index("--")
-    args = parser.parse_args(argv[:split])
-    command = argv[split + 1:]
+    args = parser.parse_args(options)
     if not command:
         parser.error("no command after '--', e.g. -- python train.py")
     if not args.peer_timeout > 0:
@@ -390,11 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError:
         print(f"launch.entrypoint: error: command not found: {command[0]!r}",
               file=sys.stderr, flush=True)
-        return 127
+        return EXIT_COMMAND_NOT_FOUND
     except PermissionError as e:
         print(f"launch.entrypoint: error: cannot run {command[0]!r}: {e}",
               file=sys.stderr, flush=True)
-        return 126
+        return EXIT_CANNOT_EXECUTE
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ account); with a key file, `--gcp-key-secret SECRET` mounts the Secret's `key.js
 `GOOGLE_APPLICATION_CREDENTIALS` at it.
 
 Invalid input exits with code 2 and a message naming the option and the fix. Nothing here
-imports TensorFlow, and the YAML is written without a YAML library.
+imports TensorFlow; the YAML is written with PyYAML.
 """
 
 from __future__ import annotations
@@ -52,16 +52,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import decimal
-import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+
 from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, new_run_id, validate_run_id
-from disttrain.errors import PREEMPTED_EXIT_CODE, ClusterConfigError, DisttrainError
+from disttrain.errors import (
+    EXIT_CONFIG_ERROR,
+    PREEMPTED_EXIT_CODE,
+    ClusterConfigError,
+    DisttrainError,
+)
 from launch import entrypoint
+from launch.cli import split_command
 
 FORMATS = ("job", "jobset", "tfjob")
 ENV_CHECKPOINT_URL = "DISTTRAIN_CHECKPOINT_URL"
@@ -388,7 +395,7 @@ def _indexed_job_spec(config: JobConfig, backoff_limit: int,
         "podFailurePolicy": {"rules": [
             {"action": "FailJob",
              "onExitCodes": {"containerName": "worker", "operator": "In",
-                             "values": [entrypoint.EXIT_CONFIG_ERROR]}},
+                             "values": [EXIT_CONFIG_ERROR]}},
             {"action": "Ignore",
              "onExitCodes": {"containerName": "worker", "operator": "In",
                              "values": [PREEMPTED_EXIT_CODE]}},
@@ -475,6 +482,8 @@ def manifests(config: JobConfig) -> list[dict[str, Any]]:
     return [_tfjob(config)]
 
 
+# Strings written plain; every other string is double-quoted. Stricter than YAML needs: no
+# word that any YAML 1.1 parser (Kubernetes's included) reads as a bool or null stays plain.
 _PLAIN = re.compile(r"(?:[A-Za-z_/$]|-[-A-Za-z])[A-Za-z0-9_./:=@+$()-]*")
 _YAML_KEYWORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "~"}
 # yamllint's default line length. It lets a longer line through only when it is a single word
@@ -482,49 +491,49 @@ _YAML_KEYWORDS = {"y", "yes", "n", "no", "true", "false", "on", "off", "null", "
 _LINE_LIMIT = 80
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        plain = (_PLAIN.fullmatch(value) and not value.endswith(":")
-                 and value.lower() not in _YAML_KEYWORDS)
-        return value if plain else json.dumps(value)
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as YAML")
+class _ManifestDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper in the house style of the manifests: lists indented under their
+    key, double quotes only, a long single-word mapping value folded onto its own line."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+    def choose_scalar_style(self) -> str:
+        style = super().choose_scalar_style()
+        value = self.event.value
+        if (self.mapping_context and not self.simple_key_context and not self.flow_level
+                and self.analysis.allow_block and value and value.isprintable() and not any(c.isspace() for c in value)):
+            width = len(value) + (0 if style == "" else 2 + value.count('"') + value.count("\\"))
+            if self.column + 1 + width > _LINE_LIMIT:
+                return ">"
+        return '"' if style == "'" else style
 
 
-def _block(value: Any, indent: int) -> list[str]:
-    """Block-style YAML lines for a non-empty dict or list, indented by `indent` spaces."""
-    pad = " " * indent
-    lines: list[str] = []
-    items = value.items() if isinstance(value, dict) else enumerate(value)
-    for key, item in items:
-        lead = f"{pad}{_scalar(key)}:" if isinstance(value, dict) else f"{pad}-"
-        if isinstance(item, dict | list) and item:
-            nested = _block(item, indent + 2)
-            if isinstance(value, dict):
-                lines += [lead, *nested]
-            else:
-                lines += [f"{lead} {nested[0].lstrip()}", *nested[1:]]
-        elif isinstance(item, dict | list):
-            lines.append(f"{lead} {'{}' if isinstance(item, dict) else '[]'}")
-        elif (isinstance(value, dict) and isinstance(item, str) and item.isprintable()
-              and item and not any(c.isspace() for c in item)
-              and len(f"{lead} {_scalar(item)}") > _LINE_LIMIT):
-            # A folded block scalar holding one line: the text as is, no quoting needed.
-            lines += [f"{lead} >-", f"{pad}  {item}"]
-        else:
-            lines.append(f"{lead} {_scalar(item)}")
-    return lines
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    plain = (_PLAIN.fullmatch(value) and not value.endswith(":")
+             and value.lower() not in _YAML_KEYWORDS)
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain else '"')
+
+
+_ManifestDumper.add_representer(str, _represent_str)
 
 
 def to_yaml(documents: Sequence[dict[str, Any]]) -> str:
-    """YAML for `documents`: block style, strings quoted (JSON style) only where needed."""
-    out = ["# Generated by `python -m launch.k8s`; regenerate instead of editing."]
-    for document in documents:
-        out += ["---", *_block(document, 0)]
-    return "\n".join(out) + "\n"
+    """YAML for `documents` (PyYAML): block style, strings quoted only where needed.
+
+    Example:
+
+    >>> print(to_yaml([{"kind": "Service", "spec": {"ports": [{"port": 2222}]}}]), end="")
+    # Generated by `python -m launch.k8s`; regenerate instead of editing.
+    ---
+    kind: Service
+    spec:
+      ports:
+        - port: 2222
+    """
+    body = yaml.dump_all(documents, Dumper=_ManifestDumper, explicit_start=True,
+                         sort_keys=False, default_flow_style=False)
+    return f"# Generated by `python -m launch.k8s`; regenerate instead of editing.\n{body}"
 
 
 def _parse_env(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -578,14 +587,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = parser.parse_args(argv[:split])
+    options, command = split_command(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
     try:
         config = JobConfig(
             name=args.name, workers=args.workers, image=args.image,
-            command=tuple(argv[split + 1:]), namespace=args.namespace, cpu=args.cpu,
+            command=tuple(command or ()), namespace=args.namespace, cpu=args.cpu,
             memory=args.memory, gpus=args.gpus, port=args.port,
             checkpoint_url=args.checkpoint_url, service_account=args.service_account,
             gcp_key_secret=args.gcp_key_secret, env=_parse_env(args.env), run_id=args.run_id,

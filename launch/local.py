@@ -35,14 +35,13 @@ from disttrain.cluster import (
     parse_address,
     validate_run_id,
 )
-from disttrain.errors import ClusterConfigError
+from disttrain.errors import EXIT_CANNOT_EXECUTE, EXIT_TIMEOUT, ClusterConfigError
 from launch import procs
+from launch.cli import split_command
 from launch.output import Console
 from launch.tf_config import TaskSpec, cluster_specs, local_addresses
 
 DEFAULT_COMMAND = (sys.executable, "-m", "disttrain.demo")
-EXIT_TIMEOUT = 124
-EXIT_CANNOT_EXECUTE = 126
 MAX_PORT_CLASH_RELAUNCHES = 3
 
 # How a task reports that its port was taken between portpicker's check and its
@@ -251,14 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> LaunchConfig:
     """Parses and validates the command line; exits with code 2 on any error."""
     parser = build_parser()
-    argv = list(argv)
-    command: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
-        if not command:
-            parser.error("no command after '--'")
-    ns, extra = parser.parse_known_args(argv)
+    options, command = split_command(argv)
+    if command == []:
+        parser.error("no command after '--'")
+    ns, extra = parser.parse_known_args(options)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)} "
                      "(put the command to run after '--')")
@@ -275,7 +270,7 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
             parser.error(problem)
     return LaunchConfig(
         workers=ns.workers, chief=ns.chief, evaluator=ns.evaluator, host=ns.host,
-        command=tuple(command) or DEFAULT_COMMAND, grace=ns.grace,
+        command=tuple(command or DEFAULT_COMMAND), grace=ns.grace,
         max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
         log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, dry_run=ns.dry_run,
         threads_per_worker=ns.threads_per_worker, **overrides,

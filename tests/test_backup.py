@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+from disttrain.testing import function_command, run_cluster, worker_env
 from tests import callback_workloads
-from tests.harness import REPO_ROOT, function_command, run_cluster, worker_env
+from tests.processes import REPO_ROOT
 
 keras = pytest.importorskip("keras")
 

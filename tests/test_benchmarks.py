@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.harness import REPO_ROOT, worker_env
+from disttrain.testing import worker_env
+from tests.processes import REPO_ROOT
 
 
 @pytest.mark.slow

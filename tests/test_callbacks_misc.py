@@ -26,13 +26,9 @@ from disttrain.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from disttrain.callbacks.tensorboard import TensorBoard
 from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
 from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.testing import run_cluster, worker_env
 from tests import callback_workloads_misc as workloads
-from tests.harness import (
-    can_make_read_only_views,
-    read_only_view,
-    run_cluster,
-    worker_env,
-)
+from tests.processes import can_make_read_only_views, read_only_view
 
 TRAIN_SAMPLES = 10
 TEST_SAMPLES = 10

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.harness import REPO_ROOT, worker_env
+from disttrain.testing import worker_env
+from tests.processes import REPO_ROOT
 
 
 def _run(args, cwd, timeout=300):

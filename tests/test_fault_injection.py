@@ -2,7 +2,7 @@
 
 Each seed picks (victim rank, global step) with `random.Random(seed)`; on
 attempt 0 the victim kills itself with SIGKILL after that step (a callback of
-`tests.fault_workloads.fault_train`). Under `launch.local --max-restarts 1` with
+`benchmarks.fault_workloads.fault_train`). Under `launch.local --max-restarts 1` with
 `BackupAndRestore(save_freq="epoch")` the job must then succeed on attempt 1,
 resuming at the epoch the kill interrupted, run the planned epochs in all, and
 end with the weights of an uninterrupted run (the data order is deterministic).
@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from tests.fault_workloads import plan_fault, restart_problems, run_fault_job
+from benchmarks.fault_workloads import plan_fault, restart_problems, run_fault_job
 
 WORKERS = 2
 EPOCHS = 4

@@ -7,8 +7,8 @@ import uuid
 import numpy as np
 import pytest
 
+from disttrain.testing import run_cluster
 from tests import callback_workloads
-from tests.harness import run_cluster
 
 keras = pytest.importorskip("keras")
 

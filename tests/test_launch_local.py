@@ -23,10 +23,9 @@ import uuid
 import pytest
 
 from disttrain.cluster import Cluster
+from disttrain import testing
 from launch.local import PORT_CLASH
 from launch.output import LineSplitter
-from tests import harness
-from tests.harness import processes_with_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "launch_workers" / "worker.py")
@@ -38,11 +37,11 @@ pytestmark = pytest.mark.timeout(60)
 
 def marked_pids(marker: str) -> list[int]:
     """Live processes whose environment carries this test's marker."""
-    return processes_with_env(MARKER_ENV, marker)
+    return testing.processes_with_env(MARKER_ENV, marker)
 
 
 def wait_gone(marker: str, within: float) -> list[int]:
-    return harness.wait_gone(MARKER_ENV, marker, within)
+    return testing.wait_gone(MARKER_ENV, marker, within)
 
 
 class Launch:

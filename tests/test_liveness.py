@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from disttrain.testing import run_cluster
 from tests import coordination_workloads as work
-from tests.harness import run_cluster
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,6 +1,6 @@
-"""Training scripts for the bad-input matrix and the fault-injection tests.
+"""Training scripts for fault injection (`python -m benchmarks.faults`, the tests).
 
-Both run under `python -m launch.local` through `tests._worker`:
+Both run under `python -m launch.local` as `disttrain.testing.function_command`s:
 
 - `checkpoint_train` trains a small model with ModelCheckpoint and EarlyStopping
   whose arguments the bad-input cases make wrong (monitor, filepath template,
@@ -10,7 +10,7 @@ Both run under `python -m launch.local` through `tests._worker`:
   `DISTTRAIN_FAULT_STEP`; it records every finished epoch and its final weights
   under `result_dir`, so a test can compare a restarted job with an
   uninterrupted one. `run_fault_job` runs it under the launcher and collects
-  what it left (tests/test_fault_injection.py and benchmarks/faults.py).
+  what it left (benchmarks/faults.py and tests/test_fault_injection.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import signal
 
 import numpy as np
 
-from tests.harness import LaunchedJob, function_command, run_launcher
+from disttrain.testing import LaunchedJob, function_command, run_launcher
 
 ENV_FAULT_RANK = "DISTTRAIN_FAULT_RANK"
 ENV_FAULT_STEP = "DISTTRAIN_FAULT_STEP"
