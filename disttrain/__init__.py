@@ -41,6 +41,7 @@ _LAZY = {
     "coordination": ("disttrain.coordination", None),
     "storage": ("disttrain.storage", None),
     "keras_compat": ("disttrain.keras_compat", None),
+    "testing": ("disttrain.testing", None),
 }
 
 __all__ = [
