@@ -28,3 +28,22 @@ def gcs(gcs_server, monkeypatch):
     yield gcs_server
     calls = [r for r in gcs_server.requests_since(offset) if any(c in r for c in RENAME_CALLS)]
     assert calls == [], f"gs:// writes must be single uploads, never copies/moves: {calls}"
+
+
+@pytest.fixture(scope="session")
+def callbacks_cluster(tmp_path_factory):
+    """One 2-worker cluster running every scenario of tests/shared_cluster_workloads.py,
+    shared by the multi-worker tests of ReduceLROnPlateau, CSVLogger, TensorBoard and
+    TerminateOnNaN."""
+    from disttrain.testing import run_cluster
+    from tests import shared_cluster_workloads
+
+    workdir = tmp_path_factory.mktemp("misc-callbacks")
+    for name in ("csv", "tb_off", "tb_scratch"):
+        os.makedirs(workdir / name)
+        os.chmod(workdir / name, 0o755)
+    (workdir / "blocker").write_text("a file where the CSV directory should be")
+    run = run_cluster(shared_cluster_workloads.misc_callbacks, 2,
+                      kwargs={"workdir": str(workdir)}, timeout=360).assert_ok()
+    assert [r["rank"] for r in run.results] == [0, 1]
+    return workdir, run.results

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from disttrain.testing import function_command, run_cluster, worker_env
-from tests import callback_workloads
+from tests import checkpoint_workloads
 from tests.processes import REPO_ROOT
 
 keras = pytest.importorskip("keras")
@@ -159,13 +159,13 @@ def _reference_and_restarted(tmp_path, grace: int, job: dict | None = None,
     `launch.local --max-restarts 1`: (reference result, launcher process, attempt-1 results).
     `job` holds further resume_job arguments for both runs."""
     reference = run_cluster(
-        callback_workloads.resume_job, 2,
+        checkpoint_workloads.resume_job, 2,
         kwargs={"result_dir": str(tmp_path), "backup_dir": str(tmp_path / "ref-backup"),
                 **(job or {})},
     ).assert_ok().results[0]
     results = tmp_path / "restarted"
     results.mkdir()
-    command = function_command(callback_workloads.resume_job, {
+    command = function_command(checkpoint_workloads.resume_job, {
         "result_dir": str(results), "backup_dir": str(tmp_path / "backup-{run_id}"),
         **(job or {}), **fault})
     proc = subprocess.run(
@@ -328,7 +328,7 @@ def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path):
 
     directory = tmp_path / "backup"
     rng = random.Random(1)
-    command = function_command(callback_workloads.backup_forever, {"directory": str(directory)})
+    command = function_command(checkpoint_workloads.backup_forever, {"directory": str(directory)})
     env = worker_env({"DISTTRAIN_RUN_ID": "backup-crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
     resumed_at = []
@@ -399,7 +399,7 @@ def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_
 
     results = tmp_path / "results"
     results.mkdir()
-    command = function_command(callback_workloads.resume_job, {
+    command = function_command(checkpoint_workloads.resume_job, {
         "result_dir": str(results), "backup_dir": str(tmp_path / "backup"), "epochs": 400})
     launcher = [sys.executable, "-m", "launch.local", "--workers", "2", "--run-id", "term-run",
                 "--grace", "30", "--", *command]
@@ -425,7 +425,7 @@ def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_
     assert (metadata["epoch"] + 1, metadata["batches"]) == (epoch, batch)
     again = subprocess.run(
         [*launcher[:launcher.index("--grace")], "--", *function_command(
-            callback_workloads.resume_job, {"result_dir": str(results),
+            checkpoint_workloads.resume_job, {"result_dir": str(results),
                                             "backup_dir": str(tmp_path / "backup"),
                                             "epochs": epoch})],
         env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

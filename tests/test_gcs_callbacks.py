@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from disttrain.testing import run_cluster
-from tests import callback_workloads
+from tests import checkpoint_workloads
 
 keras = pytest.importorskip("keras")
 
@@ -28,7 +28,7 @@ def test_checkpoints_from_two_workers_to_gcs(gcs, gcs_env, async_commit):
     """With async_commit the uploads run in the chief's background thread."""
     base = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
     run = run_cluster(
-        callback_workloads.checkpoint_job, 2, env=gcs_env,
+        checkpoint_workloads.checkpoint_job, 2, env=gcs_env,
         kwargs={"filepath": base + "/{run_id}/m-{epoch}.keras", "epochs": 3, "max_to_keep": 2,
                 "async_commit": async_commit},
     ).assert_ok()
@@ -47,7 +47,7 @@ def test_checkpoints_from_two_workers_to_gcs(gcs, gcs_env, async_commit):
 def test_backup_and_restore_on_gcs(gcs, gcs_env, tmp_path):
     backup = f"gs://{gcs.bucket}/{uuid.uuid4().hex}/backup"
     run = run_cluster(
-        callback_workloads.resume_job, 2, env=gcs_env,
+        checkpoint_workloads.resume_job, 2, env=gcs_env,
         kwargs={"result_dir": str(tmp_path), "backup_dir": backup, "epochs": 2},
     ).assert_ok()
     assert run.results[0]["weights"] == run.results[1]["weights"]
@@ -55,7 +55,7 @@ def test_backup_and_restore_on_gcs(gcs, gcs_env, tmp_path):
     assert names == ["backup-000001"], names
     assert storage.is_committed(storage.join(backup, names[0]))
     again = run_cluster(
-        callback_workloads.resume_job, 2, env=gcs_env,
+        checkpoint_workloads.resume_job, 2, env=gcs_env,
         kwargs={"result_dir": str(tmp_path), "backup_dir": backup, "epochs": 2},
     ).assert_ok()
     assert [r["epochs_run"] for r in again.results] == [0, 0], "both restored the finished run"

@@ -1,4 +1,6 @@
-"""Worker functions for the multi-worker tests of tests/test_callbacks_misc.py.
+"""Worker functions for the multi-worker tests of ReduceLROnPlateau, CSVLogger, TensorBoard
+and TerminateOnNaN (tests/test_<callback>.py), run by the `callbacks_cluster` fixture of
+tests/conftest.py.
 
 `misc_callbacks` runs every scenario, one after the other, in one cluster (a
 cluster start costs more than the scenarios): ReduceLROnPlateau, CSVLogger,

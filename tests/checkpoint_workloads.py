@@ -202,3 +202,12 @@ def backup_forever(directory: str, epochs: int = 300) -> dict:
     history = model.fit(x, x[:, :1], batch_size=16, epochs=epochs, verbose=0, callbacks=[
         callbacks.BackupAndRestore(directory, delete_checkpoint=False), Ready()])
     return {"epochs_run": len(history.history.get("loss", []))}
+
+
+def results_without_errors(run) -> list:
+    """Test side: the workers' results of a finished `run_cluster` of `checkpoint_job`,
+    after checking every worker exited 0 and reported no error."""
+    run.assert_ok()
+    errors = [r["error"] for r in run.results]
+    assert errors == [None] * len(errors), run.report()
+    return run.results
