@@ -18,9 +18,13 @@ import signal
 import threading
 from typing import Any
 
-from disttrain import coordination, keras_compat, liveness
+from disttrain._tf import require_tensorflow
 from disttrain.cluster import Cluster
 from disttrain.errors import StrategyError
+
+require_tensorflow("disttrain.strategy()")
+
+from disttrain import coordination, keras_compat, liveness  # noqa: E402 (imports Keras)
 
 IMPLEMENTATIONS = ("auto", "ring", "nccl")
 

@@ -39,6 +39,19 @@ class StrategyError(DisttrainError, RuntimeError):
     """The distribution strategy cannot be created as asked."""
 
 
+class InputMismatchError(DisttrainError, ValueError):
+    """Workers' unsharded inputs differ where TensorFlow shards them by element.
+
+    Each worker would take every N-th batch of a different order, so some samples
+    would be counted twice and others not at all. Raised on every worker before
+    the first step of `fit`, `evaluate` or `predict`.
+    """
+
+
+class MissingDependencyError(DisttrainError, ImportError):
+    """A package disttrain needs for what was asked (TensorFlow, Keras 3) is not installed."""
+
+
 EXIT_CONFIG_ERROR = 2
 """A configuration error found before training (bad arguments, environment or TF_CONFIG):
 retrying cannot help, so the Kubernetes manifests fail the job at once."""

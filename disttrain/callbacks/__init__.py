@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from disttrain._tf import require_tensorflow
+
+require_tensorflow("disttrain.callbacks")
+
 _EXPORTS = {
     "DistributedCallback": "disttrain.callbacks.base",
     "ModelCheckpoint": "disttrain.callbacks.model_checkpoint",
