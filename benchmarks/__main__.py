@@ -24,6 +24,7 @@ from benchmarks import (
     batchnorm,
     checkpoint,
     early_stopping,
+    input_check,
     launcher,
     scaling,
     train_step,
@@ -32,7 +33,7 @@ from benchmarks import (
 from benchmarks.report import Row, table
 from benchmarks.settings import FULL, QUICK, SMOKE, Settings
 
-SECTIONS = ("train", "checkpoint", "early_stopping", "launcher")
+SECTIONS = ("train", "input_check", "checkpoint", "early_stopping", "launcher")
 
 
 def machine() -> str:
@@ -60,6 +61,10 @@ def _train(settings: Settings) -> tuple[list[Row], str]:
             + scaling.rows(measured, settings), scaling.model(measured, settings))
 
 
+def _input_check(settings: Settings) -> tuple[list[Row], str]:
+    return input_check.rows(input_check.measure(settings), settings), ""
+
+
 def _checkpoint(settings: Settings) -> tuple[list[Row], str]:
     return checkpoint.rows(checkpoint.measure(settings), settings), ""
 
@@ -73,7 +78,8 @@ def _launcher(settings: Settings) -> tuple[list[Row], str]:
 
 
 RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
-    "train": _train, "checkpoint": _checkpoint, "early_stopping": _early_stopping,
+    "train": _train, "input_check": _input_check, "checkpoint": _checkpoint,
+    "early_stopping": _early_stopping,
     "launcher": _launcher,
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from disttrain.keras_compat import versions
 from disttrain.testing import run_cluster
 from tests import workloads
 
@@ -183,7 +184,11 @@ def test_numpy_shuffle_replays_one_permutation_per_new_iterator():
     new_iterators, repeated = first_batches(False), first_batches(True)
     assert new_iterators[0] == new_iterators[1] == new_iterators[2]
     assert repeated[0] == new_iterators[0]
-    assert repeated[1] != repeated[0] and repeated[2] != repeated[1]
+    if versions.release(keras.__version__) >= (3, 16):
+        # keras-nightly 3.16 replays its permutation on every pass too: no difference.
+        assert repeated == new_iterators
+    else:
+        assert repeated[1] != repeated[0] and repeated[2] != repeated[1]
     for permutation in repeated:
         assert sorted(permutation) == x.tolist()
 

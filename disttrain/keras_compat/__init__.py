@@ -3,8 +3,9 @@
 One module per fix; each is applied only when the defective code is present in
 the installed Keras (detected from its source), so an upstream fix switches ours
 off by itself. `apply()` also installs the stop agreement (any worker's stop
-ends `fit` everywhere, whatever the callbacks' order). What each fix does, why,
-and how it differs from Keras: `docs/keras_compat.md`.
+ends `fit` everywhere, whatever the callbacks' order) and the input check (every
+worker's input must start identically where TensorFlow shards it by element).
+What each fix does, why, and how it differs from Keras: `docs/keras_compat.md`.
 
 Example:
 
@@ -22,15 +23,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from types import ModuleType
 
 from disttrain.errors import KerasCompatError
 from disttrain.keras_compat import (
     batchnorm,
+    detection,
     epoch_iterator,
+    input_check,
     scalar_reduction,
     stop_agreement,
     steps_per_execution,
     symbolic_build,
+    versions,
 )
 from disttrain.keras_compat.batchnorm import sync_batchnorm_statistics
 
@@ -47,20 +52,24 @@ _checked = False
 
 
 def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Applies every fix the installed Keras needs, and the stop agreement, once per process.
+    """Applies every fix the installed Keras needs, the stop agreement and the input check,
+    once per process.
 
     Safe to call many times and from several threads: the first call decides.
     Does nothing when `DISTTRAIN_KERAS_COMPAT=0`.
 
     Args:
-        skip: names of fixes to leave out (to measure what a fix changes).
+        skip: names of fixes to leave out (to measure what a fix changes), and
+            `"input_check"` to leave out the input check.
 
     Returns:
         The applied fixes: name → upstream reference.
 
     Raises:
-        KerasCompatError: when Keras is not version 3 on the TensorFlow backend,
-            or `skip` names an unknown fix.
+        KerasCompatError: before anything is patched, when Keras or TensorFlow is
+            outside the supported range (`versions.py`), Keras is not on the
+            TensorFlow backend, a fix cannot find the Keras code it patches, or
+            `skip` names an unknown fix.
 
     Example:
 
@@ -69,11 +78,11 @@ def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
     ```
     """
     global _checked
-    unknown = set(skip) - {fix.NAME for fix in _FIXES}
+    skippable = [fix.NAME for fix in _FIXES] + [input_check.NAME]
+    unknown = set(skip) - set(skippable)
     if unknown:
         raise KerasCompatError(
-            f"skip={sorted(unknown)!r} names no fix. Fix: use names from "
-            f"{[fix.NAME for fix in _FIXES]!r}."
+            f"skip={sorted(unknown)!r} names no fix. Fix: use names from {skippable!r}."
         )
     if os.environ.get(ENV_DISABLE, "1") == "0":
         return {}
@@ -81,25 +90,46 @@ def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
         if _checked:
             return dict(_applied)
         import keras
+        import tensorflow as tf
 
-        major = int(keras.__version__.split(".")[0])
-        if major != 3 or keras.backend.backend() != "tensorflow":
+        versions.check(keras.__version__, tf.__version__)
+        if keras.backend.backend() != "tensorflow":
             raise KerasCompatError(
-                f"disttrain needs Keras 3 on the TensorFlow backend; found keras=="
-                f"{keras.__version__} with backend {keras.backend.backend()!r}. Fix: "
-                "pip install 'keras>=3' and set KERAS_BACKEND=tensorflow."
+                f"disttrain needs Keras on the TensorFlow backend; found backend "
+                f"{keras.backend.backend()!r}. Fix: set KERAS_BACKEND=tensorflow."
             )
+        needed = {fix.NAME: _is_needed(fix, keras.__version__) for fix in _FIXES
+                  if fix.NAME not in skip}
         for fix in _FIXES:
             if fix.NAME in skip:
                 _log.warning("keras_compat: %s skipped on request", fix.NAME)
-            elif fix.is_needed():
+            elif needed[fix.NAME]:
                 fix.install()
                 _applied[fix.NAME] = fix.UPSTREAM
             else:
                 _log.info("keras_compat: %s not needed for keras %s", fix.NAME, keras.__version__)
         stop_agreement.install()
+        if input_check.NAME in skip:
+            _log.warning("keras_compat: %s skipped on request", input_check.NAME)
+        else:
+            input_check.install()
         _checked = True
         return dict(_applied)
+
+
+def _is_needed(fix: ModuleType, keras_version: str) -> bool:
+    """`fix.is_needed()`; a `KerasCompatError` naming the fix when its target is missing."""
+    try:
+        return fix.is_needed()
+    except (detection.TargetNotFound, ImportError) as e:
+        raise KerasCompatError(
+            f"keras_compat fix {fix.NAME!r} cannot find the Keras code it patches in "
+            f"keras=={keras_version} ({e}); without it multi-worker training fails or "
+            f"differs from Keras (docs/keras_compat.md#{fix.NAME}). Fix: pip install "
+            f"{' '.join(repr(r) for r in versions.requirements())}, or go on without this "
+            f"fix knowingly: disttrain.keras_compat.apply(skip=({fix.NAME!r},)) before "
+            "disttrain.strategy()."
+        ) from e
 
 
 def applied() -> dict[str, str]:

@@ -23,10 +23,20 @@ _sync_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def is_needed() -> bool:
-    """Whether BatchNormalization creates its statistics without an aggregation."""
+    """Whether BatchNormalization creates its statistics without an aggregation.
+
+    Raises:
+        detection.TargetNotFound: `BatchNormalization.build` no longer creates
+            `moving_mean`, or the trainer's `evaluate`/`predict` is missing.
+    """
     from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
-    return not detection.source_contains(BatchNormalization.build, "aggregation")
+    for name in ("evaluate", "predict"):
+        detection.find(detection.trainer_class(), name)
+    build = detection.find(BatchNormalization, "build")
+    if not detection.source_contains(build, "moving_mean"):
+        raise detection.TargetNotFound("BatchNormalization.build does not create moving_mean")
+    return not detection.source_contains(build, "aggregation")
 
 
 def install() -> None:
@@ -34,7 +44,7 @@ def install() -> None:
     global _installed
     from keras.src.callbacks.callback_list import CallbackList
 
-    trainer = detection.tf_trainer()
+    trainer_class = detection.trainer_class()
 
     def synced_first(method, model_of):
         @functools.wraps(method)
@@ -47,8 +57,7 @@ def install() -> None:
         return wrapper
 
     for name in ("evaluate", "predict"):
-        setattr(trainer.TensorFlowTrainer, name,
-                synced_first(getattr(trainer.TensorFlowTrainer, name), lambda m: m))
+        setattr(trainer_class, name, synced_first(getattr(trainer_class, name), lambda m: m))
     for name in ("on_epoch_end", "on_train_end"):
         setattr(CallbackList, name,
                 synced_first(getattr(CallbackList, name), lambda c: getattr(c, "model", None)))

@@ -25,7 +25,7 @@ import functools
 import itertools
 import threading
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import detection, versions
 
 NAME = "persistent_epoch_iterator"
 UPSTREAM = ("measured here (keras 3.15.1): a new distributed iterator twice per epoch and a "
@@ -38,11 +38,23 @@ _pending_skip = 0
 
 
 def is_needed() -> bool:
-    """Whether Keras makes a new input iterator per epoch when `steps_per_epoch` is None."""
+    """Whether Keras makes a new input iterator per epoch when `steps_per_epoch` is None.
+
+    Raises:
+        detection.TargetNotFound: Keras's epoch iterators no longer keep their
+            input iterator in `_current_iterator` and their distributed dataset in
+            `_distributed_dataset`, where the wrapper reads them.
+    """
     from keras.src.trainers.epoch_iterator import EpochIterator
 
-    return detection.source_contains(EpochIterator._enumerate_iterator,
-                                     "self.steps_per_epoch is None",
+    tf_epoch_iterator = detection.find(detection.tf_trainer(), "TFEpochIterator")
+    enumerate_steps = detection.find(EpochIterator, "_enumerate_iterator")
+    if not (detection.source_contains(enumerate_steps, "self._current_iterator")
+            and detection.source_contains(tf_epoch_iterator, "self._distributed_dataset")):
+        raise detection.TargetNotFound(
+            "EpochIterator._enumerate_iterator or TFEpochIterator changed: no "
+            "_current_iterator or _distributed_dataset")
+    return detection.source_contains(enumerate_steps, "self.steps_per_epoch is None",
                                      "self._current_iterator = iter(self._get_iterator())")
 
 
@@ -96,9 +108,12 @@ def _wrap_once() -> None:
     with _lock:
         if _wrapped:
             return
+        import keras
+
         cls = detection.tf_trainer().TFEpochIterator
         original_init, original_reset = cls.__init__, cls.reset
         original_enumerate = cls._enumerate_iterator
+        ranges = versions.step_ranges(keras.__version__)
 
         @functools.wraps(original_init)
         def __init__(self, *args, **kwargs):
@@ -122,23 +137,27 @@ def _wrap_once() -> None:
         @functools.wraps(original_enumerate)
         def _enumerate_iterator(self):
             skip = _take_skip()
+            steps = original_enumerate(self)
+            if not ranges:
+                steps = ((step, step + self.steps_per_execution - 1, iterator)
+                         for step, iterator in steps)
             if getattr(self, "_disttrain_persistent", False):
-                steps = _one_pass(self, original_enumerate)
-            else:
-                steps = original_enumerate(self)
+                steps = _one_pass(self, steps)
             if skip:
                 steps = _skip(steps, skip)
-            yield from steps
+            # Keras's own shape: `(begin, end, iterator)` from 3.11, `(step, iterator)` before.
+            yield from steps if ranges else ((begin, it) for begin, _, it in steps)
 
         cls.__init__, cls.reset, cls._enumerate_iterator = __init__, reset, _enumerate_iterator
         _wrapped = True
 
 
-def _one_pass(epoch_iterator, original_enumerate):
-    """The steps of one epoch over the repeated dataset: exactly one pass."""
+def _one_pass(epoch_iterator, steps):
+    """`steps`, Keras's `(begin, end, iterator)` over the repeated dataset, limited
+    to one pass."""
     epoch_iterator._disttrain_at_pass_start = False
     batches = epoch_iterator.steps_per_epoch
-    for begin, end, iterator in original_enumerate(epoch_iterator):
+    for begin, end, iterator in steps:
         if begin + epoch_iterator.steps_per_execution > batches:
             # The epoch's last call runs only the batches left in this pass.
             iterator = itertools.islice(iterator, batches - begin)

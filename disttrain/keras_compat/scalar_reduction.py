@@ -20,8 +20,18 @@ _compiled_metric_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionar
 
 
 def is_needed() -> bool:
-    """Whether Keras reduces every per-replica value with `axis=0`."""
-    return detection.source_contains(detection.tf_trainer().reduce_per_replica,
+    """Whether Keras reduces every per-replica value with `axis=0`.
+
+    Raises:
+        detection.TargetNotFound: `reduce_per_replica`, a helper it calls, or the
+            trainer's `get_metrics_result`/`reset_metrics` is missing.
+    """
+    module, trainer = detection.tf_trainer(), detection.trainer_class()
+    for name in ("_collective_all_reduce_multi_worker", "_is_per_replica_instance"):
+        detection.find(module, name)
+    for name in ("get_metrics_result", "reset_metrics"):
+        detection.find(trainer, name)
+    return detection.source_contains(detection.find(module, "reduce_per_replica"),
                                      'strategy.reduce("MEAN", v, axis=0)')
 
 
@@ -29,6 +39,7 @@ def install() -> None:
     """Replaces `reduce_per_replica`; compiles `get_metrics_result` and `reset_metrics`."""
     import tensorflow as tf
     from keras.src import tree
+    from keras.src.utils.python_utils import pythonify_logs
 
     trainer = detection.tf_trainer()
     original = trainer.reduce_per_replica
@@ -62,16 +73,22 @@ def install() -> None:
 
     reduce_per_replica.__wrapped__ = original
     trainer.reduce_per_replica = reduce_per_replica
-    for name in ("get_metrics_result", "reset_metrics"):
-        setattr(trainer.TensorFlowTrainer, name,
-                _compiled_when_multi_worker(getattr(trainer.TensorFlowTrainer, name)))
+    trainer_class = detection.trainer_class()
+    get_metrics_result = trainer_class.get_metrics_result
+    # Keras up to 3.13 turns the results into Python numbers inside the method (its
+    # callers do from 3.14 on); inside a tf.function that must happen after the call.
+    after = (pythonify_logs if detection.source_contains(get_metrics_result, "pythonify_logs")
+             else None)
+    trainer_class.get_metrics_result = _compiled_when_multi_worker(get_metrics_result, after)
+    trainer_class.reset_metrics = _compiled_when_multi_worker(trainer_class.reset_metrics)
 
 
-def _compiled_when_multi_worker(method: Callable) -> Callable:
+def _compiled_when_multi_worker(method: Callable, after: Callable | None = None) -> Callable:
     """`method(model)` run as a `tf.function` when called eagerly under multi-worker MWMS.
 
     One function per model and set of metric variables (a metric built later, or a
     recompile, gets a new one); inside a traced step the method runs as is.
+    `after`, when given, is applied to what the compiled function returns.
     """
     import tensorflow as tf
 
@@ -84,6 +101,7 @@ def _compiled_when_multi_worker(method: Callable) -> Callable:
         if key not in functions:
             model = weakref.ref(self)
             functions[key] = tf.function(lambda: method(model()), autograph=False)
-        return functions[key]()
+        result = functions[key]()
+        return after(result) if after is not None else result
 
     return wrapper

@@ -17,16 +17,20 @@ UPSTREAM = "measured here (keras 3.15.1): the multi-step loop fails under multi-
 
 
 def is_needed() -> bool:
-    """Whether Keras calls a nested step function inside `tf.cond` in its multi-step loop."""
+    """Whether Keras calls a nested step function inside `tf.cond` in its multi-step loop.
+
+    Raises:
+        detection.TargetNotFound: the trainer's `_make_function` is missing.
+    """
     return detection.source_contains(
-        detection.tf_trainer().TensorFlowTrainer._make_function, "multi_step_on_iterator",
+        detection.find(detection.trainer_class(), "_make_function"), "multi_step_on_iterator",
         "one_step_on_data = tf.function(", "tf.cond(")
 
 
 def install() -> None:
-    """Wraps `TensorFlowTrainer._make_function`."""
-    trainer = detection.tf_trainer()
-    original = trainer.TensorFlowTrainer._make_function
+    """Wraps the trainer's `_make_function`."""
+    trainer_class = detection.trainer_class()
+    original = trainer_class._make_function
 
     @functools.wraps(original)
     def _make_function(self, step_function):
@@ -43,7 +47,7 @@ def install() -> None:
             )
         return _multi_step_function(self, step_function)
 
-    trainer.TensorFlowTrainer._make_function = _make_function
+    trainer_class._make_function = _make_function
 
 
 def _multi_step_function(model, step_function) -> Callable:
@@ -57,7 +61,9 @@ def _multi_step_function(model, step_function) -> Callable:
     strategy = model.distribute_strategy
     limit = model.steps_per_execution
 
-    @model._autoconvert_optionals
+    # Keras 3.12+ turns empty Optionals in a batch into None
+    # before the step; older Keras has no such conversion.
+    @getattr(model, "_autoconvert_optionals", lambda step: step)
     def run_step(data):
         return strategy.run(step_function, args=(data,))
 

@@ -12,25 +12,32 @@ UPSTREAM = "keras-team/keras#20585, keras-team/keras#20329, tensorflow/tensorflo
 
 
 def is_needed() -> bool:
-    """Whether Keras builds from `strategy.reduce` of a per-replica batch."""
-    method = getattr(detection.tf_trainer().TensorFlowTrainer, "_maybe_symbolic_build", None)
-    return method is not None and detection.source_contains(method, "distribute_strategy.reduce(")
+    """Whether Keras builds from `strategy.reduce` of a per-replica batch.
+
+    Raises:
+        detection.TargetNotFound: the trainer, `_maybe_symbolic_build` or
+            `_symbolic_build` is missing.
+    """
+    trainer = detection.trainer_class()
+    detection.find(trainer, "_symbolic_build")
+    return detection.source_contains(detection.find(trainer, "_maybe_symbolic_build"),
+                                     "distribute_strategy.reduce(")
 
 
 def install() -> None:
-    """Replaces `TensorFlowTrainer._maybe_symbolic_build`."""
+    """Replaces the trainer's `_maybe_symbolic_build`."""
     import tensorflow as tf
     from keras.src import tree
 
-    trainer = detection.tf_trainer()
-
     def local_batches(epoch_iterator, strategy):
-        for begin, end, it in epoch_iterator:
+        # Each step is `(begin, end, iterator)` (Keras 3.11+) or `(step, iterator)`:
+        # the iterator is replaced by a list of one local batch, as Keras expects.
+        for *step, it in epoch_iterator:
             batch = tree.map_structure(
                 lambda x: strategy.experimental_local_results(x)[0]
                 if isinstance(x, tf.distribute.DistributedValues) else x,
                 next(it))
-            yield begin, end, [batch]
+            yield (*step, [batch])
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if self._distribute_strategy is None:
@@ -42,4 +49,4 @@ def install() -> None:
         with self.distribute_strategy.scope():
             self._symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    detection.trainer_class()._maybe_symbolic_build = _maybe_symbolic_build

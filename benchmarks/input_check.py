@@ -1,0 +1,91 @@
+"""The input check: what comparing the workers' first batches costs before evaluate (and fit).
+
+The input is the benchmark MLP's data behind a seeded shuffle of every sample (the
+check's worst ordinary case: its first batch fills the whole shuffle buffer). Each
+`evaluate` gets a new dataset object, so the check runs every time (it skips a
+dataset object that passed before); calls with the check on and off alternate in
+the same 2-worker cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+from benchmarks import train_step
+from benchmarks.cluster import on_cluster
+from benchmarks.report import Row, Stat, ratio_row
+from benchmarks.settings import Settings
+
+WORKERS = 2
+
+
+def worker(steps: int, calls: int) -> dict[str, Any]:
+    """Runs in every worker: `evaluate` with the check on and off, alternating, and
+    the check alone (`input_check.check_inputs` on a new dataset object)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import disttrain
+    from disttrain.keras_compat import input_check
+
+    strategy = disttrain.strategy()
+    with strategy.scope():
+        model = train_step.mlp(keras)
+    rng = np.random.default_rng(0)
+    samples = train_step.GLOBAL_BATCH * steps
+    x = tf.constant(rng.normal(size=(samples, train_step.FEATURES)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=(samples,)).astype("int32"))
+
+    def dataset():
+        return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(samples, seed=0)
+                .batch(train_step.GLOBAL_BATCH).prefetch(2))
+
+    def evaluate_ms(check: bool) -> float:
+        os.environ[input_check.ENV_DISABLE] = "1" if check else "0"
+        data = dataset()
+        start = time.perf_counter()
+        model.evaluate(data, verbose=0)
+        return (time.perf_counter() - start) * 1000
+
+    evaluate_ms(True)
+    on, off = [], []
+    for _ in range(calls):
+        on.append(evaluate_ms(True))
+        off.append(evaluate_ms(False))
+    os.environ[input_check.ENV_DISABLE] = "1"
+    alone = []
+    for data in [dataset() for _ in range(calls)]:
+        start = time.perf_counter()
+        input_check.check_inputs(strategy, {"x": data}, "bench")
+        alone.append((time.perf_counter() - start) * 1000)
+    return {"on_ms": statistics.median(on), "off_ms": statistics.median(off),
+            "check_ms": statistics.median(alone)}
+
+
+def measure(settings: Settings) -> list[dict[str, Any]]:
+    """One 2-worker cluster per round; each worker's medians."""
+    results: list[dict[str, Any]] = []
+    for _ in range(settings.rounds):
+        results += on_cluster(worker, WORKERS, {"steps": settings.steps,
+                                                "calls": 4 * settings.rounds})
+    return results
+
+
+def rows(results: list[dict[str, Any]], settings: Settings) -> list[Row]:
+    """The check alone, and `evaluate` with the check against without it."""
+    check = Stat.of([r["check_ms"] for r in results])
+    share = Stat.of([100 * r["check_ms"] / r["off_ms"] for r in results])
+    return [
+        Row(f"input check, {WORKERS} workers: first batch hashed + one exchange",
+            check.show(" ms", 2),
+            f"evaluate of {settings.steps} batches, check off: "
+            f"{Stat.of([r['off_ms'] for r in results]).show(' ms', 1)}",
+            f"{share.show('%', 1)} of evaluate"),
+        ratio_row(f"  evaluate of {settings.steps} batches with the input check",
+                  [r["on_ms"] for r in results], "check off", [r["off_ms"] for r in results],
+                  " ms"),
+    ]

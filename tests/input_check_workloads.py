@@ -1,0 +1,104 @@
+"""Worker functions: inputs that TensorFlow shards by element (seeded or not) or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+GLOBAL_BATCH = 8
+SAMPLES = 64
+STEP_MARK = "input_check_workloads: a training step began"
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 4)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+def dataset(kind: str, rank: int, num_workers: int):
+    """The global-batch input of `kind`:
+
+    - `"unseeded"`: `shuffle` without a seed, a new order in each process (AUTO
+      sharding falls back to DATA: checked, and different on every worker);
+    - `"seeded"`: the same shuffle with a seed (checked, identical);
+    - `"file"`: text files read with `TextLineDataset`, then an unseeded shuffle (AUTO
+      shards by file: not checked);
+    - `"off"`: each worker's own shard, `AutoShardPolicy.OFF`, unseeded shuffle
+      (not checked).
+    """
+    import tensorflow as tf
+
+    x, y = _data()
+    if kind == "file":
+        directory = tempfile.mkdtemp(prefix=f"input-check-w{rank}-")
+        for part in range(4):
+            with open(os.path.join(directory, f"part{part}.csv"), "w") as f:
+                for row, target in zip(x[part::4], y[part::4]):
+                    f.write(",".join(str(v) for v in [*row, *target]) + "\n")
+        files = sorted(os.path.join(directory, name) for name in os.listdir(directory))
+        values = (tf.data.Dataset.from_tensor_slices(files).interleave(tf.data.TextLineDataset)
+                  .map(lambda line: tf.strings.to_number(tf.strings.split(line, ","))))
+        return values.map(lambda v: (v[:4], v[4:])).shuffle(SAMPLES).batch(GLOBAL_BATCH)
+    pairs = tf.data.Dataset.from_tensor_slices((x, y))
+    if kind == "unseeded":
+        return pairs.shuffle(SAMPLES).batch(GLOBAL_BATCH)
+    if kind == "seeded":
+        return pairs.shuffle(SAMPLES, seed=7).batch(GLOBAL_BATCH)
+    if kind == "off":
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return (pairs.shard(num_workers, rank).shuffle(SAMPLES).batch(GLOBAL_BATCH)
+                .with_options(options))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def run(kind: str, call: str = "fit", skip_check: bool = False) -> dict:
+    """`call` with the input of `kind` (see `dataset`): `"fit"` trains on it,
+    `"validation"` trains on the seeded input and validates on it, `"evaluate"` and
+    `"predict"` run on it, `"all"` does each of these in turn. Prints `STEP_MARK`
+    before every training step. With `skip_check`, the check is left out through
+    `keras_compat.apply(skip=...)`.
+
+    Returns each call's history or result, and the training steps run."""
+    import keras
+
+    from disttrain import coordination, keras_compat
+    from disttrain.distribute import strategy as make_strategy
+
+    if skip_check:
+        keras_compat.apply(skip=("input_check",))
+    strategy = make_strategy()
+    coord = coordination.get()
+    with strategy.scope():
+        # No global seed: it would make the unseeded shuffle the same in every process.
+        model = keras.Sequential([keras.Input((4,)),
+                                  keras.layers.Dense(1, kernel_initializer="zeros")])
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+    steps = [0]
+
+    class MarkSteps(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            steps[0] += 1
+            print(STEP_MARK, flush=True)
+
+    def data(which: str):
+        return dataset(which, coord.rank, coord.num_workers)
+
+    result: dict = {}
+    calls = ("fit", "validation", "evaluate", "predict") if call == "all" else (call,)
+    for name in calls:
+        if name == "fit":
+            result["fit"] = model.fit(data(kind), epochs=3, verbose=0,
+                                      callbacks=[MarkSteps()]).history
+        elif name == "validation":
+            result["validation"] = model.fit(data("seeded"), validation_data=data(kind),
+                                             epochs=2, verbose=0, callbacks=[MarkSteps()]).history
+        elif name == "evaluate":
+            result["evaluate"] = model.evaluate(data(kind), verbose=0, return_dict=True)
+        else:
+            result["predict"] = model.predict(data(kind), verbose=0).tolist()
+    result["steps"] = steps[0]
+    return result
