@@ -97,6 +97,15 @@ def test_checkpoint_never_replaces_a_file_it_did_not_write(tmp_path):
     assert (tmp_path / "m.keras").read_bytes() == b"precious"
 
 
+def _assert_holds(path, weights: dict):
+    """Loads the `.keras` file at `path` and checks it holds exactly `weights` (a worker's
+    `{variable path: values}`, in the model's order); returns the loaded model."""
+    loaded = keras.models.load_model(path)
+    for variable, value in zip(loaded.weights, weights.values()):
+        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+    return loaded
+
+
 def _drive_in_new_process(path: str, values: list[float], run_id: str) -> float:
     """`_drive` of a new save-best ModelCheckpoint in a new process of run `run_id` (a
     restarted attempt); returns its best value."""
@@ -270,9 +279,7 @@ def test_only_the_chief_writes_and_the_checkpoint_equals_its_weights(tmp_path):
     assert all(r["weights"] == results[0]["weights"] for r in results)
     assert all(r["checkpoints"] == results[0]["checkpoints"] for r in results)
     assert sorted(os.listdir(dest)) == ["best.json", "m-2.keras", "m-3.keras"]
-    loaded = keras.models.load_model(dest / "m-3.keras")
-    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
-        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+    _assert_holds(dest / "m-3.keras", results[0]["weights"])
 
 
 @pytest.mark.slow
@@ -323,9 +330,7 @@ def test_async_commit_on_a_cluster_writes_only_on_the_chief_and_equals_its_weigh
     results = results_without_errors(run)
     assert results[0]["weights"] == results[1]["weights"]
     assert sorted(os.listdir(dest)) == ["best.json", "m-2.keras", "m-3.keras"]
-    loaded = keras.models.load_model(dest / "m-3.keras")
-    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
-        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+    _assert_holds(dest / "m-3.keras", results[0]["weights"])
 
 
 @pytest.mark.slow
@@ -358,11 +363,8 @@ def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(tmp_path
     )
     results = results_without_errors(run)
     assert results[0]["weights"] == results[1]["weights"]
-    loaded = keras.models.load_model(tmp_path / "m-1-6.keras")
-    moving = [v for v in loaded.weights if "moving" in v.path]
-    assert len(moving) == 2
-    for variable, value in zip(loaded.weights, results[0]["weights"].values()):
-        np.testing.assert_array_equal(variable.numpy(), np.asarray(value))
+    loaded = _assert_holds(tmp_path / "m-1-6.keras", results[0]["weights"])
+    assert len([v for v in loaded.weights if "moving" in v.path]) == 2
 
 
 @pytest.mark.timeout(300)
