@@ -35,6 +35,7 @@ _created: tuple[tuple[Any, ...], Any] | None = None
 def strategy(
     implementation: str = "auto",
     timeout_seconds: float | None = None,
+    quiet_workers: bool = True,
 ):
     """Returns the process's distribution strategy, creating it on first call.
 
@@ -49,10 +50,17 @@ def strategy(
             answering then raises `DeadlineExceededError` instead of hanging.
             TensorFlow spends a thread per collective on this, so it is off by
             default (a peer that exits is still detected within seconds).
+        quiet_workers: on every training task but the chief, send Keras's own console
+            output (progress bars, `model.summary()`, callback messages) to absl
+            logging instead of stdout (`keras.config.disable_interactive_logging()`),
+            so a job prints one progress bar, the chief's, under the launcher and
+            in `kubectl logs` alike. `print()`, warnings and errors are untouched.
+            False keeps Keras's output on every worker. Read on the first call.
 
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy` for multi-worker clusters,
-        else `tf.distribute.get_strategy()`. Every worker also agrees on the run id
+        else `tf.distribute.get_strategy()` (also on the evaluator task, which never
+        joins the training group). Every training task also agrees on the run id
         here (`coordination.get().run_id()`), at a point they all reach, and starts
         a `disttrain.liveness.StallWatch`: a peer that is alive but stuck outside
         training for `DISTTRAIN_COORDINATION_TIMEOUT` seconds is named and the job
@@ -102,9 +110,16 @@ def strategy(
             return created
         keras_compat.apply()
         created = _create(cluster, implementation, timeout_seconds)
+        if (quiet_workers and cluster.is_multi_worker and not cluster.is_chief
+                and not cluster.is_evaluator):
+            import keras
+
+            keras.config.disable_interactive_logging()
         _created = (key, created)
+        if cluster.is_evaluator:
+            return created
         coordination.get().run_id()
-        if cluster.is_multi_worker and not cluster.is_evaluator:
+        if cluster.is_multi_worker:
             _terminate_on_sigterm_again()
             liveness.StallWatch(coordination.get()).start()
         return created

@@ -36,7 +36,7 @@ from disttrain.cluster import (
     validate_run_id,
 )
 from disttrain.errors import EXIT_CANNOT_EXECUTE, EXIT_TIMEOUT, ClusterConfigError
-from launch import procs
+from launch import noise, procs
 from launch.cli import split_command
 from launch.output import Console
 from launch.tf_config import TaskSpec, cluster_specs, local_addresses
@@ -104,6 +104,11 @@ each task's environment gets:
 output: every line is prefixed with its task ([w0], [w1], [chief], [evaluator]);
 workers' stdout goes to stdout, their stderr and the launcher's messages to stderr.
 A progress bar redrawn with carriage returns shows as at most one line per second.
+TensorFlow's known-harmless start-up lines (launch/noise.py: absl's "All log
+messages before absl::InitializeLog()", "Could not find cuda drivers", cuInit's
+"UNKNOWN ERROR (303)" on a machine without a GPU driver, ...) are hidden and
+counted in the summary; every other line shows. --show-all shows them too;
+--log-dir keeps everything, and a failing task's stderr tail includes them.
 
 exit code: 0 on success; the exit code of the training task (chief or worker)
 that failed first (128+N if signal N killed it); 128+N when the launcher gets
@@ -151,6 +156,7 @@ class LaunchConfig:
         startup_timeout: seconds each task has to write its first output, or None.
         log_dir: where `attempt-N/<task>.stdout.log` and `.stderr.log` go, or None.
         chief_only_output: show only the chief's output on the console.
+        show_all: also show TensorFlow's known-harmless start-up lines (`launch.noise`).
         dry_run: print what would run and start nothing.
         threads_per_worker: size of each task's TensorFlow and OpenMP thread pools;
             None: `threads_per_task` (this machine's cores shared out); 0: leave
@@ -169,6 +175,7 @@ class LaunchConfig:
     startup_timeout: float | None = None
     log_dir: pathlib.Path | None = None
     chief_only_output: bool = False
+    show_all: bool = False
     dry_run: bool = False
     threads_per_worker: int | None = None
 
@@ -236,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "output) and DIR/result.json")
     parser.add_argument("--chief-only-output", action="store_true",
                         help="show only the chief's output (the others still go to --log-dir)")
+    parser.add_argument("--show-all", action="store_true",
+                        help="also show TensorFlow's known-harmless start-up lines (hidden by "
+                             "default; listed in launch/noise.py)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each task's environment additions and command; start nothing")
     parser.add_argument("--threads-per-worker", type=_number(int, 0), metavar="N",
@@ -272,7 +282,8 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
         workers=ns.workers, chief=ns.chief, evaluator=ns.evaluator, host=ns.host,
         command=tuple(command or DEFAULT_COMMAND), grace=ns.grace,
         max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
-        log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, dry_run=ns.dry_run,
+        log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, show_all=ns.show_all,
+        dry_run=ns.dry_run,
         threads_per_worker=ns.threads_per_worker, **overrides,
     )
 
@@ -416,6 +427,7 @@ class _Job:
             startup_timeout=config.startup_timeout,
             log_dir=config.log_dir / f"attempt-{attempt}" if config.log_dir else None,
             watch=PORT_CLASH,
+            hide=None if config.show_all else noise.is_known_harmless,
         )
         return procs.run_group(specs, options, self._console, self._watchdog, self._signals)
 
@@ -506,6 +518,11 @@ class _Job:
                              f"{r.wall_s:>7.1f}s  {column}{note}".rstrip())
             if any(outcome.culprit for outcome in earlier):
                 lines.append("  * root cause of that attempt")
+            hidden = sum(r.hidden_lines for outcome in self._outcomes for r in outcome.results)
+            if hidden:
+                kept = " (all in --log-dir)" if self._config.log_dir else ""
+                lines.append(f"  {hidden} known-harmless TensorFlow start-up line(s) hidden"
+                             f"{kept}; --show-all shows them")
         lines += self._result_lines()
         self._console.info("\n".join(lines))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 from typing import BinaryIO
 
 _EOL = re.compile(rb"[\r\n]")
@@ -152,17 +153,22 @@ class OutputStream:
             log file, the tail and `watch`).
         log: a binary file receiving the raw bytes, or None.
         watch: a pattern; the first line matching it is kept in `watch_hit`.
+        hide: says which lines to keep off the console (they still reach the log
+            file, the tail and `watch`); they are counted in `hidden`.
     """
 
     def __init__(self, console: Console, stream: str, label: str, *, visible: bool = True,
-                 log: BinaryIO | None = None, watch: re.Pattern[str] | None = None):
+                 log: BinaryIO | None = None, watch: re.Pattern[str] | None = None,
+                 hide: Callable[[str], bool] | None = None):
         self._console = console
         self._stream = stream
         self._prefix = f"[{label}] ".encode()
         self._visible = visible
         self._log = log
         self._watch = watch
+        self._hide = hide
         self._splitter = LineSplitter()
+        self.hidden = 0
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.watch_hit: str | None = None
 
@@ -186,5 +192,9 @@ class OutputStream:
             self.tail.append(text)
             if self._watch is not None and self.watch_hit is None and self._watch.search(text):
                 self.watch_hit = text
-            if self._visible:
-                self._console.write_line(self._stream, self._prefix, line)
+            if not self._visible:
+                continue
+            if self._hide is not None and self._hide(text):
+                self.hidden += 1
+                continue
+            self._console.write_line(self._stream, self._prefix, line)

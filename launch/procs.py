@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from disttrain.errors import PREEMPTED_EXIT_CODE, STALLED_EXIT_CODE
 from launch.output import Console, OutputStream
@@ -110,6 +110,8 @@ class GroupOptions:
             output (stdout or stderr), or None.
         log_dir: directory for `<label>.stdout.log` / `<label>.stderr.log`, or None.
         watch: pattern looked for in each worker's stderr lines (see `WorkerResult.watch_hit`).
+        hide: says which lines of any worker to keep off the console (they still
+            reach the logs and the stderr tail; see `WorkerResult.hidden_lines`).
     """
 
     grace: float
@@ -118,6 +120,7 @@ class GroupOptions:
     startup_timeout: float | None = None
     log_dir: pathlib.Path | None = None
     watch: re.Pattern[str] | None = None
+    hide: Callable[[str], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +133,8 @@ class WorkerResult:
     stderr_tail: tuple[str, ...]
     watch_hit: str | None
     """The first stderr line matching `GroupOptions.watch`, if any."""
+    hidden_lines: int = 0
+    """Lines kept off the console by `GroupOptions.hide`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +337,7 @@ class _Worker:
         self.proc = proc
         self.started = started
         self.stderr = stderr
+        self.streams = (stdout, stderr)
         self.pipes = {proc.stdout.fileno(): (proc.stdout, stdout),
                       proc.stderr.fileno(): (proc.stderr, stderr)}
         self.ended: float | None = None
@@ -419,7 +425,7 @@ class _Group:
         self._watchdog.watch(proc.pid)
         stdout, stderr = (
             OutputStream(self._console, name, spec.label, visible=spec.show_output,
-                         log=logs.get(name), watch=watch)
+                         log=logs.get(name), watch=watch, hide=self._opt.hide)
             for name, watch in (("stdout", None), ("stderr", self._opt.watch)))
         worker = _Worker(spec, proc, time.monotonic(), stdout, stderr)
         self._workers.append(worker)
@@ -626,4 +632,5 @@ class _Group:
             stopped=w.signalled,
             stderr_tail=tuple(w.stderr.tail),
             watch_hit=w.stderr.watch_hit,
+            hidden_lines=sum(stream.hidden for stream in w.streams),
         )
