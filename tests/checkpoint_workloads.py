@@ -103,10 +103,12 @@ def checkpoint_job(
 
 def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
                crash_epoch: int | None = None, crash_rank: int = 1,
-               sigterm_step: int | None = None, steps_per_execution: int = 1) -> dict:
-    """fit with BackupAndRestore + EarlyStopping; on attempt 0 `crash_rank` dies after
-    `crash_epoch`, or gets SIGTERM after its training call number `sigterm_step` (a call
-    runs `steps_per_execution` steps).
+               sigterm_step: int | None = None, steps_per_execution: int = 1,
+               csv_path: str | None = None) -> dict:
+    """fit with BackupAndRestore + EarlyStopping (+ CSVLogger to `csv_path`); on attempt 0
+    `crash_rank` dies after `crash_epoch`, or gets SIGTERM after its training call number
+    `sigterm_step` (a call runs `steps_per_execution` steps) and waits until every worker
+    has acknowledged it, so that the agreed stop is the next call.
 
     Writes `<result_dir>/<rank>-<attempt>.json` (the launcher runs this, not the harness).
     """
@@ -134,13 +136,14 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
             self.steps += 1
             if attempt == 0 and rank == crash_rank and self.steps == sigterm_step:
                 os.kill(os.getpid(), signal.SIGTERM)
+                coordination.get().collect("preemption/ack")
 
     stopper = callbacks.EarlyStopping(monitor="val_loss", patience=100)
-    history = model.fit(
-        train, validation_data=val, epochs=epochs, verbose=0,
-        callbacks=[callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
-                   stopper, CrashOnce(), callbacks.SyncStop()],
-    )
+    stack = [callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False), stopper,
+             CrashOnce(), callbacks.SyncStop()]
+    if csv_path is not None:
+        stack.append(callbacks.CSVLogger(csv_path, append=True))
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=stack)
     result = {"attempt": attempt, "epochs_run": len(history.history.get("loss", [])),
               "weights": _weights(model), "best_epoch": stopper.best_epoch}
     with open(os.path.join(result_dir, f"{rank}-{attempt}.json"), "w") as f:

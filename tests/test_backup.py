@@ -241,25 +241,50 @@ def test_integer_save_freq_resumes_inside_the_epoch(tmp_path):
 
 
 def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path):
-    """SIGTERM during epoch 2's third batch (after BackupAndRestore's hook for it): the
-    backup is taken after the fourth, the last of the epoch; the resumed run skips all
-    four, validates epoch 2, and ends equal to an uninterrupted run."""
+    """SIGTERM during epoch 2's second batch (after BackupAndRestore's hook for it): the
+    backup is taken after the third; the resumed run trains the fourth and ends equal to
+    an uninterrupted run."""
     reference = _model()
     _fit(reference, [])
     backup = str(tmp_path / "backup")
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as raised:
         _fit(_model(), [callbacks.BackupAndRestore(backup),
-                        InterruptAtBatch(1, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+                        InterruptAtBatch(1, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))])
     assert raised.value.code == PREEMPTED_EXIT_CODE == 75
-    assert "backup saved at epoch 2, batch 4" in str(raised.value)
+    assert "backup saved at epoch 2, batch 3" in str(raised.value)
     assert signal.getsignal(signal.SIGTERM) is previous, "the handler is put back"
     [name] = storage.listdir(backup)
     metadata = storage.read_manifest(storage.join(backup, name))["metadata"]
-    assert (metadata["epoch"], metadata["batches"]) == (1, 4)
+    assert (metadata["epoch"], metadata["batches"]) == (1, 3)
     resumed = _model()
     history = _fit(resumed, [callbacks.BackupAndRestore(backup)])
-    assert len(history.history["val_loss"]) == 5
+    assert len(history.history["loss"]) == len(history.history["val_loss"]) == 5
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_preemption_on_an_epochs_last_batch_backs_up_after_that_epochs_end(tmp_path):
+    """SIGTERM during epoch 2's third batch: the agreed stop is the fourth, the epoch's last.
+    Epoch 2 still validates, calls on_epoch_end and writes its CSV row; the backup is taken
+    as epoch 3 begins; the resumed run trains epochs 3 to 6, each with its training loss,
+    and ends equal to an uninterrupted run."""
+    reference = _model()
+    _fit(reference, [])
+    backup, log = str(tmp_path / "backup"), str(tmp_path / "log.csv")
+    with pytest.raises(Preempted, match=r"backup saved at the end of epoch 2; exiting with 75"):
+        _fit(_model(), [callbacks.BackupAndRestore(backup), callbacks.CSVLogger(log, append=True),
+                        InterruptAtBatch(1, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))])
+    [name] = storage.listdir(backup)
+    metadata = storage.read_manifest(storage.join(backup, name))["metadata"]
+    assert (metadata["epoch"], metadata["batches"]) == (2, 0)
+    resumed = _model()
+    history = _fit(resumed, [callbacks.BackupAndRestore(backup),
+                             callbacks.CSVLogger(log, append=True)])
+    assert len(history.history["loss"]) == len(history.history["val_loss"]) == 4
+    rows = [line.split(",") for line in open(log).read().splitlines()]
+    assert [row[0] for row in rows] == ["epoch", "0", "1", "2", "3", "4", "5"]
+    assert all(row[rows[0].index("loss")] for row in rows[1:]), "every epoch has its loss"
     for got, want in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -281,38 +306,41 @@ def test_a_backup_of_another_architecture_is_refused_and_kept(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_on_one_worker_stops_all_at_one_step_and_the_restart_resumes_there(tmp_path):
-    """Worker 1 gets SIGTERM after its 8th step (epoch 2 of 6-batch epochs): both workers
-    save one backup at the same later step and exit 75; launch.local restarts the group,
-    which resumes at that step and ends equal to an uninterrupted run."""
-    _, proc, resumed = _reference_and_restarted(tmp_path, grace=20, sigterm_step=8)
-    saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w1\): backup saved at "
-                       r"epoch (\d), batch (\d); exiting with 75", proc.stderr)
-    assert sorted(w for w, *_ in saved) == ["w0", "w1"], proc.stderr[-5000:]
-    assert len({(e, b) for _, e, b in saved}) == 1, "both stopped after the same batch"
-    epoch, batch = int(saved[0][1]), int(saved[0][2])
-    assert (epoch, batch) > (2, 2), "after the step at which the signal arrived"
-    assert "the others save the same backup and exit too" in proc.stderr
+    """Worker 1 gets SIGTERM after step 5 (of 6-batch epochs) and waits for both
+    acknowledgements, so the stop is agreed on step 6, epoch 1's last batch: both workers
+    run epoch 1's end (validation, EarlyStopping, its CSV row), back up as epoch 2 begins
+    and exit 75; launch.local restarts the group, which trains epochs 2 to 5 and ends equal
+    to an uninterrupted run, each epoch's row once in the log."""
+    log = tmp_path / "log.csv"
+    reference, proc, resumed = _reference_and_restarted(tmp_path, grace=20, sigterm_step=5,
+                                                        csv_path=str(log))
     for worker in ("w0", "w1"):
+        assert (f"[{worker}] disttrain: preempted (SIGTERM on w1): backup saved at the end of "
+                "epoch 1; exiting with 75") in proc.stderr, proc.stderr[-5000:]
         assert re.search(worker + r" +0 +[\d.]+s +75\*?\s", proc.stderr), (
             f"{worker} exited 75 by itself in attempt 0")
-    assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2, "the rest of that epoch on"
+    assert "the others save the same backup and exit too" in proc.stderr
+    assert [r["epochs_run"] for r in resumed] == [4, 4], "epochs 2 to 5"
+    assert resumed[0]["best_epoch"] == reference["best_epoch"]
+    rows = [line.split(",") for line in log.read_text().splitlines()]
+    assert [row[0] for row in rows] == ["epoch", "0", "1", "2", "3", "4"]
+    assert all(row[rows[0].index("loss")] and row[rows[0].index("val_loss")]
+               for row in rows[1:])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_with_steps_per_execution_stops_and_resumes_between_calls(tmp_path):
     """compile(steps_per_execution=2): 6 batches an epoch are 3 calls. Worker 1 gets
-    SIGTERM after its 4th call (epoch 2, batch 2); both save one backup after a whole
-    call (an even batch) and the restart ends equal to an uninterrupted k=2 run."""
+    SIGTERM after its 4th call (epoch 2, batch 2); both save one backup after the 5th
+    call (batch 4) and the restart ends equal to an uninterrupted k=2 run."""
     _, proc, resumed = _reference_and_restarted(
         tmp_path, grace=20, job={"steps_per_execution": 2}, sigterm_step=4)
     saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w1\): backup saved at "
                        r"epoch (\d), batch (\d); exiting with 75", proc.stderr)
     assert sorted(w for w, *_ in saved) == ["w0", "w1"], proc.stderr[-5000:]
-    assert len({(e, b) for _, e, b in saved}) == 1, "both stopped after the same call"
-    epoch, batch = int(saved[0][1]), int(saved[0][2])
-    assert batch % 2 == 0 and (epoch, batch) > (2, 2), (epoch, batch)
-    assert [r["epochs_run"] for r in resumed] == [6 - epoch] * 2
+    assert {(int(e), int(b)) for _, e, b in saved} == {(2, 4)}, "both after the call agreed"
+    assert [r["epochs_run"] for r in resumed] == [6 - 2] * 2
 
 
 @pytest.mark.slow
@@ -415,11 +443,13 @@ def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_
         proc.kill()
     assert proc.returncode == 143, err[-5000:]
     saved = re.findall(r"\[(w\d)\] disttrain: preempted \(SIGTERM on w\d\): backup saved at "
-                       r"epoch (\d+), batch (\d+)", err)
+                       r"(?:epoch (\d+), batch (\d+)|the end of epoch (\d+));", err)
     assert sorted(w for w, *_ in saved) == ["w0", "w1"], err[-5000:]
-    assert len({(e, b) for _, e, b in saved}) == 1, "one agreed step"
+    assert len({tuple(where) for _, *where in saved}) == 1, "one agreed step"
     assert re.search(r"w0 +75 \(preempted\)", err) and re.search(r"w1 +75 \(preempted\)", err)
-    epoch, batch = int(saved[0][1]), int(saved[0][2])
+    _, epoch, batch, ended = saved[0]
+    # A backup at the end of epoch E resumes at epoch E + 1, batch 0.
+    epoch, batch = (int(epoch), int(batch)) if epoch else (int(ended) + 1, 0)
     [name] = storage.listdir(str(tmp_path / "backup"))
     metadata = storage.read_manifest(storage.join(str(tmp_path / "backup"), name))["metadata"]
     assert (metadata["epoch"] + 1, metadata["batches"]) == (epoch, batch)
@@ -431,7 +461,4 @@ def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_
         env=worker_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-5000:]
     resumed = json.loads((results / "0-0.json").read_text())
-    if batch == 192 // 32:  # checkpoint_workloads: 192 samples, global batch 32
-        pytest.xfail("known bug: a preemption agreed on an epoch's last batch resumes with that "
-                     "epoch complete, so its validation and on_epoch_end never run (0 epochs)")
     assert resumed["epochs_run"] == 1, "only the rest of the interrupted epoch"

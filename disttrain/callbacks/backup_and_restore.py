@@ -56,7 +56,11 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
     - Preemption: during `fit`, SIGTERM on any worker makes every worker stop
       after the same training step (agreed through `disttrain.preemption`),
       the chief back up there, and every worker raise `disttrain.errors.Preempted`,
-      which exits the process with 75; a second SIGTERM kills at once.
+      which exits the process with 75; a second SIGTERM kills at once. When
+      that step is the epoch's last batch (and Keras knows the number of
+      batches), the epoch's end still runs (validation, `on_epoch_end`) and the
+      backup is taken as the next epoch begins, so a restart never finds an
+      epoch trained but not ended; if no epoch follows, `fit` just returns.
     - A backup written by a model whose variables differ in number, shape or
       dtype is refused with `CallbackConfigError` before anything is loaded.
 
@@ -119,6 +123,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._resume_batches = 0
         self._steps = 0
         self._watch: PreemptionWatch | None = None
+        self._preempted_by: str | None = None
 
     def on_train_begin(self, logs=None):
         if not self.model.built:
@@ -131,6 +136,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._save_due = False
         self._resume_batches = 0
         self._steps = 0
+        self._preempted_by = None
         self.directory = storage.expand_run_id(self._template, self.run_id, self._owner,
                                                _DIRECTORY_FIX)
         self._manager = storage.CheckpointManager(
@@ -157,6 +163,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._epoch = epoch
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
+        if self._preempted_by is not None:
+            self._save_model(epoch=epoch, batches=0)
+            self._exit_preempted(self._preempted_by, f"the end of epoch {epoch}")
         if self._save_due:
             self._save_due = False
             self._save_model()
@@ -169,14 +178,23 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._steps += 1
         super().on_train_batch_end(batch, logs)
         if self._watch is not None and self._watch.step_done(self._steps):
-            requester = self._watch.requested_by
+            steps = (self.params or {}).get("steps")
+            if steps and batch + 1 >= steps:
+                # The epoch's last batch: its end (validation, on_epoch_end) runs first and
+                # the backup is taken as the next epoch begins, recording the epoch complete.
+                self._preempted_by = self._watch.requested_by
+                return
             self._save_model(epoch=self._epoch, batches=batch + 1)
-            self._end_watch()
-            message = (f"preempted (SIGTERM on {requester}): backup saved at epoch "
-                       f"{self._epoch + 1}, batch {batch + 1}; exiting with "
-                       f"{PREEMPTED_EXIT_CODE} to be restarted")
-            print(f"disttrain: {message}", file=sys.stderr, flush=True)
-            raise Preempted(message)
+            self._exit_preempted(self._watch.requested_by,
+                                 f"epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def _exit_preempted(self, requester: str | None, where: str):
+        """Ends the watch and raises `Preempted` once the backup at `where` is saved."""
+        self._end_watch()
+        message = (f"preempted (SIGTERM on {requester}): backup saved at {where}; exiting "
+                   f"with {PREEMPTED_EXIT_CODE} to be restarted")
+        print(f"disttrain: {message}", file=sys.stderr, flush=True)
+        raise Preempted(message)
 
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch = epoch + 1
@@ -211,6 +229,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         )
 
     def on_train_end(self, logs=None):
+        if self._preempted_by is not None and self.is_chief:
+            print(f"disttrain: preempted (SIGTERM on {self._preempted_by}) on the last batch "
+                  "of the last epoch: training finished", file=sys.stderr, flush=True)
         self._end_watch()
         epoch_iterator.cancel()
         if self._pending_states is not None:
