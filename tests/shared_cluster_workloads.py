@@ -41,12 +41,16 @@ def _model(learning_rate: float = 0.05):
     return model
 
 
+def _arrays(n: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
 def _datasets(n: int = 128, nan_at: int | None = None):
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype("float32")
-    y = x.sum(axis=1, keepdims=True)
+    x, y = _arrays(n)
     if nan_at is not None:
         y[nan_at] = np.nan
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
@@ -190,28 +194,46 @@ def tensorboard_scratch_fit_raises(workdir: str) -> dict:
             "exists_after_error": os.path.exists(callback.write_dir)}
 
 
-def _fit_with_nan_check(raise_error: bool, poison_rank: int | None, nan_at: int | None) -> dict:
-    """Fits 2 epochs with TerminateOnNaN; `poison_rank` alone sees a NaN loss at batch 3."""
+def _per_worker_dataset(nan_on_worker: int, nan_batch: int):
+    """Each worker's own pipeline (`distribute_datasets_from_function`); only the
+    input of worker `nan_on_worker` holds a NaN label, in its batch `nan_batch`."""
+    import tensorflow as tf
+
+    from disttrain.distribute import strategy as make_strategy
+
+    strategy = make_strategy()
+
+    def dataset(context):
+        x, y = (a[: 128 // context.num_input_pipelines] for a in _arrays())
+        if context.input_pipeline_id == nan_on_worker:
+            y = y.copy()
+            y[nan_batch * context.get_per_replica_batch_size(GLOBAL_BATCH)] = np.nan
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+            context.get_per_replica_batch_size(GLOBAL_BATCH))
+
+    return strategy.distribute_datasets_from_function(dataset)
+
+
+def _fit_with_nan_check(raise_error: bool, nan_on_worker: int | None,
+                        nan_at: int | None) -> dict:
+    """Fits 2 epochs with TerminateOnNaN; `nan_on_worker` alone reads a NaN label at
+    batch 3 (each worker its own input), `nan_at` puts one in the shared input."""
     import keras
 
+    from disttrain import coordination
     from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
 
-    rank = _rank()
     batches = []
-
-    def poison(batch, logs):
-        if rank == poison_rank and batch == 3:
-            logs["loss"] = float("nan")
-
     callbacks = [
-        keras.callbacks.LambdaCallback(on_train_batch_end=poison),
         TerminateOnNaN(raise_error=raise_error),
         keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b)),
     ]
-    train, _ = _datasets(nan_at=nan_at)
+    train = (_datasets(nan_at=nan_at)[0] if nan_on_worker is None
+             else _per_worker_dataset(nan_on_worker, nan_batch=3))
     model = _model()
     error = None
     started = time.monotonic()
+    exchanges = coordination.get()._seq
     try:
         history = model.fit(train, epochs=2, verbose=0, callbacks=callbacks).history
     except RuntimeError as e:
@@ -222,6 +244,7 @@ def _fit_with_nan_check(raise_error: bool, poison_rank: int | None, nan_at: int 
         "last_loss_finite": bool(history) and math.isfinite(history["loss"][-1]),
         "error": error,
         "stop_training": bool(model.stop_training),
+        "exchanges": coordination.get()._seq - exchanges,
         "seconds": time.monotonic() - started,
     }
 
