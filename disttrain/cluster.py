@@ -179,6 +179,34 @@ class Cluster:
             run_id=validate_run_id(run_id) if run_id else None,
         )
 
+    def required_run_id(self, who: str | None = None) -> str:
+        """The run id the launcher gave (`DISTTRAIN_RUN_ID`), which this task cannot make up.
+
+        Training tasks agree on a run id among themselves when none is given;
+        a task outside the training group (the evaluator) or a separate
+        process reading a run's outputs has nobody to agree with, so it must
+        be told the training tasks' id.
+
+        Args:
+            who: how the message names the caller; default this task's label.
+
+        Raises:
+            ClusterConfigError: `DISTTRAIN_RUN_ID` is not set.
+
+        Example:
+
+        >>> Cluster(task_type="evaluator", run_id="run-7").required_run_id()
+        'run-7'
+        """
+        if self.run_id:
+            return self.run_id
+        raise ClusterConfigError(
+            f"{who or f'the {self.label} task'} needs the training run's id, and "
+            f"{ENV_RUN_ID} is not set: it is outside the training group, so no chief can tell "
+            f"it the id the training tasks use. Fix: set {ENV_RUN_ID} to the same value for "
+            "every task (python -m launch.local and the manifests of python -m launch.k8s do)."
+        )
+
     @property
     def training_addresses(self) -> tuple[str, ...]:
         """Addresses of all training tasks, chief first (the MWMS worker order)."""

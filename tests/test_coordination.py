@@ -255,3 +255,43 @@ def test_events_and_statuses_on_simulated_ranks():
         assert requester == winner
         assert acks == ["10", "11", "12"]
         assert statuses == ["latest-0", "latest-1", "latest-2"]
+
+
+class _CountingTransport(InProcessTransport):
+    """The in-process store, counting each thread's writes and the keys it read."""
+
+    def __init__(self, num_workers: int):
+        super().__init__(num_workers)
+        self.writes: dict[str, int] = {}
+        self.keys_read: dict[str, set[str]] = {}
+        self._count_lock = threading.Lock()
+
+    def set(self, key: str, value: str) -> bool:
+        with self._count_lock:
+            name = threading.current_thread().name
+            self.writes[name] = self.writes.get(name, 0) + 1
+        return super().set(key, value)
+
+    def get(self, key: str, wait: float) -> str | None:
+        with self._count_lock:
+            self.keys_read.setdefault(threading.current_thread().name, set()).add(key)
+        return super().get(key, wait)
+
+
+@pytest.mark.parametrize("num_workers", [2, 8])
+def test_a_worker_makes_one_write_and_reads_one_key_per_exchange_whatever_the_size(num_workers):
+    votes = 20
+    transport = _CountingTransport(num_workers)
+
+    def vote(coord):
+        threading.current_thread().name = f"rank-{coord.rank}"
+        return [coord.any(coord.rank == num_workers - 1 and i == 7, f"t.vote-{i}")
+                for i in range(votes)]
+
+    results = _on_simulated_ranks(vote, num_workers, transport=transport)
+    assert all(r == [i == 7 for i in range(votes)] for r in results)
+    for rank in range(1, num_workers):
+        assert transport.writes[f"rank-{rank}"] == votes
+        assert len(transport.keys_read[f"rank-{rank}"]) == votes
+    assert transport.writes["rank-0"] == 2 * votes, "its own entry and the combined one"
+    assert len(transport.keys_read["rank-0"]) == votes * (num_workers - 1)

@@ -1,8 +1,13 @@
 """The agreement protocol: ordered exchanges, shared errors, events and statuses.
 
 Every exchange is numbered per coordinator; each worker writes its value under
-`disttrain/<seq // 64>/<seq>/<rank>` and reads its peers' keys. The chief
-deletes a block of 64 exchanges (one directory) once every worker is past it.
+`disttrain/<seq // 64>/<seq>/<rank>`. The chief reads them all, checks that every
+worker is at the same call site, and publishes the values (or what went wrong:
+a lost or late peer, a divergence) under `disttrain/<seq // 64>/<seq>/all`,
+which every other worker reads. So a worker makes two calls to the key-value
+store per exchange and the chief 2N, where every worker reading every peer's
+key would cost N·(N−1) calls on the chief's store. The chief deletes a block of
+64 exchanges (one directory) once every worker is past it.
 What carries the keys is the coordinator's `Transport`.
 """
 
@@ -28,6 +33,10 @@ _KEY_PREFIX = "disttrain"
 # Exchange keys live in blocks of this many exchanges; the chief deletes a block,
 # one directory in the key-value store, once every worker is past it.
 _KEYS_PER_BLOCK = 64
+# The chief publishes an exchange's values (or its failure) under this name beside the
+# workers' keys: every worker makes one write and one read per exchange, whatever N.
+_COMBINED = "all"
+_VERDICT_SLACK_S = 5.0
 _default_lock = threading.RLock()
 _instances: list = []
 
@@ -101,13 +110,14 @@ class Coordinator:
 
         `DISTTRAIN_RUN_ID` when the launcher set it, else generated once by the
         chief (`<utc time>-<6 hex>`) and broadcast; cached for the process.
+
+        Raises:
+            ClusterConfigError: on the evaluator task without `DISTTRAIN_RUN_ID`:
+                it is outside the training group, so no chief can tell it the id.
         """
         if self._run_id is None:
-            if self.cluster.run_id:
-                self._run_id = self.cluster.run_id
-            elif self.cluster.is_evaluator:
-                # An evaluator is outside the training group: no chief tells it an id.
-                self._run_id = new_run_id()
+            if self.cluster.run_id or self.cluster.is_evaluator:
+                self._run_id = self.cluster.required_run_id()
             else:
                 self._run_id = self.broadcast(new_run_id() if self.is_chief else None, "run_id")
         return self._run_id
@@ -147,26 +157,49 @@ class Coordinator:
                 f"coordinates as {self._label(self.rank)} through the same store. Fix: start "
                 "each task of the cluster once, with its own TF_CONFIG task index."
             )
-        values = []
         limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        for rank in range(self.num_workers):
-            if rank == self.rank:
-                values.append(value)
-                continue
-            entry = json.loads(self._wait_for(self._key(seq, rank), rank, name, deadline, limit))
-            if entry["name"] != name:
-                raise CoordinationError(
-                    f"workers diverged at exchange #{seq}: {self._label(self.rank)} is at "
-                    f"{name!r} but {self._label(rank)} is at {entry['name']!r}. Every worker "
-                    "must make the same disttrain calls in the same order; check for code that "
-                    "runs on some workers only (e.g. a callback added only on the chief)."
-                )
-            values.append(entry["value"])
-        if self.is_chief and seq % _KEYS_PER_BLOCK == 0 and seq > 0:
+        if self.rank == 0:
+            values = self._combine(seq, name, value, limit)
+        else:
+            # The chief's verdict on a peer that never came arrives after `limit` on its
+            # own clock; wait a little longer, so that verdict, naming the peer, is raised.
+            combined = json.loads(self._wait_for(self._key(seq, _COMBINED), 0, name,
+                                                 time.monotonic() + limit + _VERDICT_SLACK_S,
+                                                 limit))
+            if "error" in combined:
+                raise CoordinationError(combined["error"])
+            values = combined["values"]
+        if self.rank == 0 and seq % _KEYS_PER_BLOCK == 0 and seq > 0:
             # Every worker has set its key of `seq`, so it has read every key before it.
             with self._transport_calls(name):
                 self.transport.delete(self._block(seq // _KEYS_PER_BLOCK - 1))
+        return values
+
+    def _combine(self, seq: int, name: str, value: str, limit: float) -> list[str]:
+        """Rank 0's (the chief's) side of exchange `seq`: reads every worker's entry, checks they
+        are all at `name`, and publishes the values (or the failure) in one key."""
+        values = [value]
+        deadline = time.monotonic() + limit
+        try:
+            for rank in range(1, self.num_workers):
+                entry = json.loads(self._wait_for(self._key(seq, rank), rank, name,
+                                                  deadline, limit))
+                if entry["name"] != name:
+                    raise CoordinationError(
+                        f"workers diverged at exchange #{seq}: {self._label(0)} is at "
+                        f"{name!r} but {self._label(rank)} is at {entry['name']!r}. Every "
+                        "worker must make the same disttrain calls in the same order; check "
+                        "for code that runs on some workers only (e.g. a callback added only "
+                        "on the chief)."
+                    )
+                values.append(entry["value"])
+        except CoordinationError as e:
+            with contextlib.suppress(CoordinationError):
+                with self._transport_calls(name):
+                    self.transport.set(self._key(seq, _COMBINED), json.dumps({"error": str(e)}))
+            raise
+        with self._transport_calls(name):
+            self.transport.set(self._key(seq, _COMBINED), json.dumps({"values": values}))
         return values
 
     def any(self, flag: bool, name: str, timeout: float | None = None) -> bool:
