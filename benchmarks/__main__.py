@@ -8,6 +8,7 @@ are noisy: compare ratios, not absolute times across runs.
     python -m benchmarks            # full run (about 16 minutes on 2 cores)
     python -m benchmarks --quick    # about 4 minutes
     python -m benchmarks --smoke    # about 2.5 minutes: checks that it works (CI)
+    python -m benchmarks --scale    # adds agreement at 2 to 16 local processes
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from collections.abc import Callable, Sequence
 from benchmarks import (
     batchnorm,
     checkpoint,
+    compression,
     early_stopping,
     input_check,
     launcher,
+    scale,
     scaling,
     train_step,
     vote,
@@ -33,7 +36,7 @@ from benchmarks import (
 from benchmarks.report import Row, table
 from benchmarks.settings import FULL, QUICK, SMOKE, Settings
 
-SECTIONS = ("train", "input_check", "checkpoint", "early_stopping", "launcher")
+SECTIONS = ("train", "compression", "input_check", "checkpoint", "early_stopping", "launcher")
 
 
 def machine() -> str:
@@ -61,6 +64,10 @@ def _train(settings: Settings) -> tuple[list[Row], str]:
             + scaling.rows(measured, settings), scaling.model(measured, settings))
 
 
+def _compression(settings: Settings) -> tuple[list[Row], str]:
+    return compression.rows(compression.measure(settings), settings), ""
+
+
 def _input_check(settings: Settings) -> tuple[list[Row], str]:
     return input_check.rows(input_check.measure(settings), settings), ""
 
@@ -77,10 +84,15 @@ def _launcher(settings: Settings) -> tuple[list[Row], str]:
     return launcher.rows(launcher.measure(settings)), ""
 
 
+def _scale(settings: Settings) -> tuple[list[Row], str]:
+    measured = scale.measure(settings)
+    return scale.rows(measured), scale.model(measured)
+
+
 RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
-    "train": _train, "input_check": _input_check, "checkpoint": _checkpoint,
+    "train": _train, "compression": _compression, "input_check": _input_check, "checkpoint": _checkpoint,
     "early_stopping": _early_stopping,
-    "launcher": _launcher,
+    "launcher": _launcher, "scale": _scale,
 }
 
 
@@ -91,9 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="fewer rounds and epochs (minutes)")
     size.add_argument("--smoke", action="store_true",
                       help="tiny sizes, one round: checks the script works; numbers mean nothing")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=(*SECTIONS, "scale"),
+                        default=list(SECTIONS), help="run only these sections")
+    parser.add_argument("--scale", action="store_true",
+                        help="also measure agreement at 2 to 16 local processes (section scale)")
     args = parser.parse_args(argv)
+    if args.scale and "scale" not in args.only:
+        args.only.append("scale")
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     rows: list[Row] = []
     notes: list[str] = []

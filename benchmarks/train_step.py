@@ -55,16 +55,17 @@ def mlp(keras, batchnorm_layers: bool = False, steps_per_execution: int = 1):
 
 
 def keras3_worker(epochs: int, steps: int, calls: int, extras: bool,
-                  skip_fixes: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Keras 3 through `disttrain.strategy()` (one process: the default strategy),
-    without the `keras_compat` fixes named in `skip_fixes`."""
+                  skip_fixes: tuple[str, ...] = (),
+                  gradient_compression: str = "none") -> dict[str, Any]:
+    """Keras 3 through `disttrain.strategy(gradient_compression=...)` (one process: the
+    default strategy), without the `keras_compat` fixes named in `skip_fixes`."""
     import keras
 
     import disttrain
     from disttrain import keras_compat
 
     keras_compat.apply(skip=tuple(skip_fixes))
-    strategy = disttrain.strategy()
+    strategy = disttrain.strategy(gradient_compression=gradient_compression)
     with strategy.scope():
         model = mlp(keras)
     dataset = data(steps)

@@ -44,6 +44,7 @@ _LAZY = {
     "storage": ("disttrain.storage", None),
     "keras_compat": ("disttrain.keras_compat", None),
     "testing": ("disttrain.testing", None),
+    "SidecarEvaluator": ("disttrain.sidecar", "SidecarEvaluator"),
 }
 
 __all__ = [

@@ -3,13 +3,17 @@
 Runs single-process or as one task of a multi-worker cluster (TF_CONFIG, as set
 by `python -m launch.local`). The data is scikit-learn's bundled 8x8 digits
 (1,797 images, no download). Only the chief prints per-epoch logs and the
-summary; every worker returns the same result.
+summary; every worker returns the same result. The evaluator task, if any, runs
+a `disttrain.SidecarEvaluator` on the validation data: every checkpoint the
+chief commits is evaluated into `<output-dir>/<run id>/evaluation.csv`, the
+`eval` run of the TensorBoard logs and `best_evaluated/`.
 
 Example:
 
 ```
 python -m disttrain.demo --epochs 20
 python -m launch.local --workers 4          # the same job on 4 local workers
+python -m launch.local --workers 2 --evaluator   # and an evaluator beside them
 ```
 """
 
@@ -146,6 +150,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluator task: evaluates every checkpoint the training tasks commit, until
+    training has finished; returns the summary."""
+    import disttrain
+    from disttrain import coordination, storage
+
+    disttrain.strategy()  # the default strategy: the evaluator never joins training
+    run_id = coordination.get().run_id()
+    out = storage.join(args.output_dir, run_id)
+    _, val_ds = datasets(args.batch_size)
+    evaluator = disttrain.SidecarEvaluator(
+        build_model(args.learning_rate), val_ds, storage.join(out, "checkpoints"),
+        tensorboard_dir=None if args.no_tensorboard else storage.join(out, "tensorboard"),
+        export_dir=storage.join(out, "best_evaluated"), monitor="loss", poll_interval=1.0,
+    )
+    rows = evaluator.start()
+    summary: dict[str, Any] = {"run_id": run_id, "evaluated": len(rows),
+                               "skipped": len(evaluator.skipped)}
+    if rows:
+        best = min(rows, key=lambda row: row["loss"])
+        summary.update(best_epoch=best["epoch"], best_loss=round(best["loss"], 4),
+                       best_accuracy=round(best["accuracy"], 4))
+    summary["evaluation_csv"] = evaluator.csv_path
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -154,14 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cluster = Cluster.from_env()
     if cluster.is_evaluator:
-        print("disttrain demo: the evaluator task has nothing to do in this demo; exiting.")
+        _print_summary("disttrain demo evaluator summary", evaluate(args))
         return 0
     summary = train(args)
     if cluster.is_chief:
-        print("\ndisttrain demo summary")
-        for key, value in summary.items():
-            print(f"  {key:<22} {value}")
+        _print_summary("disttrain demo summary", summary)
     return 0
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    print(f"\n{title}")
+    for key, value in summary.items():
+        print(f"  {key:<22} {value}")
 
 
 if __name__ == "__main__":

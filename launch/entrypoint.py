@@ -7,7 +7,9 @@ What it does, in order:
    Indexed Job pod has: `JOB_COMPLETION_INDEX` (set by Kubernetes) plus `DISTTRAIN_JOB_NAME`,
    `DISTTRAIN_SERVICE`, `DISTTRAIN_NUM_WORKERS`, `DISTTRAIN_PORT` and optionally
    `DISTTRAIN_NAMESPACE` (set by the manifests `launch.k8s` writes). Pod `i` is addressed as
-   `<job>-<i>.<service>[.<namespace>.svc]:<port>`.
+   `<job>-<i>.<service>[.<namespace>.svc]:<port>`. The evaluator's pod (`launch.k8s
+   --evaluator`) has `DISTTRAIN_TASK_TYPE=evaluator` and the same variables: it becomes the
+   evaluator task of that cluster, and waits for nobody.
 2. **Run id.** `DISTTRAIN_RUN_ID` must be set and valid: it names the run's outputs and
    backups, so it must be the same on every pod and across pod restarts, and differ between
    runs. The manifests `launch.k8s` writes take it (Downward API) from a pod label holding the
@@ -93,6 +95,9 @@ ENV_SERVICE = "DISTTRAIN_SERVICE"
 ENV_NAMESPACE = "DISTTRAIN_NAMESPACE"
 ENV_NUM_WORKERS = "DISTTRAIN_NUM_WORKERS"
 ENV_PORT = "DISTTRAIN_PORT"
+# "evaluator" in the pod of the evaluator's Job (job and jobset formats of launch.k8s): the
+# pod builds the training cluster's TF_CONFIG with itself as its evaluator task.
+ENV_TASK_TYPE = "DISTTRAIN_TASK_TYPE"
 
 # Pod labels holding the UID of the object whose pods run one job instance; the manifests of
 # launch.k8s set DISTTRAIN_RUN_ID from them. Stable across pod restarts and replacements,
@@ -154,6 +159,15 @@ def tf_config_from_env(environ: Mapping[str, str]) -> dict:
     namespace = environ.get(ENV_NAMESPACE, "").strip() or None
     num_workers = _integer(environ, ENV_NUM_WORKERS, 1, 100_000)
     port = _integer(environ, ENV_PORT, 1, 65535)
+    addresses = tf_config.indexed_job_addresses(job, service, num_workers, port, namespace)
+    task_type = environ.get(ENV_TASK_TYPE, "").strip() or "worker"
+    if task_type == "evaluator":
+        return tf_config.build(addresses, "evaluator", 0)
+    if task_type != "worker":
+        raise ClusterConfigError(
+            f"{ENV_TASK_TYPE}={task_type!r} is not a task type of these pods. Fix: leave it "
+            "unset (a worker of the Indexed Job) or set it to 'evaluator' (regenerate the "
+            "manifests with `python -m launch.k8s`).")
     index = _integer(environ, ENV_COMPLETION_INDEX, 0, num_workers - 1)
     hostname = environ.get("HOSTNAME", "")
     if hostname and hostname != f"{job}-{index}":
@@ -162,7 +176,6 @@ def tf_config_from_env(environ: Mapping[str, str]) -> dict:
             f"{index} say this pod is '{job}-{index}'. Fix: set {ENV_JOB_NAME} to the name of "
             "the Indexed Job that runs this pod."
         )
-    addresses = tf_config.indexed_job_addresses(job, service, num_workers, port, namespace)
     return tf_config.build(addresses, "worker", index)
 
 

@@ -26,6 +26,10 @@ Formats:
   the entrypoint then uses it as is. Its workers use `restartPolicy: OnFailure`, not
   `ExitCode`: see `TFJOB_RESTART_POLICY_NOTE`.
 
+`--evaluator` adds an evaluator task, one pod outside the training group that runs the same
+command (the program tells it apart by TF_CONFIG, e.g. with `disttrain.SidecarEvaluator`):
+see `EVALUATOR_NOTE`.
+
 Run id (`DISTTRAIN_RUN_ID`: where the run's checkpoints, backups and logs go). Without
 `--run-id`, every instance of the job gets its own, the same on every pod and across pod
 restarts and replacements (so BackupAndRestore resumes after a pod failure), and a new one when
@@ -77,6 +81,12 @@ GCP_KEY_DIR = "/var/secrets/google"
 GCP_KEY_FILE = "key.json"
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICATED_JOB = "worker"
+EVALUATOR = "evaluator"
+# The evaluator's Job retries its pod in place (restartPolicy OnFailure) and never fails: a
+# failed Job would restart (JobSet) or outlive nothing of the training, and no evaluator
+# failure may stop training. Kubernetes's largest backoffLimit (int32).
+EVALUATOR_BACKOFF_LIMIT = 2**31 - 1
+EVALUATOR_LABEL = {"app.kubernetes.io/component": EVALUATOR}
 MAX_HOSTNAME = 63
 DEFAULT_TERMINATION_GRACE = 120
 # Pod label holding the UID of the object that owns one job instance, per format; the pods
@@ -100,6 +110,8 @@ run id (DISTTRAIN_RUN_ID: the name of the run's checkpoints, backups and logs):
             operator-name), so a fresh id is written into the manifest when it is generated:
             applying that same file again, even after deleting the TFJob, continues that
             run; generate a new manifest for a new run.
+    job with --evaluator: the evaluator runs in a Job of its own, whose UID differs from the
+            training Job's, so a fresh id is written into the manifest, as for tfjob.
   With an older Kubernetes or JobSet the label is missing, the run id is empty, and each pod
   stops at once with exit code 2 and a message (no run under a made-up id).
   With --run-id ID every instance uses ID as is: keeping it unique is then your business
@@ -133,6 +145,23 @@ _SUFFIX_SCALE = {
 }
 
 
+EVALUATOR_NOTE = f"""\
+evaluator (--evaluator): one more pod, outside the training group, with the same command,
+  image, run id and checkpoint URL; its TF_CONFIG task is the evaluator of the workers'
+  cluster. Its failures never stop training: it restarts in place (restartPolicy OnFailure).
+    job     a second Job, <name>-{EVALUATOR} (its pod gets DISTTRAIN_TASK_TYPE={EVALUATOR});
+            backoffLimit {EVALUATOR_BACKOFF_LIMIT}, so it never fails.
+    jobset  a second replicated job, {EVALUATOR}, likewise; the JobSet succeeds when both
+            the workers and the evaluator have (the evaluator ends once training has
+            finished), so it is not deleted before it evaluated the last checkpoint.
+    tfjob   an Evaluator replica. The operator marks the TFJob succeeded when the chief
+            finishes and cleanPodPolicy Running would then delete the evaluator before it
+            evaluated the last checkpoint (kubeflow/trainer issue 1658), so the policy is
+            None. Its container restarts count against runPolicy.backoffLimit like the
+            workers' (the operator counts every replica's), so an evaluator that keeps
+            crashing can end a TFJob: the one format where that holds."""
+
+
 class ManifestConfigError(DisttrainError, ValueError):
     """An option of `launch.k8s` cannot produce a valid manifest."""
 
@@ -160,15 +189,20 @@ class JobConfig:
     termination_grace: int = DEFAULT_TERMINATION_GRACE
     format: str = "job"
     tfjob_run_id: str = dataclasses.field(default_factory=new_run_id)
-    """The run id of a TFJob without `run_id`, generated with the config (see RUN_ID_NOTE)."""
+    """The run id of a TFJob (or of a Job with an evaluator) without `run_id`, generated with
+    the config (see RUN_ID_NOTE)."""
+    evaluator: bool = False
 
     @property
     def fixed_run_id(self) -> str | None:
-        """The run id written into the manifest: `run_id`, else for a TFJob `tfjob_run_id`;
-        None when each Job or JobSet instance's UID is the run id (read in the pod)."""
+        """The run id written into the manifest: `run_id`, else `tfjob_run_id` for a TFJob or
+        a Job with an evaluator; None when each Job or JobSet instance's UID is the run id
+        (read in the pod)."""
         if self.run_id is not None:
             return self.run_id
-        return self.tfjob_run_id if self.format == "tfjob" else None
+        if self.format == "tfjob" or (self.format == "job" and self.evaluator):
+            return self.tfjob_run_id
+        return None
 
     @property
     def run_id_env(self) -> str | dict[str, Any]:
@@ -190,6 +224,15 @@ class JobConfig:
             return f"{self.name}-worker-{index}"
         return f"{self.job_name}-{index}"
 
+    @property
+    def evaluator_hostname(self) -> str:
+        """Hostname of the evaluator's pod (the evaluator's Job is Indexed, one pod)."""
+        if self.format == "tfjob":
+            return f"{self.name}-{EVALUATOR}-0"
+        if self.format == "jobset":
+            return f"{self.name}-{EVALUATOR}-0-0"
+        return f"{self.name}-{EVALUATOR}-0"
+
     def validate(self) -> "JobConfig":
         """Returns self when every field can go into a valid manifest.
 
@@ -209,6 +252,11 @@ class JobConfig:
                   f"pod hostname {longest!r} would be {len(longest)} characters, over the "
                   f"{MAX_HOSTNAME} Kubernetes allows: shorten --name by "
                   f"{len(longest) - MAX_HOSTNAME} character(s)")
+        if self.evaluator and len(self.evaluator_hostname) > MAX_HOSTNAME:
+            _fail("--name", self.name,
+                  f"the evaluator's hostname {self.evaluator_hostname!r} would be over the "
+                  f"{MAX_HOSTNAME} characters Kubernetes allows: shorten --name by "
+                  f"{len(self.evaluator_hostname) - MAX_HOSTNAME} character(s)")
         if not self.image or any(c.isspace() for c in self.image) or self.image.startswith("-"):
             _fail("--image", self.image, "give an image reference such as "
                   "'REGISTRY/disttrain:0.1.0'")
@@ -260,7 +308,7 @@ class JobConfig:
 
     def _check_env(self) -> None:
         reserved = {name for name, _ in _generated_env(self)} | {
-            ENV_TF_CONFIG, entrypoint.ENV_COMPLETION_INDEX}
+            ENV_TF_CONFIG, entrypoint.ENV_COMPLETION_INDEX, entrypoint.ENV_TASK_TYPE}
         seen: set[str] = set()
         for name, value in self.env:
             if not _ENV_NAME.fullmatch(name):
@@ -315,9 +363,11 @@ def _metadata(config: JobConfig) -> dict[str, Any]:
     return metadata
 
 
-def _generated_env(config: JobConfig) -> list[tuple[str, Any]]:
+def _generated_env(config: JobConfig, evaluator: bool = False) -> list[tuple[str, Any]]:
     """The container env launch.k8s sets, as (name, value or valueFrom) pairs."""
     env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.run_id_env)]
+    if config.format != "tfjob" and evaluator:
+        env.append((entrypoint.ENV_TASK_TYPE, EVALUATOR))
     if config.format != "tfjob":
         env += [
             (entrypoint.ENV_JOB_NAME, config.job_name),
@@ -333,11 +383,11 @@ def _generated_env(config: JobConfig) -> list[tuple[str, Any]]:
     return env
 
 
-def _container(config: JobConfig) -> dict[str, Any]:
+def _container(config: JobConfig, evaluator: bool = False) -> dict[str, Any]:
     tfjob = config.format == "tfjob"
     env = [{"name": name, "valueFrom": value} if isinstance(value, dict)
            else {"name": name, "value": value}
-           for name, value in [*_generated_env(config), *config.env]]
+           for name, value in [*_generated_env(config, evaluator), *config.env]]
     limits: dict[str, Any] = {"cpu": config.cpu, "memory": config.memory}
     if config.gpus:
         limits[GPU_RESOURCE] = config.gpus
@@ -364,7 +414,7 @@ def _container(config: JobConfig) -> dict[str, Any]:
 
 
 def _pod_template(config: JobConfig, restart_policy: str | None,
-                  subdomain: str | None) -> dict[str, Any]:
+                  subdomain: str | None, evaluator: bool = False) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if restart_policy:
         spec["restartPolicy"] = restart_policy
@@ -376,12 +426,24 @@ def _pod_template(config: JobConfig, restart_policy: str | None,
     # SIGTERM handler ignores SIGTERM, and every pod deletion would wait for SIGKILL.
     spec["shareProcessNamespace"] = True
     spec["terminationGracePeriodSeconds"] = config.termination_grace
-    spec["containers"] = [_container(config)]
+    spec["containers"] = [_container(config, evaluator)]
     if config.gcp_key_secret:
         spec["volumes"] = [{"name": "gcp-key", "secret": {
             "secretName": config.gcp_key_secret,
             "items": [{"key": GCP_KEY_FILE, "path": GCP_KEY_FILE}]}}]
-    return {"metadata": {"labels": _labels(config)}, "spec": spec}
+    labels = {**_labels(config), **(EVALUATOR_LABEL if evaluator else {})}
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def _evaluator_job_spec(config: JobConfig) -> dict[str, Any]:
+    """The evaluator's Job: one pod, retried in place, never failing (see EVALUATOR_NOTE)."""
+    return {
+        "completionMode": "Indexed",
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": EVALUATOR_BACKOFF_LIMIT,
+        "template": _pod_template(config, "OnFailure", None, evaluator=True),
+    }
 
 
 def _indexed_job_spec(config: JobConfig, backoff_limit: int,
@@ -431,7 +493,21 @@ def _job(config: JobConfig) -> dict[str, Any]:
     }
 
 
+def _evaluator_job(config: JobConfig) -> dict[str, Any]:
+    metadata = _metadata(config)
+    metadata["name"] = f"{config.name}-{EVALUATOR}"
+    metadata["labels"] = {**metadata["labels"], **EVALUATOR_LABEL}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
+            "spec": _evaluator_job_spec(config)}
+
+
 def _jobset(config: JobConfig) -> dict[str, Any]:
+    evaluator = [{
+        "name": EVALUATOR,
+        "replicas": 1,
+        "template": {"metadata": {"labels": {**_labels(config), **EVALUATOR_LABEL}},
+                     "spec": _evaluator_job_spec(config)},
+    }] if config.evaluator else []
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
@@ -439,7 +515,8 @@ def _jobset(config: JobConfig) -> dict[str, Any]:
         "spec": {
             "network": {"enableDNSHostnames": True, "subdomain": config.name,
                         "publishNotReadyAddresses": True},
-            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [
+                REPLICATED_JOB, *(job["name"] for job in evaluator)]},
             "failurePolicy": {
                 "maxRestarts": config.max_restarts,
                 "rules": [{"name": "configuration-error", "action": "FailJobSet",
@@ -450,24 +527,28 @@ def _jobset(config: JobConfig) -> dict[str, Any]:
                 "replicas": 1,
                 "template": {"metadata": {"labels": _labels(config)},
                              "spec": _indexed_job_spec(config, 0, None)},
-            }],
+            }, *evaluator],
         },
     }
 
 
 def _tfjob(config: JobConfig) -> dict[str, Any]:
+    replicas = {"Worker": {
+        "replicas": config.workers,
+        "restartPolicy": "OnFailure",
+        "template": _pod_template(config, None, None),
+    }}
+    if config.evaluator:
+        replicas["Evaluator"] = {"replicas": 1, "restartPolicy": "OnFailure",
+                                 "template": _pod_template(config, None, None, evaluator=True)}
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "TFJob",
         "metadata": _metadata(config),
         "spec": {
             "runPolicy": {"backoffLimit": config.max_restarts * config.workers,
-                          "cleanPodPolicy": "Running"},
-            "tfReplicaSpecs": {"Worker": {
-                "replicas": config.workers,
-                "restartPolicy": "OnFailure",
-                "template": _pod_template(config, None, None),
-            }},
+                          "cleanPodPolicy": "None" if config.evaluator else "Running"},
+            "tfReplicaSpecs": replicas,
         },
     }
 
@@ -476,7 +557,8 @@ def manifests(config: JobConfig) -> list[dict[str, Any]]:
     """The Kubernetes objects for `config`, validated first, in `kubectl apply` order."""
     config.validate()
     if config.format == "job":
-        return [_service(config), _job(config)]
+        return [_service(config), _job(config), *([_evaluator_job(config)] if config.evaluator
+                                                  else [])]
     if config.format == "jobset":
         return [_jobset(config)]
     return [_tfjob(config)]
@@ -551,7 +633,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m launch.k8s",
         description="Print (or write) Kubernetes manifests that run a command on N workers.",
         usage="%(prog)s --name NAME --workers N --image IMAGE [options] -- cmd [args ...]",
-        epilog=f"{RUN_ID_NOTE}\n\n{TFJOB_RESTART_POLICY_NOTE}",
+        epilog=f"{RUN_ID_NOTE}\n\n{TFJOB_RESTART_POLICY_NOTE}\n\n{EVALUATOR_NOTE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
@@ -582,6 +664,9 @@ def _parser() -> argparse.ArgumentParser:
              "BackupAndRestore needs them to finish the current step and write a backup "
              f"(default {DEFAULT_TERMINATION_GRACE})")
     add("--format", choices=FORMATS, default="job", help="what to emit (default job)")
+    add("--evaluator", action="store_true",
+        help="add an evaluator task: one pod outside training running the same command "
+             "(see 'evaluator' below)")
     add("--output", type=Path, help="write <DIR>/<name>.yaml instead of printing")
     return parser
 
@@ -599,14 +684,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             gcp_key_secret=args.gcp_key_secret, env=_parse_env(args.env), run_id=args.run_id,
             max_restarts=args.max_restarts, peer_timeout=args.peer_timeout,
             termination_grace=args.termination_grace, format=args.format,
+            evaluator=args.evaluator,
         )
         text = to_yaml(manifests(config))
     except ManifestConfigError as e:
         parser.error(str(e))
-    if config.run_id is None and config.format == "tfjob":
-        print(f"launch.k8s: note: TFJob pods carry no identifier of their TFJob, so this "
+    if config.run_id is None and config.fixed_run_id is not None:
+        why = ("TFJob pods carry no identifier of their TFJob" if config.format == "tfjob" else
+               "the training Job and the evaluator's Job have different UIDs")
+        print(f"launch.k8s: note: {why}, so this "
               f"manifest has a run id of its own, {config.tfjob_run_id}: applying it again, "
-              "even after deleting the TFJob, continues that run. Generate a new manifest (or "
+              f"even after deleting the {'TFJob' if config.format == 'tfjob' else 'Jobs'}, "
+              "continues that run. Generate a new manifest (or "
               "pass a new --run-id) for a new run.", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(text)

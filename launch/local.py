@@ -36,6 +36,7 @@ from disttrain.cluster import (
     validate_run_id,
 )
 from disttrain.errors import EXIT_CANNOT_EXECUTE, EXIT_TIMEOUT, ClusterConfigError
+from disttrain import step_timing
 from launch import noise, procs
 from launch.cli import split_command
 from launch.output import Console
@@ -96,6 +97,8 @@ each task's environment gets:
   DISTTRAIN_RUN_ID         the same for every task and attempt
   DISTTRAIN_ATTEMPT        0, then 1, 2, ... when the group is started again
   DISTTRAIN_RESULT_FILE    where the chief may write a JSON result; shown at the end
+  DISTTRAIN_TIMING_FILE    where the task's step timing goes (disttrain.strategy() records
+                           it); summarised at the end, a straggler named
   PYTHONUNBUFFERED=1, and unless already set TF_CPP_MIN_LOG_LEVEL=2, PYTHONFAULTHANDLER=1
   TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS, OMP_NUM_THREADS
                            unless already set: --threads-per-worker (default: the CPU cores
@@ -136,6 +139,10 @@ real cause.
 
 summary: per task its exit code and wall time in the last attempt; after
 restarts also its exit code in each earlier attempt (* marks the root cause).
+For tasks that trained with disttrain.strategy(): the median time of a
+synchronous step, the median time each spent between steps, its slowest
+epoch, and a straggler (a task persistently slower between steps, which every
+step waits for) named.
 """
 
 
@@ -311,12 +318,17 @@ def plan_tasks(config: LaunchConfig, attempt: int,
             ENV_RUN_ID: config.run_id,
             ENV_ATTEMPT: str(attempt),
             ENV_RESULT_FILE: result_file,
+            step_timing.ENV_TIMING_FILE: _timing_file(result_file, task.label),
             "PYTHONUNBUFFERED": "1",
         }
         env.update((k, v) for k, v in DEFAULT_ENV.items() if k not in os.environ)
         env.update(thread_env(config.threads))
         plan.append((task, env))
     return plan
+
+
+def _timing_file(result_file: str, label: str) -> str:
+    return os.path.join(os.path.dirname(result_file), f"timing-{label}.json")
 
 
 def print_dry_run(config: LaunchConfig) -> None:
@@ -406,6 +418,8 @@ class _Job:
         config = self._config
         self._result_file.unlink(missing_ok=True)
         plan = plan_tasks(config, attempt, str(self._result_file))
+        for task, env in plan:
+            pathlib.Path(env[step_timing.ENV_TIMING_FILE]).unlink(missing_ok=True)
         addresses = " ".join(
             f"{task.label}={task.cluster.training_addresses[task.cluster.worker_rank]}"
             for task, _ in plan if task.task_type != "evaluator")
@@ -523,6 +537,9 @@ class _Job:
                 kept = " (all in --log-dir)" if self._config.log_dir else ""
                 lines.append(f"  {hidden} known-harmless TensorFlow start-up line(s) hidden"
                              f"{kept}; --show-all shows them")
+            lines += step_timing.summary_lines({
+                r.label: step_timing.read(_timing_file(str(self._result_file), r.label))
+                for r in last.results if r.label != "evaluator"})
         lines += self._result_lines()
         self._console.info("\n".join(lines))
 

@@ -17,7 +17,7 @@ from tests.processes import REPO_ROOT
 
 @pytest.mark.slow
 def test_smoke_run_prints_every_row():
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke"], check=False,
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--scale"], check=False,
                          cwd=REPO_ROOT,
                          env=worker_env(), capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stderr[-5000:]
@@ -31,9 +31,12 @@ def test_smoke_run_prints_every_row():
                 "launch.local: teardown after a worker fails", "compute alone: 2 processes",
                 "+ gradient all-reduce", "fit with compile(steps_per_execution=8)",
                 "(launch.local default)", "one input iterator per fit",
-                "fsync + atomic rename alone"):
+                "fsync + atomic rename alone", "gradients all-reduced in bf16",
+                "digits demo after 2 epochs, 2 workers: val_loss / accuracy with bf16", "scale, 2 workers: vote (coordination.any)",
+                "scale, 2 workers: checkpoint decision", "scale, 2 workers: BatchNormalization sync",
+                "scale, 2 workers: agreement per epoch"):
         assert row in out, f"missing row {row!r} in:\n{out}"
-    assert "Scaling model:" in out
+    assert "Scaling model:" in out and "Agreement model:" in out
 
 
 def test_help_lists_the_sizes():

@@ -71,6 +71,25 @@ def test_max_to_keep_keeps_the_latest_and_deletes_after_the_index(directory):
     assert index["path"].endswith("m-4.bin")
 
 
+@pytest.mark.timeout(60)
+def test_finish_marks_the_final_records_and_a_later_save_drops_the_mark(directory):
+    manager = _manager(directory, max_to_keep=1)
+    manager.save_file(_record(directory, "m-1.bin", 1), _writer(b"1"))
+    manager.save_file(_record(directory, "m-2.bin", 2), _writer(b"2"))
+    manager.finish(epochs=2)
+    index = storage.read_json(manager.index_url)
+    mark = storage.training_finished(index)
+    assert (mark["run_id"], mark["checkpoints"], mark["epochs"]) == (RUN, 1, 2)
+    assert index["checkpoints"] == [_record(directory, "m-2.bin", 2)], "the same atomic write"
+    assert storage.listdir(directory) == [INDEX, "m-2.bin"]
+    _manager(directory).save_file(_record(directory, "m-3.bin", 3), _writer(b"3"))
+    assert storage.training_finished(storage.read_json(manager.index_url)) is None
+    empty = storage.join(directory, "empty")
+    _manager(empty).finish()
+    index = storage.read_json(storage.join(empty, INDEX))
+    assert index["checkpoints"] == [] and storage.training_finished(index)["run_id"] == RUN
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode, kept, best", [("min", ["m-2", "m-4"], "m-4"),
                                                ("max", ["m-1", "m-3"], "m-3")])

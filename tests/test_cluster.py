@@ -146,3 +146,16 @@ def test_every_platform_shape_parses_with_one_chief_and_a_training_view_tf_accep
         assert training[0].task_type == "chief" and training[0].label == "chief"
         assert clusters[-1].is_evaluator and not clusters[-1].is_chief
         assert clusters[-1].worker_rank == -1
+
+
+def test_the_evaluator_must_be_told_the_run_id():
+    from disttrain.coordination import Coordinator, InProcessTransport
+
+    evaluator = Cluster.from_env({"TF_CONFIG": cfg({"worker": W2},
+                                                   {"type": "evaluator", "index": 0})})
+    with pytest.raises(ClusterConfigError, match="the evaluator task needs the training run's "
+                       "id, and DISTTRAIN_RUN_ID is not set.*Fix: set DISTTRAIN_RUN_ID"):
+        Coordinator(evaluator, transport=InProcessTransport()).run_id()
+    told = Cluster.from_env({"TF_CONFIG": cfg({"worker": W2}, {"type": "evaluator", "index": 0}),
+                             "DISTTRAIN_RUN_ID": "run-7"})
+    assert Coordinator(told, transport=InProcessTransport()).run_id() == "run-7"

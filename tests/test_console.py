@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from disttrain import step_timing
 from disttrain.testing import function_command, run_launcher
 from launch import noise
 from tests import console_workloads
@@ -82,16 +83,19 @@ def test_launcher_hides_known_lines_unless_show_all_and_logs_keep_them(tmp_path,
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_real_workers_one_progress_bar_no_start_up_noise_failure_tail(tmp_path):
-    """Every worker calls fit(verbose=1); TF_CPP_MIN_LOG_LEVEL as the launcher sets it."""
+    """Every worker calls fit(verbose=1); TF_CPP_MIN_LOG_LEVEL as the launcher sets it. A
+    checkpoint without a tracked best: the summary names the last one and says so."""
     logs = tmp_path / "logs"
     job = run_launcher(
         ["--workers", "2", "--log-dir", str(logs), "--",
-         *function_command(console_workloads.fit_verbose_everywhere, {"fail_rank": 1})],
+         *function_command(console_workloads.fit_verbose_everywhere,
+                           {"checkpoints": str(tmp_path / "ckpt"), "fail_rank": 1,
+                            "straggler_rank": 1})],
         timeout=240, env={"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert job.returncode == 1 and not job.survivors, job.report()
-    assert re.search(r"^\[w0\] Epoch 2/2$", job.stdout, re.MULTILINE), job.report()
+    assert re.search(r"^\[w0\] Epoch 3/3$", job.stdout, re.MULTILINE), job.report()
     assert "[w1]" not in job.stdout, "Keras's progress bar shows on the chief only"
-    assert "Epoch 1/2" in (logs / "attempt-0" / "w0.stdout.log").read_text()
+    assert "Epoch 1/3" in (logs / "attempt-0" / "w0.stdout.log").read_text()
     assert f"[w1] {console_workloads.UNKNOWN_STDERR_LINE}\n" in job.stderr
     shown = [line.split("] ", 1)[1] for line in job.stderr.splitlines()
              if re.match(r"\[w\d\] ", line)]
@@ -100,3 +104,35 @@ def test_real_workers_one_progress_bar_no_start_up_noise_failure_tail(tmp_path):
     assert any(noise.is_known_harmless(line) for line in raw), "the log keeps them"
     tail = job.stderr.split("w1 failed first", 1)[1]
     assert f"  | RuntimeError: {console_workloads.FAILURE}" in tail, job.stderr
+    last = tmp_path / "ckpt" / "m-3.keras"
+    assert f"[launch]   last_checkpoint  {last}\n" in job.stderr, "no best, no 'value null'"
+    assert "no best tracked: 'val_loss' was never logged" in job.stderr
+    assert "best_checkpoint" not in job.stderr and "null" not in job.stderr
+    timing = {label: step_timing.read(str(logs / f"timing-{label}.json"))
+              for label in ("w0", "w1")}
+    assert [e["epoch"] for e in timing["w1"]] == [1, 2, 3] and timing["w0"][0]["steps"] == 8
+    assert timing["w1"][0]["outside_s"] >= console_workloads.STRAGGLER_SLEEP_S
+    for label in ("w0", "w1"):
+        assert re.search(rf"^\[launch\]   {label} +[\d.]+ms +[\d.]+ms +\d \([\d.]+s\)$",
+                         job.stderr, re.MULTILINE), job.stderr
+    assert "[launch]   straggler: w1 spends" in job.stderr, job.stderr
+
+
+def _epochs(outside: list[float], step: float = 0.02) -> list[dict]:
+    return [{"epoch": i + 1, "seconds": 1.0 + i, "steps": 10, "step_s": step, "outside_s": o}
+            for i, o in enumerate(outside)]
+
+
+def test_a_straggler_is_named_only_when_persistently_slower():
+    slow = {"w0": _epochs([0.001] * 4), "w1": _epochs([0.03] * 4), "w2": _epochs([0.002] * 4)}
+    assert step_timing.stragglers(slow) == "w1"
+    lines = step_timing.summary_lines(slow)
+    assert lines[1] == "  w0         20.0ms    1.0ms     4 (4.0s)"
+    assert lines[-1].startswith("  straggler: w1 spends 30.0ms per step between steps (the "
+                                "others at most 2.0ms)")
+    once = {"w0": _epochs([0.001, 0.001, 0.001, 0.04]), "w1": _epochs([0.03, 0.03, 0.0005, 0.001])}
+    assert step_timing.stragglers(once) is None, "slowest in half the epochs is not persistent"
+    close = {"w0": _epochs([0.001] * 4), "w1": _epochs([0.003] * 4)}
+    assert step_timing.stragglers(close) is None, "2 ms more is below the threshold"
+    assert step_timing.stragglers({"w0": _epochs([0.001]), "w1": []}) is None
+    assert step_timing.summary_lines({"w0": [], "w1": []}) == []

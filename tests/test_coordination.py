@@ -26,22 +26,24 @@ def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_every_primitive_agrees_on_three_workers():
-    run = run_cluster(work.exchanges, 3).assert_ok()
+@pytest.mark.parametrize("num_workers", [4, 8])
+def test_every_primitive_agrees_on_a_real_cluster(num_workers):
+    run = run_cluster(work.exchanges, num_workers, timeout=240).assert_ok()
     _assert_every_primitive_agreed(run.results)
 
 
 def _assert_every_primitive_agreed(results: list[dict]) -> None:
+    n = len(results)
     for r in results:
-        assert (r["num_workers"], r["any"], r["all"], r["all_true"]) == (3, True, False, True)
-        assert r["gather"] == ["value-0", "value-1", "value-2"]
+        assert (r["num_workers"], r["any"], r["all"], r["all_true"]) == (n, True, False, True)
+        assert r["gather"] == [f"value-{rank}" for rank in range(n)]
         assert r["broadcast"] == "from-0"
         assert r["chief_result"] == {"rank": 0}
         assert r["run_id"] == results[0]["run_id"]
         assert r["error"] == "StorageError: t.error failed on w1: ValueError: disk full"
         assert r["chief_error"] == "t.chief failed on w0: ZeroDivisionError: division by zero"
         # Finished blocks of exchange keys are deleted; the current block's keys stay.
-        assert r["stored_keys"] == [[False] * 3, [False] * 3, [True] * 3]
+        assert r["stored_keys"] == [[False] * n, [False] * n, [True] * n]
 
 
 @pytest.mark.slow
@@ -97,7 +99,8 @@ def test_strategy_is_created_once_with_fixes_applied():
     for facts in run.results:
         assert facts["type"] == "CollectiveAllReduceStrategy"
         assert facts["same_object"] and facts["replicas"] == 2
-        assert facts["fixes"] == ["multi_worker_steps_per_execution", "persistent_epoch_iterator",
+        assert facts["fixes"] == ["multi_worker_cpu_without_xla",
+                                  "multi_worker_steps_per_execution", "persistent_epoch_iterator",
                                   "scalar_metric_reduction", "symbolic_build_local_batch",
                                   "synced_batchnorm_statistics"]
         assert "already created" in facts["different_options"]

@@ -10,11 +10,12 @@ import sys
 import pytest
 
 from disttrain.testing import worker_env
+from launch import noise
 from tests.processes import REPO_ROOT
 
 
-def _run(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=worker_env(), text=True,
+def _run(args, cwd, timeout=300, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=worker_env(env), text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -33,22 +34,31 @@ def test_demo_single_process(tmp_path):
     manifest = json.loads((out / "checkpoints" / "best.json").read_text())
     assert manifest["path"] == summary["best_checkpoint"]
     assert (out / "history.csv").read_text().count("\n") == 3
+    assert (out / "history.png").read_bytes().startswith(b"\x89PNG")
     assert not (out / "backup").exists(), "the backup is removed after a normal end"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_launch_local_default_job_on_two_workers(tmp_path):
-    proc = _run(["-m", "launch.local", "--workers", "2"], tmp_path, timeout=360)
+    """At the TensorFlow log level the launcher sets: no start-up lines, one progress bar,
+    and the figure the summary names."""
+    proc = _run(["-m", "launch.local", "--workers", "2"], tmp_path, timeout=360,
+                env={"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-5000:]
     summary = _summary(proc.stdout)
     assert summary["workers"] == "2"
     assert float(summary["best_val_accuracy"]) > 0.9
     assert "[w1]" not in proc.stdout, "only the chief prints"
+    shown = re.findall(r"^\[w\d\] (.*)$", proc.stderr, re.MULTILINE)
+    assert not [line for line in shown if noise.is_known_harmless(line)], proc.stderr
     assert re.search(r"^\[launch\]   best_checkpoint  .*\.keras$", proc.stderr, re.MULTILINE)
     run_dir = tmp_path / "disttrain-demo" / summary["run_id"]
     assert (run_dir / "checkpoints" / "best.json").exists()
     assert (run_dir / "tensorboard").is_dir()
+    figure = re.search(r"^\[launch\]   figure +(.*)$", proc.stderr, re.MULTILINE)
+    assert figure and figure[1] == f"disttrain-demo/{summary['run_id']}/history.png", proc.stderr
+    assert (tmp_path / figure[1]).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
-"""Static tests of docker/Dockerfile and .dockerignore (there is no Docker engine here): what it
-copies exists and reaches the build context, it installs the package the README's way with
-extras pyproject.toml declares, runs as a numeric non-root user, its entrypoint is the pod
-entrypoint the manifests use, and hadolint finds nothing.
+"""Static tests of docker/Dockerfile and .dockerignore: what it copies exists and reaches the
+build context, it installs the package the README's way with extras pyproject.toml declares
+(the TensorFlow extra chosen by the TF_EXTRA build arg, the dependencies in a layer that code
+changes do not invalidate), its BASE build arg defaults to a Python that pyproject.toml
+allows, it runs as a numeric non-root user, its entrypoint is the pod entrypoint the manifests
+use, and hadolint finds nothing. tests/test_container.py builds and runs it with podman.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from launch import k8s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
-INSTALL = 'pip install ".[demo]"'
+DEPENDENCIES = 'pip install ".[${TF_EXTRA},demo]"'
+PACKAGE = "pip install --no-deps ."
+TF_EXTRAS = ("tf", "cpu", "gpu")
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -43,6 +47,11 @@ def _instructions() -> list[tuple[str, str]]:
 
 def _all(keyword: str) -> list[str]:
     return [arguments for k, arguments in _instructions() if k == keyword]
+
+
+def _build_args() -> dict[str, str]:
+    """Each ARG's default value."""
+    return dict(a.split("=", 1) for a in _all("ARG"))
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -102,26 +111,41 @@ def test_every_copied_path_exists_and_reaches_the_build_context():
     assert _ignored(".venv", patterns) and _ignored(".git", patterns)
 
 
-def test_installs_the_package_with_declared_extras():
+def test_installs_the_dependencies_then_the_package_with_declared_extras():
     runs = [r for r in _all("RUN") if "pip install" in r]
-    assert runs == [INSTALL], f"expected exactly one `{INSTALL}`, got {runs}"
-    extras = re.search(r"\.\[([^\]]*)\]", INSTALL).group(1).split(",")
+    assert [r.rpartition("&& ")[2] for r in runs] == [DEPENDENCIES, PACKAGE], runs
     declared = _pyproject()["project"]["optional-dependencies"]
-    assert set(extras) <= set(declared), f"extras {extras} not all in pyproject {list(declared)}"
+    default = _build_args()["TF_EXTRA"]
+    assert default == "tf", "the default image keeps the default tensorflow wheel"
+    for tf_extra in TF_EXTRAS:
+        assert any(r.startswith("tensorflow") for r in declared[tf_extra]), tf_extra
+        extras = re.search(r"\.\[([^\]]*)\]", DEPENDENCIES.replace("${TF_EXTRA}", tf_extra))
+        assert set(extras.group(1).split(",")) <= set(declared), (extras, list(declared))
+    assert not any("tensorflow" in r for r in declared["demo"]), "TF_EXTRA alone picks it"
+
+
+def test_dependency_layer_comes_before_the_code():
+    """Editing disttrain's code or the README must not reinstall TensorFlow: only
+    pyproject.toml is copied before the dependency install."""
+    order = [(k, a) for k, a in _instructions() if k in ("COPY", "RUN")]
+    install = next(i for i, (_, a) in enumerate(order) if DEPENDENCIES in a)
+    assert [a for k, a in order[:install] if k == "COPY"] == ["pyproject.toml ./"]
 
 
 def test_the_readme_installs_the_same_way():
     readme = (REPO_ROOT / "README.md").read_text()
-    readme_installs = re.findall(r"pip install [^\n`]*", readme)
-    if not readme_installs:
-        pytest.skip("README.md has no install command yet to compare with")
-    assert INSTALL in [line.strip() for line in readme_installs], readme_installs
+    readme_installs = [line.strip() for line in re.findall(r"pip install [^\n`]*", readme)]
+    default = DEPENDENCIES.replace("${TF_EXTRA}", _build_args()["TF_EXTRA"])
+    assert default in readme_installs, readme_installs
+    for tf_extra in TF_EXTRAS[1:]:
+        assert f"--build-arg TF_EXTRA={tf_extra}" in readme, f"README: the {tf_extra} image"
 
 
 def test_base_image_python_satisfies_requires_python():
-    (base,) = _all("FROM")
+    assert _all("FROM") == ["${BASE}"]
+    base = _build_args()["BASE"]
     match = re.fullmatch(r"python:(\d+)\.(\d+)-slim", base)
-    assert match, f"expected a pinned python:X.Y-slim base, got {base!r}"
+    assert match, f"expected a pinned python:X.Y-slim default BASE, got {base!r}"
     required = re.fullmatch(r">=(\d+)\.(\d+)", _pyproject()["project"]["requires-python"])
     assert tuple(map(int, match.groups())) >= tuple(map(int, required.groups()))
 

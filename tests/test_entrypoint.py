@@ -29,6 +29,7 @@ import pytest
 
 from disttrain.errors import ClusterConfigError
 from launch import entrypoint, k8s, tf_config
+from tests import k8s_pods
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "198.18.0"  # RFC 2544 benchmarking range, used only inside the test namespaces.
@@ -52,6 +53,11 @@ def test_tf_config_from_an_indexed_job_pod():
     assert with_namespace["cluster"]["worker"][2] == "mnist-2.mnist.ml.svc:2222"
     without_hostname = entrypoint.tf_config_from_env(_pod_env(HOSTNAME=None))
     assert without_hostname["task"] == {"type": "worker", "index": 1}
+    evaluator = entrypoint.tf_config_from_env(_pod_env(
+        DISTTRAIN_TASK_TYPE="evaluator", JOB_COMPLETION_INDEX="0", HOSTNAME="mnist-evaluator-0"))
+    assert evaluator == {"cluster": {"worker": ["mnist-0.mnist:2222", "mnist-1.mnist:2222",
+                                                "mnist-2.mnist:2222"]},
+                         "task": {"type": "evaluator", "index": 0}}
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -64,6 +70,7 @@ def test_tf_config_from_an_indexed_job_pod():
     ({"DISTTRAIN_NUM_WORKERS": "0"}, "DISTTRAIN_NUM_WORKERS='0' must be an integer in 1.."),
     ({"DISTTRAIN_PORT": "99999"}, "DISTTRAIN_PORT='99999' must be an integer in 1..65535"),
     ({"HOSTNAME": "other-1"}, "HOSTNAME='other-1' but DISTTRAIN_JOB_NAME='mnist'"),
+    ({"DISTTRAIN_TASK_TYPE": "chief"}, "DISTTRAIN_TASK_TYPE='chief' is not a task type"),
 ])
 def test_bad_pod_environment_is_a_clear_error(overrides, message):
     with pytest.raises(ClusterConfigError, match=re.escape(message)):
@@ -336,37 +343,13 @@ def netns() -> None:
         pytest.skip(reason)
 
 
-def _pod_spec(documents: list[dict]) -> dict:
-    workload = documents[-1]
-    if workload["kind"] == "JobSet":
-        return workload["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
-    return workload["spec"]["template"]["spec"]
-
-
-# The pod labels the Job and JobSet controllers add (they hold the owner's UID).
-CONTROLLER_LABELS = (entrypoint.JOB_UID_LABEL, entrypoint.JOBSET_UID_LABEL)
-
-
 def _kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
                     home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment Kubernetes gives this container in pod `index` of an Indexed Job whose
-    pods carry `labels` (by default: each controller label with a fixed UID). Like the kubelet,
-    a `metadata.labels['KEY']` reference to a label the pod lacks gives an empty string."""
-    if labels is None:
-        labels = dict.fromkeys(CONTROLLER_LABELS, "0b4c9d8e-3f1a-4c2b-9e7d-5a6f7b8c9d0e")
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-           "HOME": str(home), "HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
-    for variable in container["env"]:
-        if "valueFrom" in variable:
-            path = variable["valueFrom"]["fieldRef"]["fieldPath"]
-            label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
-            if label:
-                env[variable["name"]] = labels.get(label[1], "")
-            else:
-                env[variable["name"]] = {"metadata.namespace": namespace}[path]
-        else:
-            env[variable["name"]] = variable["value"]
-    return env
+    """What Kubernetes gives the container (tests/k8s_pods.py), plus PATH and HOME (which an
+    image would set) for a process on this machine."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home),
+            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels)}
 
 
 PRINT_RUN_ID = "import os; print('RUN_ID=' + os.environ['DISTTRAIN_RUN_ID'], flush=True)"
@@ -383,7 +366,7 @@ def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
     history or backups. A pod without the label (older Kubernetes or JobSet) stops, exit 2."""
     config = k8s.JobConfig(name="demo", workers=1, image="unused", format=fmt,
                            command=("python", "-c", PRINT_RUN_ID))
-    container = _pod_spec(k8s.manifests(config))["containers"][0]
+    container = k8s_pods.pod_spec(k8s.manifests(config))["containers"][0]
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
 
     def pod(labels: dict[str, str], name: str) -> tuple[int, str]:
@@ -403,28 +386,20 @@ def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
     assert "RUN_ID=" not in output
 
 
-def _expand(argument: str, env: dict[str, str]) -> str:
-    """Kubernetes' `$(VAR)` expansion in command and args (`$$` escapes a `$`)."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
-                  argument)
-
-
 def _run_pods(network: PodNetwork, config: k8s.JobConfig, order: list[int], delay: float,
               tmp_path: Path, timeout: float, start: set[int] | None = None) -> list[str]:
     """Starts the pods of `config`'s manifest in `order`, `delay` seconds apart, as Kubernetes
     would (names published as each starts); returns each pod's output once all exited."""
     namespace = config.namespace or "default"
-    container = _pod_spec(k8s.manifests(config))["containers"][0]
+    container = k8s_pods.pod_spec(k8s.manifests(config))["containers"][0]
     logs = [tmp_path / f"pod{i}.log" for i in range(config.workers)]
     for i in order:
         if start is not None and i not in start:
             continue
         hostname = config.hostname(i)
-        fqdn = f"{hostname}.{config.name}.{namespace}.svc"
-        network.publish(i, [fqdn, f"{fqdn}.cluster.local"])
+        network.publish(i, k8s_pods.dns_names(hostname, config.name, namespace))
         env = _kubernetes_env(container, i, hostname, namespace, tmp_path)
-        argv = [_expand(a, env) for a in container["command"] + container["args"]]
+        argv = k8s_pods.pod_argv(container, env)
         assert argv[:3] == ["python", "-m", "launch.entrypoint"]
         network.start(i, argv[3:], env, logs[i])
         if i != order[-1]:

@@ -75,10 +75,8 @@ def _env(container: dict) -> dict[str, Any]:
 
 
 def _expected_run_id(config: k8s.JobConfig) -> Any:
-    if config.run_id is not None:
-        return config.run_id
-    if config.format == "tfjob":
-        return config.tfjob_run_id
+    if config.fixed_run_id is not None:
+        return config.fixed_run_id
     return {"fieldRef": {"fieldPath": RUN_ID_FIELDS[config.format]}}
 
 
@@ -349,6 +347,71 @@ def test_help_and_readme_document_run_ids_and_the_tfjob_restart_policy():
         assert "JobSet v0.9.0" in text and "Kubernetes 1.27" in text
         assert "keeping it unique is" in text
         assert "ExitCode" in text and "1-127" in text and "OnFailure" in text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", k8s.FORMATS)
+def test_evaluator_is_one_more_valid_pod_that_never_fails_the_training(fmt):
+    """The evaluator runs the same command with the same run id and checkpoint URL, as the
+    evaluator task of the workers' cluster; its pod restarts in place and its Job never fails
+    (EVALUATOR_NOTE)."""
+    config = _config(MINIMAL, format=fmt, evaluator=True)
+    documents = k8s.manifests(config)
+    if fmt == "tfjob":
+        (tfjob,) = documents
+        replicas = tfjob["spec"]["tfReplicaSpecs"]
+        assert set(replicas) == {"Worker", "Evaluator"}
+        assert (replicas["Evaluator"]["replicas"], replicas["Evaluator"]["restartPolicy"]) == (
+            1, "OnFailure")
+        assert tfjob["spec"]["runPolicy"]["cleanPodPolicy"] == "None"
+        template = replicas["Evaluator"]["template"]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": config.name}, "template": template},
+                                     K8S_VERSIONS[-1], strict=True)
+        _check_pod_spec(template["spec"], config)
+        assert _env(_container(template["spec"]))["DISTTRAIN_RUN_ID"] == _env(_container(
+            replicas["Worker"]["template"]["spec"]))["DISTTRAIN_RUN_ID"] == config.tfjob_run_id
+        return
+    if fmt == "job":
+        service, job, evaluator = documents
+        assert evaluator["metadata"]["name"] == f"{config.name}-evaluator"
+        for document in documents:
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(document, version, strict=True)
+        workers, spec = job["spec"], evaluator["spec"]
+        assert service["spec"]["selector"].items() <= spec["template"]["metadata"][
+            "labels"].items(), "harmless: the evaluator never listens"
+    else:
+        (jobset,) = documents
+        worker_job, evaluator = jobset["spec"]["replicatedJobs"]
+        assert evaluator["name"] == "evaluator" and evaluator["replicas"] == 1
+        assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": [
+            "worker", "evaluator"]}, "not deleted before it evaluated the last checkpoint"
+        workers, spec = worker_job["template"]["spec"], evaluator["template"]["spec"]
+        kubernetes_validate.validate(
+            {"apiVersion": "batch/v1", "kind": "Job", "spec": spec,
+             "metadata": {"name": f"{config.name}-evaluator-0", **evaluator["template"][
+                 "metadata"]}}, K8S_VERSIONS[-1], strict=True)
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 1, 1)
+    assert spec["backoffLimit"] == 2**31 - 1 and "podFailurePolicy" not in spec
+    pod_spec = spec["template"]["spec"]
+    assert pod_spec["restartPolicy"] == "OnFailure" and "subdomain" not in pod_spec
+    _check_pod_spec(pod_spec, config)
+    env, worker_env = (_env(_container(s["template"]["spec"])) for s in (spec, workers))
+    assert env["DISTTRAIN_RUN_ID"] == worker_env["DISTTRAIN_RUN_ID"]
+    assert env.pop("DISTTRAIN_TASK_TYPE") == "evaluator" and "DISTTRAIN_TASK_TYPE" not in worker_env
+    assert env == worker_env
+    pod = {k: v for k, v in env.items() if isinstance(v, str)}
+    worker_view = entrypoint.tf_config_from_env(
+        {**pod, "JOB_COMPLETION_INDEX": "0", "HOSTNAME": config.hostname(0)})
+    evaluator_view = entrypoint.tf_config_from_env(
+        {**pod, "DISTTRAIN_TASK_TYPE": "evaluator", "JOB_COMPLETION_INDEX": "0",
+         "HOSTNAME": config.evaluator_hostname})
+    assert evaluator_view == {"cluster": worker_view["cluster"],
+                              "task": {"type": "evaluator", "index": 0}}
+    suffix = len(config.evaluator_hostname) - len(config.name)
+    with pytest.raises(k8s.ManifestConfigError, match="the evaluator's hostname"):
+        k8s.manifests(_config(config, name="m" * (64 - suffix)))
 
 
 def test_tfjob_keeps_on_failure_because_exit_code_makes_exit_1_permanent():

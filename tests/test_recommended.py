@@ -26,7 +26,7 @@ def test_without_tensorboard_the_stack_leaves_it_out_with_one_warning(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["callbacks"] == ["BackupAndRestore", "ReduceLROnPlateau", "EarlyStopping",
-                                   "ModelCheckpoint", "CSVLogger"]
+                                   "ModelCheckpoint", "CSVLogger", "TrainingReport"]
     assert len(result["warnings"]) == 1, result["warnings"]
     assert "Fix: pip install tensorboard, or pass tensorboard=False" in result["warnings"][0]
 

@@ -23,6 +23,7 @@ _EXPORTS = {
     "TensorBoard": "disttrain.callbacks.tensorboard",
     "SyncStop": "disttrain.callbacks.sync_stop",
     "BackupAndRestore": "disttrain.callbacks.backup_and_restore",
+    "TrainingReport": "disttrain.callbacks.training_report",
     "recommended": "disttrain.callbacks.stack",
 }
 

@@ -7,6 +7,7 @@ of them re-implements the chief check, the run id or the cross-worker vote.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -14,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from disttrain import coordination
+from disttrain import coordination, storage
+from disttrain.cluster import ENV_RESULT_FILE
 from disttrain.errors import CallbackConfigError
 
 
@@ -118,6 +120,17 @@ class DistributedCallback:
                 f"generalisation. Pass monitor='val_{monitor}' unless this is intended.",
                 stacklevel=3,
             )
+
+
+def add_to_result(fields: Mapping[str, Any]) -> None:
+    """Chief: merges `fields` into the JSON result a launcher shows in its summary
+    (the file `DISTTRAIN_RESULT_FILE` names; nothing when it is unset), so callbacks
+    can each add theirs in any order."""
+    url = os.environ.get(ENV_RESULT_FILE)
+    if not url:
+        return
+    existing = storage.read_json(url) if storage.exists(url) else None
+    storage.write_json(url, {**(existing if isinstance(existing, dict) else {}), **fields})
 
 
 _attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -11,8 +11,7 @@ from keras.src import ops
 from keras.src.utils import io_utils
 
 from disttrain import keras_compat, storage
-from disttrain.callbacks.base import DistributedCallback
-from disttrain.cluster import ENV_RESULT_FILE
+from disttrain.callbacks.base import DistributedCallback, add_to_result
 from disttrain.errors import CallbackConfigError, StorageError
 
 MANIFEST = "best.json"
@@ -39,7 +38,9 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
       directory: the best checkpoint (path, epoch, monitor value, run id) and the
       checkpoints kept. It is the commit point: files dropped by `max_to_keep`
       are deleted only after it, so it never names a missing file. Readers
-      should trust it rather than list files.
+      should trust it rather than list files. When `fit` ends normally the
+      chief adds a "training finished" mark to it (`storage.training_finished`),
+      which tells `disttrain.SidecarEvaluator` that no checkpoint will follow.
     - A write failure on the chief (permissions, disk full, credentials) raises
       the same `StorageError` on every worker instead of hanging them.
     - At train begin the destination is probed for writability, and a directory
@@ -172,10 +173,9 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     def on_train_end(self, logs=None):
         def report():
-            self._manager.wait()
-            result_file = os.environ.get(ENV_RESULT_FILE)
-            if result_file and self.checkpoints:
-                storage.write_json(result_file, self._result())
+            self._manager.finish()
+            if self.checkpoints:
+                add_to_result(self._result())
 
         self.coordinator.run_on_chief("ModelCheckpoint.result", report, StorageError)
 
@@ -238,9 +238,13 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     def _result(self) -> dict[str, Any]:
         best = self.best_checkpoint()
-        return {"best_checkpoint": best["path"], "epoch": best["epoch"],
-                "monitor": self.monitor, "value": best["value"], "run_id": self.run_id,
-                "manifest": self.manifest_url}
+        common = {"epoch": best["epoch"], "run_id": self.run_id, "manifest": self.manifest_url}
+        if best["value"] is None or self._mode() is None:
+            return {"last_checkpoint": best["path"], **common,
+                    "note": f"no best tracked: {self.monitor!r} was never logged, so this is "
+                            "the last checkpoint"}
+        return {"best_checkpoint": best["path"], **common, "monitor": self.monitor,
+                "value": best["value"]}
 
     def best_checkpoint(self) -> dict[str, Any] | None:
         """The best kept checkpoint's record (path, epoch, value...), same on every worker."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-from disttrain import storage
+from disttrain import report, storage
 
 
 def recommended(
@@ -24,8 +24,8 @@ def recommended(
     """Returns the callbacks most multi-worker jobs want, in the right order.
 
     Order: `BackupAndRestore` → `ReduceLROnPlateau` → `EarlyStopping` →
-    `ModelCheckpoint` → `CSVLogger` → `TensorBoard`. The LR change is applied
-    before the early-stopping decision, and the checkpoint sees the final
+    `ModelCheckpoint` → `CSVLogger` → `TrainingReport` → `TensorBoard`. The LR
+    change is applied before the early-stopping decision, and the checkpoint sees the final
     decision of the epoch. A stop asked by any callback on any worker, from these
     or from callbacks the caller adds anywhere in the list, is agreed across
     workers after the epoch's callbacks ran (see `disttrain.keras_compat`), so
@@ -35,8 +35,9 @@ def recommended(
 
     Layout under `directory` (any fsspec URL):
     `checkpoints/epoch<NNN>-<monitor><value>.keras` (best `max_to_keep`, manifest
-    `checkpoints/best.json`), `history.csv`, `tensorboard/`, `backup/` (removed
-    when training ends normally).
+    `checkpoints/best.json`), `history.csv`, `history.json` (epoch times, restarts),
+    `history.png` (the training curves, drawn at the end of `fit` when matplotlib is
+    installed), `tensorboard/`, `backup/` (removed when training ends normally).
 
     Args:
         directory: where everything goes; make it unique per run (e.g. include
@@ -67,6 +68,7 @@ def recommended(
         ModelCheckpoint,
         ReduceLROnPlateau,
         TensorBoard,
+        TrainingReport,
     )
 
     extension = ".weights.h5" if save_weights_only else ".keras"
@@ -81,7 +83,8 @@ def recommended(
             save_best_only=True, save_weights_only=save_weights_only, max_to_keep=max_to_keep,
             verbose=verbose,
         ),
-        CSVLogger(storage.join(directory, "history.csv"), append=True),
+        CSVLogger(storage.join(directory, report.CSV_NAME), append=True),
+        TrainingReport(directory, monitor=monitor, mode=mode),
     ]
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
         warnings.warn("recommended(): TensorBoard left out because the optional 'tensorboard' "

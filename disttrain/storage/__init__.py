@@ -11,7 +11,9 @@ module:
   `atomic_upload`, `StagedFile`, `atomic_local_file`, JSON), write probes and
   the temp files a killed writer leaves.
 - `manifest`: multi-file checkpoint directories committed by a manifest written
-  last (`commit_checkpoint`, `read_manifest`, `is_committed`).
+  last (`commit_checkpoint`, `read_manifest`, `is_committed`), and the
+  "training finished" mark of a commit record (`finished_mark`,
+  `training_finished`).
 - `manager`: `CheckpointManager`, the commit protocol of a directory of
   checkpoints (commit point, pending marker, retention, ownership, leftovers),
   used by `ModelCheckpoint` and `BackupAndRestore`.
@@ -52,17 +54,21 @@ from disttrain.storage.fs import (
 )
 from disttrain.storage.manager import PENDING_NAME, CheckpointManager, check_max_to_keep
 from disttrain.storage.manifest import (
+    FINISHED_KEY,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     commit_checkpoint,
+    finished_mark,
     is_committed,
     read_manifest,
+    training_finished,
 )
 from disttrain.storage.scratch import scratch, scratch_dir
 from disttrain.storage.template import check_run_id_only, expand_run_id, template_fields
 
 __all__ = [
     "ENV_STORAGE_EMULATOR_HOST",
+    "FINISHED_KEY",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "PENDING_NAME",
@@ -77,6 +83,7 @@ __all__ = [
     "commit_checkpoint",
     "expand_run_id",
     "exists",
+    "finished_mark",
     "is_committed",
     "is_local",
     "join",
@@ -91,6 +98,7 @@ __all__ = [
     "scratch",
     "scratch_dir",
     "template_fields",
+    "training_finished",
     "url_to_fs",
     "write_json",
 ]

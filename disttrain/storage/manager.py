@@ -23,6 +23,9 @@ reader may trust and what may be deleted:
   this run opens its directory; a file committed but never indexed is deleted
   when a later save names another path; uncommitted checkpoint directories are
   deleted after the next committed one.
+- End. `finish` adds the "training finished" mark (`storage.finished_mark`)
+  to the index once the last commit is done, so a reader knows the records
+  are final; the next save of the run (a restart) writes an index without it.
 
 Commits can run in a background thread (`async_commit=True`): `save_file`
 returns once the checkpoint is written to its local temp file, and the next
@@ -54,7 +57,12 @@ from disttrain.storage.atomic import (
     write_json,
 )
 from disttrain.storage.fs import exists, join, listdir, remove
-from disttrain.storage.manifest import commit_checkpoint, is_committed
+from disttrain.storage.manifest import (
+    FINISHED_KEY,
+    commit_checkpoint,
+    finished_mark,
+    is_committed,
+)
 
 PENDING_NAME = ".pending.json"
 # Written into every index: tells a restart of the run (another process) from a later
@@ -382,6 +390,35 @@ class CheckpointManager:
             if join(self.directory, n) not in kept:
                 remove(join(self.directory, n), recursive=True)
         return url
+
+    def finish(self, **details: Any) -> dict[str, Any]:
+        """Marks this run's training as finished in the index (single-file checkpoints).
+
+        Waits for the last commit, then writes the index again with the records
+        as they are plus the mark (`storage.finished_mark(run_id, **details)`),
+        in one atomic write: a reader that sees the mark sees the final records.
+        A run that saved nothing gets an index with no checkpoints and the mark.
+
+        Returns:
+            The index written.
+
+        Raises:
+            StorageError: when the commit before or the write fails.
+
+        Example:
+
+        ```python
+        manager.finish(epochs=12)
+        ```
+        """
+        self.wait()
+        index, _ = self._stored or self._read_stored()
+        index = {"run_id": self.run_id, "checkpoints": [], **index,
+                 FINISHED_KEY: finished_mark(self.run_id, checkpoints=len(self.checkpoints),
+                                             **details)}
+        write_json(self.index_url, index)
+        self._stored = (index, {})
+        return index
 
     def wait(self) -> None:
         """Waits for the background commit of the previous save, if any, and raises its error."""

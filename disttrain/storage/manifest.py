@@ -2,6 +2,10 @@
 
 A directory is trusted only when `is_committed` says so: its manifest
 (`MANIFEST_NAME`, written last) exists and every file it lists has its size.
+
+Also the "training finished" mark (`finished_mark`, `training_finished`): the
+chief adds it to a checkpoint directory's commit record when training ends
+normally, so a reader (the sidecar evaluator) knows that the record is final.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from disttrain.storage.fs import _COPY_CHUNK, _wrapped, join, remove, url_to_fs
 
 MANIFEST_NAME = "disttrain_manifest.json"
 MANIFEST_FORMAT = 1
+FINISHED_KEY = "training_finished"
 
 
 def _check_relative_name(name: str, url_dir: str) -> str:
@@ -169,3 +174,45 @@ def is_committed(url_dir: str) -> bool:
             if _size(fs, file_path) != entry["size"]:
                 return False
     return True
+
+
+def finished_mark(run_id: str, **details: Any) -> dict[str, Any]:
+    """The durable "training finished" mark, for a commit record (`FINISHED_KEY`).
+
+    The chief writes it into the commit record of a checkpoint directory (the
+    index of `CheckpointManager.finish`) in the same atomic write as the final
+    list of checkpoints, so a reader that sees the mark also sees every
+    checkpoint the run committed. A later save of the run (a restart) writes a
+    record without it; a restarted run that has not saved yet still shows it.
+
+    Args:
+        run_id: the run that finished.
+        **details: more JSON-serializable fields (e.g. `checkpoints`, the count).
+
+    Returns:
+        `{"run_id": ..., "at": <UTC ISO time>, **details}`.
+
+    Example:
+
+    >>> finished_mark("run-7", checkpoints=3)["checkpoints"]
+    3
+    """
+    return {"run_id": run_id,
+            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(), **details}
+
+
+def training_finished(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The "training finished" mark of a commit record, or None while training may go on.
+
+    Args:
+        record: a commit record as read (e.g. a `ModelCheckpoint` directory's
+            `best.json`), or None when there is none yet.
+
+    Example:
+
+    >>> training_finished({"run_id": "run-7", "checkpoints": []})
+    >>> training_finished({FINISHED_KEY: finished_mark("run-7")})["run_id"]
+    'run-7'
+    """
+    mark = (record or {}).get(FINISHED_KEY)
+    return mark if isinstance(mark, dict) else None
