@@ -42,6 +42,10 @@ from disttrain.errors import CoordinationError
 _REQUEST = "preemption/request"
 _ACK = "preemption/ack"
 _POLL_S = 0.5
+# The watch of the running `fit`. A `fit` that raised never stopped its watch (Keras
+# skips `on_train_end` then); the next watch stops it, so that a stale one never
+# acknowledges a later request with an old step count.
+_current: PreemptionWatch | None = None
 
 
 class PreemptionWatch:
@@ -66,7 +70,12 @@ class PreemptionWatch:
         self.requested_by: str | None = None
 
     def start(self) -> PreemptionWatch:
-        """Installs the signal handler (main thread only) and starts the watcher thread."""
+        """Installs the signal handler (main thread only) and starts the watcher thread,
+        after stopping a watch this process left running."""
+        global _current
+        if _current is not None:
+            _current.stop()
+        _current = self
         if threading.current_thread() is not threading.main_thread():
             warnings.warn(
                 "disttrain: fit() runs outside the main thread, where Python cannot install "
@@ -90,6 +99,9 @@ class PreemptionWatch:
         is still acknowledged, so a peer that saw it in time gets its answer and,
         with the stop step past the end of training, finishes normally too.
         """
+        global _current
+        if _current is self:
+            _current = None
         if self._previous_handler is not None:
             signal.signal(self._signum, self._previous_handler)
             self._previous_handler = None

@@ -38,7 +38,7 @@ from keras.src import ops  # noqa: E402
 from disttrain import storage  # noqa: E402
 from disttrain.callbacks.model_checkpoint import MANIFEST  # noqa: E402
 from disttrain.cluster import Cluster  # noqa: E402
-from disttrain.errors import CallbackConfigError, CoordinationError  # noqa: E402
+from disttrain.errors import CallbackConfigError, CoordinationError, StorageError  # noqa: E402
 
 CSV_NAME = "evaluation.csv"
 EXPORT_MANIFEST = "best.json"
@@ -283,23 +283,26 @@ class SidecarEvaluator:
                       key=_key)
 
     def _evaluate(self, record: dict[str, Any]) -> None:
-        """Loads one committed checkpoint, evaluates it and records the row."""
+        """Loads one committed checkpoint, evaluates it and records the row.
+
+        The checkpoint is read from a private link or copy, so retention deleting
+        it, or a newer checkpoint taking its name, cannot change what is loaded."""
         path = record["path"]
         with contextlib.ExitStack() as stack:
             try:
-                local = stack.enter_context(storage.local_copy(path))
+                local = stack.enter_context(storage.local_copy(path, private=True))
+            except StorageError as e:
+                self._unreadable(record, e, "read")
+                return
+            try:
                 with warnings.catch_warnings():
                     # A `.keras` file holds the optimizer's state too; evaluation needs none.
                     warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
                     self.model.load_weights(local)
             except _LOAD_ERRORS as e:
-                if self._still_committed(record):
-                    self._passed_over.add(_key(record))
-                    self._warn(f"could not load {path} (epoch {record.get('epoch')}), skipped: "
-                               f"{type(e).__name__}: {e}")
-                    self.skipped.append({**record, "reason": f"{type(e).__name__}: {e}"})
+                self._unreadable(record, e, "load")
                 return
-            if not self._still_committed(record):
+            if self._replaced(record):
                 return
             metrics = self.model.evaluate(self.data, steps=self.steps, callbacks=self.callbacks,
                                           verbose=0, return_dict=True)
@@ -313,15 +316,34 @@ class SidecarEvaluator:
         self._write_csv()
         self._write_tensorboard(row, metrics)
 
-    def _still_committed(self, record: dict[str, Any]) -> bool:
-        """False (and reported) when the manifest no longer lists `record` as it was: retention
-        dropped it, or another checkpoint took its file name, while it was being read."""
-        current = {r["path"]: r for r in (self._read_manifest() or {}).get("checkpoints", [])}
-        if _key(current.get(record["path"], {})) == _key(record):
-            return True
-        self._skip(record, "no longer in the manifest: dropped by retention (max_to_keep) or "
-                           "replaced before it could be evaluated")
-        return False
+    def _unreadable(self, record: dict[str, Any], error: BaseException, what: str) -> None:
+        """A checkpoint that could not be read or loaded: skipped, and reported when the
+        manifest still lists it (else retention dropped it, or a newer one took its name)."""
+        current = self._listed(record)
+        if current is None or _key(current) != _key(record):
+            self._skip(record, "no longer in the manifest: dropped by retention (max_to_keep) "
+                               "or replaced before it could be read")
+            return
+        self._passed_over.add(_key(record))
+        reason = f"{type(error).__name__}: {error}"
+        self._warn(f"could not {what} {record['path']} (epoch {record.get('epoch')}), "
+                   f"skipped: {reason}")
+        self.skipped.append({**record, "reason": reason})
+
+    def _replaced(self, record: dict[str, Any]) -> bool:
+        """True (and reported) when the manifest now lists the checkpoint's file name for
+        another checkpoint: the file loaded may be that one (a fixed file name)."""
+        current = self._listed(record)
+        if current is None or _key(current) == _key(record):
+            return False
+        self._skip(record, f"its file now holds epoch {current.get('epoch')}: replaced before "
+                           "it could be read (give checkpoints their own names, e.g. {epoch})")
+        return True
+
+    def _listed(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The manifest's current record for the file of `record`, or None."""
+        return next((r for r in (self._read_manifest() or {}).get("checkpoints", [])
+                     if r["path"] == record["path"]), None)
 
     def _skip(self, record: dict[str, Any], reason: str) -> None:
         self.skipped.append({**record, "reason": reason})
@@ -340,10 +362,9 @@ class SidecarEvaluator:
                 owner="SidecarEvaluator")
             self._exporter.open()
         value = row[self.monitor]
-        best = self._exporter.best()
-        better = ops.greater if self._exporter.mode == "max" else ops.less
-        if best is not None and best.get("value") is not None and not bool(
-                better(value, best["value"])):
+        best = (self._exporter.best() or {}).get("value")
+        if best is not None and not (value > best if self._exporter.mode == "max"
+                                     else value < best):
             return
         destination = storage.join(self.export_dir, posixpath.basename(row["path"]))
         self._exporter.save_file(

@@ -598,3 +598,18 @@ def test_backends_that_write_in_place_warn_once(ftp_server):
         storage.atomic_write_bytes(f"{url}/run/b.bin", b"b")
     assert (root / "run" / "a.bin").read_bytes() == b"a"
     assert (root / "run" / "b.bin").read_bytes() == b"b"
+
+
+def test_a_private_local_copy_keeps_its_content_when_the_file_is_replaced_or_deleted(tmp_path):
+    path = str(tmp_path / "m-1.keras")
+    storage.atomic_write_bytes(path, b"one")
+    with storage.local_copy(path, private=True) as local:
+        assert local != path and local.endswith(".keras")
+        storage.atomic_write_bytes(path, b"two")
+        os.remove(path)
+        with open(local, "rb") as f:
+            assert f.read() == b"one"
+    assert not os.path.exists(local)
+    with pytest.raises(StorageError, match="m-1.keras' failed: no such file"):
+        with storage.local_copy(path, private=True):
+            pass

@@ -49,10 +49,16 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
       worker.
 
     - With an integer `save_freq`, training resumes inside the epoch, at the
-      batch after the backup (Keras runs the whole epoch again): the batches
-      already trained are drawn from the input and skipped, so with a
-      deterministic input order the run continues on the same batches. That
-      epoch's training metrics average only the batches run after the restart.
+      batch after the backup (Keras runs the whole epoch again). On several
+      workers with a `tf.data.Dataset` or arrays of known length, an input that
+      reshuffles or augments at random every epoch continues exactly where an
+      uninterrupted run would be; otherwise the batches already trained are
+      drawn and skipped, exact for a deterministic input order (see
+      `docs/resume.md`). That epoch's training metrics average only the batches
+      run after the restart. A backup taken after an epoch's last batch is
+      taken as the next epoch begins instead.
+    - A backup resumes on another number of workers (same global batch: the
+      same steps; see `docs/resume.md#another-number-of-workers`).
     - Preemption: during `fit`, SIGTERM on any worker makes every worker stop
       after the same training step (agreed through `disttrain.preemption`),
       the chief back up there, and every worker raise `disttrain.errors.Preempted`,
@@ -124,6 +130,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._steps = 0
         self._watch: PreemptionWatch | None = None
         self._preempted_by: str | None = None
+        self._resuming = False
+        self._first_epoch: int | None = None
+        self._pass_base = 0
 
     def on_train_begin(self, logs=None):
         if not self.model.built:
@@ -137,6 +146,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._resume_batches = 0
         self._steps = 0
         self._preempted_by = None
+        self._resuming = False
+        self._first_epoch = None
+        self._pass_base = 0
         self.directory = storage.expand_run_id(self._template, self.run_id, self._owner,
                                                _DIRECTORY_FIX)
         self._manager = storage.CheckpointManager(
@@ -161,6 +173,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if self._first_epoch is None:
+            self._first_epoch = epoch
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._preempted_by is not None:
@@ -168,18 +182,20 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._exit_preempted(self._preempted_by, f"the end of epoch {epoch}")
         if self._save_due:
             self._save_due = False
-            self._save_model()
-        if self._resume_batches:
-            epoch_iterator.skip_batches_of_next_epoch(self._resume_batches)
-            self._last_batch_seen = self._resume_batches - 1
+            self._save_model(epoch=epoch, batches=0)
+        if self._resuming:
+            epoch_iterator.skip_batches_of_next_epoch(self._resume_batches,
+                                                      passes=self._passes(epoch))
+            if self._resume_batches:
+                self._last_batch_seen = self._resume_batches - 1
             self._resume_batches = 0
+            self._resuming = False
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
         super().on_train_batch_end(batch, logs)
         if self._watch is not None and self._watch.step_done(self._steps):
-            steps = (self.params or {}).get("steps")
-            if steps and batch + 1 >= steps:
+            if self._is_last_batch(batch):
                 # The epoch's last batch: its end (validation, on_epoch_end) runs first and
                 # the backup is taken as the next epoch begins, recording the epoch complete.
                 self._preempted_by = self._watch.requested_by
@@ -199,21 +215,29 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch = epoch + 1
         self._last_batch_seen = 0
-        self._save_due = self.save_freq == "epoch"
+        self._save_due = self._save_due or self.save_freq == "epoch"
+
+    def _is_last_batch(self, batch: int) -> bool:
+        """Whether `batch` ends the epoch (False when Keras does not know the epoch's length)."""
+        steps = (self.params or {}).get("steps")
+        return bool(steps) and batch + 1 >= steps
 
     def _save_model(self, epoch: int | None = None, batches: int | None = None):
         """Backs up now, recording where training resumes: after `batches` batches of
-        `epoch` when given (a preemption); else at the epoch that begins (save_freq
-        "epoch") or after the batches done so far in this epoch (an integer save_freq)."""
+        `epoch` when given; else (Keras's integer `save_freq`) after the batches done so
+        far in this epoch, or, after its last batch, as the next epoch begins."""
         if batches is None:
-            if self.save_freq == "epoch":
-                epoch, batches = self._current_epoch, 0
-            else:
-                epoch, batches = self._epoch, self._last_batch_seen + 1
+            if self._is_last_batch(self._last_batch_seen):
+                # Not "epoch done, end not run": the backup waits for the next epoch's begin.
+                self._save_due = True
+                return
+            epoch, batches = self._epoch, self._last_batch_seen + 1
         keras_compat.sync_batchnorm_statistics(self.model)
         metadata = {
             "epoch": epoch,
             "batches": batches,
+            "passes": self._passes(epoch),
+            "workers": self.coordinator.num_workers,
             "run_id": self.run_id,
             "model": _fingerprint(self.model),
             "callbacks": {},
@@ -238,7 +262,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._apply_callback_states(final=True)
         if self._save_due and not self.delete_checkpoint:
             self._save_due = False
-            self._save_model()
+            self._save_model(epoch=self._current_epoch, batches=0)
         if self.delete_checkpoint:
             self.coordinator.run_on_chief(
                 "BackupAndRestore.delete",
@@ -282,6 +306,15 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self.model._initial_epoch = metadata["epoch"]
         self._current_epoch = metadata["epoch"]
         self._resume_batches = metadata["batches"]
+        self._resuming = True
+        # Backups older than "passes" come from runs that began at epoch 0.
+        self._pass_base = metadata.get("passes", metadata["epoch"])
+        workers = metadata.get("workers", self.coordinator.num_workers)
+        if workers != self.coordinator.num_workers and self.is_chief:
+            print(f"disttrain: BackupAndRestore: {posixpath.basename(url)} was written on "
+                  f"{workers} workers, this run has {self.coordinator.num_workers}: it resumes "
+                  f"with the same global batches (see docs/resume.md#another-number-of-workers)",
+                  file=sys.stderr, flush=True)
         self._pending_states = metadata.get("callbacks", {})
         self._pending_arrays = arrays
         if self.verbose > 0 and self.is_chief:
@@ -306,6 +339,11 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         if final:
             self._pending_states = None
             self._pending_arrays = {}
+
+    def _passes(self, epoch: int) -> int:
+        """Whole passes over the input an uninterrupted run makes before `epoch`."""
+        return self._pass_base + epoch - (epoch if self._first_epoch is None
+                                          else self._first_epoch)
 
     def _stateful_callbacks(self):
         counts: dict[str, int] = {}

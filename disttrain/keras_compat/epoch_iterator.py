@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import warnings
 
 from disttrain.keras_compat import detection, versions
 
@@ -35,6 +36,7 @@ _lock = threading.Lock()
 _wrapped = False
 _persistent = False
 _pending_skip = 0
+_pending_passes = 0
 
 
 def is_needed() -> bool:
@@ -66,7 +68,7 @@ def install() -> None:
         _persistent = True
 
 
-def skip_batches_of_next_epoch(batches: int) -> None:
+def skip_batches_of_next_epoch(batches: int, passes: int = 0) -> None:
     """Asks the next training epoch to pass over its first `batches` batches.
 
     The batches are drawn from the input without training on them and without
@@ -74,33 +76,43 @@ def skip_batches_of_next_epoch(batches: int) -> None:
     trains on what an uninterrupted run would have. The first epoch enumerated
     after the request consumes it: make it in `on_epoch_begin`.
 
+    With the persistent iterator, an input whose passes differ (a `shuffle`
+    that reshuffles each iteration, a random op in a `map`) is instead started
+    where an uninterrupted run would be: `passes` whole passes and `batches`
+    batches into the repeated dataset (`skip` before distribution, so every
+    worker count sees the same global batches). See
+    `docs/resume.md#what-the-input-resumes-from`.
+
     Args:
         batches: how many batches of the epoch were trained before the backup.
+        passes: how many whole passes over the input this `fit` made before
+            the epoch in an uninterrupted run (its epochs before this one).
 
     Raises:
-        ValueError: `batches` is negative.
+        ValueError: `batches` or `passes` is negative.
     """
-    global _pending_skip
-    if batches < 0:
-        raise ValueError(f"batches={batches} must be >= 0. Fix: pass the number of batches "
-                         "of the epoch already trained (0 for none).")
+    global _pending_skip, _pending_passes
+    if batches < 0 or passes < 0:
+        raise ValueError(f"batches={batches}, passes={passes} must be >= 0. Fix: pass the "
+                         "number of batches of the epoch and of epochs already trained.")
     _wrap_once()
     with _lock:
-        _pending_skip = batches
+        _pending_skip, _pending_passes = batches, passes
 
 
 def cancel() -> None:
     """Drops a skip request no epoch has consumed (e.g. `fit` ended first)."""
-    global _pending_skip
+    global _pending_skip, _pending_passes
     with _lock:
-        _pending_skip = 0
+        _pending_skip = _pending_passes = 0
 
 
-def _take_skip() -> int:
-    global _pending_skip
+def _take_skip() -> tuple[int, int]:
+    global _pending_skip, _pending_passes
     with _lock:
-        batches, _pending_skip = _pending_skip, 0
-    return batches
+        request = _pending_skip, _pending_passes
+        _pending_skip = _pending_passes = 0
+    return request
 
 
 def _wrap_once() -> None:
@@ -121,6 +133,7 @@ def _wrap_once() -> None:
             self._disttrain_at_pass_start = False
             dataset = _one_pass_dataset(self) if _persistent else None
             self._disttrain_persistent = dataset is not None
+            self._disttrain_dataset = dataset
             if dataset is not None:
                 self._distributed_dataset = (
                     self._distribute_strategy.experimental_distribute_dataset(dataset.repeat()))
@@ -136,7 +149,8 @@ def _wrap_once() -> None:
 
         @functools.wraps(original_enumerate)
         def _enumerate_iterator(self):
-            skip = _take_skip()
+            skip, passes = _take_skip()
+            replayed = _start_at(self, passes, skip) if skip or passes else False
             steps = original_enumerate(self)
             if not ranges:
                 steps = ((step, step + self.steps_per_execution - 1, iterator)
@@ -144,7 +158,7 @@ def _wrap_once() -> None:
             if getattr(self, "_disttrain_persistent", False):
                 steps = _one_pass(self, steps)
             if skip:
-                steps = _skip(steps, skip)
+                steps = _skip(steps, skip, draw=not replayed)
             # Keras's own shape: `(begin, end, iterator)` from 3.11, `(step, iterator)` before.
             yield from steps if ranges else ((begin, it) for begin, _, it in steps)
 
@@ -165,19 +179,56 @@ def _one_pass(epoch_iterator, steps):
     epoch_iterator._disttrain_at_pass_start = True
 
 
-def _skip(steps, skip: int):
-    """`steps` without the steps that end before batch `skip`, their batches drawn unused."""
+def _skip(steps, skip: int, draw: bool = True):
+    """`steps` without the steps that end before batch `skip`, their batches drawn unused
+    (unless `draw` is False: the iterator already starts after them)."""
     import tensorflow as tf
 
     for begin, end, iterator in steps:
         if end < skip:
             try:
-                for _ in range(end - begin + 1):
+                for _ in range(end - begin + 1 if draw else 0):
                     next(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 return
             continue
         yield begin, end, iterator
+
+
+def _start_at(epoch_iterator, passes: int, batches: int) -> bool:
+    """Makes a persistent iterator whose passes differ start `passes` passes and
+    `batches` batches into its repeated dataset; True when it did. Otherwise
+    (passes all alike, or no persistent iterator) the caller draws `batches`."""
+    dataset = getattr(epoch_iterator, "_disttrain_dataset", None)
+    if dataset is None:
+        if passes and _tf_dataset_passes_differ(epoch_iterator):
+            warnings.warn(
+                f"disttrain: resuming after {passes} whole passes over an input whose passes "
+                "differ (a shuffle that reshuffles each iteration, or a random op), not read "
+                "through disttrain's persistent iterator (one worker, steps_per_epoch, an "
+                "input of unknown length, FILE sharding or a pipeline that reads variables): "
+                "the resumed epochs see another order than an uninterrupted run would. See "
+                "docs/resume.md#what-the-input-resumes-from.", stacklevel=2)
+        return False
+    if epoch_iterator._current_iterator is not None or not _passes_differ(dataset):
+        return False
+    start = passes * epoch_iterator.steps_per_epoch + batches
+    epoch_iterator._distributed_dataset = (
+        epoch_iterator._distribute_strategy.experimental_distribute_dataset(
+            dataset.repeat().skip(start)))
+    return True
+
+
+def _tf_dataset_passes_differ(epoch_iterator) -> bool:
+    """`_passes_differ` of the `tf.data.Dataset` a Keras epoch iterator reads, False for
+    other inputs (generators, PyDatasets)."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
+
+    if not isinstance(epoch_iterator.data_adapter, TFDatasetAdapter):
+        return False
+    dataset = epoch_iterator.data_adapter.get_tf_dataset()
+    return isinstance(dataset, tf.data.Dataset) and _passes_differ(dataset)
 
 
 def _one_pass_dataset(epoch_iterator):
@@ -214,20 +265,44 @@ def _captures_state(dataset) -> bool:
     epochs, which an iterator prefetching across the epoch boundary would read
     too early. True when the pipeline cannot be inspected (a TensorFlow change)."""
     import tensorflow as tf
-    from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
 
-    pending, seen = [dataset], set()
     try:
-        while pending:
-            node = pending.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for value in vars(node).values():
-                if isinstance(value, StructuredFunctionWrapper) and any(
-                        t.dtype == tf.resource for t in value.function.captured_inputs):
-                    return True
-            pending.extend(node._inputs())
+        return any(t.dtype == tf.resource for node in _pipeline(dataset)
+                   for function in _functions(node) for t in function.captured_inputs)
     except (AttributeError, TypeError, NotImplementedError):
         return True
-    return False
+
+
+def _passes_differ(dataset) -> bool:
+    """Whether two passes over `dataset` may yield different batches: a `shuffle`
+    that reshuffles each iteration, a `Dataset.random` that re-randomizes, or a
+    stateful op (e.g. `tf.random.uniform`) in one of its functions. True when the
+    pipeline cannot be inspected (a TensorFlow change)."""
+    try:
+        return any(getattr(node, "_reshuffle_each_iteration", False)
+                   or getattr(node, "_rerandomize_each_iteration", False)
+                   or any(op.op_def.is_stateful for function in _functions(node)
+                          for op in function.graph.get_operations())
+                   for node in _pipeline(dataset))
+    except (AttributeError, TypeError, NotImplementedError):
+        return True
+
+
+def _pipeline(dataset):
+    """Every dataset of the pipeline that ends in `dataset`, once each."""
+    pending, seen = [dataset], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        pending.extend(node._inputs())
+
+
+def _functions(node):
+    """The traced functions of one pipeline dataset (its `map`, `filter`... function)."""
+    from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
+
+    return [value.function for value in vars(node).values()
+            if isinstance(value, StructuredFunctionWrapper)]

@@ -223,12 +223,15 @@ def read_bytes(url: str) -> bytes:
 
 
 @contextlib.contextmanager
-def local_copy(url: str) -> Iterator[str]:
+def local_copy(url: str, private: bool = False) -> Iterator[str]:
     """Gives a local path holding the content of `url`, for readers that need a file.
 
-    A local `url` is yielded as is; anything else is downloaded into a private
-    temp file (keeping the name's extensions, which Keras uses to pick the
-    format) that is removed on exit.
+    A local `url` is yielded as is, or with `private=True` as a hard link (a
+    copy where linking fails) in a private temp directory: a writer that replaces
+    or deletes `url` meanwhile (a newer checkpoint, retention) does not change
+    what the reader sees. Anything else is downloaded into a private temp file.
+    Private files keep the name's extensions, which Keras uses to pick the
+    format, and are removed on exit.
 
     Raises:
         StorageError: when `url` does not exist or cannot be read.
@@ -241,18 +244,27 @@ def local_copy(url: str) -> Iterator[str]:
     ```
     """
     fs, path = url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        if not os.path.isfile(path):
-            raise StorageError(
-                f"reading {url!r} failed: no such file. Fix: check the path."
-            )
+    local_file = isinstance(fs, LocalFileSystem)
+    if local_file and not os.path.isfile(path):
+        raise StorageError(
+            f"reading {url!r} failed: no such file. Fix: check the path."
+        )
+    if local_file and not private:
         yield path
         return
     tmp_dir = tempfile.mkdtemp(prefix="disttrain-download-")
     try:
         local = os.path.join(tmp_dir, f"download{_default_suffix(url)}")
-        with _wrapped("downloading", url):
-            fs.get_file(path, local)
+        with _wrapped("downloading" if not local_file else "linking", url):
+            if not local_file:
+                fs.get_file(path, local)
+            else:
+                try:
+                    os.link(path, local)
+                except OSError as e:  # another device, or a file system without hard links
+                    if e.errno == errno.ENOENT:
+                        raise
+                    shutil.copyfile(path, local)
         yield local
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
