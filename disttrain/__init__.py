@@ -31,6 +31,7 @@ from disttrain.errors import (
     KerasCompatError,
     MissingDependencyError,
     Preempted,
+    PreflightError,
     StorageError,
     StrategyError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "MissingDependencyError",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "PreflightError",
     "StorageError",
     "StrategyError",
     *_LAZY,

@@ -48,6 +48,16 @@ class InputMismatchError(DisttrainError, ValueError):
     """
 
 
+class PreflightError(DisttrainError, ValueError):
+    """A configuration that is certainly wrong for multi-worker training, found before
+    the first step (e.g. a global batch smaller than the number of replicas)."""
+
+
+class PreflightWarning(UserWarning):
+    """Configuration mistakes that silently cost accuracy or time, reported once before
+    the first step of `fit`, `evaluate` or `predict`."""
+
+
 class MissingDependencyError(DisttrainError, ImportError):
     """A package disttrain needs for what was asked (TensorFlow, Keras 3) is not installed."""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import statistics
 import threading
 import time
@@ -79,10 +78,9 @@ class _Recorder:
             "steps": len(self._steps), "step_s": round(statistics.median(self._steps), 6),
             "outside_s": round(statistics.median(self._outside), 6) if self._outside else 0.0,
         })
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"epochs": self.epochs}, f)
-        os.replace(tmp, self.path)
+        from disttrain import storage
+
+        storage.write_json(self.path, {"epochs": self.epochs})
 
 
 def install(path: str) -> None:

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "this time of starting, else the attempt fails like --timeout")
     parser.add_argument("--log-dir", type=pathlib.Path, metavar="DIR",
                         help="write DIR/attempt-N/<task>.stdout.log and .stderr.log (raw "
-                             "output) and DIR/result.json")
+                             "output), DIR/result.json and DIR/timing-<task>.json")
     parser.add_argument("--chief-only-output", action="store_true",
                         help="show only the chief's output (the others still go to --log-dir)")
     parser.add_argument("--show-all", action="store_true",

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import detection, preflight
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
@@ -155,6 +155,7 @@ def _checked_first(method, arguments: tuple[str, ...]):
     def wrapper(self, *args, **kwargs):
         if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked by fit
             bound = signature.bind_partial(self, *args, **kwargs).arguments
+            preflight.run(self, method.__name__, bound)
             check_inputs(self.distribute_strategy, {a: bound.get(a) for a in arguments},
                          method.__name__)
         return method(self, *args, **kwargs)
@@ -171,10 +172,10 @@ def _shards_by_element(value: Any) -> bool:
     policy = value.options().experimental_distribute.auto_shard_policy
     if policy == tf.data.experimental.AutoShardPolicy.DATA:
         return True
-    return policy == tf.data.experimental.AutoShardPolicy.AUTO and not _reads_files(value)
+    return policy == tf.data.experimental.AutoShardPolicy.AUTO and not reads_files(value)
 
 
-def _reads_files(dataset: Any) -> bool:
+def reads_files(dataset: Any) -> bool:
     """Whether the pipeline holds a file reader TensorFlow's auto-shard splits by file,
     as a dataset of its own or inside a function (`interleave`, `flat_map`); True
     (not checked) when the pipeline cannot be inspected."""
@@ -190,18 +191,24 @@ def _op_types(dataset: Any) -> Iterator[str]:
     """The dataset classes of the pipeline and the op types inside its functions."""
     from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
 
-    pending, seen = [dataset], set()
-    while pending:
-        node = pending.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in pipeline(dataset):
         yield type(node).__name__
         for value in vars(node).values():
             if isinstance(value, StructuredFunctionWrapper):
                 graph = value.function.graph.as_graph_def()
                 yield from (n.op for n in graph.node)
                 yield from (n.op for f in graph.library.function for n in f.node_def)
+
+
+def pipeline(dataset: Any) -> Iterator[Any]:
+    """Every dataset of `dataset`'s pipeline, outermost first."""
+    pending, seen = [dataset], set()
+    while pending:
+        node = pending.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
         pending.extend(node._inputs())
 
 
