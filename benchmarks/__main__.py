@@ -26,6 +26,7 @@ from benchmarks import (
     checkpoint,
     compression,
     early_stopping,
+    evaluator,
     input_check,
     launcher,
     scale,
@@ -36,7 +37,8 @@ from benchmarks import (
 from benchmarks.report import Row, table
 from benchmarks.settings import FULL, QUICK, SMOKE, Settings
 
-SECTIONS = ("train", "compression", "input_check", "checkpoint", "early_stopping", "launcher")
+SECTIONS = ("train", "compression", "input_check", "checkpoint", "early_stopping", "evaluator",
+            "launcher")
 
 
 def machine() -> str:
@@ -80,6 +82,10 @@ def _early_stopping(settings: Settings) -> tuple[list[Row], str]:
     return early_stopping.rows(early_stopping.measure(settings), settings), ""
 
 
+def _evaluator(settings: Settings) -> tuple[list[Row], str]:
+    return evaluator.rows(evaluator.measure(settings), settings), ""
+
+
 def _launcher(settings: Settings) -> tuple[list[Row], str]:
     return launcher.rows(launcher.measure(settings)), ""
 
@@ -91,7 +97,7 @@ def _scale(settings: Settings) -> tuple[list[Row], str]:
 
 RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
     "train": _train, "compression": _compression, "input_check": _input_check, "checkpoint": _checkpoint,
-    "early_stopping": _early_stopping,
+    "early_stopping": _early_stopping, "evaluator": _evaluator,
     "launcher": _launcher, "scale": _scale,
 }
 
