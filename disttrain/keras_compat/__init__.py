@@ -12,8 +12,9 @@ Example:
 >>> import disttrain.keras_compat as kc
 >>> kc.apply()          # idempotent; disttrain.strategy() calls it for you
 >>> sorted(kc.applied())  # doctest: +SKIP
-['multi_worker_steps_per_execution', 'persistent_epoch_iterator', 'scalar_metric_reduction',
- 'symbolic_build_local_batch', 'synced_batchnorm_statistics']
+['multi_worker_cpu_without_xla', 'multi_worker_steps_per_execution',
+ 'persistent_epoch_iterator', 'scalar_metric_reduction', 'symbolic_build_local_batch',
+ 'synced_batchnorm_statistics']
 
 Set `DISTTRAIN_KERAS_COMPAT=0` to leave Keras untouched (for comparisons).
 """
@@ -36,6 +37,7 @@ from disttrain.keras_compat import (
     steps_per_execution,
     symbolic_build,
     versions,
+    xla_on_cpu,
 )
 from disttrain.keras_compat.batchnorm import sync_batchnorm_statistics
 
@@ -43,7 +45,8 @@ __all__ = ["ENV_DISABLE", "apply", "applied", "sync_batchnorm_statistics"]
 
 ENV_DISABLE = "DISTTRAIN_KERAS_COMPAT"
 
-_FIXES = (symbolic_build, scalar_reduction, steps_per_execution, epoch_iterator, batchnorm)
+_FIXES = (symbolic_build, scalar_reduction, steps_per_execution, xla_on_cpu, epoch_iterator,
+          batchnorm)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()

@@ -89,6 +89,10 @@ def _compiled_when_multi_worker(method: Callable, after: Callable | None = None)
     One function per model and set of metric variables (a metric built later, or a
     recompile, gets a new one); inside a traced step the method runs as is.
     `after`, when given, is applied to what the compiled function returns.
+
+    Each function wraps its own `functools.partial`: TensorFlow counts traces per
+    Python code object, so functions made from one shared lambda added up their
+    single traces into a false "triggered tf.function retracing" warning.
     """
     import tensorflow as tf
 
@@ -99,9 +103,15 @@ def _compiled_when_multi_worker(method: Callable, after: Callable | None = None)
         key = (method.__name__, tuple(id(v) for m in self.metrics for v in m.variables))
         functions = _compiled_metric_functions.setdefault(self, {})
         if key not in functions:
-            model = weakref.ref(self)
-            functions[key] = tf.function(lambda: method(model()), autograph=False)
+            functions[key] = tf.function(
+                functools.partial(_call_on, method, weakref.ref(self)), autograph=False)
         result = functions[key]()
         return after(result) if after is not None else result
 
     return wrapper
+
+
+def _call_on(method: Callable, model: weakref.ref) -> object:
+    """`method` of the model `model` refers to (held weakly: the compiled functions are
+    cached per model in a `WeakKeyDictionary`)."""
+    return method(model())

@@ -26,6 +26,7 @@ def is_needed() -> bool:
 
 def install() -> None:
     """Replaces the trainer's `_maybe_symbolic_build`."""
+    import keras
     import tensorflow as tf
     from keras.src import tree
 
@@ -40,7 +41,10 @@ def install() -> None:
             yield (*step, [batch])
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if self._distribute_strategy is None:
+        # A model without `call()` (e.g. a GAN that only overrides `train_step`)
+        # cannot be built by calling it: like Keras without a strategy, its layers
+        # and optimizers build where its own step first uses them.
+        if self._distribute_strategy is None or type(self).call is keras.Model.call:
             return
         # Keras's `_symbolic_build` draws from `iterator` only when something is
         # left to build: a built model leaves the epoch's iterator untouched.
