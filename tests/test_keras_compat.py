@@ -108,13 +108,15 @@ def test_stock_multi_step_loop_fails_without_that_fix():
         assert "You must feed a value for placeholder tensor" in result["error"]
 
 
-def test_steps_per_execution_with_xla_is_a_clear_error_before_training():
+def test_steps_per_execution_with_xla_on_cpu_workers_trains_without_xla():
+    """On CPU workers `multi_worker_cpu_without_xla` turns XLA off (with a warning) before
+    the multi-step fix sees it, so the combination trains; on GPU workers, where XLA stays
+    on, the multi-step fix's KerasCompatError applies (no GPU here to run that path)."""
     run = run_cluster(workloads.multi_step_with_xla, 2, timeout=120).assert_ok()
     for result in run.results:
-        assert result["error"].startswith(
-            "KerasCompatError: compile(steps_per_execution=4, jit_compile=True)"), result
-        assert "Fix: compile with jit_compile=False" in result["error"]
-        assert result["trained"] == 0
+        assert result["error"] is None, result
+        assert any("Proceeding with jit_compile=False" in w for w in result["warnings"]), result
+        assert result["trained"] > 0 and result["jit_compile"] is False
 
 
 @pytest.mark.parametrize("steps_per_execution, numpy_input", [(1, False), (3, False), (1, True)])

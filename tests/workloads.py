@@ -121,7 +121,10 @@ def multi_step_without_fix(steps_per_execution: int) -> dict:
 
 
 def multi_step_with_xla() -> dict:
-    """compile(steps_per_execution=4, jit_compile=True) under MWMS; returns the error."""
+    """compile(steps_per_execution=4, jit_compile=True) under MWMS on CPU workers;
+    returns the error, the warnings, the steps trained and the final jit_compile."""
+    import warnings
+
     import keras
 
     from disttrain.distribute import strategy
@@ -130,12 +133,16 @@ def multi_step_with_xla() -> dict:
     with strategy().scope():
         model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
         model.compile("sgd", "mse", steps_per_execution=4, jit_compile=True)
-    try:
-        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    except Exception as e:  # noqa: BLE001 - the failure is the result
-        return {"error": f"{type(e).__name__}: {e}"[:500],
-                "trained": int(model.optimizer.iterations.numpy())}
-    return {"error": None}
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+        except Exception as e:  # noqa: BLE001 - the failure is the result
+            error = f"{type(e).__name__}: {e}"[:500]
+    return {"error": error, "warnings": [str(w.message) for w in caught],
+            "trained": int(model.optimizer.iterations.numpy()),
+            "jit_compile": bool(model.jit_compile)}
 
 
 def _count_iterator_creations() -> tuple[dict[str, int], list[str]]:
