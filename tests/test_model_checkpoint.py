@@ -390,7 +390,7 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name):
                                {"directory": str(directory), "name": name})
     env = worker_env({"DISTTRAIN_RUN_ID": "crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
-    for attempt in range(8):
+    for attempt in range(4):
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
