@@ -38,7 +38,7 @@ FULL = Settings("full", rounds=5, epochs=3, steps=30, collective_calls=200,
 QUICK = Settings("quick", rounds=2, epochs=2, steps=20, collective_calls=100,
                  checkpoint_params=(200_000, 25_000_000), checkpoint_rounds=3, launcher_rounds=2,
                  demo_epochs=30, scaling_workers=(1, 2, 4),
-                 scale_workers=(2, 4, 8))
+                 scale_workers=(2, 4, 8, 12, 16))
 SMOKE = Settings("smoke", rounds=1, epochs=1, steps=3, collective_calls=5,
                  checkpoint_params=(20_000,), checkpoint_rounds=1, launcher_rounds=1, demo_epochs=3,
                  scaling_workers=(1, 2), scale_workers=(2,))

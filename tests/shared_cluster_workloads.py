@@ -105,12 +105,14 @@ def reduce_lr() -> dict:
     callbacks = [
         keras.callbacks.LambdaCallback(on_epoch_end=perturb),
         ReduceLROnPlateau(monitor="val_loss", patience=1, min_delta=100, factor=0.1),
-        keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: rates.append(
-                float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            )
-        ),
     ]
+
+    def record(*_):
+        rates.append(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
+
+    # The rate each worker trains the next epoch with: set after the epoch end's exchange.
+    callbacks.append(keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch and record(), on_train_end=record))
     train, val = _datasets()
     model.fit(train, validation_data=val, epochs=3, callbacks=callbacks, verbose=0)
     return {"rates": rates, "weights": _weights(model)}

@@ -6,13 +6,15 @@ import numpy as np
 
 
 def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None = None,
-                       epochs: int = 6) -> dict:
+                       epochs: int = 6, reduce_lr_on_ranks: tuple[int, ...] = (0, 1)) -> dict:
     """fit with a custom stopper placed FIRST, then disttrain's EarlyStopping and
-    ReduceLROnPlateau (neither would stop); no SyncStop, unless `stop_batch` is given:
-    then the stopper stops at that batch of `stop_epoch` and `SyncStop(per_batch=True)`
-    asks for per-batch votes, from the first place in the list.
+    ReduceLROnPlateau (neither would stop; the latter only on `reduce_lr_on_ranks`); no
+    SyncStop, unless `stop_batch` is given: then the stopper stops at that batch of
+    `stop_epoch` and `SyncStop(per_batch=True)` asks for per-batch votes, from the first
+    place in the list.
 
-    Returns the epochs each worker ran, and the batches it trained in each."""
+    Returns the epochs each worker ran, the batches it trained in each, and the call
+    site of each exchange it made after each epoch began (or the error `fit` raised)."""
     import keras
     import tensorflow as tf
 
@@ -20,7 +22,17 @@ def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None =
     from disttrain.distribute import strategy as make_strategy
 
     strategy = make_strategy()
-    rank = coordination.get().rank
+    coordinator = coordination.get()
+    rank = coordinator.rank
+    exchanges: list[list[str]] = []
+    gather = coordinator.gather
+
+    def counted_gather(name, value, timeout=None):
+        if exchanges:
+            exchanges[-1].append(name)
+        return gather(name, value, timeout)
+
+    coordinator.gather = counted_gather
     rng = np.random.default_rng(1)
     x = rng.normal(size=(128, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
@@ -37,6 +49,7 @@ def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None =
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
+            exchanges.append([])
 
         def on_epoch_end(self, epoch, logs=None):
             if stop_batch is None and (rank, epoch) == (stop_rank, stop_epoch):
@@ -57,10 +70,13 @@ def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None =
     stack = [StopOnThisWorker()]
     if stop_batch is not None:
         stack.insert(0, callbacks.SyncStop(per_batch=True))
-    stack += [
-        callbacks.EarlyStopping(monitor="loss", patience=100),
-        callbacks.ReduceLROnPlateau(monitor="loss", patience=100),
-        counter,
-    ]
-    history = model.fit(train, epochs=epochs, callbacks=stack, verbose=0)
-    return {"epochs_run": len(history.history["loss"]), "batches": counter.batches}
+    stack.append(callbacks.EarlyStopping(monitor="loss", patience=100))
+    if rank in reduce_lr_on_ranks:
+        stack.append(callbacks.ReduceLROnPlateau(monitor="loss", patience=100))
+    stack.append(counter)
+    try:
+        history = model.fit(train, epochs=epochs, callbacks=stack, verbose=0)
+    except Exception as e:  # noqa: BLE001 - the test compares every worker's error
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"epochs_run": len(history.history["loss"]), "batches": counter.batches,
+            "exchanges": exchanges}

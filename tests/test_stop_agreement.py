@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from disttrain.keras_compat import stop_agreement
 from disttrain.testing import run_cluster
 from tests import stop_agreement_workloads
 
@@ -14,11 +15,28 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def test_a_stop_on_one_worker_at_epoch_end_stops_every_worker(num_workers, stop_rank):
     """The stopper comes first, before disttrain's callbacks, and no SyncStop is in the
     list: every worker still ends after the same epoch (the third) and exits 0. One
-    worker alone (the default strategy) stops there too, with no vote."""
+    worker alone (the default strategy) stops there too, with no vote.
+
+    EarlyStopping's vote and ReduceLROnPlateau's learning rates travel in the stop vote:
+    each epoch end is one exchange on several workers, none in one process."""
     run = run_cluster(stop_agreement_workloads.stop_on_one_worker, num_workers,
                       kwargs={"stop_rank": stop_rank, "stop_epoch": 2}, timeout=180).assert_ok()
     assert [r["epochs_run"] for r in run.results] == [3] * num_workers
     assert [r["batches"] for r in run.results] == [[8, 8, 8]] * num_workers
+    per_epoch = [stop_agreement.EPOCH_END] if num_workers > 1 else []
+    assert [r["exchanges"] for r in run.results] == [[per_epoch] * 3] * num_workers
+
+
+def test_deciding_callbacks_that_differ_between_workers_fail_on_every_worker():
+    """ReduceLROnPlateau on the chief only: the first epoch end names the difference on
+    both workers instead of leaving one waiting for a broadcast the other never makes."""
+    run = run_cluster(stop_agreement_workloads.stop_on_one_worker, 2,
+                      kwargs={"stop_rank": 1, "stop_epoch": 2, "reduce_lr_on_ranks": [0]},
+                      timeout=180).assert_ok()
+    for result in run.results:
+        assert result["error"].startswith("CallbackConfigError: disttrain callbacks differ "
+                                          "between workers"), result
+        assert "ReduceLROnPlateau-1.lr" in result["error"] and "Fix:" in result["error"]
 
 
 def test_a_mid_epoch_stop_is_agreed_after_that_batch_when_asked():

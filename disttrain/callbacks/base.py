@@ -6,11 +6,12 @@ of them re-implements the chief check, the run id or the cross-worker vote.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from disttrain import coordination, storage
 from disttrain.cluster import ENV_RESULT_FILE
 from disttrain.errors import CallbackConfigError
+from disttrain.keras_compat import stop_agreement
 
 
 class DistributedCallback:
@@ -48,6 +50,34 @@ class DistributedCallback:
 
     def restore_state(self, state: dict[str, Any], arrays: list[Any]) -> None:
         """Restores what `backup_state` returned, on every worker."""
+
+    def agreement_key(self, what: str) -> str:
+        """A name for this callback's value in a cross-worker exchange, the same on every
+        worker: its class, its place among the model's callbacks of that class, `what`
+        (e.g. `"EarlyStopping-1.stop"`)."""
+        same = [c for c in attached_callbacks(self.model) if type(c) is type(self)]
+        place = next((i for i, c in enumerate(same) if c is self), len(same)) + 1
+        return f"{type(self).__name__}-{place}.{what}"
+
+    def settle_across_workers(self, what: str, value: Any,
+                              settle: Callable[[list[Any]], None]) -> None:
+        """Calls `settle` on every worker with every worker's `value` (rank order).
+
+        Inside the epoch end of a multi-worker `fit` the value travels in the one
+        exchange that ends the epoch (`keras_compat.stop_agreement.defer`), and
+        `settle` runs after every callback's `on_epoch_end`; elsewhere the workers
+        exchange it at once. In one process `settle([value])` runs at once.
+
+        Args:
+            what: names the value within this callback (e.g. `"stop"`).
+            value: JSON-serializable.
+            settle: called with every worker's value.
+        """
+        key = self.agreement_key(what)
+        if self.coordinator.num_workers == 1:
+            settle([value])
+        elif not stop_agreement.defer(self.model, key, value, settle):
+            settle([json.loads(v) for v in self.coordinator.gather(key, json.dumps(value))])
 
     @property
     def coordinator(self) -> coordination.Coordinator:

@@ -15,7 +15,9 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
 
     - The stop decision is voted at every epoch end: if any worker decides to
       stop, all stop after the same epoch, so no worker is left blocked in a
-      collective.
+      collective. In a multi-worker `fit` the vote travels in the one exchange
+      that ends each epoch (`disttrain.keras_compat.stop_agreement`), after
+      every callback's `on_epoch_end`, so it costs no exchange of its own.
     - `restore_best_weights` defaults to `True`: the best weights are restored
       on every worker at train end, whether or not training stopped early.
     - A monitor missing from the logs raises `CallbackConfigError` listing the
@@ -82,6 +84,10 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
         already_stopping = bool(self.model.stop_training)
         super().on_epoch_end(epoch, logs)
         decided = bool(self.model.stop_training) and not already_stopping
-        if self.coordinator.any(decided, "EarlyStopping.stop"):
-            self.model.stop_training = True
-            self.stopped_epoch = epoch
+
+        def settle(decisions: list) -> None:
+            if any(decisions):
+                self.model.stop_training = True
+                self.stopped_epoch = epoch
+
+        self.settle_across_workers("stop", decided, settle)

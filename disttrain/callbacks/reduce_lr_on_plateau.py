@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import keras
 
 from disttrain.callbacks.base import DistributedCallback
@@ -17,8 +15,12 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
     resulting learning rate is broadcast and set on every worker, so the
     learning rate is identical everywhere after a reduction. Differences:
 
-    - One broadcast at every epoch end (about as cheap as one vote, ~0.9 ms on
-      loopback); every worker must use this callback.
+    - The chief's learning rates travel in the one exchange that ends each
+      epoch of a multi-worker `fit` (`disttrain.keras_compat.stop_agreement`)
+      and are set on every worker after all callbacks' `on_epoch_end`: no
+      exchange of its own (called outside `fit`, one exchange). A callback
+      later in the same epoch end may still read this worker's own rate.
+      Every worker must use this callback.
     - A monitor missing from the logs raises `CallbackConfigError` listing the
       available metrics (`strict=False` keeps Keras's warning). With
       `validation_freq > 1` and a `val_` monitor, pass `strict=False`: epochs
@@ -83,18 +85,16 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
         if self.strict:
             self.monitored(logs, self.monitor)
         super().on_epoch_end(epoch, logs)
-        self._apply_chief_learning_rates()
+        local = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in self._optimizers()]
+        self.settle_across_workers("lr", local,
+                                   lambda per_worker: self._set_learning_rates(per_worker[0]))
 
     def _optimizers(self) -> list:
         optimizer = self.model.optimizer
         return list(getattr(optimizer, "optimizers", [optimizer]))
 
-    def _apply_chief_learning_rates(self) -> None:
-        optimizers = self._optimizers()
-        local = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in optimizers]
-        chief = json.loads(
-            self.coordinator.broadcast(json.dumps(local), "ReduceLROnPlateau.lr")
-        )
-        for optimizer, mine, theirs in zip(optimizers, local, chief, strict=True):
-            if mine != theirs:
+    def _set_learning_rates(self, chief: list[float]) -> None:
+        """Sets the chief's learning rates where this worker's differ."""
+        for optimizer, theirs in zip(self._optimizers(), chief, strict=True):
+            if float(keras.ops.convert_to_numpy(optimizer.learning_rate)) != theirs:
                 optimizer.learning_rate = theirs

@@ -1,28 +1,61 @@
-"""Stop agreement: a stop asked by any callback on any worker ends `fit` on every worker.
+"""Stop agreement: one exchange ends each epoch, and a stop asked anywhere ends `fit` everywhere.
 
 Keras reads `model.stop_training` on each worker alone: a callback that stops
 on one worker makes it leave `fit` while the others wait in the next collective.
-After all callbacks' `on_epoch_end` ran, the workers vote once on whether any
-of them wants to stop, and every worker sets the result, so the callbacks'
-order does not matter. Per-batch votes (for callbacks that stop inside an
-epoch) run only when a callback in the list has a true attribute
-`PER_BATCH_ATTRIBUTE`, as `disttrain.callbacks.SyncStop(per_batch=True)` does.
-A no-op outside multi-worker training.
+After all callbacks' `on_epoch_end` ran, the workers make one exchange: whether
+any of them wants to stop (every worker sets the result, so the callbacks'
+order does not matter), together with what disttrain's deciding callbacks
+deferred to it with `defer()` (ReduceLROnPlateau's learning rates,
+EarlyStopping's decision), which each then settles from every worker's value.
+So an epoch end costs one exchange however many deciding callbacks there are.
+Per-batch votes (for callbacks that stop inside an epoch) run only when a
+callback in the list has a true attribute `PER_BATCH_ATTRIBUTE`, as
+`disttrain.callbacks.SyncStop(per_batch=True)` does. A no-op outside
+multi-worker training.
 See `docs/keras_compat.md#stop-agreement`.
+
+Example, in a callback's `on_epoch_end`:
+
+```python
+def settle(per_worker):                # every worker's value, in rank order
+    self.model.optimizer.learning_rate = per_worker[0]
+
+if not stop_agreement.defer(self.model, "MyCallback-1.lr", lr, settle):
+    settle(json.loads(...))            # no epoch-end exchange follows: exchange yourself
+```
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from disttrain.keras_compat import detection
 
 PER_BATCH_ATTRIBUTE = "agree_stop_per_batch"
 """A callback with this attribute true asks for a stop vote after every training batch."""
 
+EPOCH_END = "keras_compat.stop_training.epoch"
+"""The call site of the epoch-end exchange (`disttrain.coordination` names it in errors)."""
+
 _lock = threading.Lock()
 _installed = False
+
+
+@dataclasses.dataclass
+class _EpochEnd:
+    """The values callbacks deferred to the exchange ending one epoch of one model."""
+
+    model: Any
+    deferred: dict[str, tuple[Any, Callable[[list[Any]], None]]] = dataclasses.field(
+        default_factory=dict)
+
+
+_epoch_ends: list[_EpochEnd] = []
 
 
 def install() -> None:
@@ -37,8 +70,17 @@ def install() -> None:
 
         @functools.wraps(epoch_end)
         def on_epoch_end(self, epoch, logs=None):
-            epoch_end(self, epoch, logs)
-            _agree(self, "keras_compat.stop_training.epoch")
+            model = getattr(self, "model", None)
+            if model is None or not detection.is_multi_worker(model.distribute_strategy):
+                epoch_end(self, epoch, logs)
+                return
+            end = _EpochEnd(model)
+            _epoch_ends.append(end)
+            try:
+                epoch_end(self, epoch, logs)
+            finally:
+                _epoch_ends.remove(end)
+            _agree_at_epoch_end(end)
 
         @functools.wraps(batch_end)
         def on_train_batch_end(self, batch, logs=None):
@@ -49,6 +91,60 @@ def install() -> None:
         CallbackList.on_epoch_end = on_epoch_end
         CallbackList.on_train_batch_end = on_train_batch_end
         _installed = True
+
+
+def defer(model, key: str, value: Any, settle: Callable[[list[Any]], None]) -> bool:
+    """Adds `value` to the one exchange that ends this epoch of `model`'s multi-worker `fit`.
+
+    After every callback's `on_epoch_end` ran, each worker's `value` travels in
+    the epoch's stop vote, and `settle` is called on every worker with the list
+    of every worker's value (in rank order). Callbacks that would exchange at
+    each epoch end anyway (a vote, a broadcast) defer instead, so an epoch end
+    costs one exchange however many of them there are.
+
+    Args:
+        model: the model being trained (the callback's `self.model`).
+        key: names the value; unique per callback instance, the same on every
+            worker (e.g. `"EarlyStopping-1.stop"`).
+        value: JSON-serializable.
+        settle: called with every worker's value.
+
+    Returns:
+        False when no epoch-end exchange follows (called outside the epoch end of
+        a multi-worker `fit`): `settle` will not be called, exchange by yourself.
+
+    Raises:
+        ValueError: `key` was already deferred in this epoch end.
+    """
+    if not _epoch_ends or _epoch_ends[-1].model is not model:
+        return False
+    deferred = _epoch_ends[-1].deferred
+    if key in deferred:
+        raise ValueError(f"stop_agreement.defer: {key!r} was already deferred in this epoch end")
+    deferred[key] = (value, settle)
+    return True
+
+
+def _agree_at_epoch_end(end: _EpochEnd) -> None:
+    """The epoch's one exchange: the stop vote and every deferred value; then each
+    deferred value is settled and, if any worker wants to stop, every worker stops."""
+    from disttrain import coordination
+    from disttrain.errors import CallbackConfigError
+
+    mine = {"stop": bool(end.model.stop_training),
+            "deferred": {key: value for key, (value, _) in end.deferred.items()}}
+    reports = [json.loads(r) for r in coordination.get().gather(EPOCH_END, json.dumps(mine))]
+    for rank, report in enumerate(reports):
+        if set(report["deferred"]) != set(end.deferred):
+            raise CallbackConfigError(
+                f"disttrain callbacks differ between workers: at the end of the epoch worker "
+                f"{rank} has {sorted(report['deferred'])}, worker {coordination.get().rank} has "
+                f"{sorted(end.deferred)}. Fix: pass the same disttrain callbacks, in the same "
+                "order, on every worker.")
+    for key, (_, settle) in end.deferred.items():
+        settle([report["deferred"][key] for report in reports])
+    if any(report["stop"] for report in reports):
+        end.model.stop_training = True
 
 
 def _agree(callbacks, name: str) -> None:
