@@ -21,6 +21,12 @@ inside TensorFlow all that time, it is stuck:
   it holds the GIL), the waiting workers abort their collectives with an error
   naming it and the line it is stuck on.
 
+Each look costs a worker two calls (replacing its status line). Only the chief
+reads every worker's status, and only while its own state has lasted nearly
+the bound (a stall anywhere soon holds the chief in a collective too); it
+republishes what it read inside its own status, so every other worker learns
+every status, the chief's included, from one read of the chief's line.
+
 The bound is `DISTTRAIN_COORDINATION_TIMEOUT` (default 1800 s), the same one
 disttrain's own exchanges use: how long a worker waits for a live peer. A
 worker waiting in a disttrain exchange (e.g. while the chief writes a large
@@ -118,39 +124,60 @@ class StallWatch:
         self._state = (state, place)
         waited = now - self._since
         self._posts += 1
-        self._coord.set_status(json.dumps(
-            {"state": state, "where": place, "for": waited, "post": self._posts}))
-        if state == ELSEWHERE and waited >= self.timeout and self._peers_waiting_on_me():
+        mine = {"state": state, "where": place, "for": waited, "post": self._posts}
+        statuses = None
+        if self._coord.rank == 0 and waited >= self.timeout - 3 * self.interval:
+            statuses = self._peer_statuses(now)
+            statuses[0] = dict(mine)
+            mine["peers"] = statuses
+        self._coord.set_status(json.dumps(mine))
+        stuck_here = state == ELSEWHERE and waited >= self.timeout
+        waiting = state == IN_TENSORFLOW and waited >= self.timeout + 3 * self.interval
+        if not (stuck_here or waiting):
+            return
+        statuses = statuses if statuses is not None else self._statuses_from_chief(now)
+        if stuck_here and self._peers_waiting_on_me(statuses):
             self._exit_stuck(place, waited)
-        if state == IN_TENSORFLOW and waited >= self.timeout + 3 * self.interval:
-            stuck = self._stuck_peers()
+        if waiting:
+            stuck = self._stuck_peers(statuses)
             if stuck:
                 self._abort(stuck, waited)
 
-    def _statuses(self) -> list[dict | None]:
-        """Peers' statuses; None for a peer whose status stopped changing (it has exited)."""
-        now = time.monotonic()
-        fresh: list[dict | None] = []
-        for rank, raw in enumerate(self._coord.statuses()):
-            status = None if raw is None else json.loads(raw)
-            if status is not None:
-                post, heard = self._heard.get(rank, (-1, now))
-                if status["post"] != post:
-                    self._heard[rank] = (status["post"], now)
-                elif now - heard > 3 * self.interval:
-                    status = None
-            fresh.append(status)
-        return fresh
+    def _fresh(self, rank: int, status: dict | None, now: float) -> dict | None:
+        """`status`, or None once its post number stopped changing (its watch stopped)."""
+        if status is None:
+            return None
+        post, heard = self._heard.get(rank, (-1, now))
+        if status["post"] != post:
+            self._heard[rank] = (status["post"], now)
+        elif now - heard > 3 * self.interval:
+            return None
+        return status
 
-    def _stuck_peers(self) -> list[tuple[int, dict]]:
-        return [(rank, s) for rank, s in enumerate(self._statuses())
+    def _peer_statuses(self, now: float) -> list[dict | None]:
+        """On the chief: every worker's status, read from each (N - 1 reads)."""
+        return [None] + [self._fresh(rank, _parsed(self._coord.poll(f"status/{rank}")), now)
+                         for rank in range(1, self._coord.num_workers)]
+
+    def _statuses_from_chief(self, now: float) -> list[dict | None]:
+        """On another worker: every status as the chief last published it (one read);
+        the chief's own is always there, its peers' while the chief reads them."""
+        statuses: list[dict | None] = [None] * self._coord.num_workers
+        chief = self._fresh(0, _parsed(self._coord.poll("status/0")), now)
+        if chief is not None:
+            statuses = list(chief.pop("peers", statuses))
+            statuses[0] = chief
+        return statuses
+
+    def _stuck_peers(self, statuses: list[dict | None]) -> list[tuple[int, dict]]:
+        return [(rank, s) for rank, s in enumerate(statuses)
                 if rank != self._coord.rank and s is not None
                 and s["state"] == ELSEWHERE and s["for"] >= self.timeout - 2 * self.interval]
 
-    def _peers_waiting_on_me(self) -> bool:
+    def _peers_waiting_on_me(self, statuses: list[dict | None]) -> bool:
         return any(s is not None and s["state"] == IN_TENSORFLOW
                    and s["for"] >= self.timeout - 2 * self.interval
-                   for rank, s in enumerate(self._statuses()) if rank != self._coord.rank)
+                   for rank, s in enumerate(statuses) if rank != self._coord.rank)
 
     def _abort(self, stuck: list[tuple[int, dict]], waited: float) -> None:
         from tensorflow.python.eager import context
@@ -181,3 +208,7 @@ class StallWatch:
                   + "".join(traceback.format_stack(frame)) + message,
                   file=sys.stderr, flush=True)
         os._exit(STALLED_EXIT_CODE)
+
+
+def _parsed(raw: str | None) -> dict | None:
+    return None if raw is None else json.loads(raw)

@@ -9,10 +9,14 @@ save nothing consistent. `PreemptionWatch` turns the signal into an agreement:
    thread (the first post wins if several workers are signalled).
 2. A background thread on every worker waits for that post. When it arrives,
    the worker acknowledges with the number of training steps it has completed.
-3. At its next step end each worker collects all acknowledgements; the agreed
-   stop step is the largest acknowledged step plus one. Collectives keep the
-   workers within a step of each other, so no worker has passed it, and every
-   worker reaches it.
+3. The chief's thread collects every acknowledgement and posts the agreed stop
+   step: the largest acknowledged step plus one (or, when a peer was lost, the
+   error naming it). Collectives keep the workers within a step of each other,
+   and a worker that has acknowledged waits for the decision at its next step
+   end, so no worker has passed that step and every worker reaches it.
+
+A non-chief worker makes one write and two reads per preemption, whatever the
+size of the cluster; only the chief reads every acknowledgement.
 
 The training loop calls `step_done(n)` after each step; it returns True at the
 agreed step on every worker. `BackupAndRestore` then saves a backup there and
@@ -32,20 +36,24 @@ watch.stop()
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import warnings
+import weakref
 
 from disttrain.coordination import Coordinator
 from disttrain.errors import CoordinationError
 
 _REQUEST = "preemption/request"
 _ACK = "preemption/ack"
+_DECISION = "preemption/stop_step"
 _POLL_S = 0.5
-# The watch of the running `fit`. A `fit` that raised never stopped its watch (Keras
-# skips `on_train_end` then); the next watch stops it, so that a stale one never
+# The watch of the running `fit`, per coordinator (one per process, but for ranks
+# simulated in threads). A `fit` that raised never stopped its watch (Keras skips
+# `on_train_end` then); the next watch stops it, so that a stale one never
 # acknowledges a later request with an old step count.
-_current: PreemptionWatch | None = None
+_current: weakref.WeakKeyDictionary[Coordinator, PreemptionWatch] = weakref.WeakKeyDictionary()
 
 
 class PreemptionWatch:
@@ -72,10 +80,10 @@ class PreemptionWatch:
     def start(self) -> PreemptionWatch:
         """Installs the signal handler (main thread only) and starts the watcher thread,
         after stopping a watch this process left running."""
-        global _current
-        if _current is not None:
-            _current.stop()
-        _current = self
+        stale = _current.get(self._coord)
+        if stale is not None:
+            stale.stop()
+        _current[self._coord] = self
         if threading.current_thread() is not threading.main_thread():
             warnings.warn(
                 "disttrain: fit() runs outside the main thread, where Python cannot install "
@@ -96,12 +104,12 @@ class PreemptionWatch:
         """Restores the previous signal handler and ends the watcher thread.
 
         A request that arrived after this worker's last step but before its peers'
-        is still acknowledged, so a peer that saw it in time gets its answer and,
-        with the stop step past the end of training, finishes normally too.
+        is still acknowledged (and on the chief decided), so a peer that saw it in
+        time gets its answer and, with the stop step past the end of training,
+        finishes normally too.
         """
-        global _current
-        if _current is self:
-            _current = None
+        if _current.get(self._coord) is self:
+            del _current[self._coord]
         if self._previous_handler is not None:
             signal.signal(self._signum, self._previous_handler)
             self._previous_handler = None
@@ -112,6 +120,7 @@ class PreemptionWatch:
             try:
                 if not self._seen and self._coord.poll(_REQUEST) is not None:
                     self._acknowledge()
+                    self._decide()
             except CoordinationError:
                 return
 
@@ -131,8 +140,10 @@ class PreemptionWatch:
         if not seen:
             return False
         if self._stop_step is None:
-            acks = self._coord.collect(_ACK)
-            self._stop_step = max(int(a) for a in acks) + 1
+            decision = json.loads(self._coord.wait_for_post(_DECISION))
+            if "error" in decision:
+                raise CoordinationError(decision["error"])
+            self._stop_step = decision["step"]
         return completed >= self._stop_step
 
     def _on_signal(self, signum, frame) -> None:
@@ -163,6 +174,7 @@ class PreemptionWatch:
                 continue
             self.requested_by = requester
             self._acknowledge()
+            self._decide()
             return
 
     def _acknowledge(self) -> None:
@@ -170,3 +182,25 @@ class PreemptionWatch:
             self._seen = True
             completed = self._completed
         self._coord.post(f"{_ACK}/{self._coord.rank}", str(completed))
+
+    def _decide(self) -> None:
+        """On the chief: posts the stop step agreed from every acknowledgement, or the
+        error that prevented it, for every worker to read at its next step end.
+
+        When this worker stops watching (its training ended) before every peer
+        acknowledged, the missing peers have finished their steps too; the stop
+        step is then past everyone's last step, and training ends normally.
+        """
+        if self._coord.rank != 0:
+            return
+        try:
+            acks = self._coord.collect(_ACK, cancel=self._closing)
+        except CoordinationError as e:
+            self._coord.post(_DECISION, json.dumps({"error": str(e)}))
+            raise
+        with self._lock:
+            completed = self._completed
+        known = [int(a) for a in acks if a is not None]
+        if None in acks:
+            known.append(completed)
+        self._coord.post(_DECISION, json.dumps({"step": max(known) + 1}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from disttrain.cluster import Cluster
-from disttrain.coordination import Coordinator, InProcessTransport, PeerLostError
+from disttrain.coordination import Coordinator, InProcessTransport, PeerLostError, Transport
 from disttrain.errors import CallbackConfigError, CoordinationError
 from disttrain.testing import run_cluster, worker_env
 from tests import coordination_workloads as work
@@ -163,17 +164,20 @@ def test_single_worker_events_need_no_tensorflow():
 # The protocol over an in-process transport: ranks simulated in threads, no cluster.
 
 
-def _on_simulated_ranks(fn, num_workers: int, transport: InProcessTransport | None = None,
+def _on_simulated_ranks(fn, num_workers: int,
+                        transport: InProcessTransport | list[Transport] | None = None,
                         timeout: float = 60.0) -> list:
     """Runs `fn(coordinator)` on `num_workers` ranks, one thread each, sharing one
-    in-process store; returns each rank's result (or the exception it raised)."""
+    in-process store (or each using its own view of one, from a list); returns each
+    rank's result (or the exception it raised)."""
     transport = transport or InProcessTransport(num_workers)
+    views = transport if isinstance(transport, list) else [transport] * num_workers
     workers = tuple(f"127.0.0.1:{2000 + rank}" for rank in range(num_workers))
     results: list = [None] * num_workers
 
     def run(rank: int) -> None:
         coord = Coordinator(Cluster(task_index=rank, workers=workers), timeout=timeout,
-                            transport=transport)
+                            transport=views[rank])
         try:
             results[rank] = fn(coord)
         except Exception as e:  # noqa: BLE001 - the error is the result
@@ -298,3 +302,113 @@ def test_a_worker_makes_one_write_and_reads_one_key_per_exchange_whatever_the_si
         assert len(transport.keys_read[f"rank-{rank}"]) == votes
     assert transport.writes["rank-0"] == 2 * votes, "its own entry and the combined one"
     assert len(transport.keys_read["rank-0"]) == votes * (num_workers - 1)
+
+
+class _RankView(Transport):
+    """One simulated rank's view of a shared in-process store, counting that rank's
+    calls (from any of its threads): writes, deletes and the keys it read."""
+
+    def __init__(self, shared: InProcessTransport):
+        self.shared = shared
+        self.num_workers = shared.num_workers
+        self.writes = self.deletes = 0
+        self.keys_read: set[str] = set()
+
+    def set(self, key: str, value: str) -> bool:
+        self.writes += 1
+        return self.shared.set(key, value)
+
+    def get(self, key: str, wait: float) -> str | None:
+        self.keys_read.add(key.removeprefix("disttrain/event/"))
+        return self.shared.get(key, wait)
+
+    def delete(self, key: str) -> None:
+        self.deletes += 1
+        self.shared.delete(key)
+
+    def check_peer(self, rank: int, wait: float) -> None:
+        self.shared.check_peer(rank, wait)
+
+
+def _rank_views(num_workers: int, shared: InProcessTransport | None = None) -> list[_RankView]:
+    shared = shared or InProcessTransport(num_workers)
+    return [_RankView(shared) for _ in range(num_workers)]
+
+
+@pytest.mark.parametrize("num_workers", [2, 8])
+def test_the_stall_watch_reads_one_status_per_look_on_all_but_the_chief(num_workers):
+    """Every simulated rank watches this test's main thread, which waits in `join`
+    (elsewhere) far past the 0.4 s bound: the chief reads every status and republishes
+    them in its own; each other rank reads the chief's status only."""
+    from disttrain.liveness import ELSEWHERE, StallWatch
+
+    views = _rank_views(num_workers)
+
+    def watch(coord):
+        stall_watch = StallWatch(coord, interval=0.05).start()
+        time.sleep(1.0)
+        stall_watch.stop()
+        return stall_watch._posts
+
+    looks = _on_simulated_ranks(watch, num_workers, transport=views, timeout=0.4)
+    chief = json.loads(views[0].shared.get("disttrain/event/status/0", 0))
+    assert [p["state"] for p in chief["peers"]] == [ELSEWHERE] * num_workers
+    assert views[0].keys_read == {f"status/{rank}" for rank in range(1, num_workers)}
+    for rank in range(num_workers):
+        assert looks[rank] >= 10
+        assert views[rank].writes == views[rank].deletes == looks[rank], "one line per look"
+    for rank in range(1, num_workers):
+        assert views[rank].keys_read == {"status/0"}
+
+
+def _preempted_training(requester: int, dead: int | None = None):
+    """A simulated rank's training loop with a PreemptionWatch: `requester` is signalled
+    after step 5; rank `dead` never trains. Returns the step it stopped at (or its error)."""
+    from disttrain.preemption import PreemptionWatch
+
+    def train(coord):
+        if coord.rank == dead:
+            return None
+        preemption = PreemptionWatch(coord).start()
+        try:
+            for step in range(1, 5000):
+                time.sleep(0.002)
+                if coord.rank == requester and step == 5:
+                    preemption._on_signal(signal.SIGTERM, None)
+                if preemption.step_done(step):
+                    return step
+        finally:
+            preemption.stop()
+        return None
+
+    return train
+
+
+@pytest.mark.filterwarnings("ignore:disttrain. fit.. runs outside the main thread")
+@pytest.mark.parametrize("num_workers", [2, 8])
+def test_a_preemption_costs_all_but_the_chief_one_write_and_two_keys_read(num_workers):
+    views = _rank_views(num_workers)
+    stopped = _on_simulated_ranks(_preempted_training(requester=num_workers - 1), num_workers,
+                                  transport=views, timeout=10)
+    assert len(set(stopped)) == 1 and stopped[0] > 5, f"one agreed step: {stopped}"
+    acks = {f"preemption/ack/{rank}" for rank in range(num_workers)}
+    assert views[0].keys_read == {"preemption/request", "preemption/stop_step"} | acks
+    for rank in range(1, num_workers):
+        assert views[rank].keys_read == {"preemption/request", "preemption/stop_step"}
+        assert views[rank].writes == 1 + (rank == num_workers - 1), "its ack (and the request)"
+
+
+@pytest.mark.filterwarnings("ignore:disttrain. fit.. runs outside the main thread")
+@pytest.mark.parametrize("dead", [0, 2])
+def test_a_preemption_names_a_lost_peer_on_every_rank_even_the_chief(dead):
+    class Lost(InProcessTransport):
+        def check_peer(self, rank: int, wait: float) -> None:
+            if rank == dead:
+                raise PeerLostError(rank, ConnectionError("socket closed"))
+
+    results = _on_simulated_ranks(_preempted_training(requester=1, dead=dead), 3,
+                                  transport=Lost(3), timeout=10)
+    for rank, error in enumerate(results):
+        if rank != dead:
+            assert type(error) is CoordinationError, results
+            assert str(error).startswith(f"lost w{dead} at 'preemption/"), error

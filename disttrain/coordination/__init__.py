@@ -21,8 +21,11 @@ The protocol's guarantees hold over either:
 - it detects divergence: each exchange carries the name of its call site, and
   workers that reach different call sites at the same step get an error that
   names both, instead of silently pairing unrelated values;
-- it is cheap: an exchange costs each worker one write and one read per peer,
-  and the chief deletes finished exchanges in blocks, one call per 64 exchanges;
+- it is cheap: an exchange costs each worker but the chief one write and one
+  read, whatever the number of workers (the chief reads every entry and
+  publishes the combined one); events agreed asynchronously (a preemption's
+  stop step) and the stall watch's statuses go through the chief alike; the
+  chief deletes finished exchanges in blocks, one call per 64 exchanges;
 - a failure on one worker (`run_on_chief`, `raise_if_any`) is raised on every
   worker with the same message.
 

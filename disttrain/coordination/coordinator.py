@@ -8,6 +8,12 @@ which every other worker reads. So a worker makes two calls to the key-value
 store per exchange and the chief 2N, where every worker reading every peer's
 key would cost N·(N−1) calls on the chief's store. The chief deletes a block of
 64 exchanges (one directory) once every worker is past it.
+
+Asynchronous agreement follows the same star: each worker posts one event
+(`post`), the chief alone reads them all (`collect`) and posts the outcome,
+which every other worker reads with one call (`wait_for_post`). Statuses work
+alike: every worker replaces its own line (`set_status`); the stall watch reads
+all lines on the chief only (`statuses`) and republishes them in the chief's.
 What carries the keys is the coordinator's `Transport`.
 """
 
@@ -296,26 +302,50 @@ class Coordinator:
         with self._transport_calls(f"poll {event}"):
             return self.transport.get(self._event_key(event), wait)
 
-    def collect(self, event: str, timeout: float | None = None) -> list[str]:
+    def collect(self, event: str, timeout: float | None = None,
+                cancel: threading.Event | None = None) -> list[str | None]:
         """Waits until every worker posted `f"{event}/<rank>"`; their values in rank order.
 
-        A dead peer is reported within about a second and a live one that never
-        posts fails after `timeout` (default `self.timeout`), as in `gather`.
+        N reads: meant for the chief, which then posts the outcome for the others
+        to read with `wait_for_post`. A dead peer is reported within about a
+        second and a live one that never posts fails after `timeout` (default
+        `self.timeout`), as in `gather`.
+
+        Args:
+            event: the event name; worker `r` posts `f"{event}/{r}"`.
+            timeout: seconds to wait for live peers; default `self.timeout`.
+            cancel: when set, stop waiting: the values not posted by then are None.
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        return [self._wait_for(self._event_key(f"{event}/{rank}"), rank, event, deadline, limit)
+        return [self._wait_for(self._event_key(f"{event}/{rank}"), rank, event, deadline, limit,
+                               cancel)
                 for rank in range(self.num_workers)]
 
+    def wait_for_post(self, event: str, poster: int = 0, timeout: float | None = None) -> str:
+        """The value of `event`, waiting for the worker of rank `poster` to post it.
+
+        One read, however many workers there are. Fails within about a second
+        when `poster` dies, and after `timeout` (default `self.timeout`, plus a
+        few seconds for a verdict the poster reached after its own timeout) when
+        it lives but never posts.
+        """
+        limit = self.timeout if timeout is None else timeout
+        return self._wait_for(self._event_key(event), poster, event,
+                              time.monotonic() + limit + _VERDICT_SLACK_S, limit)
+
     def set_status(self, value: str) -> None:
-        """Replaces this worker's status line, which any worker can read with `statuses()`."""
+        """Replaces this worker's status line (two calls), which `statuses()` reads."""
         key = self._event_key(f"status/{self.rank}")
         with self._transport_calls("set_status"):
             self.transport.delete(key)
             self.transport.set(key, value)
 
     def statuses(self) -> list[str | None]:
-        """Every worker's latest status line in rank order (None where none was set)."""
+        """Every worker's latest status line in rank order (None where none was set).
+
+        N reads: the stall watch calls it on the chief only.
+        """
         return [self.poll(f"status/{rank}") for rank in range(self.num_workers)]
 
     def _label(self, rank: int) -> str:
@@ -333,8 +363,10 @@ class Coordinator:
     def _event_key(event: str) -> str:
         return f"{_KEY_PREFIX}/event/{event}"
 
-    def _wait_for(self, key: str, rank: int, name: str, deadline: float, limit: float) -> str:
-        """Reads `key`, written by `rank`, in slices; between slices probes that peer."""
+    def _wait_for(self, key: str, rank: int, name: str, deadline: float, limit: float,
+                  cancel: threading.Event | None = None) -> str | None:
+        """Reads `key`, written by `rank`, in slices; between slices probes that peer.
+        Returns None when `cancel` is set before the key is."""
         with self._transport_calls(name):
             while True:
                 remaining = deadline - time.monotonic()
@@ -349,6 +381,8 @@ class Coordinator:
                 value = self.transport.get(key, min(_POLL_S, remaining))
                 if value is not None:
                     return value
+                if cancel is not None and cancel.is_set():
+                    return None
                 if rank != self.rank:
                     self.transport.check_peer(rank, _POLL_S)
 
