@@ -20,7 +20,7 @@ from benchmarks.fault_workloads import plan_fault, restart_problems, run_fault_j
 
 WORKERS = 2
 EPOCHS = 4
-SEEDS = range(5)
+SEEDS = range(3)
 JOB_TIMEOUT = 120
 # Bounds on a loaded 2-core machine: one attempt takes about 10 s, a restarted job about 25 s.
 RESTARTED_WITHIN = 90
