@@ -101,7 +101,7 @@ def rows(measured: dict[int, list[dict[str, Any]]]) -> list[Row]:
                 f"compiled all-reduce of a flag: {flag.show(' ms', 2)}",
                 Stat.of([r["bn_sync_ms"] / r["flag_all_reduce_ms"]
                          for r in results]).show("x", 2)),
-            Row(f"scale, {n} workers: agreement per epoch (3 deciding callbacks, one exchange)",
+            Row(f"scale, {n} workers: agreement per epoch (deciding callbacks over Keras's, + one exchange)",
                 Stat.of([r["decisions_per_epoch_ms"] for r in results]).show(" ms", 2),
                 "the epoch: " + Stat.of([r["decisions_epoch_ms"] for r in results]).show(
                     " ms", 0), f"{share.show('%', 2)} of epoch",
