@@ -11,7 +11,10 @@ file, fsync, rename, fsync of the directory), without manifest, marker or
 exchange. The sides rotate save by save. Bytes are counted with `/proc/self/io`
 (wchar) on each worker around its checkpoint callback; tf_keras's
 `ModelCheckpoint` on a non-chief worker saves a full copy into
-`workertemp_<id>/` and deletes it.
+`workertemp_<id>/` and deletes it. Last, one `BackupAndRestore` save (integer
+`save_freq`, timed on the chief around the batch end that backs up) with each
+worker's part (`random_state=True`, the default: one more small file per worker
+and one more exchange) against the same save without parts, alternating.
 """
 
 from __future__ import annotations
@@ -70,7 +73,34 @@ def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str
         saves = {"plain": functools.partial(model.save, plain), "durable": save_durably}
         result[str(size)] = _alternate(coord, checkpoints, saves, rounds)
         result[str(size)]["file_bytes"] = os.path.getsize(plain) if coord.is_chief else 0
+    with strategy.scope():
+        model = sized_model(keras, min(params))
+    result["backup"] = _backup_parts(coord, model, os.path.join(directory, "backup"), rounds)
     return result
+
+
+def _backup_parts(coord, model, directory: str, rounds: int) -> dict[str, list[float]]:
+    """`rounds` BackupAndRestore saves with per-worker parts and as many without,
+    alternating; each save is the batch end that backs up (`save_freq=1`)."""
+    from disttrain import callbacks
+
+    sides = {}
+    for parts in (True, False):
+        sides[parts] = callbacks.BackupAndRestore(
+            os.path.join(directory, str(parts)), save_freq=1, random_state=parts)
+        sides[parts].set_model(model)
+        sides[parts].on_train_begin()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for batch in range(rounds + 1):  # the first round warms both up, untimed
+        for parts in (True, False) if batch % 2 else (False, True):
+            coord.barrier("bench.checkpoint.backup")
+            took = median_ms(lambda b=batch, p=parts: sides[p].on_train_batch_end(b), 1,
+                             warmup=0)
+            if batch:
+                times[parts].append(took)
+    for callback in reversed(sides.values()):  # each puts back the SIGTERM handler it found
+        callback.on_train_end()
+    return {"parts_ms": times[True], "no_parts_ms": times[False]}
 
 
 def _alternate(coord, checkpoints: dict, saves: dict, rounds: int) -> dict[str, Any]:
@@ -155,4 +185,8 @@ def rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
     result.append(Row(
         f"bytes written per save by each non-chief worker ({model_size} model)",
         _megabytes(ours.median), peer, "-", f"0: {goal_met}"))
+    backup = chief["backup"]
+    result.append(ratio_row(
+        f"BackupAndRestore save with per-worker parts, {len(measured['disttrain'])} workers",
+        backup["parts_ms"], "without parts (random_state=False)", backup["no_parts_ms"], " ms"))
     return result

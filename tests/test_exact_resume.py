@@ -64,7 +64,8 @@ def test_a_backup_resumes_on_three_workers_and_back_on_two(two_workers, tmp_path
     three = run_cluster(rw.resumed_then_preempted, 3, timeout=400, kwargs={
         "resume_dir": str(root / "preempted"), "backup_dir": str(tmp_path / "three"),
         "preempt_at": [1, 2]}).assert_ok()
-    assert "was written on 2 workers, this run has 3" in three.workers[0].stderr
+    assert ("was written on 2 workers, this run has 3: it resumes with the same global batches; "
+            "the random states of its 2 worker parts") in three.workers[0].stderr
     resumed = three.results[0]["resumed"]
     assert resumed["epochs_run"] == 2 and resumed["best_epoch"] == reference["best_epoch"]
     assert resumed["epoch_counts"] == [[1] * rw.SAMPLES] * 2
@@ -73,7 +74,8 @@ def test_a_backup_resumes_on_three_workers_and_back_on_two(two_workers, tmp_path
 
     two = run_cluster(rw.resumed, 2, timeout=300,
                       kwargs={"backup_dir": str(tmp_path / "three")}).assert_ok()
-    assert "was written on 3 workers, this run has 2" in two.workers[0].stderr
+    assert ("was written on 3 workers, this run has 2: it resumes with the same global batches; "
+            "the random states of its 3 worker parts") in two.workers[0].stderr
     resumed = two.results[0]
     assert resumed["epochs_run"] == 2 and resumed["best_epoch"] == reference["best_epoch"]
     first, last = resumed["epoch_counts"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import sys
@@ -11,7 +12,7 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils
 
-from disttrain import keras_compat, storage
+from disttrain import input_state, keras_compat, storage
 from disttrain.callbacks.base import DistributedCallback, attached_callbacks
 from disttrain.errors import (
     PREEMPTED_EXIT_CODE,
@@ -25,6 +26,9 @@ from disttrain.preemption import PreemptionWatch
 BACKUP_PREFIX = "backup-"
 WEIGHTS = "model.weights.h5"
 STATES = "callbacks.npz"
+PART = "worker-{rank}.json"
+# What every worker part records about its backup, compared with the manifest on restore.
+_PART_POSITION = ("epoch", "batches", "passes", "workers")
 
 
 class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
@@ -45,8 +49,20 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
       (EarlyStopping's patience counter, best value and best weights,
       ReduceLROnPlateau's counters), which Keras's version forgets.
       ModelCheckpoint keeps its own state in its manifest, which is newer.
-    - A failed backup write on the chief raises the same `StorageError` on every
-      worker.
+    - Each worker also writes its own part, `worker-<rank>.json`, into the new
+      backup directory: the random state its training input stream started from
+      (Python `random`, NumPy's global generator, the `tf.random` global
+      generator), which `tf.py_function`/`numpy_function` maps and generators in
+      the pipeline draw from. The chief commits the backup (manifest last, listing
+      every part with its sha256) only once every part is written, so a crash at
+      any point leaves the previous backup complete. On resume on the same number
+      of workers each worker restores its state as the replayed input stream
+      starts, so such a pipeline continues exactly even when the restarted process
+      seeds otherwise; on another number of workers the parts are dropped with a
+      notice. A backup with a missing, corrupted or mismatched part is refused
+      with `StorageError` before anything loads, and left as it is.
+    - A failed backup write on any worker raises the same `StorageError` on every
+      worker, and nothing is committed.
 
     - With an integer `save_freq`, training resumes inside the epoch, at the
       batch after the backup (Keras runs the whole epoch again). On several
@@ -83,6 +99,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         double_checkpoint: keep the two latest backups instead of one.
         delete_checkpoint: remove `backup_dir` when training ends normally.
         verbose: 0 or 1 (messages on the chief when resuming).
+        random_state: write each worker's part (its input stream's random state)
+            with every backup and restore it on resume; `False` writes no parts
+            and restores none (a restarted run then draws fresh randomness).
 
     Example:
 
@@ -99,6 +118,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
         verbose: int = 0,
+        random_state: bool = True,
     ):
         if not backup_dir:
             raise CallbackConfigError(
@@ -120,6 +140,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             delete_checkpoint=delete_checkpoint,
         )
         self.verbose = verbose
+        self.random_state = random_state
+        if random_state:
+            input_state.enable()
         self.directory: str | None = None
         self._manager: storage.CheckpointManager | None = None
         self._pending_states: dict | None = None
@@ -155,15 +178,22 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self.directory, self.run_id, max_to_keep=2 if self.double_checkpoint else 1,
             step_prefix=BACKUP_PREFIX, owner="BackupAndRestore")
 
-        def find_latest() -> str:
+        input_state.begin_fit()
+
+        def find_latest() -> dict | None:
             self._manager.open()
-            return self._manager.latest() or ""
+            _refuse_damaged(self._manager.damaged())
+            if not self._manager.checkpoints:
+                return None
+            _check_parts(self._manager.latest())
+            return self._manager.checkpoints[-1]
 
         latest = self.coordinator.run_on_chief("BackupAndRestore.find", find_latest, StorageError)
         error = None
         if latest:
+            self._manager.add(latest)
             try:
-                self._restore(latest)
+                self._restore(latest["path"])
             except Exception as e:  # noqa: BLE001 - reported to every worker below
                 error = e
         self.coordinator.raise_if_any("BackupAndRestore.restore", error, StorageError)
@@ -241,6 +271,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             "run_id": self.run_id,
             "model": _fingerprint(self.model),
             "callbacks": {},
+            "parts": ([PART.format(rank=r) for r in range(self.coordinator.num_workers)]
+                      if self.random_state else []),
         }
         arrays: dict[str, np.ndarray] = {}
         for key, callback in self._stateful_callbacks():
@@ -248,9 +280,38 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             metadata["callbacks"][key] = state
             for i, array in enumerate(callback_arrays):
                 arrays[f"{key}/{i}"] = np.asarray(array)
-        self.coordinator.run_on_chief(
-            "BackupAndRestore.save", lambda: self._write(metadata, arrays), StorageError
+        written = self._write_parts(metadata) if self.random_state else {}
+        committed = self.coordinator.run_on_chief(
+            "BackupAndRestore.save", lambda: self._write(metadata, arrays, written), StorageError
         )
+        self._manager.add(committed)
+
+    def _write_parts(self, metadata: dict) -> dict[str, dict]:
+        """Every worker writes its part into the next backup's directory (no manifest
+        yet: nothing trusts it before the chief commits); one exchange brings every
+        part's size and sha256, or a worker's error, to every worker. Returns the
+        parts as the manifest lists them; raises the first failure on every worker."""
+        name = PART.format(rank=self.coordinator.rank)
+        part = {"rank": self.coordinator.rank, "run_id": self.run_id,
+                **{key: metadata[key] for key in _PART_POSITION},
+                "random_state": input_state.stream_start()}
+        try:
+            data = json.dumps(part, sort_keys=True).encode("utf-8")
+            storage.atomic_write_bytes(storage.join(self._manager.next_url, name), data)
+            report = {"name": name, **storage.describe_bytes(data)}
+        except Exception as e:  # noqa: BLE001 - reported to every worker below
+            report = {"error": f"{type(e).__name__}: {e}"}
+        reports = [json.loads(r) for r in
+                   self.coordinator.gather("BackupAndRestore.parts", json.dumps(report))]
+        for rank, reported in enumerate(reports):
+            if "error" in reported:
+                raise StorageError(
+                    f"BackupAndRestore: writing its part of backup "
+                    f"{posixpath.basename(self._manager.next_url)} failed on "
+                    f"{self.coordinator.cluster.label_of_rank(rank)}: {reported['error']}. "
+                    "Nothing was committed; the previous backup stays the one to resume from."
+                )
+        return {r["name"]: {"size": r["size"], "sha256": r["sha256"]} for r in reports}
 
     def on_train_end(self, logs=None):
         if self._preempted_by is not None and self.is_chief:
@@ -258,6 +319,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                   "of the last epoch: training finished", file=sys.stderr, flush=True)
         self._end_watch()
         epoch_iterator.cancel()
+        input_state.end_fit()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._save_due and not self.delete_checkpoint:
@@ -275,9 +337,11 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._watch.stop()
             self._watch = None
 
-    def _write(self, metadata: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Chief: writes the weights and callback states, and commits them as the next backup
-        (the manager then deletes the backups `double_checkpoint` does not keep)."""
+    def _write(self, metadata: dict, arrays: dict[str, np.ndarray],
+               written: dict[str, dict]) -> dict:
+        """Chief: writes the weights and callback states, and commits them with the workers'
+        parts (`written`) as the next backup (the manager then deletes the backups
+        `double_checkpoint` does not keep). Returns the committed backup's record."""
         with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
             weights = os.path.join(tmp, WEIGHTS)
             self.model.save_weights(weights)
@@ -286,7 +350,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                 states = os.path.join(tmp, STATES)
                 np.savez(states, **arrays)
                 files[STATES] = states
-            self._manager.save_directory(files, metadata)
+            self._manager.save_directory(files, metadata, written)
+        return self._manager.checkpoints[-1]
 
     def _restore(self, url: str) -> None:
         manifest = storage.read_manifest(url)
@@ -310,11 +375,20 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         # Backups older than "passes" come from runs that began at epoch 0.
         self._pass_base = metadata.get("passes", metadata["epoch"])
         workers = metadata.get("workers", self.coordinator.num_workers)
-        if workers != self.coordinator.num_workers and self.is_chief:
+        parts = metadata.get("parts", [])
+        same_workers = workers == self.coordinator.num_workers
+        if not same_workers and self.is_chief:
+            dropped = (f"; the random states of its {len(parts)} worker parts (Python random, "
+                       "NumPy, tf.random global generator) are not restored, so random draws "
+                       "of py_function/numpy_function maps and generators in the input "
+                       "continue from this run's seeds" if parts else "")
             print(f"disttrain: BackupAndRestore: {posixpath.basename(url)} was written on "
                   f"{workers} workers, this run has {self.coordinator.num_workers}: it resumes "
-                  f"with the same global batches (see docs/resume.md#another-number-of-workers)",
-                  file=sys.stderr, flush=True)
+                  f"with the same global batches{dropped} (see "
+                  f"docs/resume.md#another-number-of-workers)", file=sys.stderr, flush=True)
+        if same_workers and parts and self.random_state:
+            own = storage.join(url, PART.format(rank=self.coordinator.rank))
+            input_state.carry(json.loads(storage.read_bytes(own))["random_state"])
         self._pending_states = metadata.get("callbacks", {})
         self._pending_arrays = arrays
         if self.verbose > 0 and self.is_chief:
@@ -366,6 +440,52 @@ def _fingerprint(model) -> list[list]:
     if model.optimizer is not None and model.optimizer.built:
         variables += list(model.optimizer.variables)
     return [[v.path, list(v.shape), str(v.dtype)] for v in variables]
+
+
+def _refuse_damaged(damaged: list[str]) -> None:
+    """Raises `StorageError` when a backup newer than the latest committed one has a manifest
+    but a listed file is missing or changed (`CheckpointManager.damaged`)."""
+    if not damaged:
+        return
+    url = damaged[-1]
+    raise StorageError(
+        f"BackupAndRestore: the backup {url} is damaged: {storage.check_files(url)}. Nothing "
+        "was loaded and the backup was left as it is. Fix: put the file back as it was "
+        "written, or delete that backup directory to resume from the one before it (or from "
+        "scratch)."
+    )
+
+
+def _check_parts(url: str) -> None:
+    """Chief, before anything loads: every worker part the backup's manifest expects is
+    listed, intact (size, sha256) and records the manifest's position; else `StorageError`
+    naming the backup, the part and the fix."""
+    metadata = storage.read_manifest(url)["metadata"]
+    parts = metadata.get("parts", [])
+    problem = storage.check_files(url, parts) if parts else None
+    if problem is None and parts:
+        if len(parts) != metadata.get("workers"):
+            problem = (f"its manifest expects {len(parts)} worker parts for "
+                       f"{metadata.get('workers')} workers")
+        for rank, name in enumerate(parts):
+            if problem is not None:
+                break
+            part = json.loads(storage.read_bytes(storage.join(url, name)))
+            expected = {"rank": rank, **{key: metadata[key] for key in _PART_POSITION}}
+            found = {key: part.get(key) for key in expected}
+            if found != expected:
+                problem = (f"{name} records {_position(found)}, its manifest "
+                           f"{_position(expected)} (parts of different backups)")
+    if problem is not None:
+        raise StorageError(
+            f"BackupAndRestore: the backup {url} is damaged: {problem}. Nothing was loaded "
+            "and the backup was left as it is. Fix: put the file back as it was written, or "
+            "delete that backup directory to resume from the one before it (or from scratch)."
+        )
+
+
+def _position(record: dict) -> str:
+    return ", ".join(f"{key} {record[key]}" for key in record)
 
 
 def _check_same_model(saved: list[list] | None, current: list[list], url: str) -> None:

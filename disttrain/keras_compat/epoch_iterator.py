@@ -132,11 +132,13 @@ def _wrap_once() -> None:
             original_init(self, *args, **kwargs)
             self._disttrain_at_pass_start = False
             dataset = _one_pass_dataset(self) if _persistent else None
+            seeds = _SeedGenerators.of(dataset) if dataset is not None else None
+            if seeds is _NOT_DETACHABLE:
+                dataset = seeds = None
             self._disttrain_persistent = dataset is not None
-            self._disttrain_dataset = dataset
+            self._disttrain_dataset, self._disttrain_seeds = dataset, seeds
+            self._disttrain_stream = None
             if dataset is not None:
-                self._distributed_dataset = (
-                    self._distribute_strategy.experimental_distribute_dataset(dataset.repeat()))
                 self.steps_per_epoch, self._num_batches = self._num_batches, None
 
         @functools.wraps(original_reset)
@@ -150,7 +152,10 @@ def _wrap_once() -> None:
         @functools.wraps(original_enumerate)
         def _enumerate_iterator(self):
             skip, passes = _take_skip()
+            if getattr(self, "_disttrain_persistent", False):
+                _epoch_starts(self)
             replayed = _start_at(self, passes, skip) if skip or passes else False
+            _before_new_iterator(self)
             steps = original_enumerate(self)
             if not ranges:
                 steps = ((step, step + self.steps_per_execution - 1, iterator)
@@ -166,6 +171,162 @@ def _wrap_once() -> None:
         _wrapped = True
 
 
+def _before_new_iterator(epoch_iterator) -> None:
+    """Lets `disttrain.input_state` record (or, resuming, restore) the random state the
+    input stream starts from, when this epoch makes a new input iterator (Keras's
+    condition), before any element is drawn."""
+    if epoch_iterator._current_iterator is None or epoch_iterator.steps_per_epoch is None:
+        from disttrain import input_state
+
+        input_state.stream_starts(epoch_iterator)
+
+
+def _epoch_starts(epoch_iterator) -> None:
+    """The draw Keras's new iterator at an epoch's start makes from the user's seed
+    generators; the first epoch also builds the persistent stream, detached from them
+    and seeded by that draw."""
+    seeds = epoch_iterator._disttrain_seeds
+    values = seeds.draw() if seeds is not None else None
+    if epoch_iterator._disttrain_stream is None:
+        stream = (seeds.detached(values) if seeds is not None
+                  else epoch_iterator._disttrain_dataset)
+        epoch_iterator._disttrain_stream = stream
+        epoch_iterator._distributed_dataset = (
+            epoch_iterator._distribute_strategy.experimental_distribute_dataset(stream.repeat()))
+
+
+# The tf.data ops whose passes draw from a seed generator the dataset owns: the name
+# of the attribute that makes each pass draw anew, and the index of the `seed` input
+# (`seed2` and `seed_generator` follow it).
+_SEEDED_OPS = {"ShuffleDatasetV3": ("reshuffle_each_iteration", 2),
+               "RandomDatasetV2": ("rerandomize_each_iteration", 0)}
+_NOT_DETACHABLE = object()
+
+
+class _SeedGenerators:
+    """The seed generators of a user's `tf.data.Dataset` that make its passes differ
+    (a `shuffle` that reshuffles each iteration, a `Dataset.random` that re-randomizes).
+
+    Each new iterator over the dataset (each pass of a `repeat()` of it, or of
+    anything built on it) advances them once, and they belong to the user's dataset
+    object. A persistent iterator over them would advance them as often as its
+    prefetching runs ahead, a timing-dependent number of times; so the persistent
+    stream reads a copy of the pipeline with generators of its own (`detached`),
+    and the user's generators advance only where Keras's iterators would advance
+    them (`draw`), leaving the user's object where Keras would leave it.
+    """
+
+    def __init__(self, graph, nodes: list, element_spec) -> None:
+        self._graph, self._nodes, self._element_spec = graph, nodes, element_spec
+        self._probe = None
+
+    @classmethod
+    def of(cls, dataset):
+        """A `_SeedGenerators` of `dataset`, None when it has none, or
+        `_NOT_DETACHABLE` when its pipeline cannot be copied (a TensorFlow change,
+        or a graph TensorFlow cannot serialize)."""
+        import tensorflow as tf
+
+        try:
+            if not any(getattr(node, "_reshuffle_each_iteration", False)
+                       or getattr(node, "_rerandomize_each_iteration", False)
+                       for node in _pipeline(dataset)):
+                return None
+            graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph(
+                external_state_policy=tf.data.experimental.ExternalStatePolicy.IGNORE).numpy())
+        except (AttributeError, TypeError, ValueError, tf.errors.OpError):
+            return _NOT_DETACHABLE
+        nodes = [node for node in graph.node if node.op in _SEEDED_OPS
+                 and node.attr[_SEEDED_OPS[node.op][0]].b]
+        return cls(graph, nodes, dataset.element_spec) if nodes else _NOT_DETACHABLE
+
+    def draw(self) -> list:
+        """Advances each generator once, as a new iterator over the user's dataset
+        would, and returns two random int64 drawn from each one's new seeds."""
+        import tensorflow as tf
+
+        if self._probe is None:
+            self._probe = tf.data.Dataset.zip(tuple(
+                self._probe_of(node).take(2).batch(2) for node in self._nodes))
+        return [[int(v) for v in values.numpy()] for values in next(iter(self._probe))]
+
+    def detached(self, values: list):
+        """The user's pipeline with generators of its own, seeded by `values` (one
+        `draw()`): the same draw gives the same stream in every process."""
+        import uuid
+
+        import tensorflow as tf
+
+        graph = tf.compat.v1.GraphDef()
+        graph.CopyFrom(self._graph)
+        by_name = {node.name: node for node in graph.node}
+        for node, (seed, seed2) in zip(self._nodes, values):
+            first = _SEEDED_OPS[node.op][1]
+            copy = by_name[node.name]
+            seed2 = seed2 if seed or seed2 else 1  # (0, 0) asks TensorFlow for random seeds
+            for offset, value in enumerate((seed, seed2)):
+                const = _add_const(graph, f"{node.name}/disttrain_seed{offset}",
+                                   tf.constant(value, tf.int64))
+                copy.input[first + offset] = const.name
+            handle = graph.node.add()
+            handle.CopyFrom(by_name[node.input[first + 2]])
+            handle.name = f"{node.name}/disttrain_seed_generator"
+            # A name no resource has: the op creates, and owns, a new generator.
+            handle.attr["value"].tensor.resource_handle_val[0].name += f"/{uuid.uuid4().hex}"
+            copy.input[first + 2] = handle.name
+        return _from_graph(graph, self._element_spec)
+
+    def _probe_of(self, node):
+        """A `Dataset.random` that draws from `node`'s generator (shared by handle)."""
+        import tensorflow as tf
+
+        first = _SEEDED_OPS[node.op][1]
+        by_name = {n.name: n for n in self._graph.node}
+        graph = tf.compat.v1.GraphDef()
+        inputs = []
+        for name in node.input[first:first + 3]:
+            copy = graph.node.add()
+            copy.CopyFrom(by_name[name])
+            inputs.append(copy.name)
+        random = graph.node.add()
+        random.name, random.op = "disttrain_probe", "RandomDatasetV2"
+        random.input.extend(inputs)
+        random.attr["rerandomize_each_iteration"].b = True
+        random.attr["output_types"].list.type.append(tf.int64.as_datatype_enum)
+        random.attr["output_shapes"].list.shape.add()
+        _add_retval(graph, random.name)
+        return _from_graph(graph, tf.TensorSpec([], tf.int64))
+
+
+def _add_const(graph, name: str, value):
+    import tensorflow as tf
+
+    node = graph.node.add()
+    node.name, node.op = name, "Const"
+    node.attr["dtype"].type = value.dtype.as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value.numpy()))
+    return node
+
+
+def _add_retval(graph, name: str) -> None:
+    import tensorflow as tf
+
+    node = graph.node.add()
+    node.name, node.op = "dataset", "_Retval"
+    node.input.append(name)
+    node.attr["T"].type = tf.variant.as_datatype_enum
+    node.attr["index"].i = 0
+
+
+def _from_graph(graph, element_spec):
+    """The `tf.data.Dataset` of a serialized dataset graph."""
+    import tensorflow as tf
+    from tensorflow.python.data.ops.dataset_ops import _VariantDataset
+
+    variant = tf.raw_ops.DatasetFromGraph(graph_def=graph.SerializeToString())
+    return _VariantDataset(variant, element_spec)
+
+
 def _one_pass(epoch_iterator, steps):
     """`steps`, Keras's `(begin, end, iterator)` over the repeated dataset, limited
     to one pass."""
@@ -177,6 +338,9 @@ def _one_pass(epoch_iterator, steps):
             iterator = itertools.islice(iterator, batches - begin)
         yield begin, end, iterator
     epoch_iterator._disttrain_at_pass_start = True
+    if epoch_iterator._disttrain_seeds is not None:
+        # Keras makes a new iterator here (dropped unused): one more draw.
+        epoch_iterator._disttrain_seeds.draw()
 
 
 def _skip(steps, skip: int, draw: bool = True):
@@ -215,7 +379,7 @@ def _start_at(epoch_iterator, passes: int, batches: int) -> bool:
     start = passes * epoch_iterator.steps_per_epoch + batches
     epoch_iterator._distributed_dataset = (
         epoch_iterator._distribute_strategy.experimental_distribute_dataset(
-            dataset.repeat().skip(start)))
+            epoch_iterator._disttrain_stream.repeat().skip(start)))
     return True
 
 

@@ -62,6 +62,7 @@ from disttrain.storage.manifest import (
     commit_checkpoint,
     finished_mark,
     is_committed,
+    read_manifest,
 )
 
 PENDING_NAME = ".pending.json"
@@ -240,8 +241,11 @@ class CheckpointManager:
         """Records a committed checkpoint in memory, applying retention (no I/O).
 
         Processes that do not write call this to keep the same records as the
-        writer; adding the same record twice changes nothing.
+        writer; adding the same record twice changes nothing. A directory
+        checkpoint's record (with its `step`) also moves `next_url` past it.
         """
+        if "step" in record:
+            self._next_step = max(self._next_step, record["step"] + 1)
         self.checkpoints = self.retained(
             [c for c in self.checkpoints if c["path"] != record["path"]] + [record]
         )[0]
@@ -357,10 +361,31 @@ class CheckpointManager:
             commit()
         self.checkpoints = kept
 
+    @property
+    def next_url(self) -> str:
+        """The URL of the directory the next `save_directory` commits (no I/O): other
+        processes may write files into it first and pass them as `written`."""
+        return join(self.directory, f"{self.step_prefix}{self._next_step:06d}")
+
+    def damaged(self) -> list[str]:
+        """Directory checkpoints newer than the latest committed one that have a
+        manifest but are not committed (a listed file is missing or has another
+        size). A crash cannot leave one (the manifest is written last): a file was
+        deleted or changed after the commit, so a restart must not silently resume
+        from an older checkpoint. Their URLs, oldest first.
+
+        Raises:
+            StorageError: when the storage cannot be read.
+        """
+        latest = self.checkpoints[-1]["step"] if self.checkpoints else -1
+        return [join(self.directory, name) for name, step in self._steps()
+                if step > latest and read_manifest(join(self.directory, name)) is not None]
+
     def save_directory(
-        self, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+        self, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
+        written: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> str:
-        """Commits a directory checkpoint (the next step), then applies retention.
+        """Commits a directory checkpoint (the next step, `next_url`), then applies retention.
 
         The files go to `<directory>/<step_prefix><NNNNNN>/` with a manifest
         written last (`commit_checkpoint`). Afterwards every other
@@ -370,6 +395,8 @@ class CheckpointManager:
         Args:
             files: relative destination name -> local source path.
             metadata: JSON-serializable data for the checkpoint's manifest.
+            written: files already in the directory, written by other processes
+                (name -> `describe_bytes` of the content), listed in the manifest.
 
         Returns:
             The URL of the committed checkpoint directory.
@@ -377,9 +404,8 @@ class CheckpointManager:
         Raises:
             StorageError: when the commit or a deletion fails.
         """
-        name = f"{self.step_prefix}{self._next_step:06d}"
-        url = join(self.directory, name)
-        commit_checkpoint(url, files, metadata)
+        url = self.next_url
+        commit_checkpoint(url, files, metadata, written)
         self._next_step += 1
         steps = self._steps()
         committed = [{"path": join(self.directory, n), "step": s}

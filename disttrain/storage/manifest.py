@@ -54,8 +54,20 @@ def _describe_local_file(local_path: str, url_dir: str) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def describe_bytes(data: bytes) -> dict[str, Any]:
+    """The manifest entry of a file holding `data`: its `size` and `sha256`.
+
+    Example:
+
+    >>> describe_bytes(b"{}")["size"]
+    2
+    """
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def commit_checkpoint(
-    url_dir: str, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+    url_dir: str, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
+    written: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Commits a multi-file checkpoint: every file first, the manifest last.
 
@@ -68,6 +80,9 @@ def commit_checkpoint(
         url_dir: destination directory (URL or local path).
         files: relative destination name -> local source path.
         metadata: JSON-serializable data stored in the manifest (epoch, metrics, ...).
+        written: files other processes already wrote into `url_dir` (relative
+            name -> `describe_bytes` of their content), listed in the manifest
+            as they are.
 
     Returns:
         The manifest written to `join(url_dir, MANIFEST_NAME)`: `format`,
@@ -90,6 +105,9 @@ def commit_checkpoint(
         _check_relative_name(name, url_dir): _describe_local_file(local_path, url_dir)
         for name, local_path in files.items()
     }
+    for name, entry in (written or {}).items():
+        described[_check_relative_name(name, url_dir)] = {"size": int(entry["size"]),
+                                                          "sha256": str(entry["sha256"])}
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -174,6 +192,50 @@ def is_committed(url_dir: str) -> bool:
             if _size(fs, file_path) != entry["size"]:
                 return False
     return True
+
+
+def check_files(url_dir: str, names: list[str] | None = None) -> str | None:
+    """Reads files a checkpoint's manifest lists and compares them with it.
+
+    Args:
+        url_dir: checkpoint directory (with a manifest).
+        names: the files to check; default every file the manifest lists.
+
+    Returns:
+        None when each file has its listed size and sha256, else what is wrong
+        with the first one that does not (missing, not listed, another size or
+        checksum).
+
+    Raises:
+        StorageError: when the manifest or the storage cannot be read.
+
+    Example:
+
+    ```python
+    problem = check_files("gs://bucket/run/backup-000004", ["worker-1.json"])
+    ```
+    """
+    manifest = read_manifest(url_dir)
+    if manifest is None:
+        return f"{url_dir!r} has no manifest"
+    listed = manifest["files"]
+    fs, path = url_to_fs(url_dir)
+    for name in listed if names is None else names:
+        if name not in listed:
+            return f"{name} is not listed in its manifest"
+        file_path = posixpath.join(path, name)
+        with _wrapped("checking checkpoint file", join(url_dir, name)):
+            fs.invalidate_cache(file_path)
+            if _size(fs, file_path) is None:
+                return f"{name} is missing"
+            data = fs.cat_file(file_path)
+        found = describe_bytes(data)
+        if found["size"] != listed[name]["size"]:
+            return (f"{name} holds {found['size']} bytes, its manifest lists "
+                    f"{listed[name]['size']}")
+        if "sha256" in listed[name] and found["sha256"] != listed[name]["sha256"]:
+            return f"{name} does not match the sha256 its manifest lists (corrupted or edited)"
+    return None
 
 
 def finished_mark(run_id: str, **details: Any) -> dict[str, Any]:
