@@ -24,11 +24,13 @@ input_state.carry(part["random_state"])  # resuming: restored when the stream st
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -115,6 +117,33 @@ def enable() -> None:
     state pays nothing when it makes input iterators."""
     global _enabled
     _enabled = True
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Puts back, after the block, the random states it found (once `enable()`d), when
+    the input iterators the block made and dropped no longer draw; a no-op otherwise.
+
+    For reads of an input outside training (the input check's first element), whose
+    prefetching would otherwise move the generators the training stream starts from
+    by a varying number of draws.
+
+    Example:
+
+    ```python
+    with input_state.kept():
+        first = next(iter(dataset.take(1)))
+    ```
+    """
+    if not _enabled:
+        yield
+        return
+    state = capture()
+    try:
+        yield
+    finally:
+        _settle()
+        restore(state)
 
 
 def begin_fit() -> None:

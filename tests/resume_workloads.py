@@ -118,7 +118,7 @@ def _fit(backup_dir: str | None, interrupt_at: list | tuple | None = None,
                 coordination.get().collect("preemption/ack")
 
     stack = [] if backup_dir is None else [callbacks.BackupAndRestore(
-        backup_dir, save_freq=save_freq, delete_checkpoint=False)]
+        backup_dir, save_freq=save_freq, delete_checkpoint=False, random_state=True)]
     stopper = callbacks.EarlyStopping(monitor="loss", patience=100)
     epoch_counts = []
 

@@ -99,9 +99,12 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         double_checkpoint: keep the two latest backups instead of one.
         delete_checkpoint: remove `backup_dir` when training ends normally.
         verbose: 0 or 1 (messages on the chief when resuming).
-        random_state: write each worker's part (its input stream's random state)
-            with every backup and restore it on resume; `False` writes no parts
-            and restores none (a restarted run then draws fresh randomness).
+        random_state: opt-in (default False): every worker writes its part (its
+            input stream's random state) into each backup and restores it on
+            resume, for `py_function`/`numpy_function` maps that draw from
+            Python/NumPy/`tf.random` global generators. Every worker then needs
+            write access to `backup_dir` (with the default only the chief writes,
+            and non-chief workers may mount it read-only). `False` writes no parts.
 
     Example:
 
@@ -118,7 +121,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
         verbose: int = 0,
-        random_state: bool = True,
+        random_state: bool = False,
     ):
         if not backup_dir:
             raise CallbackConfigError(

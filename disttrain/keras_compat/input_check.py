@@ -123,7 +123,9 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
 
     The first element is drawn from a new iterator, so a training iterator is not
     touched; pipelines with randomness draw once (a seeded reshuffling `shuffle`
-    then starts training at its second order, the same on every worker).
+    then starts training at its second order, the same on every worker). In a
+    process that backs up its input's random state (`disttrain.input_state`),
+    the Python/NumPy/`tf.random` global states are put back after the read.
 
     Args:
         dataset: a `tf.data.Dataset` of Keras-style elements (`x`, `(x, y)` or
@@ -141,7 +143,10 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
     """
     from keras.src.trainers.data_adapters.data_adapter_utils import unpack_x_y_sample_weight
 
-    first = next(iter(dataset.take(1)), None)
+    from disttrain import input_state
+
+    with input_state.kept():
+        first = next(iter(dataset.take(1)), None)
     x, y, sample_weight = unpack_x_y_sample_weight(first) if first is not None else (
         None, None, None)
     return {"batches": int(dataset.cardinality()), "inputs": _digest(x),

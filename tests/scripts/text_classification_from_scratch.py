@@ -17,10 +17,11 @@ for these changes:
   instead of 3;
 - the shell cells (`ls`, `cat`), the preview loop's prints and the prose are left out, and
   so is the last section ("Make an end-to-end model"), which evaluates `raw_test_ds` again:
-  on 2 workers that second use of the seeded dataset gets a different order on each worker
-  in about one run of two (disttrain's persistent epoch iterator prefetches into another
-  pass of the first evaluation, which advances the shuffle's shared seed a varying number
-  of times) and the input check then refuses it.
+  on 2 workers that second use of the seeded dataset got a different order on each worker
+  in about one run of two, and the input check refused it. The persistent epoch iterator no
+  longer advances a reused dataset's seed (tests/test_reused_dataset.py), but with that fix
+  this section still failed once (2026-12-02): `test_ds` is `raw_test_ds.map(...).cache()`,
+  and the second use's drift there is not explained yet.
 """
 
 import os
