@@ -142,7 +142,7 @@ def kept() -> Iterator[None]:
     try:
         yield
     finally:
-        _settle()
+        settle()
         restore(state)
 
 
@@ -206,10 +206,10 @@ def stream_starts(epoch_iterator: object) -> None:
     elif restart:
         state = seen_state
     else:
-        _settle(collect=False)
+        settle(collect=False)
         state = capture()
     if carried is not None or restart:
-        _settle()
+        settle()
         restore(state)
     with _lock:
         if first or carried is not None:
@@ -218,7 +218,7 @@ def stream_starts(epoch_iterator: object) -> None:
             _start = state
 
 
-def _settle(collect: bool = True, poll_s: float = 0.01, quiet_polls: int = 3,
+def settle(collect: bool = True, poll_s: float = 0.01, quiet_polls: int = 3,
             limit_s: float = 1.0) -> None:
     """Waits until no dropped input iterator still draws random numbers: collects
     unreachable iterators (their threads stop; `collect`), then waits until NumPy's and

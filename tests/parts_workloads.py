@@ -33,12 +33,10 @@ def _fresh(seed: int):
     """A new model and pipeline, then `np.random.seed(seed)`, once the previous run's input
     iterators are gone: a persistent iterator prefetches on after `fit` returns, and its
     draws would land in this run's stream (a restarted process has no such neighbour)."""
-    import gc
-    import time
-
     import keras
     import tensorflow as tf
 
+    from disttrain import input_state
     from disttrain.distribute import strategy as make_strategy
 
     strategy = make_strategy()
@@ -59,8 +57,7 @@ def _fresh(seed: int):
              .map(lambda a, b: (tf.ensure_shape(tf.numpy_function(noise, [a], tf.float32), (6,)),
                                 b))
              .batch(GLOBAL_BATCH))
-    gc.collect()
-    time.sleep(0.5)
+    input_state.settle()
     np.random.seed(seed)
     return model, train
 
