@@ -8,6 +8,36 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 RENAME_CALLS = ("rewriteTo", "copyTo", "moveTo", "compose")
 
 
+CONTAINER_IMAGE = "localhost/disttrain:test-cpu"
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """Runs the container tests last and starts their image build now, in the background: the
+    build waits mostly on the network, so it overlaps the CPU-bound tests before them."""
+    container = [item for item in items if item.get_closest_marker("container")]
+    if not container or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in container] + container
+    from tests import podman
+
+    config.stash[_BUILD] = podman.BackgroundBuild(tf_extra="cpu", tag=CONTAINER_IMAGE)
+
+
+_BUILD = pytest.StashKey()
+
+
+@pytest.fixture(scope="session")
+def container_build(request):
+    """The background build of docker/Dockerfile started at collection (tests/podman.py)."""
+    build = request.config.stash.get(_BUILD, None)
+    assert build is not None, "only tests marked `container` get the image"
+    image = build.image(timeout=1800)
+    if build.skip_reason:
+        pytest.skip(build.skip_reason)
+    return build, image
+
+
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     """One real GCS emulator server for the session (see tests/gcs_emulator.py)."""

@@ -38,6 +38,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -239,6 +241,60 @@ class Podman:
             if pods.names:
                 self("rm", "--force", "--time", "5", *pods.names, check=False)
             self("network", "rm", "--force", network, check=False)
+
+
+class BackgroundBuild:
+    """Installs podman, makes the base image and builds docker/Dockerfile in a thread.
+
+    The container test's set-up is mostly waiting on the network (apt, the Debian mirror, the
+    package registries), so tests/conftest.py starts it when the session starts and runs the
+    container test last: the other tests run meanwhile on the CPU. `image()` waits for it.
+
+    Example:
+
+    ```
+    build = BackgroundBuild(tf_extra="cpu", tag="localhost/disttrain:test-cpu")
+    ...                                  # other work
+    image = build.image(timeout=1800)    # the tag; pytest.skip(build.skip_reason) if set
+    ```
+    """
+
+    def __init__(self, tf_extra: str, tag: str) -> None:
+        self.tf_extra, self.tag = tf_extra, tag
+        self.skip_reason: str | None = None
+        self.times: dict[str, float] = {}
+        self.engine: Podman | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="podman-build", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+
+        def phase(name: str) -> None:
+            self.times[name] = time.monotonic() - started - sum(self.times.values())
+
+        try:
+            self.skip_reason = install()
+            phase("install")
+            if self.skip_reason:
+                return
+            self.engine = Podman()
+            base = self.engine.base_image()
+            phase("base")
+            self.engine.build(base, tf_extra=self.tf_extra, tag=self.tag)
+            phase("build")
+        except BaseException as e:  # handed to the test that waits, not lost in the thread
+            self._error = e
+
+    def image(self, timeout: float) -> str:
+        """Waits for the build; returns the image's tag, or raises what the build raised."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"the image build took over {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self.tag
 
 
 @dataclasses.dataclass
