@@ -9,33 +9,46 @@ RENAME_CALLS = ("rewriteTo", "copyTo", "moveTo", "compose")
 
 
 CONTAINER_IMAGE = "localhost/disttrain:test-cpu"
+OLDER_PAIR_TEST = "tests/test_versions.py::test_an_older_pair_passes_on_real_clusters"
+_IMAGE = pytest.StashKey()
+_OLDER_PAIR = pytest.StashKey()
 
 
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected what will not run
 def pytest_collection_modifyitems(config, items):
-    """Runs the container tests last and starts their image build now, in the background: the
-    build waits mostly on the network, so it overlaps the CPU-bound tests before them."""
-    container = [item for item in items if item.get_closest_marker("container")]
-    if not container or config.option.collectonly:
+    """Starts the set-up that waits on the network in the background now (tests/background.py)
+    and runs the container tests last, so the image build overlaps the CPU-bound tests."""
+    if config.option.collectonly:
         return
-    items[:] = [item for item in items if item not in container] + container
-    from tests import podman
+    from tests.background import Background
 
-    config.stash[_BUILD] = podman.BackgroundBuild(tf_extra="cpu", tag=CONTAINER_IMAGE)
+    container = [item for item in items if item.get_closest_marker("container")]
+    if container:
+        items[:] = [item for item in items if item not in container] + container
+        from tests import podman
 
+        config.stash[_IMAGE] = Background(lambda: podman.prepare("cpu", CONTAINER_IMAGE))
+    if any(item.nodeid == OLDER_PAIR_TEST for item in items):
+        from tests import matrix
+        from tests.test_versions import OLDER_PAIR
 
-_BUILD = pytest.StashKey()
+        pair = next(p for p in matrix.PAIRS if p.name == OLDER_PAIR)
+        config.stash[_OLDER_PAIR] = Background(lambda: matrix.install(matrix.VENVS, pair))
 
 
 @pytest.fixture(scope="session")
-def container_build(request):
-    """The background build of docker/Dockerfile started at collection (tests/podman.py)."""
-    build = request.config.stash.get(_BUILD, None)
-    assert build is not None, "only tests marked `container` get the image"
-    image = build.image(timeout=1800)
-    if build.skip_reason:
-        pytest.skip(build.skip_reason)
-    return build, image
+def container_image(request):
+    """`tests.podman.Prepared`: the image built in the background since collection."""
+    prepared = request.config.stash[_IMAGE].result(timeout=1800)
+    if prepared.skip_reason:
+        pytest.skip(prepared.skip_reason)
+    return prepared
+
+
+@pytest.fixture(scope="session")
+def older_pair_venv(request):
+    """The older pair's venv (tests.matrix), installed in the background since collection."""
+    return request.config.stash[_OLDER_PAIR].result(timeout=900)
 
 
 @pytest.fixture(scope="session")

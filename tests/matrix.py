@@ -94,6 +94,8 @@ QUICK = ("tests/test_keras_compat.py::test_sequential_batchnorm_identical_on_eve
 """With `--quick` (CI): one real-cluster test per fix and the stop agreement."""
 
 _STAMP = "disttrain-matrix.json"
+VENVS = Path(tempfile.gettempdir()) / "disttrain-matrix"
+"""Where the venvs are kept unless `--venvs` says otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,7 @@ def install(venvs: Path, pair: Pair) -> Path:
     Raises:
         subprocess.CalledProcessError: a `venv` or `pip` command failed.
     """
+    venvs.mkdir(parents=True, exist_ok=True)
     venv = venv_path(venvs, pair)
     python = venv / "bin" / "python"
     stamp = venv / _STAMP
@@ -185,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m tests.matrix", description=__doc__.split(
         "\n")[0])
-    parser.add_argument("--venvs", type=Path, default=Path(tempfile.gettempdir()) /
-                        "disttrain-matrix", help="where the venvs are kept (default: %(default)s)")
+    parser.add_argument("--venvs", type=Path, default=VENVS, help="where the venvs are kept (default: %(default)s)")
     parser.add_argument("--pair", action="append", choices=[p.name for p in PAIRS],
                         help="run only this pair (repeatable; default: every pair)")
     parser.add_argument("--quick", action="store_true",

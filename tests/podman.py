@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -243,58 +242,34 @@ class Podman:
             self("network", "rm", "--force", network, check=False)
 
 
-class BackgroundBuild:
-    """Installs podman, makes the base image and builds docker/Dockerfile in a thread.
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare` made: the engine and image, or why podman cannot run here."""
 
-    The container test's set-up is mostly waiting on the network (apt, the Debian mirror, the
-    package registries), so tests/conftest.py starts it when the session starts and runs the
-    container test last: the other tests run meanwhile on the CPU. `image()` waits for it.
+    skip_reason: str | None
+    engine: "Podman | None" = None
+    image: str | None = None
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    Example:
 
-    ```
-    build = BackgroundBuild(tf_extra="cpu", tag="localhost/disttrain:test-cpu")
-    ...                                  # other work
-    image = build.image(timeout=1800)    # the tag; pytest.skip(build.skip_reason) if set
-    ```
-    """
+def prepare(tf_extra: str, tag: str) -> Prepared:
+    """Installs podman, makes the base image and builds docker/Dockerfile as `tag`, timing each
+    phase; tests/conftest.py runs it in the background from the session's start."""
+    started = time.monotonic()
+    prepared = Prepared(skip_reason=install())
 
-    def __init__(self, tf_extra: str, tag: str) -> None:
-        self.tf_extra, self.tag = tf_extra, tag
-        self.skip_reason: str | None = None
-        self.times: dict[str, float] = {}
-        self.engine: Podman | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="podman-build", daemon=True)
-        self._thread.start()
+    def phase(name: str) -> None:
+        prepared.times[name] = time.monotonic() - started - sum(prepared.times.values())
 
-    def _run(self) -> None:
-        started = time.monotonic()
-
-        def phase(name: str) -> None:
-            self.times[name] = time.monotonic() - started - sum(self.times.values())
-
-        try:
-            self.skip_reason = install()
-            phase("install")
-            if self.skip_reason:
-                return
-            self.engine = Podman()
-            base = self.engine.base_image()
-            phase("base")
-            self.engine.build(base, tf_extra=self.tf_extra, tag=self.tag)
-            phase("build")
-        except BaseException as e:  # handed to the test that waits, not lost in the thread
-            self._error = e
-
-    def image(self, timeout: float) -> str:
-        """Waits for the build; returns the image's tag, or raises what the build raised."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise AssertionError(f"the image build took over {timeout:.0f} s")
-        if self._error is not None:
-            raise self._error
-        return self.tag
+    phase("install")
+    if prepared.skip_reason:
+        return prepared
+    prepared.engine = Podman()
+    base = prepared.engine.base_image()
+    phase("base")
+    prepared.image = prepared.engine.build(base, tf_extra=tf_extra, tag=tag)
+    phase("build")
+    return prepared
 
 
 @dataclasses.dataclass

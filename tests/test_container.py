@@ -49,12 +49,12 @@ def _manifests(image: str) -> list[dict]:
 
 @pytest.mark.timeout(1800)
 def test_image_trains_the_demo_as_the_pods_of_the_generated_indexed_job(tmp_path,
-                                                                        container_build):
+                                                                        container_image):
     """Both pods exit 0; only index 0 writes (index 1's mount of the shared checkpoint volume
     is read-only: a write there would fail its run), and its best checkpoint loads in the
     image and scores the accuracy the chief reported for it."""
-    build, image = container_build
-    engine, times = build.engine, dict(build.times)
+    engine, image = container_image.engine, container_image.image
+    times = dict(container_image.times)
     started = time.monotonic()
 
     shared = tmp_path / "checkpoints"

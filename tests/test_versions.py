@@ -106,9 +106,10 @@ def test_a_target_fixed_upstream_switches_the_fix_off(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_an_older_pair_passes_on_real_clusters():
+def test_an_older_pair_passes_on_real_clusters(older_pair_venv):
     """`python -m tests.matrix` for the oldest supported Keras: its own venv (made
-    once, kept in the temp dir), the quick real-cluster subset."""
+    once, kept in the temp dir; tests/conftest.py installs it in the background from the
+    session's start), the quick real-cluster subset."""
     result = subprocess.run(
         [sys.executable, "-m", "tests.matrix", "--pair", OLDER_PAIR, "--quick"], cwd=REPO,
         capture_output=True, text=True, timeout=880)
