@@ -9,6 +9,7 @@ are noisy: compare ratios, not absolute times across runs.
     python -m benchmarks --quick    # about 4 minutes
     python -m benchmarks --smoke    # about 2.5 minutes: checks that it works (CI)
     python -m benchmarks --scale    # adds agreement at 2 to 16 local processes
+    python -m benchmarks --write-docs   # also puts the table into docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from benchmarks import (
     batchnorm,
     checkpoint,
     compression,
+    docs_page,
     early_stopping,
     evaluator,
     input_check,
@@ -113,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=list(SECTIONS), help="run only these sections")
     parser.add_argument("--scale", action="store_true",
                         help="also measure agreement at 2 to 16 local processes (section scale)")
+    parser.add_argument("--write-docs", nargs="?", const=docs_page.PAGE, type=Path,
+                        metavar="PAGE", help="also write the table and notes into the measured "
+                        "part of PAGE (default: %(const)s)")
     args = parser.parse_args(argv)
     if args.scale and "scale" not in args.only:
         args.only.append("scale")
@@ -125,11 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         section_rows, note = RUNNERS[name](settings)
         rows += section_rows
         notes += [note] if note else []
-    print(f"disttrain benchmarks ({settings.name}, {time.monotonic() - started:.0f} s): "
-          f"{machine()}\n")
-    print(table(rows))
+    seconds, machine_line, rendered = time.monotonic() - started, machine(), table(rows)
+    print(f"disttrain benchmarks ({settings.name}, {seconds:.0f} s): {machine_line}\n")
+    print(rendered)
     for note in notes:
         print(f"\n{note}")
+    if args.write_docs:
+        command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        docs_page.write(docs_page.render(command, seconds, machine_line, rendered, notes),
+                        args.write_docs)
+        print(f"[benchmarks] wrote the measured part of {args.write_docs}", file=sys.stderr)
     return 0
 
 

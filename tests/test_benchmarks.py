@@ -11,14 +11,17 @@ import sys
 
 import pytest
 
+from benchmarks import docs_page
 from disttrain.testing import worker_env
 from tests.processes import REPO_ROOT
 
 
 @pytest.mark.slow
-def test_smoke_run_prints_every_row():
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--scale"], check=False,
-                         cwd=REPO_ROOT,
+def test_smoke_run_prints_every_row_and_writes_the_docs_page(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(docs_page.PAGE.read_text())
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--scale",
+                          "--write-docs", str(page)], check=False, cwd=REPO_ROOT,
                          env=worker_env(), capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stderr[-5000:]
     out = run.stdout
@@ -39,6 +42,12 @@ def test_smoke_run_prints_every_row():
                 "scale, 2 workers: agreement per epoch"):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "Scaling model:" in out and "Agreement model:" in out
+    before, after = docs_page.PAGE.read_text(), page.read_text()
+    head, tail = before.split(docs_page.BEGIN)[0], before.split(docs_page.END)[1]
+    assert after.startswith(head + docs_page.BEGIN) and after.endswith(docs_page.END + tail)
+    written = after[len(head):-len(tail)]
+    assert "`python -m benchmarks --smoke --scale --write-docs" in written
+    assert out.split("\n\n", 1)[1].split("\n\n")[0] in written, "the printed table"
 
 
 def test_help_lists_the_sizes():
@@ -47,3 +56,11 @@ def test_help_lists_the_sizes():
                          env=worker_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "--quick" in run.stdout and "--smoke" in run.stdout
+
+
+def test_writing_docs_needs_the_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Benchmarks\n\nno markers here\n")
+    with pytest.raises(ValueError, match="no .* section to replace. Fix: put the two markers"):
+        docs_page.write("table", page)
+    assert page.read_text() == "# Benchmarks\n\nno markers here\n"
