@@ -202,7 +202,7 @@ def test_pipelines_that_capture_state_are_recognised():
     import tensorflow as tf
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
-    from disttrain.keras_compat.epoch_iterator import _captures_state
+    from disttrain.keras_compat.persistent_epoch_iterator import _captures_state
 
     level = tf.Variable(1.0)
     table = tf.lookup.StaticHashTable(

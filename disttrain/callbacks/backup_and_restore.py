@@ -20,7 +20,7 @@ from disttrain.errors import (
     Preempted,
     StorageError,
 )
-from disttrain.keras_compat import epoch_iterator
+from disttrain.keras_compat import persistent_epoch_iterator
 from disttrain.preemption import PreemptionWatch
 
 BACKUP_PREFIX = "backup-"
@@ -217,7 +217,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._save_due = False
             self._save_model(epoch=epoch, batches=0)
         if self._resuming:
-            epoch_iterator.skip_batches_of_next_epoch(self._resume_batches,
+            persistent_epoch_iterator.skip_batches_of_next_epoch(self._resume_batches,
                                                       passes=self._passes(epoch))
             if self._resume_batches:
                 self._last_batch_seen = self._resume_batches - 1
@@ -321,7 +321,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             print(f"disttrain: preempted (SIGTERM on {self._preempted_by}) on the last batch "
                   "of the last epoch: training finished", file=sys.stderr, flush=True)
         self._end_watch()
-        epoch_iterator.cancel()
+        persistent_epoch_iterator.cancel()
         input_state.end_fit()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)

@@ -28,25 +28,25 @@ from types import ModuleType
 
 from disttrain.errors import KerasCompatError
 from disttrain.keras_compat import (
-    batchnorm,
     detection,
-    epoch_iterator,
     input_check,
-    scalar_reduction,
+    multi_worker_cpu_without_xla,
+    multi_worker_steps_per_execution,
+    persistent_epoch_iterator,
+    scalar_metric_reduction,
     stop_agreement,
-    steps_per_execution,
-    symbolic_build,
+    symbolic_build_local_batch,
+    synced_batchnorm_statistics,
     versions,
-    xla_on_cpu,
 )
-from disttrain.keras_compat.batchnorm import sync_batchnorm_statistics
+from disttrain.keras_compat.synced_batchnorm_statistics import sync_batchnorm_statistics
 
 __all__ = ["ENV_DISABLE", "apply", "applied", "sync_batchnorm_statistics"]
 
 ENV_DISABLE = "DISTTRAIN_KERAS_COMPAT"
 
-_FIXES = (symbolic_build, scalar_reduction, steps_per_execution, xla_on_cpu, epoch_iterator,
-          batchnorm)
+_FIXES = (symbolic_build_local_batch, scalar_metric_reduction, multi_worker_steps_per_execution,
+          multi_worker_cpu_without_xla, persistent_epoch_iterator, synced_batchnorm_statistics)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()

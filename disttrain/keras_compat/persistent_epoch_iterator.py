@@ -13,9 +13,9 @@ See `docs/keras_compat.md#persistent_epoch_iterator` and
 Example:
 
 ```python
-from disttrain.keras_compat import epoch_iterator
+from disttrain.keras_compat import persistent_epoch_iterator
 
-epoch_iterator.skip_batches_of_next_epoch(120)   # in a callback's on_epoch_begin
+persistent_epoch_iterator.skip_batches_of_next_epoch(120)   # in a callback's on_epoch_begin
 ```
 """
 
