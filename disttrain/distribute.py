@@ -27,6 +27,7 @@ require_tensorflow("disttrain.strategy()")
 
 from disttrain import coordination, keras_compat, liveness, step_timing  # noqa: E402
 from disttrain.keras_compat import gradient_compression as gradient_compression_module  # noqa: E402
+from disttrain.keras_compat import step_timing_recorder  # noqa: E402
 
 IMPLEMENTATIONS = ("auto", "ring", "nccl")
 
@@ -130,7 +131,7 @@ def strategy(
             keras.config.disable_interactive_logging()
         timing_file = os.environ.get(step_timing.ENV_TIMING_FILE)
         if timing_file and not cluster.is_evaluator:
-            step_timing.install(timing_file)
+            step_timing_recorder.install(timing_file)
         _created = (key, created)
         if cluster.is_evaluator:
             return created
