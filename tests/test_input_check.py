@@ -76,7 +76,6 @@ def test_each_check_is_skipped_alone(skipped):
         [warning] = chief["preflight"]
         assert "not divisible by the 2 replicas" in warning
         assert chief["input_mismatch"] is None and other["input_mismatch"] is None
-        assert all(r["steps"] > 0 for r in run.results)
     else:
         assert chief["preflight"] == []
         for result in (chief, other):
