@@ -26,14 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("launch",),
 )
 """Units (a subpackage, a top-level module, or `launch` whole), bottom layer first."""
-EXCEPTIONS = {
-    ("disttrain.testing", "launch.tf_config"):
-        "run_cluster builds each task's TF_CONFIG with launch's builder; to go once "
-        "disttrain.cluster builds TF_CONFIG and launch/tf_config.py calls it",
-    ("disttrain.testing", "launch.local"):
-        "run_cluster relaunches on the port-clash pattern launch.local defines "
-        "(PORT_CLASH); to go with the builder above",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 """Imports against the layers that stay for now: (importer, imported) → why."""
 
 
