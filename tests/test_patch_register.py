@@ -58,3 +58,32 @@ def test_the_architecture_page_lists_every_patch(installed):
     assert match.group(1) == installed["table"], (
         "docs/architecture.md's patch table differs from keras_compat.patches(); paste:\n"
         + installed["table"])
+
+
+def test_wrap_refuses_a_second_wrap_and_chain_finds_a_bypass():
+    """On a class of its own (no TensorFlow): one wrap per module, the last wrap runs
+    first, and a replacement made outside the register breaks the chain loudly."""
+    from disttrain.keras_compat import _patch
+
+    class Owner:
+        def hook(self) -> list[str]:
+            return ["original"]
+
+    def layer(name: str):
+        def make(original):
+            def wrapper(self) -> list[str]:
+                return [name, *original(self)]
+
+            return wrapper
+
+        return make
+
+    first = _patch.wrap(Owner, "hook", layer("a"), by="test_a")
+    assert _patch.wrap(Owner, "hook", layer("again"), by="test_a") is first
+    _patch.wrap(Owner, "hook", layer("b"), by="test_b")
+    assert Owner().hook() == ["b", "a", "original"]
+    assert _patch.chain(Owner, "hook") == ["test_b", "test_a"]
+    assert _patch.installed("test_a") and not _patch.installed("test_c")
+    Owner.hook = layer("outside")(Owner.hook)
+    with pytest.raises(LookupError, match="replaced outside the register"):
+        _patch.chain(Owner, "hook")
