@@ -1,7 +1,8 @@
 """The cluster this process belongs to, parsed and validated from `TF_CONFIG`.
 
-This is the one place that knows the TF_CONFIG schema. It imports nothing heavy
-(no TensorFlow), so launchers can use it and start in milliseconds.
+This is the one place that knows the TF_CONFIG schema: it parses and validates
+TF_CONFIG, and builds it for launchers and tests (`build_tf_config`). It imports
+nothing heavy (no TensorFlow), so launchers can use it and start in milliseconds.
 
 TF_CONFIG looks like:
 
@@ -35,7 +36,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from disttrain.errors import ClusterConfigError
@@ -98,6 +99,53 @@ def new_run_id() -> str:
     """A fresh run id, `<yyyymmdd-hhmmss>-<6 hex>` in UTC, e.g. `20260101-120000-3fa2c1`."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+# How a task reports that its TF_CONFIG port was taken between a launcher's check and
+# its own bind. TensorFlow 2.21 logs (at any TF_CPP_MIN_LOG_LEVEL below 3)
+#   add_port.cc: Failed to add port to server: No address added out of total 1
+#   resolved for '0.0.0.0:PORT'
+# and always raises "UnknownError: Could not start gRPC server". Older gRPC
+# builds log the OS error ("Address already in use", errno 98); grpcio raises
+# "Failed to bind to address".
+PORT_CLASH = re.compile(
+    r"address already in use|EADDRINUSE|Failed to add port to server|"
+    r"No address added out of total|Could not start gRPC server|Failed to bind to address",
+    re.IGNORECASE,
+)
+
+
+def build_tf_config(
+    workers: Sequence[str],
+    task_type: str,
+    task_index: int,
+    chief: str | None = None,
+) -> dict[str, Any]:
+    """Returns the TF_CONFIG dict for one task, validated as `Cluster` parses it.
+
+    Args:
+        workers: `host:port` of each `worker` task.
+        task_type: `"chief"`, `"worker"` or `"evaluator"`.
+        task_index: index within `task_type`.
+        chief: `host:port` of a separate chief task, if any.
+
+    Raises:
+        ClusterConfigError: the result is not a valid TF_CONFIG (a bad address, an
+            index out of range...), naming the field and the fix.
+
+    Example:
+
+    >>> build_tf_config(["127.0.0.1:2001", "127.0.0.1:2002"], "worker", 1)
+    {'cluster': {'worker': ['127.0.0.1:2001', '127.0.0.1:2002']}, 'task': {'type': 'worker', 'index': 1}}
+    """
+    cluster: dict[str, list[str]] = {}
+    if chief is not None:
+        cluster["chief"] = [chief]
+    if workers:
+        cluster["worker"] = list(workers)
+    config = {"cluster": cluster, "task": {"type": task_type, "index": task_index}}
+    Cluster.from_tf_config(config)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,8 @@ from disttrain.errors import StrategyError
 require_tensorflow("disttrain.strategy()")
 
 from disttrain import coordination, keras_compat, liveness, step_timing  # noqa: E402
-from disttrain import gradient_compression as gradient_compression_module  # noqa: E402
+from disttrain.keras_compat import gradient_compression as gradient_compression_module  # noqa: E402
+from disttrain.keras_compat import step_timing_recorder  # noqa: E402
 
 IMPLEMENTATIONS = ("auto", "ring", "nccl")
 
@@ -61,7 +62,7 @@ def strategy(
             False keeps Keras's output on every worker. Read on the first call.
         gradient_compression: "none" (default), "bf16" or "fp16": all-reduce the
             float32 gradients in 16 bits, halving the bytes each step sends
-            (`disttrain.gradient_compression`). It changes the results (the sum
+            (`disttrain.keras_compat.gradient_compression`). It changes the results (the sum
             is rounded to 16 bits), so it is off unless asked for; it pays when
             the gradient all-reduce dominates the step (large models, many
             workers, slow networks).
@@ -130,7 +131,7 @@ def strategy(
             keras.config.disable_interactive_logging()
         timing_file = os.environ.get(step_timing.ENV_TIMING_FILE)
         if timing_file and not cluster.is_evaluator:
-            step_timing.install(timing_file)
+            step_timing_recorder.install(timing_file)
         _created = (key, created)
         if cluster.is_evaluator:
             return created

@@ -69,7 +69,7 @@ def capture() -> dict[str, Any]:
 
 def _global_generator():
     """TensorFlow's global `tf.random.Generator` if one was made, else None."""
-    from tensorflow.python.ops import stateful_random_ops
+    from tensorflow.python.ops import stateful_random_ops  # private: tensorflow.python
 
     return getattr(stateful_random_ops, "global_generator", None)
 

@@ -56,20 +56,20 @@ IN_TENSORFLOW = "tensorflow"
 IN_EXCHANGE = "exchange"
 ELSEWHERE = "elsewhere"
 _TF_FRAMES = os.sep + os.path.join("tensorflow", "python") + os.sep
-_EXCHANGE_CODE = Coordinator._wait_for.__code__
 
 
-def where(frame) -> tuple[str, str]:
-    """Classifies a thread by its innermost frame: (state, "file:line in function")."""
+def where(frame, in_exchange: bool = False) -> tuple[str, str]:
+    """Classifies a thread by its innermost frame: (state, "file:line in function").
+
+    Args:
+        frame: the thread's innermost frame.
+        in_exchange: whether the thread waits for a peer in a disttrain exchange
+            (`Coordinator.is_waiting`); counts where the frame is not TensorFlow's.
+    """
     place = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
     if _TF_FRAMES in frame.f_code.co_filename:
         return IN_TENSORFLOW, place
-    probe = frame
-    while probe is not None:
-        if probe.f_code is _EXCHANGE_CODE:
-            return IN_EXCHANGE, place
-        probe = probe.f_back
-    return ELSEWHERE, place
+    return (IN_EXCHANGE if in_exchange else ELSEWHERE), place
 
 
 class StallWatch:
@@ -118,7 +118,7 @@ class StallWatch:
         if frame is None:
             return
         now = time.monotonic()
-        state, place = where(frame)
+        state, place = where(frame, self._coord.is_waiting(self._main))
         if self._state is None or state != self._state[0]:
             self._since = now
         self._state = (state, place)
@@ -180,8 +180,8 @@ class StallWatch:
                    for rank, s in enumerate(statuses) if rank != self._coord.rank)
 
     def _abort(self, stuck: list[tuple[int, dict]], waited: float) -> None:
-        from tensorflow.python.eager import context
-        from tensorflow.python.framework import errors
+        from tensorflow.python.eager import context  # private: tensorflow.python
+        from tensorflow.python.framework import errors  # private: tensorflow.python
 
         label = self._coord.cluster.label_of_rank
         names = "; ".join(f"{label(rank)} has been at {s['where']} for {s['for']:.0f}s"

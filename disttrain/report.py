@@ -33,12 +33,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from disttrain import storage
+from disttrain import run_files, storage
 from disttrain.errors import MissingDependencyError, StorageError
 
-CSV_NAME = "history.csv"
-TIMES_NAME = "history.json"
-FIGURE_NAME = "history.png"
 INSTALL_FIX = 'pip install "disttrain[report]" (matplotlib)'
 
 _MAX_IS_BETTER = ("acc", "auc", "precision", "recall", "f1")
@@ -99,7 +96,7 @@ def read_run(directory: str) -> Run:
     Raises:
         StorageError: the directory has no `history.csv`, or it cannot be read.
     """
-    csv_url = storage.join(directory, CSV_NAME)
+    csv_url = storage.join(directory, run_files.HISTORY_CSV)
     if not storage.exists(csv_url):
         raise StorageError(
             f"{csv_url} does not exist: no epoch of this run has ended yet, or {directory!r} "
@@ -109,7 +106,7 @@ def read_run(directory: str) -> Run:
     epochs = [int(row.pop("epoch")) + 1 for row in rows]
     names = list(rows[0]) if rows else []
     columns = {name: [_number(row.get(name)) for row in rows] for name in names}
-    times = storage.read_json(storage.join(directory, TIMES_NAME)) or {}
+    times = storage.read_json(storage.join(directory, run_files.HISTORY_TIMES)) or {}
     monitor = times.get("monitor")
     if monitor not in columns:
         monitor = next((m for m in ("val_loss", "loss") if m in columns), None)
@@ -195,7 +192,7 @@ def write_figure(run: Run, url: str | None = None) -> str | None:
     Raises:
         StorageError: the figure cannot be written.
     """
-    url = url or storage.join(run.directory, FIGURE_NAME)
+    url = url or storage.join(run.directory, run_files.HISTORY_FIGURE)
     try:
         png = draw(run)
     except MissingDependencyError:

@@ -33,16 +33,12 @@ from disttrain._tf import require_tensorflow
 require_tensorflow("disttrain.SidecarEvaluator")
 
 import keras  # noqa: E402 (after the check)
-from keras.src import ops  # noqa: E402
+from keras import ops  # noqa: E402
 
-from disttrain import storage  # noqa: E402
-from disttrain.callbacks.model_checkpoint import MANIFEST  # noqa: E402
+from disttrain import run_files, storage  # noqa: E402
 from disttrain.cluster import Cluster  # noqa: E402
 from disttrain.errors import CallbackConfigError, CoordinationError, StorageError  # noqa: E402
 
-CSV_NAME = "evaluation.csv"
-EXPORT_MANIFEST = "best.json"
-TENSORBOARD_RUN = "eval"
 _FIXED_COLUMNS = ("epoch", "batch", "path")
 _RUN_ID_FIX = "only {run_id} may appear in a directory"
 # What loading a checkpoint into a model raises for a missing, corrupt or mismatched file.
@@ -204,7 +200,7 @@ class SidecarEvaluator:
         self.log_dir: str = expanded["log_dir"] or _parent(self.checkpoint_dir)
         self.tensorboard_dir: str | None = expanded["tensorboard_dir"]
         self.export_dir: str | None = expanded["export_dir"]
-        self.csv_path = storage.join(self.log_dir, CSV_NAME)
+        self.csv_path = storage.join(self.log_dir, run_files.EVALUATION_CSV)
         self.evaluations: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self._columns: list[str] | None = None
@@ -216,7 +212,7 @@ class SidecarEvaluator:
     @property
     def manifest_url(self) -> str:
         """The commit record of the checkpoint directory, the only thing trusted."""
-        return storage.join(self.checkpoint_dir, MANIFEST)
+        return storage.join(self.checkpoint_dir, run_files.BEST_CHECKPOINT)
 
     def start(self) -> list[dict[str, Any]]:
         """Runs the evaluation loop until training has finished (or `max_evaluations`).
@@ -358,7 +354,7 @@ class SidecarEvaluator:
         if self._exporter is None:
             self._exporter = storage.CheckpointManager(
                 self.export_dir, self.run_id or "sidecar", max_to_keep=1, keep_best=True,
-                mode=self._resolved_mode(), index_name=EXPORT_MANIFEST,
+                mode=self._resolved_mode(), index_name=run_files.BEST_CHECKPOINT,
                 owner="SidecarEvaluator")
             self._exporter.open()
         value = row[self.monitor]
@@ -379,7 +375,7 @@ class SidecarEvaluator:
         probe = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=self.mode)
         probe.set_model(self.model)
         try:
-            probe._set_monitor_op()
+            probe._set_monitor_op()  # private: keras MonitorCallback
         except ValueError:
             raise CallbackConfigError(
                 f"SidecarEvaluator(monitor={self.monitor!r}, mode='auto'): Keras cannot tell "
@@ -429,7 +425,7 @@ class SidecarEvaluator:
 
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(
-                storage.join(self.tensorboard_dir, TENSORBOARD_RUN))
+                storage.join(self.tensorboard_dir, run_files.EVALUATION_TENSORBOARD_RUN))
         with self._writer.as_default():
             for name, value in metrics.items():
                 tf.summary.scalar(f"epoch_{name}", float(value), step=max(0, row["epoch"] - 1))

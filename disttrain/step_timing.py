@@ -14,18 +14,16 @@ pipeline read inside the step) makes every worker's step longer alike: these
 numbers show the step grew but cannot name who caused it.
 
 The launcher sets `DISTTRAIN_TIMING_FILE` per task; `disttrain.strategy()` then
-calls `install`, which wraps Keras's `CallbackList` hooks and rewrites that
-local JSON file at every epoch end. Nothing is recorded without the variable.
-Importing this module imports neither TensorFlow nor Keras.
+installs `disttrain.keras_compat.step_timing_recorder`, which wraps Keras's
+`CallbackList` hooks and rewrites that local JSON file at every epoch end.
+Nothing is recorded without the variable. This module reads the files; importing
+it imports neither TensorFlow nor Keras.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,95 +36,6 @@ STRAGGLER_MIN_S = 0.005
 """...and its median outside time exceeds every other worker's by at least this much,"""
 STRAGGLER_MIN_FRACTION = 0.1
 """...and by at least this fraction of the median step cycle (step + outside)."""
-
-_lock = threading.Lock()
-_installed = False
-
-
-class _Recorder:
-    def __init__(self, path: str):
-        self.path = path
-        self.epochs: list[dict[str, Any]] = []
-        self._epoch_started = 0.0
-        self._step_started: float | None = None
-        self._step_ended: float | None = None
-        self._steps: list[float] = []
-        self._outside: list[float] = []
-
-    def epoch_begins(self) -> None:
-        self._epoch_started = time.monotonic()
-        self._step_started = self._step_ended = None
-        self._steps, self._outside = [], []
-
-    def step_begins(self) -> None:
-        now = time.monotonic()
-        if self._step_ended is not None:
-            self._outside.append(now - self._step_ended)
-        self._step_started = now
-
-    def step_ends(self) -> None:
-        now = time.monotonic()
-        if self._step_started is not None:
-            self._steps.append(now - self._step_started)
-        self._step_ended = now
-
-    def epoch_ends(self, epoch: int) -> None:
-        if not self._steps:
-            return
-        self.epochs.append({
-            "epoch": epoch + 1, "seconds": round(time.monotonic() - self._epoch_started, 4),
-            "steps": len(self._steps), "step_s": round(statistics.median(self._steps), 6),
-            "outside_s": round(statistics.median(self._outside), 6) if self._outside else 0.0,
-        })
-        from disttrain import storage
-
-        storage.write_json(self.path, {"epochs": self.epochs})
-
-
-def install(path: str) -> None:
-    """Records this process's training steps into `path` (once per process).
-
-    Example:
-
-    ```python
-    step_timing.install(os.environ[step_timing.ENV_TIMING_FILE])
-    ```
-    """
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        from keras.src.callbacks.callback_list import CallbackList
-
-        recorder = _Recorder(path)
-        CallbackList.on_epoch_begin = _before(CallbackList.on_epoch_begin,
-                                              lambda *_: recorder.epoch_begins())
-        CallbackList.on_train_batch_begin = _after(CallbackList.on_train_batch_begin,
-                                                   lambda *_: recorder.step_begins())
-        CallbackList.on_train_batch_end = _before(CallbackList.on_train_batch_end,
-                                                  lambda *_: recorder.step_ends())
-        CallbackList.on_epoch_end = _after(CallbackList.on_epoch_end,
-                                           lambda epoch, *_: recorder.epoch_ends(epoch))
-        _installed = True
-
-
-def _before(method, hook):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        hook(*args)
-        return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _after(method, hook):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        result = method(self, *args, **kwargs)
-        hook(*args)
-        return result
-
-    return wrapper
 
 
 def read(path: str) -> list[dict[str, Any]]:

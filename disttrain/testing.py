@@ -1,7 +1,7 @@
 """Run code on N real local workers, for tests of multi-worker training code.
 
 `run_cluster` starts a fresh cluster of worker processes on 127.0.0.1 (free
-ports, one TF_CONFIG each, built by `launch.tf_config`), runs a function or a
+ports, one TF_CONFIG each, built by `disttrain.cluster.build_tf_config`), runs a function or a
 command in every one, and returns each worker's exit code, output and result.
 A cluster that does not finish within `timeout` is killed, every process of
 it by its process group, so no worker (and no child of a worker) outlives the
@@ -63,9 +63,8 @@ from typing import Any
 
 import portpicker
 
+from disttrain.cluster import PORT_CLASH, Cluster, build_tf_config
 from disttrain.errors import DisttrainError
-from launch import tf_config
-from launch.local import PORT_CLASH
 
 ENV_RESULT = "DISTTRAIN_TEST_RESULT"
 """Environment variable naming the file where a function worker writes its result."""
@@ -274,35 +273,36 @@ def _run_once(command, num_workers, env, per_worker_env, chief, timeout, cwd,
               wrap) -> ClusterRun:
     count = num_workers + (1 if chief else 0)
     ports = [portpicker.pick_unused_port() for _ in range(count)]
-    addresses = tf_config.local_addresses(ports)
-    specs = tf_config.cluster_specs(addresses[1:] if chief else addresses,
-                                    chief=addresses[0] if chief else None)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    workers, chief_address = (addresses[1:], addresses[0]) if chief else (addresses, None)
+    configs = ([build_tf_config(workers, "chief", 0, chief_address)] if chief else []) + [
+        build_tf_config(workers, "worker", i, chief_address) for i in range(len(workers))]
     with tempfile.TemporaryDirectory(prefix="disttrain-cluster-") as tmp:
         procs = []
         started = time.monotonic()
         try:
-            for rank, spec in enumerate(specs):
+            for rank, config in enumerate(configs):
                 out = open(Path(tmp, f"{rank}.out"), "w+")
                 err = open(Path(tmp, f"{rank}.err"), "w+")
-                extra = {"TF_CONFIG": spec.to_json(), ENV_RESULT: str(Path(tmp, f"{rank}.json"))}
+                extra = {"TF_CONFIG": json.dumps(config), ENV_RESULT: str(Path(tmp, f"{rank}.json"))}
                 extra.update(env or {})
                 extra.update(per_worker_env(rank) if per_worker_env else {})
                 proc = subprocess.Popen(
                     wrap(rank, command) if wrap else command, env=worker_env(extra), stdout=out,
                     stderr=err, cwd=cwd, start_new_session=True,
                 )
-                procs.append((spec, proc, out, err))
+                procs.append((Cluster.from_tf_config(config).label, proc, out, err))
             ended, timed_out = _wait_all([p for _, p, _, _ in procs], started + timeout)
         finally:
             for _, proc, _, _ in procs:
                 kill_group(proc)
         workers = []
-        for rank, (spec, proc, out, err) in enumerate(procs):
+        for rank, (label, proc, out, err) in enumerate(procs):
             out.seek(0)
             err.seek(0)
             result_path = Path(tmp, f"{rank}.json")
             result = json.loads(result_path.read_text()) if result_path.exists() else None
-            workers.append(WorkerResult(spec.label, proc.returncode, out.read(), err.read(),
+            workers.append(WorkerResult(label, proc.returncode, out.read(), err.read(),
                                         result, ended.get(rank, time.monotonic()) - started))
             out.close()
             err.close()

@@ -78,7 +78,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, Cluster, parse_address, validate_run_id
+from disttrain.cluster import (
+    ENV_RUN_ID,
+    ENV_TF_CONFIG,
+    Cluster,
+    build_tf_config,
+    parse_address,
+    validate_run_id,
+)
 from disttrain.errors import (
     EXIT_CANNOT_EXECUTE,
     EXIT_COMMAND_NOT_FOUND,
@@ -162,7 +169,7 @@ def tf_config_from_env(environ: Mapping[str, str]) -> dict:
     addresses = tf_config.indexed_job_addresses(job, service, num_workers, port, namespace)
     task_type = environ.get(ENV_TASK_TYPE, "").strip() or "worker"
     if task_type == "evaluator":
-        return tf_config.build(addresses, "evaluator", 0)
+        return build_tf_config(addresses, "evaluator", 0)
     if task_type != "worker":
         raise ClusterConfigError(
             f"{ENV_TASK_TYPE}={task_type!r} is not a task type of these pods. Fix: leave it "
@@ -176,7 +183,7 @@ def tf_config_from_env(environ: Mapping[str, str]) -> dict:
             f"{index} say this pod is '{job}-{index}'. Fix: set {ENV_JOB_NAME} to the name of "
             "the Indexed Job that runs this pod."
         )
-    return tf_config.build(addresses, "worker", index)
+    return build_tf_config(addresses, "worker", index)
 
 
 def run_id_from_env(environ: Mapping[str, str]) -> str:

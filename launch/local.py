@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shlex
 import shutil
 import sys
@@ -31,6 +30,7 @@ from disttrain.cluster import (
     ENV_RESULT_FILE,
     ENV_RUN_ID,
     ENV_TF_CONFIG,
+    PORT_CLASH,
     new_run_id,
     parse_address,
     validate_run_id,
@@ -45,18 +45,6 @@ from launch.tf_config import TaskSpec, cluster_specs, local_addresses
 DEFAULT_COMMAND = (sys.executable, "-m", "disttrain.demo")
 MAX_PORT_CLASH_RELAUNCHES = 3
 
-# How a task reports that its port was taken between portpicker's check and its
-# own bind. TensorFlow 2.21 logs (at any TF_CPP_MIN_LOG_LEVEL below 3)
-#   add_port.cc: Failed to add port to server: No address added out of total 1
-#   resolved for '0.0.0.0:PORT'
-# and always raises "UnknownError: Could not start gRPC server". Older gRPC
-# builds log the OS error ("Address already in use", errno 98); grpcio raises
-# "Failed to bind to address".
-PORT_CLASH = re.compile(
-    r"address already in use|EADDRINUSE|Failed to add port to server|"
-    r"No address added out of total|Could not start gRPC server|Failed to bind to address",
-    re.IGNORECASE,
-)
 
 # Set for every worker unless the user's environment already sets them.
 DEFAULT_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONFAULTHANDLER": "1"}

@@ -1,8 +1,8 @@
-"""Builds TF_CONFIG for a set of tasks; used by every launcher and the pod entrypoint.
+"""The tasks of a cluster and their TF_CONFIG; used by every launcher and the pod entrypoint.
 
-What it builds is checked with `disttrain.cluster.Cluster`, the one parser of
-the schema, so a launcher can never hand a worker a TF_CONFIG that
-disttrain itself would reject.
+Each TF_CONFIG is built by `disttrain.cluster.build_tf_config`, the one place that
+knows the schema, and checked by `disttrain.cluster.Cluster`, so a launcher can
+never hand a worker a TF_CONFIG that disttrain itself would reject.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from disttrain.cluster import Cluster, parse_address
+from disttrain.cluster import Cluster, build_tf_config, parse_address
 from disttrain.errors import ClusterConfigError
 
 
@@ -36,47 +36,17 @@ class TaskSpec:
         return json.dumps(self.tf_config, separators=(",", ":"))
 
 
-def build(
-    workers: Sequence[str],
-    task_type: str,
-    task_index: int,
-    chief: str | None = None,
-) -> dict[str, Any]:
-    """Returns the TF_CONFIG dict for one task, validated.
-
-    Args:
-        workers: `host:port` of each `worker` task.
-        task_type: `"chief"`, `"worker"` or `"evaluator"`.
-        task_index: index within `task_type`.
-        chief: `host:port` of a separate chief task, if any.
-
-    Example:
-
-    >>> build(["127.0.0.1:2001", "127.0.0.1:2002"], "worker", 1)
-    {'cluster': {'worker': ['127.0.0.1:2001', '127.0.0.1:2002']}, 'task': {'type': 'worker', 'index': 1}}
-    """
-    cluster: dict[str, list[str]] = {}
-    if chief is not None:
-        cluster["chief"] = [chief]
-    cluster["worker"] = list(workers)
-    if not workers:
-        del cluster["worker"]
-    config = {"cluster": cluster, "task": {"type": task_type, "index": task_index}}
-    Cluster.from_tf_config(config)
-    return config
-
-
 def cluster_specs(
     workers: Sequence[str], chief: str | None = None, evaluator: bool = False
 ) -> list[TaskSpec]:
     """TaskSpecs for every task of a cluster: chief first, then workers, then evaluator."""
     specs: list[TaskSpec] = []
     if chief is not None:
-        specs.append(TaskSpec("chief", 0, build(workers, "chief", 0, chief)))
+        specs.append(TaskSpec("chief", 0, build_tf_config(workers, "chief", 0, chief)))
     for i in range(len(workers)):
-        specs.append(TaskSpec("worker", i, build(workers, "worker", i, chief)))
+        specs.append(TaskSpec("worker", i, build_tf_config(workers, "worker", i, chief)))
     if evaluator:
-        specs.append(TaskSpec("evaluator", 0, build(workers, "evaluator", 0, chief)))
+        specs.append(TaskSpec("evaluator", 0, build_tf_config(workers, "evaluator", 0, chief)))
     return specs
 
 

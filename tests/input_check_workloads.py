@@ -55,21 +55,23 @@ def dataset(kind: str, rank: int, num_workers: int):
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def run(kind: str, call: str = "fit", skip_check: bool = False) -> dict:
+def run(kind: str, call: str = "fit", skip: tuple[str, ...] = ()) -> dict:
     """`call` with the input of `kind` (see `dataset`): `"fit"` trains on it,
     `"validation"` trains on the seeded input and validates on it, `"evaluate"` and
-    `"predict"` run on it, `"all"` does each of these in turn. Prints `STEP_MARK`
-    before every training step. With `skip_check`, the check is left out through
-    `keras_compat.apply(skip=...)`.
+    `"predict"` run on it, `"all"` does each of these in turn; `"checks"` fits one
+    epoch of the seeded input in batches of 3 (the preflight warns: not divisible by
+    2 replicas), then one of `kind`. Prints `STEP_MARK` before every training step.
+    `skip` goes to `keras_compat.apply(skip=...)`.
 
-    Returns each call's history or result, and the training steps run."""
+    Returns each call's history or result (for `"checks"`: the `PreflightWarning`s
+    seen and the `InputMismatchError`'s message or None), and the training steps run."""
     import keras
 
     from disttrain import coordination, keras_compat
     from disttrain.distribute import strategy as make_strategy
 
-    if skip_check:
-        keras_compat.apply(skip=("input_check",))
+    if skip:
+        keras_compat.apply(skip=tuple(skip))
     strategy = make_strategy()
     coord = coordination.get()
     with strategy.scope():
@@ -98,7 +100,31 @@ def run(kind: str, call: str = "fit", skip_check: bool = False) -> dict:
                                              epochs=2, verbose=0, callbacks=[MarkSteps()]).history
         elif name == "evaluate":
             result["evaluate"] = model.evaluate(data(kind), verbose=0, return_dict=True)
-        else:
+        elif name == "predict":
             result["predict"] = model.predict(data(kind), verbose=0).tolist()
+        else:
+            result["checks"] = _checks(model, data(kind))
     result["steps"] = steps[0]
     return result
+
+
+def _checks(model, unseeded) -> dict:
+    import warnings
+
+    import tensorflow as tf
+
+    from disttrain.errors import InputMismatchError, PreflightWarning
+
+    x, y = _data()
+    indivisible = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(SAMPLES, seed=7).batch(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(indivisible, epochs=1, verbose=0)
+    mismatch = None
+    try:
+        model.fit(unseeded, epochs=1, verbose=0)
+    except InputMismatchError as e:
+        mismatch = str(e)
+    return {"preflight": [str(w.message) for w in caught
+                          if issubclass(w.category, PreflightWarning)],
+            "input_mismatch": mismatch}

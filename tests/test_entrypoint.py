@@ -27,6 +27,7 @@ from typing import Any
 import portpicker
 import pytest
 
+from disttrain.cluster import build_tf_config
 from disttrain.errors import ClusterConfigError
 from launch import entrypoint, k8s, tf_config
 from tests import k8s_pods
@@ -130,7 +131,7 @@ def test_missing_command_exits_127(monkeypatch, capsys):
 
 def test_own_port_taken_exits_2(monkeypatch, capsys):
     ports = [portpicker.pick_unused_port() for _ in range(2)]
-    config = tf_config.build(tf_config.local_addresses(ports), "worker", 0)
+    config = build_tf_config(tf_config.local_addresses(ports), "worker", 0)
     monkeypatch.setenv("TF_CONFIG", json.dumps(config))
     monkeypatch.setenv("DISTTRAIN_RUN_ID", "run-1")
     with socket.create_server(("127.0.0.1", ports[0])):
@@ -198,7 +199,7 @@ def test_exec_replaces_the_entrypoint_so_signals_reach_the_command(tmp_path):
             time.sleep(0.05)
         pid, tf_config_json = (tmp_path / "out").read_text().split()
         assert int(pid) == proc.pid, "the command must replace the entrypoint, not run under it"
-        assert json.loads(tf_config_json) == tf_config.build(["mnist-0.mnist:2222"], "worker", 0)
+        assert json.loads(tf_config_json) == build_tf_config(["mnist-0.mnist:2222"], "worker", 0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == -signal.SIGTERM
     finally:
@@ -232,7 +233,7 @@ def test_given_tf_config_is_used_as_is_and_a_late_peer_is_awaited(tmp_path):
 @pytest.mark.timeout(60)
 def test_a_peer_that_never_listens_times_out_naming_it(tmp_path):
     ports = [portpicker.pick_unused_port() for _ in range(2)]
-    config = tf_config.build(tf_config.local_addresses(ports), "worker", 0)
+    config = build_tf_config(tf_config.local_addresses(ports), "worker", 0)
     proc = _entrypoint(["--peer-timeout", "2", "--", "python", "-c", "print('ran')"],
                        _loopback_env(json.dumps(config)), tmp_path / "log")
     (output,) = _wait([proc], [tmp_path / "log"], timeout=30)
@@ -247,8 +248,8 @@ def test_a_pod_of_another_cluster_on_a_peer_address_does_not_count(tmp_path):
     """A stale DNS record or a leftover pod of an older job answers on a peer's address: the
     entrypoint there belongs to another TF_CONFIG, so it is not taken for the peer."""
     p0, p1, other = (portpicker.pick_unused_port() for _ in range(3))
-    ours = tf_config.build(tf_config.local_addresses([p0, p1]), "worker", 0)
-    theirs = tf_config.build(tf_config.local_addresses([other, p1]), "worker", 1)
+    ours = build_tf_config(tf_config.local_addresses([p0, p1]), "worker", 0)
+    theirs = build_tf_config(tf_config.local_addresses([other, p1]), "worker", 1)
     args = ["--peer-timeout", "3", "--", "python", "-c", "print('ran')"]
     logs = [tmp_path / "ours.log", tmp_path / "theirs.log"]
     procs = [_entrypoint(args, _loopback_env(json.dumps(theirs)), logs[1])]
@@ -420,7 +421,7 @@ def test_simulated_pods_wait_for_a_late_peer_to_resolve(fmt, netns, tmp_path):
     assert codes == [0, 0], outputs
     addresses = tf_config.indexed_job_addresses(config.job_name, "demo", 2, 2222, "default")
     for i, output in zip([1, 0], outputs):
-        expected = tf_config.build(addresses, "worker", i)
+        expected = build_tf_config(addresses, "worker", i)
         tf_config_line = next(l for l in output.splitlines() if l.startswith("TF_CONFIG="))
         assert json.loads(tf_config_line.removeprefix("TF_CONFIG=")) == expected
     assert _waited(outputs[0]) >= 2.5, "pod 1 must wait until pod 0's name resolves"

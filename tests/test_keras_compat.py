@@ -202,7 +202,7 @@ def test_pipelines_that_capture_state_are_recognised():
     import tensorflow as tf
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
-    from disttrain.keras_compat.epoch_iterator import _captures_state
+    from disttrain.keras_compat.pipeline import captures_state
 
     level = tf.Variable(1.0)
     table = tf.lookup.StaticHashTable(
@@ -224,7 +224,7 @@ def test_pipelines_that_capture_state_are_recognised():
         "keras_arrays": ArrayDataAdapter(np.zeros((8, 2), "float32"), batch_size=2,
                                          shuffle=True).get_tf_dataset(),
     }
-    assert {name: _captures_state(d) for name, d in stateful.items()} == dict.fromkeys(
+    assert {name: captures_state(d) for name, d in stateful.items()} == dict.fromkeys(
         stateful, True)
-    assert {name: _captures_state(d) for name, d in stateless.items()} == dict.fromkeys(
+    assert {name: captures_state(d) for name, d in stateless.items()} == dict.fromkeys(
         stateless, False)

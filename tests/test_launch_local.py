@@ -22,9 +22,8 @@ import uuid
 
 import pytest
 
-from disttrain.cluster import Cluster
 from disttrain import testing
-from launch.local import PORT_CLASH
+from disttrain.cluster import PORT_CLASH, Cluster
 from launch.output import LineSplitter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

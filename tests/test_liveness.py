@@ -37,6 +37,32 @@ def test_where_classifies_the_innermost_frame():
     assert place.startswith(__file__) and place.endswith("in busy")
 
 
+def test_a_thread_waiting_in_an_exchange_is_in_exchange():
+    """Rank 0 waits in a gather for rank 1 (simulated ranks sharing one in-process store):
+    the watch sees it in an exchange, not stuck elsewhere; after the exchange, elsewhere."""
+    from disttrain import liveness
+    from disttrain.cluster import Cluster
+    from disttrain.coordination import Coordinator, InProcessTransport
+
+    transport = InProcessTransport(num_workers=2)
+    workers = ("127.0.0.1:2000", "127.0.0.1:2001")
+    coords = [Coordinator(Cluster(task_index=rank, workers=workers), timeout=30,
+                          transport=transport) for rank in range(2)]
+    thread = threading.Thread(target=coords[0].gather, args=("liveness.test", "0"))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not coords[0].is_waiting(thread) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        state, _ = liveness.where(sys._current_frames()[thread.ident],
+                                  coords[0].is_waiting(thread))
+        assert state == liveness.IN_EXCHANGE
+        assert not coords[1].is_waiting(threading.current_thread())
+    finally:
+        coords[1].gather("liveness.test", "1")
+        thread.join(10)
+    assert not coords[0].is_waiting(thread), "the wait ended with the exchange"
+
 @pytest.mark.slow
 def test_a_live_peer_stuck_in_a_callback_is_named_and_everyone_fails():
     """Bound: DISTTRAIN_COORDINATION_TIMEOUT (6 s here) plus a few looks (1.5 s each)."""

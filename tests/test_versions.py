@@ -86,7 +86,7 @@ def test_a_fix_whose_target_is_missing_is_a_clear_error():
 
 def test_a_target_fixed_upstream_switches_the_fix_off(monkeypatch):
     """Target present without the defect: the fix is not needed, and no error."""
-    from disttrain.keras_compat import detection, scalar_reduction, symbolic_build
+    from disttrain.keras_compat import detection, scalar_metric_reduction, symbolic_build_local_batch
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         return self._symbolic_build(iterator=iterator, data_batch=data_batch)
@@ -97,11 +97,11 @@ def test_a_target_fixed_upstream_switches_the_fix_off(monkeypatch):
     monkeypatch.setattr(detection.trainer_class(), "_maybe_symbolic_build",
                         _maybe_symbolic_build)
     monkeypatch.setattr(detection.tf_trainer(), "reduce_per_replica", reduce_per_replica)
-    assert not symbolic_build.is_needed()
-    assert not scalar_reduction.is_needed()
+    assert not symbolic_build_local_batch.is_needed()
+    assert not scalar_metric_reduction.is_needed()
     monkeypatch.delattr(detection.tf_trainer(), "reduce_per_replica")
     with pytest.raises(detection.TargetNotFound, match="reduce_per_replica is missing"):
-        scalar_reduction.is_needed()
+        scalar_metric_reduction.is_needed()
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ import tempfile
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils
+from keras.src.utils import io_utils  # private: keras.src
 
-from disttrain import input_state, keras_compat, storage
+from disttrain import input_state, keras_compat, run_files, storage
 from disttrain.callbacks.base import DistributedCallback, attached_callbacks
 from disttrain.errors import (
     PREEMPTED_EXIT_CODE,
@@ -20,13 +20,9 @@ from disttrain.errors import (
     Preempted,
     StorageError,
 )
-from disttrain.keras_compat import epoch_iterator
+from disttrain.keras_compat import persistent_epoch_iterator
 from disttrain.preemption import PreemptionWatch
 
-BACKUP_PREFIX = "backup-"
-WEIGHTS = "model.weights.h5"
-STATES = "callbacks.npz"
-PART = "worker-{rank}.json"
 # What every worker part records about its backup, compared with the manifest on restore.
 _PART_POSITION = ("epoch", "batches", "passes", "workers")
 
@@ -179,7 +175,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                                                _DIRECTORY_FIX)
         self._manager = storage.CheckpointManager(
             self.directory, self.run_id, max_to_keep=2 if self.double_checkpoint else 1,
-            step_prefix=BACKUP_PREFIX, owner="BackupAndRestore")
+            step_prefix=run_files.BACKUP_PREFIX, owner="BackupAndRestore")
 
         input_state.begin_fit()
 
@@ -217,8 +213,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self._save_due = False
             self._save_model(epoch=epoch, batches=0)
         if self._resuming:
-            epoch_iterator.skip_batches_of_next_epoch(self._resume_batches,
-                                                      passes=self._passes(epoch))
+            persistent_epoch_iterator.skip_batches_of_next_epoch(
+                self._resume_batches, passes=self._passes(epoch))
             if self._resume_batches:
                 self._last_batch_seen = self._resume_batches - 1
             self._resume_batches = 0
@@ -274,8 +270,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             "run_id": self.run_id,
             "model": _fingerprint(self.model),
             "callbacks": {},
-            "parts": ([PART.format(rank=r) for r in range(self.coordinator.num_workers)]
-                      if self.random_state else []),
+            "parts": ([run_files.BACKUP_PART.format(rank=r)
+                       for r in range(self.coordinator.num_workers)] if self.random_state else []),
         }
         arrays: dict[str, np.ndarray] = {}
         for key, callback in self._stateful_callbacks():
@@ -294,7 +290,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         yet: nothing trusts it before the chief commits); one exchange brings every
         part's size and sha256, or a worker's error, to every worker. Returns the
         parts as the manifest lists them; raises the first failure on every worker."""
-        name = PART.format(rank=self.coordinator.rank)
+        name = run_files.BACKUP_PART.format(rank=self.coordinator.rank)
         part = {"rank": self.coordinator.rank, "run_id": self.run_id,
                 **{key: metadata[key] for key in _PART_POSITION},
                 "random_state": input_state.stream_start()}
@@ -321,7 +317,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             print(f"disttrain: preempted (SIGTERM on {self._preempted_by}) on the last batch "
                   "of the last epoch: training finished", file=sys.stderr, flush=True)
         self._end_watch()
-        epoch_iterator.cancel()
+        persistent_epoch_iterator.cancel()
         input_state.end_fit()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
@@ -346,13 +342,13 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         parts (`written`) as the next backup (the manager then deletes the backups
         `double_checkpoint` does not keep). Returns the committed backup's record."""
         with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
-            weights = os.path.join(tmp, WEIGHTS)
+            weights = os.path.join(tmp, run_files.BACKUP_WEIGHTS)
             self.model.save_weights(weights)
-            files = {WEIGHTS: weights}
+            files = {run_files.BACKUP_WEIGHTS: weights}
             if arrays:
-                states = os.path.join(tmp, STATES)
+                states = os.path.join(tmp, run_files.BACKUP_CALLBACK_STATES)
                 np.savez(states, **arrays)
-                files[STATES] = states
+                files[run_files.BACKUP_CALLBACK_STATES] = states
             self._manager.save_directory(files, metadata, written)
         return self._manager.checkpoints[-1]
 
@@ -363,15 +359,16 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         _check_same_model(metadata.get("model"), _fingerprint(self.model), url)
-        with storage.local_copy(storage.join(url, WEIGHTS)) as weights:
+        with storage.local_copy(storage.join(url, run_files.BACKUP_WEIGHTS)) as weights:
             self.model.load_weights(weights)
         arrays: dict[str, list] = {}
-        if STATES in manifest["files"]:
-            with storage.local_copy(storage.join(url, STATES)) as states, np.load(states) as npz:
+        if run_files.BACKUP_CALLBACK_STATES in manifest["files"]:
+            states_url = storage.join(url, run_files.BACKUP_CALLBACK_STATES)
+            with storage.local_copy(states_url) as states, np.load(states) as npz:
                 for entry in sorted(npz.files, key=lambda k: int(k.rsplit("/", 1)[1])):
                     key = entry.rsplit("/", 1)[0]
                     arrays.setdefault(key, []).append(npz[entry])
-        self.model._initial_epoch = metadata["epoch"]
+        self.model._initial_epoch = metadata["epoch"]  # private: keras Trainer
         self._current_epoch = metadata["epoch"]
         self._resume_batches = metadata["batches"]
         self._resuming = True
@@ -390,7 +387,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                   f"with the same global batches{dropped} (see "
                   f"docs/resume.md#another-number-of-workers)", file=sys.stderr, flush=True)
         if same_workers and parts and self.random_state:
-            own = storage.join(url, PART.format(rank=self.coordinator.rank))
+            own = storage.join(url, run_files.BACKUP_PART.format(rank=self.coordinator.rank))
             input_state.carry(json.loads(storage.read_bytes(own))["random_state"])
         self._pending_states = metadata.get("callbacks", {})
         self._pending_arrays = arrays

@@ -7,14 +7,13 @@ import posixpath
 from typing import Any
 
 import keras
-from keras.src import ops
-from keras.src.utils import io_utils
+from keras import ops
+from keras.src.utils import io_utils  # private: keras.src
 
-from disttrain import keras_compat, storage
+from disttrain import keras_compat, run_files, storage
 from disttrain.callbacks.base import DistributedCallback, add_to_result
 from disttrain.errors import CallbackConfigError, StorageError
 
-MANIFEST = "best.json"
 _DIRECTORY_FIX = ("move the other fields into the file name, so every checkpoint of a run "
                   "has one manifest")
 
@@ -134,7 +133,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     @property
     def manifest_url(self) -> str:
-        return storage.join(self.directory or self._directory_template, MANIFEST)
+        return storage.join(self.directory or self._directory_template, run_files.BEST_CHECKPOINT)
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -147,8 +146,8 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             _DIRECTORY_FIX)
         previous, self._manager = self._manager, storage.CheckpointManager(
             self.directory, self.run_id, max_to_keep=self.max_to_keep,
-            keep_best=self.save_best_only, index_name=MANIFEST, overwrite=self.overwrite,
-            async_commit=self.async_commit, owner="ModelCheckpoint")
+            keep_best=self.save_best_only, index_name=run_files.BEST_CHECKPOINT,
+            overwrite=self.overwrite, async_commit=self.async_commit, owner="ModelCheckpoint")
 
         def preflight() -> dict[str, Any]:
             """Chief: checks the destination; this run's saved state, if resuming."""
@@ -188,8 +187,9 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         if self.save_best_only:
             current = self.monitored(logs, self.monitor)
         if self.monitor_op is None and current is not None:
-            self._set_monitor_op()
+            self._set_monitor_op()  # private: keras MonitorCallback
         self._manager.mode = self._mode()
+        # private: keras MonitorCallback._is_improvement
         improved = current is not None and bool(self._is_improvement(current, self.best))
         path = self._format_path(epoch, batch, logs)
         record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,

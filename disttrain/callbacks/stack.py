@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-from disttrain import report, storage
+from disttrain import run_files, storage
 
 
 def recommended(
@@ -83,7 +83,7 @@ def recommended(
             save_best_only=True, save_weights_only=save_weights_only, max_to_keep=max_to_keep,
             verbose=verbose,
         ),
-        CSVLogger(storage.join(directory, report.CSV_NAME), append=True),
+        CSVLogger(storage.join(directory, run_files.HISTORY_CSV), append=True),
         TrainingReport(directory, monitor=monitor, mode=mode),
     ]
     if tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -6,7 +6,7 @@ import keras
 
 from disttrain import keras_compat
 from disttrain.callbacks.base import DistributedCallback, is_nan_or_inf
-from disttrain.keras_compat import scalar_reduction
+from disttrain.keras_compat import scalar_metric_reduction
 
 
 class TerminateOnNaN(DistributedCallback, keras.callbacks.TerminateOnNaN):
@@ -61,4 +61,4 @@ class TerminateOnNaN(DistributedCallback, keras.callbacks.TerminateOnNaN):
 
 def _losses_reduced_across_workers() -> bool:
     """Whether every worker's batch logs hold the same all-reduced loss."""
-    return scalar_reduction.NAME in keras_compat.applied()
+    return scalar_metric_reduction.NAME in keras_compat.applied()

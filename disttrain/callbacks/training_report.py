@@ -8,7 +8,7 @@ import time
 
 import keras
 
-from disttrain import report, storage
+from disttrain import report, run_files, storage
 from disttrain.callbacks.base import DistributedCallback, add_to_result
 from disttrain.cluster import ENV_ATTEMPT
 from disttrain.errors import CallbackConfigError, StorageError
@@ -55,7 +55,7 @@ class TrainingReport(DistributedCallback, keras.callbacks.Callback):
         self.directory = directory
         self.monitor = monitor
         self.mode = report.better_mode(monitor) if mode == "auto" else mode
-        self._url = storage.join(directory, report.TIMES_NAME)
+        self._url = storage.join(directory, run_files.HISTORY_TIMES)
         self._times: dict = {}
         self._began = 0.0
         self._starting = False

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import tensorflow as tf
-from tensorflow.python.eager import context
+from tensorflow.python.eager import context  # private: tensorflow.python
 
 from disttrain.cluster import Cluster
 from disttrain.coordination.transport import PeerLostError, Transport

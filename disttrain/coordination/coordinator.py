@@ -19,6 +19,7 @@ What carries the keys is the coordinator's `Transport`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -110,6 +111,7 @@ class Coordinator:
         self.transport = transport or _transport_for(self.cluster)
         self._seq = 0
         self._run_id: str | None = None
+        self._waiting: collections.Counter[int] = collections.Counter()
 
     def run_id(self) -> str:
         """The run id, identical on every worker.
@@ -363,10 +365,30 @@ class Coordinator:
     def _event_key(event: str) -> str:
         return f"{_KEY_PREFIX}/event/{event}"
 
+    def is_waiting(self, thread: threading.Thread) -> bool:
+        """Whether `thread` is waiting for a peer's key in one of this coordinator's exchanges.
+
+        Example:
+
+        ```python
+        coord.is_waiting(threading.main_thread())   # e.g. from a watchdog thread
+        ```
+        """
+        return self._waiting[thread.ident] > 0
+
     def _wait_for(self, key: str, rank: int, name: str, deadline: float, limit: float,
                   cancel: threading.Event | None = None) -> str | None:
         """Reads `key`, written by `rank`, in slices; between slices probes that peer.
         Returns None when `cancel` is set before the key is."""
+        thread = threading.get_ident()
+        self._waiting[thread] += 1
+        try:
+            return self._read_when_written(key, rank, name, deadline, limit, cancel)
+        finally:
+            self._waiting[thread] -= 1
+
+    def _read_when_written(self, key: str, rank: int, name: str, deadline: float, limit: float,
+                           cancel: threading.Event | None) -> str | None:
         with self._transport_calls(name):
             while True:
                 remaining = deadline - time.monotonic()

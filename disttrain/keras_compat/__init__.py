@@ -1,11 +1,14 @@
 """Narrow fixes that make Keras 3 `fit`/`evaluate`/`predict` work under multi-worker MWMS.
 
-One module per fix; each is applied only when the defective code is present in
-the installed Keras (detected from its source), so an upstream fix switches ours
-off by itself. `apply()` also installs the stop agreement (any worker's stop
-ends `fit` everywhere, whatever the callbacks' order) and the input check (every
-worker's input must start identically where TensorFlow shards it by element).
-What each fix does, why, and how it differs from Keras: `docs/keras_compat.md`.
+One module per fix, named like the fix; each is applied only when the defective
+code is present in the installed Keras (detected from its source), so an
+upstream fix switches ours off by itself. `apply()` also installs the stop
+agreement (any worker's stop ends `fit` everywhere, whatever the callbacks'
+order) and the call checks (`call_checks`: the preflight, then the input check,
+at the start of `fit`, `evaluate` and `predict`). Every Keras or TensorFlow
+attribute replaced goes through one register (`_patch`); `patches()` lists
+them in order. What each fix does, why, and how it differs from Keras:
+`docs/keras_compat.md`; the layers and the register: `docs/architecture.md`.
 
 Example:
 
@@ -28,25 +31,26 @@ from types import ModuleType
 
 from disttrain.errors import KerasCompatError
 from disttrain.keras_compat import (
-    batchnorm,
+    call_checks,
     detection,
-    epoch_iterator,
-    input_check,
-    scalar_reduction,
+    multi_worker_cpu_without_xla,
+    multi_worker_steps_per_execution,
+    persistent_epoch_iterator,
+    scalar_metric_reduction,
     stop_agreement,
-    steps_per_execution,
-    symbolic_build,
+    symbolic_build_local_batch,
+    synced_batchnorm_statistics,
     versions,
-    xla_on_cpu,
 )
-from disttrain.keras_compat.batchnorm import sync_batchnorm_statistics
+from disttrain.keras_compat._patch import Patch, patches
+from disttrain.keras_compat.synced_batchnorm_statistics import sync_batchnorm_statistics
 
-__all__ = ["ENV_DISABLE", "apply", "applied", "sync_batchnorm_statistics"]
+__all__ = ["ENV_DISABLE", "Patch", "apply", "applied", "patches", "sync_batchnorm_statistics"]
 
 ENV_DISABLE = "DISTTRAIN_KERAS_COMPAT"
 
-_FIXES = (symbolic_build, scalar_reduction, steps_per_execution, xla_on_cpu, epoch_iterator,
-          batchnorm)
+_FIXES = (symbolic_build_local_batch, scalar_metric_reduction, multi_worker_steps_per_execution,
+          multi_worker_cpu_without_xla, persistent_epoch_iterator, synced_batchnorm_statistics)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -55,15 +59,15 @@ _checked = False
 
 
 def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Applies every fix the installed Keras needs, the stop agreement and the input check,
-    once per process.
+    """Applies every fix the installed Keras needs, the stop agreement and the call
+    checks (preflight, input check), once per process.
 
     Safe to call many times and from several threads: the first call decides.
     Does nothing when `DISTTRAIN_KERAS_COMPAT=0`.
 
     Args:
         skip: names of fixes to leave out (to measure what a fix changes), and
-            `"input_check"` to leave out the input check.
+            `"preflight"` or `"input_check"` to leave out that check (each alone).
 
     Returns:
         The applied fixes: name → upstream reference.
@@ -81,7 +85,7 @@ def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
     ```
     """
     global _checked
-    skippable = [fix.NAME for fix in _FIXES] + [input_check.NAME]
+    skippable = [fix.NAME for fix in _FIXES] + list(call_checks.CHECKS)
     unknown = set(skip) - set(skippable)
     if unknown:
         raise KerasCompatError(
@@ -112,10 +116,12 @@ def apply(skip: tuple[str, ...] = ()) -> dict[str, str]:
             else:
                 _log.info("keras_compat: %s not needed for keras %s", fix.NAME, keras.__version__)
         stop_agreement.install()
-        if input_check.NAME in skip:
-            _log.warning("keras_compat: %s skipped on request", input_check.NAME)
-        else:
-            input_check.install()
+        for check in call_checks.CHECKS:
+            if check in skip:
+                _log.warning("keras_compat: %s skipped on request", check)
+        checks = tuple(check for check in call_checks.CHECKS if check not in skip)
+        if checks:
+            call_checks.install(checks)
         _checked = True
         return dict(_applied)
 

@@ -68,7 +68,7 @@ def source_contains(obj: object, *fragments: str) -> bool:
 
 def tf_trainer() -> Any:
     """Keras's TensorFlow trainer module (`keras.src.backend.tensorflow.trainer`)."""
-    from keras.src.backend.tensorflow import trainer
+    from keras.src.backend.tensorflow import trainer  # private: keras.src
 
     return trainer
 
@@ -91,4 +91,4 @@ def trainer_class() -> type:
 
 def is_multi_worker(strategy: Any) -> bool:
     """Whether `strategy` is a `MultiWorkerMirroredStrategy` spanning several workers."""
-    return bool(tf_trainer()._collective_all_reduce_multi_worker(strategy))
+    return bool(tf_trainer()._collective_all_reduce_multi_worker(strategy))  # private: keras

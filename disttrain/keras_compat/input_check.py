@@ -10,8 +10,9 @@ all, silently. Before `fit`, `evaluate` and `predict` start, every worker hashes
 the first batch of its unsharded input (a separate iteration, once per dataset
 object) and its cardinality, the workers exchange the fingerprints through
 `disttrain.coordination`, and a difference raises `InputMismatchError` on every
-worker. Not a fix of Keras code: `keras_compat.apply()` installs it after the
-fixes; `apply(skip=("input_check",))` or `DISTTRAIN_INPUT_CHECK=0` turns it off.
+worker. Not a fix of Keras code: `disttrain.keras_compat.call_checks` runs it
+after the preflight; `apply(skip=("input_check",))` or `DISTTRAIN_INPUT_CHECK=0`
+turns it off.
 See `docs/keras_compat.md#input-check`.
 
 Example:
@@ -24,47 +25,21 @@ model.fit(train)      # passes: the seed makes every worker's order the same
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
-import logging
 import os
-import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
-from disttrain.keras_compat import detection, preflight
+from disttrain.keras_compat import detection, pipeline
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
 """Set to `0` to skip the check (it must then be `0` on every worker)."""
 
-# TensorFlow's auto-shard rewrite splits by file when the pipeline holds one of
-# these reader ops (any version suffix); without one, AUTO shards by element.
-_READER_OPS = ("TFRecordDataset", "TextLineDataset", "FixedLengthRecordDataset",
-               "ArrayRecordDataset", "RecordIODataset", "SSTableDataset")
-# The arguments of each checked method that may hold a dataset TensorFlow distributes.
-_CHECKED_ARGUMENTS = {"fit": ("x", "validation_data"), "evaluate": ("x",), "predict": ("x",)}
-
-_log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_installed = False
 _passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def install() -> None:
-    """Checks the inputs at the start of `fit`, `evaluate` and `predict` (once per process)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        trainer = detection.trainer_class()
-        for method, arguments in _CHECKED_ARGUMENTS.items():
-            setattr(trainer, method, _checked_first(getattr(trainer, method), arguments))
-        _installed = True
 
 
 def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str) -> None:
@@ -141,7 +116,9 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
     fingerprint(tf.data.Dataset.range(8).batch(2))["batches"]   # 4
     ```
     """
-    from keras.src.trainers.data_adapters.data_adapter_utils import unpack_x_y_sample_weight
+    from keras.src.trainers.data_adapters.data_adapter_utils import (  # private: keras.src
+        unpack_x_y_sample_weight,
+    )
 
     from disttrain import input_state
 
@@ -153,21 +130,6 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
             "targets": _digest((y, sample_weight)) if y is not None else None}
 
 
-def _checked_first(method, arguments: tuple[str, ...]):
-    signature = inspect.signature(method)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked by fit
-            bound = signature.bind_partial(self, *args, **kwargs).arguments
-            preflight.run(self, method.__name__, bound)
-            check_inputs(self.distribute_strategy, {a: bound.get(a) for a in arguments},
-                         method.__name__)
-        return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 def _shards_by_element(value: Any) -> bool:
     """Whether TensorFlow will shard `value` by element under multi-worker MWMS."""
     import tensorflow as tf
@@ -177,44 +139,8 @@ def _shards_by_element(value: Any) -> bool:
     policy = value.options().experimental_distribute.auto_shard_policy
     if policy == tf.data.experimental.AutoShardPolicy.DATA:
         return True
-    return policy == tf.data.experimental.AutoShardPolicy.AUTO and not reads_files(value)
-
-
-def reads_files(dataset: Any) -> bool:
-    """Whether the pipeline holds a file reader TensorFlow's auto-shard splits by file,
-    as a dataset of its own or inside a function (`interleave`, `flat_map`); True
-    (not checked) when the pipeline cannot be inspected."""
-    try:
-        return any(kind.lstrip("_").startswith(_READER_OPS) for kind in _op_types(dataset))
-    except (AttributeError, TypeError, NotImplementedError):
-        _log.warning("keras_compat: %s cannot inspect this input pipeline (a TensorFlow "
-                     "change?); it is not checked", NAME)
-        return True
-
-
-def _op_types(dataset: Any) -> Iterator[str]:
-    """The dataset classes of the pipeline and the op types inside its functions."""
-    from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
-
-    for node in pipeline(dataset):
-        yield type(node).__name__
-        for value in vars(node).values():
-            if isinstance(value, StructuredFunctionWrapper):
-                graph = value.function.graph.as_graph_def()
-                yield from (n.op for n in graph.node)
-                yield from (n.op for f in graph.library.function for n in f.node_def)
-
-
-def pipeline(dataset: Any) -> Iterator[Any]:
-    """Every dataset of `dataset`'s pipeline, outermost first."""
-    pending, seen = [dataset], set()
-    while pending:
-        node = pending.pop(0)
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
-        pending.extend(node._inputs())
+    return (policy == tf.data.experimental.AutoShardPolicy.AUTO
+            and not pipeline.reads_files(value))
 
 
 def _digest(structure: Any) -> str | None:

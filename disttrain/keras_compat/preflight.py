@@ -1,7 +1,8 @@
 """Preflight: one report of configuration mistakes before the first step of a multi-worker call.
 
-Run by the input check's hook at the start of `fit`, `evaluate` and `predict`
-under multi-worker training (not a fix of Keras code). Each worker inspects its
+Run by `disttrain.keras_compat.call_checks` at the start of `fit`, `evaluate` and
+`predict` under multi-worker training, before the input check (not a fix of
+Keras code). Each worker inspects its
 own inputs and settings, the workers exchange what they found in one
 `disttrain.coordination` gather, and every worker reaches the same verdict:
 
@@ -16,7 +17,8 @@ own inputs and settings, the workers exchange what they found in one
   pipeline does per-element work (every worker then does all of it and keeps
   1/N); more compute threads than cores on a host.
 
-`DISTTRAIN_PREFLIGHT=0` on every worker turns it off.
+`DISTTRAIN_PREFLIGHT=0` on every worker, or `keras_compat.apply(skip=("preflight",))`,
+turns it off.
 See `docs/keras_compat.md#preflight`.
 """
 
@@ -30,7 +32,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import PreflightError, PreflightWarning
+from disttrain.keras_compat import detection, pipeline
 
+NAME = "preflight"
 ENV_DISABLE = "DISTTRAIN_PREFLIGHT"
 """Set to `0` to skip the preflight (it must then be `0` on every worker)."""
 
@@ -49,8 +53,6 @@ def run(model: Any, call: str, arguments: Mapping[str, Any]) -> None:
     Raises:
         PreflightError: on every worker, when any worker found a certain mistake.
     """
-    from disttrain.keras_compat import detection
-
     strategy = model.distribute_strategy
     if os.environ.get(ENV_DISABLE, "1") == "0" or not detection.is_multi_worker(strategy):
         return
@@ -133,7 +135,7 @@ def _check_batch(x: Any, batch_size: Any, replicas: int, errors: list[str],
     import tensorflow as tf
 
     if isinstance(x, tf.data.Dataset):
-        batch, where = _dataset_batch(x), "the dataset's batch"
+        batch, where = pipeline.batch_size(x), "the dataset's batch"
     elif hasattr(x, "shape") or isinstance(x, (list, tuple, dict)):
         batch, where = (batch_size or 32), "batch_size"
     else:
@@ -151,20 +153,6 @@ def _check_batch(x: Any, batch_size: Any, replicas: int, errors: list[str],
             f"the global batch ({where}: {batch}) is not divisible by the {replicas} replicas: "
             f"replicas get {low} or {high} samples per step, so their gradients carry "
             f"different weight. Fix: use a multiple of {replicas}, e.g. {high * replicas}.")
-
-
-def _dataset_batch(dataset: Any) -> int | None:
-    """The batch size of the outermost `batch` in the pipeline, when known statically."""
-    import tensorflow as tf
-
-    from disttrain.keras_compat import input_check
-
-    for node in input_check.pipeline(dataset):
-        size = getattr(node, "_batch_size", None)
-        if size is not None:
-            value = tf.get_static_value(size)
-            return None if value is None else int(value)
-    return None
 
 
 def _check_steps(x: Any, arguments: Mapping[str, Any], errors: list[str],
@@ -196,15 +184,13 @@ def _check_sharding(name: str, dataset: Any, workers: int, errors: list[str],
                     notes: list[str]) -> None:
     import tensorflow as tf
 
-    from disttrain.keras_compat import input_check
-
     policy = dataset.options().experimental_distribute.auto_shard_policy
     policies = tf.data.experimental.AutoShardPolicy
     if policy not in (policies.AUTO, policies.FILE):
         return
-    if not input_check.reads_files(dataset):
+    if not pipeline.reads_files(dataset):
         work = sorted({kind.strip("_").replace("Dataset", "") for kind in
-                       (type(node).__name__ for node in input_check.pipeline(dataset))
+                       (type(node).__name__ for node in pipeline.datasets(dataset))
                        if any(w in kind for w in _PER_ELEMENT_WORK)})
         if policy == policies.AUTO and work:
             notes.append(
@@ -215,7 +201,7 @@ def _check_sharding(name: str, dataset: Any, workers: int, errors: list[str],
                 "so each worker reads its own, or shard before the expensive steps "
                 "(dataset.shard(num_workers, rank) with AutoShardPolicy.OFF).")
         return
-    files = _file_count(dataset)
+    files = pipeline.file_count(dataset)
     if files is None or files >= workers:
         return
     errors.append(
@@ -224,17 +210,3 @@ def _check_sharding(name: str, dataset: Any, workers: int, errors: list[str],
         f"FILE based sharding\"). Fix: split the data into at least {workers} files (ideally "
         "many more, for even shards), or set AutoShardPolicy.DATA (every worker then reads "
         f"all files and keeps 1/{workers} of the records).")
-
-
-def _file_count(dataset: Any) -> int | None:
-    """How many file names feed the pipeline's readers, when known."""
-    import tensorflow as tf
-
-    from disttrain.keras_compat import input_check
-
-    counts = [int(node.cardinality()) for node in input_check.pipeline(dataset)
-              if not node._inputs() and node.element_spec == tf.TensorSpec((), tf.string)]
-    known = [c for c in counts if c >= 0]
-    return sum(known) if known and len(known) == len(counts) else None
-
-

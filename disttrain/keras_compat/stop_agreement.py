@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
+
+NAME = "stop_agreement"
 
 PER_BATCH_ATTRIBUTE = "agree_stop_per_batch"
 """A callback with this attribute true asks for a stop vote after every training batch."""
@@ -42,8 +43,6 @@ PER_BATCH_ATTRIBUTE = "agree_stop_per_batch"
 EPOCH_END = "keras_compat.stop_training.epoch"
 """The call site of the epoch-end exchange (`disttrain.coordination` names it in errors)."""
 
-_lock = threading.Lock()
-_installed = False
 
 
 @dataclasses.dataclass
@@ -60,37 +59,38 @@ _epoch_ends: list[_EpochEnd] = []
 
 def install() -> None:
     """Wraps `CallbackList.on_epoch_end` and `on_train_batch_end` (once per process)."""
-    global _installed
-    with _lock:
-        if _installed:
+    from keras.src.callbacks.callback_list import CallbackList  # private: keras.src
+
+    _patch.wrap(CallbackList, "on_epoch_end", _agreeing_at_epoch_end, by=NAME)
+    _patch.wrap(CallbackList, "on_train_batch_end", _agreeing_per_batch, by=NAME)
+
+
+def _agreeing_at_epoch_end(epoch_end: Callable) -> Callable:
+    @functools.wraps(epoch_end)
+    def on_epoch_end(self, epoch, logs=None):
+        model = getattr(self, "model", None)
+        if model is None or not detection.is_multi_worker(model.distribute_strategy):
+            epoch_end(self, epoch, logs)
             return
-        from keras.src.callbacks.callback_list import CallbackList
+        end = _EpochEnd(model)
+        _epoch_ends.append(end)
+        try:
+            epoch_end(self, epoch, logs)
+        finally:
+            _epoch_ends.remove(end)
+        _agree_at_epoch_end(end)
 
-        epoch_end, batch_end = CallbackList.on_epoch_end, CallbackList.on_train_batch_end
+    return on_epoch_end
 
-        @functools.wraps(epoch_end)
-        def on_epoch_end(self, epoch, logs=None):
-            model = getattr(self, "model", None)
-            if model is None or not detection.is_multi_worker(model.distribute_strategy):
-                epoch_end(self, epoch, logs)
-                return
-            end = _EpochEnd(model)
-            _epoch_ends.append(end)
-            try:
-                epoch_end(self, epoch, logs)
-            finally:
-                _epoch_ends.remove(end)
-            _agree_at_epoch_end(end)
 
-        @functools.wraps(batch_end)
-        def on_train_batch_end(self, batch, logs=None):
-            batch_end(self, batch, logs)
-            if any(getattr(c, PER_BATCH_ATTRIBUTE, False) for c in self.callbacks):
-                _agree(self, "keras_compat.stop_training.batch")
+def _agreeing_per_batch(batch_end: Callable) -> Callable:
+    @functools.wraps(batch_end)
+    def on_train_batch_end(self, batch, logs=None):
+        batch_end(self, batch, logs)
+        if any(getattr(c, PER_BATCH_ATTRIBUTE, False) for c in self.callbacks):
+            _agree(self, "keras_compat.stop_training.batch")
 
-        CallbackList.on_epoch_end = on_epoch_end
-        CallbackList.on_train_batch_end = on_train_batch_end
-        _installed = True
+    return on_train_batch_end
 
 
 def defer(model, key: str, value: Any, settle: Callable[[list[Any]], None]) -> bool:

@@ -5,7 +5,7 @@ See `docs/keras_compat.md#symbolic_build_local_batch`.
 
 from __future__ import annotations
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
 
 NAME = "symbolic_build_local_batch"
 UPSTREAM = "keras-team/keras#20585, keras-team/keras#20329, tensorflow/tensorflow#72388"
@@ -19,16 +19,18 @@ def is_needed() -> bool:
             `_symbolic_build` is missing.
     """
     trainer = detection.trainer_class()
-    detection.find(trainer, "_symbolic_build")
-    return detection.source_contains(detection.find(trainer, "_maybe_symbolic_build"),
-                                     "distribute_strategy.reduce(")
+    detection.find(trainer, "_symbolic_build")  # private: keras Trainer._symbolic_build
+    return detection.source_contains(
+        # private: keras Trainer._maybe_symbolic_build
+        detection.find(trainer, "_maybe_symbolic_build"),
+        "distribute_strategy.reduce(")
 
 
 def install() -> None:
-    """Replaces the trainer's `_maybe_symbolic_build`."""
+    """Replaces the trainer's `_maybe_symbolic_build` (Keras's is not called)."""
     import keras
     import tensorflow as tf
-    from keras.src import tree
+    from keras.src import tree  # private: keras.src.tree
 
     def local_batches(epoch_iterator, strategy):
         # Each step is `(begin, end, iterator)` (Keras 3.11+) or `(step, iterator)`:
@@ -44,6 +46,7 @@ def install() -> None:
         # A model without `call()` (e.g. a GAN that only overrides `train_step`)
         # cannot be built by calling it: like Keras without a strategy, its layers
         # and optimizers build where its own step first uses them.
+        # private: keras Trainer._distribute_strategy
         if self._distribute_strategy is None or type(self).call is keras.Model.call:
             return
         # Keras's `_symbolic_build` draws from `iterator` only when something is
@@ -51,6 +54,7 @@ def install() -> None:
         if iterator is not None:
             iterator = local_batches(iterator, self.distribute_strategy)
         with self.distribute_strategy.scope():
-            self._symbolic_build(iterator=iterator, data_batch=data_batch)
+            self._symbolic_build(iterator=iterator, data_batch=data_batch)  # private: keras
 
-    detection.trainer_class()._maybe_symbolic_build = _maybe_symbolic_build
+    _patch.wrap(detection.trainer_class(), "_maybe_symbolic_build",  # private: keras
+                lambda _: _maybe_symbolic_build, by=NAME)

@@ -12,13 +12,12 @@ import functools
 import weakref
 from collections.abc import Callable
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
 
 NAME = "synced_batchnorm_statistics"
 UPSTREAM = ("measured here (keras 3.15.1): BatchNormalization moving statistics use "
             "aggregation='none' and drift apart per worker")
 
-_installed = False
 _sync_functions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -29,7 +28,7 @@ def is_needed() -> bool:
         detection.TargetNotFound: `BatchNormalization.build` no longer creates
             `moving_mean`, or the trainer's `evaluate`/`predict` is missing.
     """
-    from keras.src.layers.normalization.batch_normalization import BatchNormalization
+    from keras.layers import BatchNormalization
 
     for name in ("evaluate", "predict"):
         detection.find(detection.trainer_class(), name)
@@ -41,8 +40,7 @@ def is_needed() -> bool:
 
 def install() -> None:
     """Syncs before `evaluate`, `predict` and the callbacks' `on_epoch_end`/`on_train_end`."""
-    global _installed
-    from keras.src.callbacks.callback_list import CallbackList
+    from keras.src.callbacks.callback_list import CallbackList  # private: keras.src
 
     trainer_class = detection.trainer_class()
 
@@ -57,11 +55,12 @@ def install() -> None:
         return wrapper
 
     for name in ("evaluate", "predict"):
-        setattr(trainer_class, name, synced_first(getattr(trainer_class, name), lambda m: m))
+        _patch.wrap(trainer_class, name, lambda method: synced_first(method, lambda m: m),
+                    by=NAME)
     for name in ("on_epoch_end", "on_train_end"):
-        setattr(CallbackList, name,
-                synced_first(getattr(CallbackList, name), lambda c: getattr(c, "model", None)))
-    _installed = True
+        _patch.wrap(CallbackList, name,
+                    lambda method: synced_first(method, lambda c: getattr(c, "model", None)),
+                    by=NAME)
 
 
 def sync_batchnorm_statistics(model) -> None:
@@ -86,7 +85,7 @@ def sync_batchnorm_statistics(model) -> None:
     model.save("model.keras")                                  # on the chief
     ```
     """
-    if not _installed or not getattr(model, "built", False):
+    if not _patch.installed(NAME) or not getattr(model, "built", False):
         return
     strategy = model.distribute_strategy
     if not detection.is_multi_worker(strategy):
@@ -103,11 +102,11 @@ def sync_batchnorm_statistics(model) -> None:
 
 
 def _batchnorm_statistics(model) -> list:
-    from keras.src.layers.normalization.batch_normalization import BatchNormalization
+    from keras.layers import BatchNormalization
 
     return [
         v
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in model._flatten_layers(include_self=True, recursive=True)  # private: keras
         if isinstance(layer, BatchNormalization)
         for v in layer.non_trainable_variables
     ]

@@ -5,7 +5,8 @@ wrapper with one order: the epoch's steps come from the persistent iterator when
 the fix `persistent_epoch_iterator` is on (else from Keras's), then the batches
 a mid-epoch resume asked to skip are drawn from those steps without training on
 them. The wrapper is installed once, by `keras_compat.apply()` or by the first
-`skip_batches_of_next_epoch()`, whichever comes first.
+`skip_batches_of_next_epoch()`, whichever comes first; the patch register lists
+it under this fix's name either way.
 
 See `docs/keras_compat.md#persistent_epoch_iterator` and
 `docs/keras_compat.md#resuming-inside-an-epoch`.
@@ -13,9 +14,9 @@ See `docs/keras_compat.md#persistent_epoch_iterator` and
 Example:
 
 ```python
-from disttrain.keras_compat import epoch_iterator
+from disttrain.keras_compat import persistent_epoch_iterator
 
-epoch_iterator.skip_batches_of_next_epoch(120)   # in a callback's on_epoch_begin
+persistent_epoch_iterator.skip_batches_of_next_epoch(120)   # in a callback's on_epoch_begin
 ```
 """
 
@@ -26,14 +27,13 @@ import itertools
 import threading
 import warnings
 
-from disttrain.keras_compat import detection, versions
+from disttrain.keras_compat import _patch, detection, pipeline, versions
 
 NAME = "persistent_epoch_iterator"
 UPSTREAM = ("measured here (keras 3.15.1): a new distributed iterator twice per epoch and a "
             "has-data all-reduce per step")
 
 _lock = threading.Lock()
-_wrapped = False
 _persistent = False
 _pending_skip = 0
 _pending_passes = 0
@@ -47,10 +47,10 @@ def is_needed() -> bool:
             input iterator in `_current_iterator` and their distributed dataset in
             `_distributed_dataset`, where the wrapper reads them.
     """
-    from keras.src.trainers.epoch_iterator import EpochIterator
+    from keras.src.trainers.epoch_iterator import EpochIterator  # private: keras.src
 
     tf_epoch_iterator = detection.find(detection.tf_trainer(), "TFEpochIterator")
-    enumerate_steps = detection.find(EpochIterator, "_enumerate_iterator")
+    enumerate_steps = detection.find(EpochIterator, "_enumerate_iterator")  # private: keras
     if not (detection.source_contains(enumerate_steps, "self._current_iterator")
             and detection.source_contains(tf_epoch_iterator, "self._distributed_dataset")):
         raise detection.TargetNotFound(
@@ -63,7 +63,7 @@ def is_needed() -> bool:
 def install() -> None:
     """Turns on the persistent iterator for epoch iterators created from now on."""
     global _persistent
-    _wrap_once()
+    _wrap()
     with _lock:
         _persistent = True
 
@@ -95,7 +95,7 @@ def skip_batches_of_next_epoch(batches: int, passes: int = 0) -> None:
     if batches < 0 or passes < 0:
         raise ValueError(f"batches={batches}, passes={passes} must be >= 0. Fix: pass the "
                          "number of batches of the epoch and of epochs already trained.")
-    _wrap_once()
+    _wrap()
     with _lock:
         _pending_skip, _pending_passes = batches, passes
 
@@ -115,66 +115,79 @@ def _take_skip() -> tuple[int, int]:
     return request
 
 
-def _wrap_once() -> None:
-    global _wrapped
-    with _lock:
-        if _wrapped:
-            return
-        import keras
+def _wrap() -> None:
+    """Wraps `TFEpochIterator.__init__`, `reset` and `_enumerate_iterator` (the register
+    refuses a second wrap)."""
+    cls = detection.tf_trainer().TFEpochIterator  # private: keras TFEpochIterator
+    _patch.wrap(cls, "__init__", _init_with_persistent_stream, by=NAME)
+    _patch.wrap(cls, "reset", _reset_keeping_the_iterator, by=NAME)
+    _patch.wrap(cls, "_enumerate_iterator", _enumerating_persistent_steps,  # private: keras
+                by=NAME)
 
-        cls = detection.tf_trainer().TFEpochIterator
-        original_init, original_reset = cls.__init__, cls.reset
-        original_enumerate = cls._enumerate_iterator
-        ranges = versions.step_ranges(keras.__version__)
 
-        @functools.wraps(original_init)
-        def __init__(self, *args, **kwargs):
-            original_init(self, *args, **kwargs)
-            self._disttrain_at_pass_start = False
-            dataset = _one_pass_dataset(self) if _persistent else None
-            seeds = _SeedGenerators.of(dataset) if dataset is not None else None
-            if seeds is _NOT_DETACHABLE:
-                dataset = seeds = None
-            self._disttrain_persistent = dataset is not None
-            self._disttrain_dataset, self._disttrain_seeds = dataset, seeds
-            self._disttrain_stream = None
-            if dataset is not None:
-                self.steps_per_epoch, self._num_batches = self._num_batches, None
+def _init_with_persistent_stream(original_init):
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._disttrain_at_pass_start = False
+        dataset = _one_pass_dataset(self) if _persistent else None
+        seeds = _SeedGenerators.of(dataset) if dataset is not None else None
+        if seeds is _NOT_DETACHABLE:
+            dataset = seeds = None
+        self._disttrain_persistent = dataset is not None
+        self._disttrain_dataset, self._disttrain_seeds = dataset, seeds
+        self._disttrain_stream = None
+        if dataset is not None:
+            # private: keras EpochIterator._num_batches
+            self.steps_per_epoch, self._num_batches = self._num_batches, None
 
-        @functools.wraps(original_reset)
-        def reset(self):
-            if not getattr(self, "_disttrain_persistent", False):
-                return original_reset(self)
-            kept = self._current_iterator if self._disttrain_at_pass_start else None
-            original_reset(self)
-            self._current_iterator, self._num_batches = kept, None
+    return __init__
 
-        @functools.wraps(original_enumerate)
-        def _enumerate_iterator(self):
-            skip, passes = _take_skip()
-            if getattr(self, "_disttrain_persistent", False):
-                _epoch_starts(self)
-            replayed = _start_at(self, passes, skip) if skip or passes else False
-            _before_new_iterator(self)
-            steps = original_enumerate(self)
-            if not ranges:
-                steps = ((step, step + self.steps_per_execution - 1, iterator)
-                         for step, iterator in steps)
-            if getattr(self, "_disttrain_persistent", False):
-                steps = _one_pass(self, steps)
-            if skip:
-                steps = _skip(steps, skip, draw=not replayed)
-            # Keras's own shape: `(begin, end, iterator)` from 3.11, `(step, iterator)` before.
-            yield from steps if ranges else ((begin, it) for begin, _, it in steps)
 
-        cls.__init__, cls.reset, cls._enumerate_iterator = __init__, reset, _enumerate_iterator
-        _wrapped = True
+def _reset_keeping_the_iterator(original_reset):
+    @functools.wraps(original_reset)
+    def reset(self):
+        if not getattr(self, "_disttrain_persistent", False):
+            return original_reset(self)
+        # private: keras EpochIterator._current_iterator
+        kept = self._current_iterator if self._disttrain_at_pass_start else None
+        original_reset(self)
+        self._current_iterator, self._num_batches = kept, None
+
+    return reset
+
+
+def _enumerating_persistent_steps(original_enumerate):
+    import keras
+
+    ranges = versions.step_ranges(keras.__version__)
+
+    @functools.wraps(original_enumerate)
+    def _enumerate_iterator(self):
+        skip, passes = _take_skip()
+        if getattr(self, "_disttrain_persistent", False):
+            _epoch_starts(self)
+        replayed = _start_at(self, passes, skip) if skip or passes else False
+        _before_new_iterator(self)
+        steps = original_enumerate(self)
+        if not ranges:
+            steps = ((step, step + self.steps_per_execution - 1, iterator)
+                     for step, iterator in steps)
+        if getattr(self, "_disttrain_persistent", False):
+            steps = _one_pass(self, steps)
+        if skip:
+            steps = _skip(steps, skip, draw=not replayed)
+        # Keras's own shape: `(begin, end, iterator)` from 3.11, `(step, iterator)` before.
+        yield from steps if ranges else ((begin, it) for begin, _, it in steps)
+
+    return _enumerate_iterator
 
 
 def _before_new_iterator(epoch_iterator) -> None:
     """Lets `disttrain.input_state` record (or, resuming, restore) the random state the
     input stream starts from, when this epoch makes a new input iterator (Keras's
     condition), before any element is drawn."""
+    # private: keras EpochIterator
     if epoch_iterator._current_iterator is None or epoch_iterator.steps_per_epoch is None:
         from disttrain import input_state
 
@@ -191,7 +204,7 @@ def _epoch_starts(epoch_iterator) -> None:
         stream = (seeds.detached(values) if seeds is not None
                   else epoch_iterator._disttrain_dataset)
         epoch_iterator._disttrain_stream = stream
-        epoch_iterator._distributed_dataset = (
+        epoch_iterator._distributed_dataset = (  # private: keras EpochIterator
             epoch_iterator._distribute_strategy.experimental_distribute_dataset(stream.repeat()))
 
 
@@ -228,10 +241,9 @@ class _SeedGenerators:
         import tensorflow as tf
 
         try:
-            if not any(getattr(node, "_reshuffle_each_iteration", False)
-                       or getattr(node, "_rerandomize_each_iteration", False)
-                       for node in _pipeline(dataset)):
+            if not pipeline.reshuffles(dataset):
                 return None
+            # private: tensorflow
             graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph(
                 external_state_policy=tf.data.experimental.ExternalStatePolicy.IGNORE).numpy())
         except (AttributeError, TypeError, ValueError, tf.errors.OpError):
@@ -321,7 +333,7 @@ def _add_retval(graph, name: str) -> None:
 def _from_graph(graph, element_spec):
     """The `tf.data.Dataset` of a serialized dataset graph."""
     import tensorflow as tf
-    from tensorflow.python.data.ops.dataset_ops import _VariantDataset
+    from tensorflow.python.data.ops.dataset_ops import _VariantDataset  # private: tensorflow.python
 
     variant = tf.raw_ops.DatasetFromGraph(graph_def=graph.SerializeToString())
     return _VariantDataset(variant, element_spec)
@@ -374,25 +386,27 @@ def _start_at(epoch_iterator, passes: int, batches: int) -> bool:
                 "the resumed epochs see another order than an uninterrupted run would. See "
                 "docs/resume.md#what-the-input-resumes-from.", stacklevel=2)
         return False
-    if epoch_iterator._current_iterator is not None or not _passes_differ(dataset):
+    # private: keras EpochIterator
+    if epoch_iterator._current_iterator is not None or not pipeline.passes_differ(dataset):
         return False
     start = passes * epoch_iterator.steps_per_epoch + batches
-    epoch_iterator._distributed_dataset = (
+    epoch_iterator._distributed_dataset = (  # private: keras EpochIterator
         epoch_iterator._distribute_strategy.experimental_distribute_dataset(
             epoch_iterator._disttrain_stream.repeat().skip(start)))
     return True
 
 
 def _tf_dataset_passes_differ(epoch_iterator) -> bool:
-    """`_passes_differ` of the `tf.data.Dataset` a Keras epoch iterator reads, False for
+    """`pipeline.passes_differ` of the `tf.data.Dataset` a Keras epoch iterator reads, False for
     other inputs (generators, PyDatasets)."""
     import tensorflow as tf
+    # private: keras.src
     from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 
     if not isinstance(epoch_iterator.data_adapter, TFDatasetAdapter):
         return False
     dataset = epoch_iterator.data_adapter.get_tf_dataset()
-    return isinstance(dataset, tf.data.Dataset) and _passes_differ(dataset)
+    return isinstance(dataset, tf.data.Dataset) and pipeline.passes_differ(dataset)
 
 
 def _one_pass_dataset(epoch_iterator):
@@ -404,13 +418,16 @@ def _one_pass_dataset(epoch_iterator):
     workers may hold different numbers of batches; with DATA sharding every
     worker holds its part of every batch)."""
     import tensorflow as tf
+    # private: keras.src
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    # private: keras.src
     from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 
     adapter = epoch_iterator.data_adapter
-    batches = epoch_iterator._num_batches
+    batches = epoch_iterator._num_batches  # private: keras EpochIterator
     if (epoch_iterator.steps_per_epoch is not None or not batches
             or type(adapter) not in (TFDatasetAdapter, ArrayDataAdapter)
+            # private: keras EpochIterator
             or not detection.is_multi_worker(epoch_iterator._distribute_strategy)):
         return None
     dataset = adapter.get_tf_dataset()
@@ -418,55 +435,6 @@ def _one_pass_dataset(epoch_iterator):
             or (isinstance(adapter, TFDatasetAdapter) and int(dataset.cardinality()) != batches)
             or dataset.options().experimental_distribute.auto_shard_policy
             == tf.data.experimental.AutoShardPolicy.FILE
-            or _captures_state(dataset)):
+            or pipeline.captures_state(dataset)):
         return None
     return dataset
-
-
-def _captures_state(dataset) -> bool:
-    """Whether a function of the pipeline (a `map`, `filter`, `interleave`...)
-    captures a resource: a variable or lookup table a callback may change between
-    epochs, which an iterator prefetching across the epoch boundary would read
-    too early. True when the pipeline cannot be inspected (a TensorFlow change)."""
-    import tensorflow as tf
-
-    try:
-        return any(t.dtype == tf.resource for node in _pipeline(dataset)
-                   for function in _functions(node) for t in function.captured_inputs)
-    except (AttributeError, TypeError, NotImplementedError):
-        return True
-
-
-def _passes_differ(dataset) -> bool:
-    """Whether two passes over `dataset` may yield different batches: a `shuffle`
-    that reshuffles each iteration, a `Dataset.random` that re-randomizes, or a
-    stateful op (e.g. `tf.random.uniform`) in one of its functions. True when the
-    pipeline cannot be inspected (a TensorFlow change)."""
-    try:
-        return any(getattr(node, "_reshuffle_each_iteration", False)
-                   or getattr(node, "_rerandomize_each_iteration", False)
-                   or any(op.op_def.is_stateful for function in _functions(node)
-                          for op in function.graph.get_operations())
-                   for node in _pipeline(dataset))
-    except (AttributeError, TypeError, NotImplementedError):
-        return True
-
-
-def _pipeline(dataset):
-    """Every dataset of the pipeline that ends in `dataset`, once each."""
-    pending, seen = [dataset], set()
-    while pending:
-        node = pending.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
-        pending.extend(node._inputs())
-
-
-def _functions(node):
-    """The traced functions of one pipeline dataset (its `map`, `filter`... function)."""
-    from tensorflow.python.data.ops.structured_function import StructuredFunctionWrapper
-
-    return [value.function for value in vars(node).values()
-            if isinstance(value, StructuredFunctionWrapper)]

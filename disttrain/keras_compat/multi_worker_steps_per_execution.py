@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 
 from disttrain.errors import KerasCompatError
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
 
 NAME = "multi_worker_steps_per_execution"
 UPSTREAM = "measured here (keras 3.15.1): the multi-step loop fails under multi-worker MWMS"
@@ -23,15 +23,17 @@ def is_needed() -> bool:
         detection.TargetNotFound: the trainer's `_make_function` is missing.
     """
     return detection.source_contains(
-        detection.find(detection.trainer_class(), "_make_function"), "multi_step_on_iterator",
-        "one_step_on_data = tf.function(", "tf.cond(")
+        detection.find(detection.trainer_class(), "_make_function"),  # private: keras
+        "multi_step_on_iterator", "one_step_on_data = tf.function(", "tf.cond(")
 
 
 def install() -> None:
     """Wraps the trainer's `_make_function`."""
-    trainer_class = detection.trainer_class()
-    original = trainer_class._make_function
+    _patch.wrap(detection.trainer_class(), "_make_function",  # private: keras
+                _multi_step_under_multi_worker, by=NAME)
 
+
+def _multi_step_under_multi_worker(original: Callable) -> Callable:
     @functools.wraps(original)
     def _make_function(self, step_function):
         if (self.steps_per_execution == 1 or self.run_eagerly
@@ -47,7 +49,7 @@ def install() -> None:
             )
         return _multi_step_function(self, step_function)
 
-    trainer_class._make_function = _make_function
+    return _make_function
 
 
 def _multi_step_function(model, step_function) -> Callable:
@@ -63,7 +65,7 @@ def _multi_step_function(model, step_function) -> Callable:
 
     # Keras 3.12+ turns empty Optionals in a batch into None
     # before the step; older Keras has no such conversion.
-    @getattr(model, "_autoconvert_optionals", lambda step: step)
+    @getattr(model, "_autoconvert_optionals", lambda step: step)  # private: keras
     def run_step(data):
         return strategy.run(step_function, args=(data,))
 
@@ -78,19 +80,19 @@ def _multi_step_function(model, step_function) -> Callable:
 
         def body(step, _, batch):
             result = tf.experimental.Optional.from_value(run_step(batch.get_value()))
-            outputs._element_spec = result.element_spec
+            outputs._element_spec = result.element_spec  # private: tensorflow Optional
             following = tf.cond(step + 1 < limit, iterator.get_next_as_optional, lambda: batch)
             return step + 1, result, following
 
         _, last, _ = tf.while_loop(
             lambda step, _, batch: tf.logical_and(step < limit, batch.has_value()),
             body, [tf.constant(0), outputs, iterator.get_next_as_optional()])
-        last._element_spec = outputs.element_spec
+        last._element_spec = outputs.element_spec  # private: tensorflow Optional
         logs = tf.experimental.Optional.empty(None)
 
         def reduced():
             result = tf.experimental.Optional.from_value(reduce(last.get_value()))
-            logs._element_spec = result.element_spec
+            logs._element_spec = result.element_spec  # private: tensorflow Optional
             return result
 
         return tf.cond(last.has_value(), reduced, lambda: logs)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import functools
 
 from disttrain.errors import StrategyError
+from disttrain.keras_compat import _patch
 
+NAME = "gradient_compression"
 CHOICES = ("none", "bf16", "fp16")
 
 _dtype_name: str | None = None
@@ -43,11 +45,10 @@ def install(compression: str) -> None:
     global _dtype_name
     check(compression)
     _dtype_name = {"none": None, "bf16": "bfloat16", "fp16": "float16"}[compression]
-    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer  # private: keras.src
 
-    if hasattr(TFOptimizer._all_reduce_sum_gradients, "__wrapped__"):
-        return
-    TFOptimizer._all_reduce_sum_gradients = _compressing(TFOptimizer._all_reduce_sum_gradients)
+    _patch.wrap(TFOptimizer, "_all_reduce_sum_gradients", _compressing,  # private: keras
+                by=NAME)
 
 
 def check(compression: str) -> None:

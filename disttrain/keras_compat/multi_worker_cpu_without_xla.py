@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
 
 NAME = "multi_worker_cpu_without_xla"
 UPSTREAM = "tensorflow b/194942685 (XLA has no collectives on CPU devices)"
@@ -28,7 +28,7 @@ def is_needed() -> bool:
     trainer = detection.trainer_class()
     for name in _MAKERS:
         detection.find(trainer, name)
-    return detection.source_contains(detection.find(trainer, "_make_function"),
+    return detection.source_contains(detection.find(trainer, "_make_function"),  # private: keras
                                      "jit_compile=self.jit_compile")
 
 
@@ -37,7 +37,7 @@ def install() -> None:
     `make_predict_function`."""
     trainer_class = detection.trainer_class()
     for name in _MAKERS:
-        setattr(trainer_class, name, _without_xla_on_cpu(getattr(trainer_class, name)))
+        _patch.wrap(trainer_class, name, _without_xla_on_cpu, by=NAME)
 
 
 def _without_xla_on_cpu(make_function):

@@ -11,7 +11,7 @@ import functools
 import weakref
 from collections.abc import Callable
 
-from disttrain.keras_compat import detection
+from disttrain.keras_compat import _patch, detection
 
 NAME = "scalar_metric_reduction"
 UPSTREAM = "keras-team/keras#20585, ray-project/ray#47464"
@@ -28,7 +28,7 @@ def is_needed() -> bool:
     """
     module, trainer = detection.tf_trainer(), detection.trainer_class()
     for name in ("_collective_all_reduce_multi_worker", "_is_per_replica_instance"):
-        detection.find(module, name)
+        detection.find(module, name)  # private: keras trainer module helpers
     for name in ("get_metrics_result", "reset_metrics"):
         detection.find(trainer, name)
     return detection.source_contains(detection.find(module, "reduce_per_replica"),
@@ -36,23 +36,42 @@ def is_needed() -> bool:
 
 
 def install() -> None:
-    """Replaces `reduce_per_replica`; compiles `get_metrics_result` and `reset_metrics`."""
+    """Wraps `reduce_per_replica`; compiles `get_metrics_result` and `reset_metrics`."""
+    trainer = detection.tf_trainer()
+    _patch.wrap(trainer, "reduce_per_replica", _reducing_scalars_together, by=NAME)
+    trainer_class = detection.trainer_class()
+    _patch.wrap(trainer_class, "get_metrics_result", _compiled_metrics_result, by=NAME)
+    _patch.wrap(trainer_class, "reset_metrics", _compiled_when_multi_worker, by=NAME)
+
+
+def _compiled_metrics_result(get_metrics_result: Callable) -> Callable:
+    from keras.src.utils.python_utils import pythonify_logs  # private: keras.src
+
+    # Keras up to 3.13 turns the results into Python numbers inside the method (its
+    # callers do from 3.14 on); inside a tf.function that must happen after the call.
+    after = (pythonify_logs if detection.source_contains(get_metrics_result, "pythonify_logs")
+             else None)
+    return _compiled_when_multi_worker(get_metrics_result, after)
+
+
+def _reducing_scalars_together(original: Callable) -> Callable:
+    """Keras's `reduce_per_replica` with every rank-0 value reduced with `axis=None`, those
+    of one dtype in one all-reduce, under multi-worker."""
     import tensorflow as tf
-    from keras.src import tree
-    from keras.src.utils.python_utils import pythonify_logs
+    from keras.src import tree  # private: keras.src.tree
 
     trainer = detection.tf_trainer()
-    original = trainer.reduce_per_replica
 
     def _local(v):
-        return v.values[0] if trainer._is_per_replica_instance(v) else v
+        return v.values[0] if trainer._is_per_replica_instance(v) else v  # private: keras
 
     def _mean_of_scalars(strategy, scalars: list) -> list:
         stacked = strategy.run(lambda *xs: tf.stack(xs), args=tuple(scalars))
         return tf.unstack(strategy.reduce("MEAN", stacked, axis=None), num=len(scalars))
 
+    @functools.wraps(original)
     def reduce_per_replica(values, strategy, reduction):
-        multi_worker = trainer._collective_all_reduce_multi_worker(strategy)
+        multi_worker = trainer._collective_all_reduce_multi_worker(strategy)  # private: keras
         if not multi_worker or reduction not in ("auto", "mean"):
             return original(values, strategy, reduction)
         flat = tree.flatten(values)
@@ -71,16 +90,7 @@ def install() -> None:
                 reduced[i] = mean
         return tree.pack_sequence_as(values, reduced)
 
-    reduce_per_replica.__wrapped__ = original
-    trainer.reduce_per_replica = reduce_per_replica
-    trainer_class = detection.trainer_class()
-    get_metrics_result = trainer_class.get_metrics_result
-    # Keras up to 3.13 turns the results into Python numbers inside the method (its
-    # callers do from 3.14 on); inside a tf.function that must happen after the call.
-    after = (pythonify_logs if detection.source_contains(get_metrics_result, "pythonify_logs")
-             else None)
-    trainer_class.get_metrics_result = _compiled_when_multi_worker(get_metrics_result, after)
-    trainer_class.reset_metrics = _compiled_when_multi_worker(trainer_class.reset_metrics)
+    return reduce_per_replica
 
 
 def _compiled_when_multi_worker(method: Callable, after: Callable | None = None) -> Callable:

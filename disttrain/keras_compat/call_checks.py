@@ -1,0 +1,77 @@
+"""The one hook on `fit`, `evaluate` and `predict` that runs the checks before a call starts.
+
+Two checks, each skippable on its own, run in this order at the start of every
+call under multi-worker training (not fixes of Keras code):
+
+- `preflight`: configuration mistakes (batch, steps, sharding, dtype, threads);
+- `input_check`: every worker's unsharded input starts identically.
+
+`keras_compat.apply()` installs the hook after the fixes, with the checks it was
+not asked to skip (`apply(skip=("preflight",))`, `apply(skip=("input_check",))`);
+each check also has its own environment switch (`DISTTRAIN_PREFLIGHT=0`,
+`DISTTRAIN_INPUT_CHECK=0`). See `docs/keras_compat.md#preflight` and
+`docs/keras_compat.md#input-check`.
+
+Example:
+
+```python
+disttrain.keras_compat.apply(skip=("input_check",))   # the preflight still runs
+```
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+from disttrain.keras_compat import _patch, detection, input_check, preflight
+
+NAME = "call_checks"
+CHECKS = (preflight.NAME, input_check.NAME)
+"""The checks the hook runs, in order."""
+
+# The arguments of each checked method that may hold a dataset TensorFlow distributes.
+_CHECKED_ARGUMENTS = {"fit": ("x", "validation_data"), "evaluate": ("x",), "predict": ("x",)}
+
+_enabled: frozenset[str] = frozenset()
+
+
+def install(checks: tuple[str, ...] = CHECKS) -> None:
+    """Runs `checks` at the start of `fit`, `evaluate` and `predict` (the first call
+    decides which).
+
+    Args:
+        checks: names from `CHECKS`.
+
+    Raises:
+        ValueError: `checks` names an unknown check.
+    """
+    global _enabled
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"call_checks.install: {sorted(unknown)!r} are not checks. "
+                         f"Fix: use names from {CHECKS!r}.")
+    if not _patch.installed(NAME):
+        _enabled = frozenset(checks)
+    trainer = detection.trainer_class()
+    for method, arguments in _CHECKED_ARGUMENTS.items():
+        _patch.wrap(trainer, method, functools.partial(_checked_first, arguments=arguments),
+                    by=NAME)
+
+
+def _checked_first(method: Callable, arguments: tuple[str, ...]) -> Callable:
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked by fit
+            bound = signature.bind_partial(self, *args, **kwargs).arguments
+            if preflight.NAME in _enabled:
+                preflight.run(self, method.__name__, bound)
+            if input_check.NAME in _enabled:
+                input_check.check_inputs(self.distribute_strategy,
+                                         {a: bound.get(a) for a in arguments}, method.__name__)
+        return method(self, *args, **kwargs)
+
+    return wrapper
