@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from disttrain.check import parity
 from disttrain.errors import InputMismatchError
 from disttrain.keras_compat import detection, input_order, preflight
 
@@ -215,6 +216,7 @@ def _checked_first(method, arguments: tuple[str, ...]):
             return method(self, *args, **kwargs)
         call = signature.bind_partial(self, *args, **kwargs)
         bound = call.arguments
+        parity.attach(self, method.__name__, bound)
         preflight.run(self, method.__name__, bound)
         strategy = self.distribute_strategy
         shuffle = input_order.shuffled(method.__name__, bound)
