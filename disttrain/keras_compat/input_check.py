@@ -113,7 +113,8 @@ def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str,
         strategy: the model's distribution strategy.
         inputs: argument name → value (e.g. `{"x": x, "y": y, "validation_data": val}`).
         call: what is about to run (`"fit"`, `"evaluate"`, `"predict"`), for the message.
-        shuffle: whether Keras will shuffle array or `PyDataset` inputs (fit's `shuffle`).
+        shuffle: whether Keras will shuffle an array or `PyDataset` `x`
+            (`input_order.shuffled`).
         validation_split: fit's `validation_split`, for the message.
 
     Returns:
@@ -134,9 +135,7 @@ def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str,
         return Checked()
     checked = Checked()
     kinds = {name: kind for name, value in inputs.items() if (kind := _kind(value))}
-    arrays_shuffled = shuffle and any(k in ("arrays", "pydataset")
-                                      for n, k in kinds.items() if n == "x")
-    if not kinds and not arrays_shuffled:
+    if not kinds and not shuffle:
         return checked
     from disttrain import coordination
 
@@ -150,7 +149,7 @@ def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str,
         if replacement is not None:
             checked.inputs[name] = replacement
     proposal = random.SystemRandom().randrange(1, 2**31 - 1)
-    if arrays_shuffled:
+    if shuffle:
         local[_ORDER] = {"global seed": str(input_order.global_seed())}
     coord = coordination.get()
     peers = [json.loads(v) for v in coord.gather(
@@ -167,7 +166,7 @@ def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str,
     for name, kind in kinds.items():
         if kind == "dataset":
             _passed[inputs[name]] = True
-    if arrays_shuffled and input_order.global_seed() is None:
+    if shuffle and input_order.global_seed() is None:
         checked.seed = peers[0]["seed"]
     return checked
 

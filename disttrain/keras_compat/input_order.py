@@ -139,5 +139,16 @@ def _shuffle_replaced(replacement) -> Iterator[None]:
 
 def shuffled(call: str, arguments: dict[str, Any]) -> bool:
     """Whether `call` with these bound arguments runs Keras's shuffle of arrays or a
-    `PyDataset` (fit with `shuffle=True`, its default)."""
-    return call == "fit" and arguments.get("shuffle", True) is True
+    `PyDataset` (fit with `shuffle=True`, its default, on such an `x`)."""
+    from keras.src.trainers.data_adapters.array_data_adapter import can_convert_arrays
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDataset
+
+    x = arguments.get("x")
+    if call != "fit" or arguments.get("shuffle", True) is not True or x is None:
+        return False
+    if isinstance(x, PyDataset):
+        return True
+    try:
+        return can_convert_arrays((x,))
+    except (TypeError, ValueError):
+        return False
