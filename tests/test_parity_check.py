@@ -73,3 +73,12 @@ def test_the_dispatcher_lists_its_subcommands():
                          env=worker_env(), capture_output=True, text=True, timeout=60,
                          check=False)
     assert run.returncode == 2 and "parity" in run.stderr
+
+
+def test_a_script_that_never_fits_is_a_failure_that_says_why():
+    run = subprocess.run([sys.executable, "-m", "disttrain.check", "parity", "--",
+                          sys.executable, "-c", "print('no training here')"], cwd=REPO_ROOT,
+                         env=worker_env(), capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == parity.EXIT_FAILED, run.stderr
+    assert "must call disttrain.strategy()" in run.stderr and "no training here" in run.stderr

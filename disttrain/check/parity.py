@@ -256,8 +256,9 @@ def _run_both(command: list[str], directory: str, steps: int,
     captures = [os.path.join(one_dir, "worker-0.npz")]
     if not os.path.exists(captures[0]):
         return [], (f"parity: the one-process run ended (exit {single.returncode}) without "
-                    f"reaching a fit step; its output:\n{single.stdout[-3000:]}"
-                    f"{single.stderr[-5000:]}")
+                    "capturing weights. The script must call disttrain.strategy() (it installs "
+                    "the hook) and train with model.fit. Its output:\n"
+                    f"{single.stdout[-3000:]}{single.stderr[-5000:]}")
     run = run_cluster(command, WORKERS, env={**env, ENV_DIR: workers_dir}, timeout=timeout)
     captures += [os.path.join(workers_dir, f"worker-{rank}.npz") for rank in range(WORKERS)]
     if not all(os.path.exists(path) for path in captures[1:]):
