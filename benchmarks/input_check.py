@@ -5,6 +5,10 @@ check's worst ordinary case: its first batch fills the whole shuffle buffer). Ea
 `evaluate` gets a new dataset object, so the check runs every time (it skips a
 dataset object that passed before); calls with the check on and off alternate in
 the same 2-worker cluster.
+
+NumPy arrays are hashed whole before every call: the check of `fit(x, y)` is timed
+for 100 MB and 1 GB of `x` on each of 2 workers (both hashing at once), with the
+memory it allocates meanwhile (a copy of the arrays would show here).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from benchmarks import train_step
 from benchmarks.cluster import on_cluster
-from benchmarks.report import Row, Stat, ratio_row
+from benchmarks.report import Goal, Row, Stat, ratio_row
 from benchmarks.settings import Settings
 
 WORKERS = 2
@@ -66,17 +70,72 @@ def worker(steps: int, calls: int) -> dict[str, Any]:
             "check_ms": statistics.median(alone)}
 
 
+ARRAY_GOAL = Goal(1.0, " s per GB")
+
+
+def arrays_worker(megabytes: list[int], calls: int) -> dict[str, Any]:
+    """Runs in every worker: the input check of `fit(x, y)` for each size of `x` (float32),
+    `calls` times; the seconds of each and the bytes allocated during the first."""
+    import tracemalloc
+
+    import numpy as np
+
+    import disttrain
+    from disttrain.keras_compat import input_check
+
+    strategy = disttrain.strategy()
+    measured: dict[str, Any] = {}
+    for size in megabytes:
+        x = np.arange(size * (1 << 20) // 4, dtype="float32").reshape(-1, 64)
+        y = np.zeros((len(x), 1), dtype="float32")
+        seconds, peak = [], 0
+        for call in range(calls):
+            if call == 0:
+                tracemalloc.start()
+            start = time.perf_counter()
+            input_check.check_inputs(strategy, {"x": x, "y": y}, "bench", shuffle=True)
+            seconds.append(time.perf_counter() - start)
+            if call == 0:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+        measured[str(size)] = {"s": statistics.median(seconds), "peak_bytes": peak,
+                               "bytes": x.nbytes + y.nbytes}
+        del x, y
+    return measured
+
+
 def measure(settings: Settings) -> list[dict[str, Any]]:
     """One 2-worker cluster per round; each worker's medians."""
     results: list[dict[str, Any]] = []
     for _ in range(settings.rounds):
         results += on_cluster(worker, WORKERS, {"steps": settings.steps,
                                                 "calls": 4 * settings.rounds})
+        arrays = on_cluster(arrays_worker, WORKERS, {"megabytes": list(settings.input_megabytes),
+                                                     "calls": 3})
+        for result, sizes in zip(results[-WORKERS:], arrays):
+            result["arrays"] = sizes
     return results
 
 
 def rows(results: list[dict[str, Any]], settings: Settings) -> list[Row]:
-    """The check alone, and `evaluate` with the check against without it."""
+    """The check alone, `evaluate` with the check against without it, and the check of
+    NumPy arrays per size."""
+    return _dataset_rows(results, settings) + [
+        _array_row(size, [r["arrays"][str(size)] for r in results])
+        for size in settings.input_megabytes]
+
+
+def _array_row(size: int, measured: list[dict[str, Any]]) -> Row:
+    per_gb = Stat.of([m["s"] / (m["bytes"] / 1e9) for m in measured])
+    return Row(f"input check, {WORKERS} workers: fit(x, y) on {size} MB of NumPy arrays, "
+               "before training",
+               Stat.of([m["s"] for m in measured]).show(" s", 3),
+               f"per GB: {per_gb.show(' s', 2)}; allocated meanwhile: "
+               f"{Stat.of([m['peak_bytes'] / 1e6 for m in measured]).show(' MB', 2)}",
+               "-", ARRAY_GOAL.verdict(per_gb.median))
+
+
+def _dataset_rows(results: list[dict[str, Any]], settings: Settings) -> list[Row]:
     check = Stat.of([r["check_ms"] for r in results])
     share = Stat.of([100 * r["check_ms"] / r["off_ms"] for r in results])
     return [

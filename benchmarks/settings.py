@@ -29,6 +29,8 @@ class Settings:
     scaling_workers: tuple[int, ...]
     scale_workers: tuple[int, ...]
     """Worker counts of the `--scale` section (local processes sharing the cores)."""
+    input_megabytes: tuple[int, ...] = (100, 1000)
+    """Sizes of the NumPy arrays whose input check is timed (each worker holds its copy)."""
 
 
 FULL = Settings("full", rounds=5, epochs=3, steps=30, collective_calls=200,
@@ -41,4 +43,4 @@ QUICK = Settings("quick", rounds=2, epochs=2, steps=20, collective_calls=100,
                  scale_workers=(2, 4, 8, 12, 16))
 SMOKE = Settings("smoke", rounds=1, epochs=1, steps=3, collective_calls=5,
                  checkpoint_params=(20_000,), checkpoint_rounds=1, launcher_rounds=1, demo_epochs=3,
-                 scaling_workers=(1, 2), scale_workers=(2,))
+                 scaling_workers=(1, 2), scale_workers=(2,), input_megabytes=(10,))

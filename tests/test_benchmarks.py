@@ -33,6 +33,7 @@ def test_smoke_run_prints_every_row_and_writes_the_docs_page(tmp_path):
                 "digits demo, 2 workers", "launch.local, 2 workers: start to first training step",
                 "launch.local: teardown after a worker fails", "compute alone: 2 processes",
                 "+ gradient all-reduce", "fit with compile(steps_per_execution=8)",
+                "on 10 MB of NumPy arrays, before training",
                 "(launch.local default)", "one input iterator per fit",
                 "fsync + atomic rename alone", "gradients all-reduced in bf16",
                 "BackupAndRestore save with per-worker parts",

@@ -4,7 +4,12 @@ Two checks, each skippable on its own, run in this order at the start of every
 call under multi-worker training (not fixes of Keras code):
 
 - `preflight`: configuration mistakes (batch, steps, sharding, dtype, threads);
-- `input_check`: every worker's unsharded input starts identically.
+- `input_check`: every worker's input is the same (tf.data sharded by element,
+  arrays, `PyDataset`s, generators), and Keras's shuffle of arrays draws one order
+  on every worker (`input_order`).
+
+In a process of `python -m disttrain.check parity` it also adds the parity probe's
+capturing callback to `fit` (`parity_probe`).
 
 `keras_compat.apply()` installs the hook after the fixes, with the checks it was
 not asked to skip (`apply(skip=("preflight",))`, `apply(skip=("input_check",))`);
@@ -25,14 +30,22 @@ import functools
 import inspect
 from collections.abc import Callable
 
-from disttrain.keras_compat import _patch, detection, input_check, preflight
+from disttrain.keras_compat import (
+    _patch,
+    detection,
+    input_check,
+    input_order,
+    parity_probe,
+    preflight,
+)
 
 NAME = "call_checks"
 CHECKS = (preflight.NAME, input_check.NAME)
 """The checks the hook runs, in order."""
 
-# The arguments of each checked method that may hold a dataset TensorFlow distributes.
-_CHECKED_ARGUMENTS = {"fit": ("x", "validation_data"), "evaluate": ("x",), "predict": ("x",)}
+# The arguments of each checked method that may hold an input.
+_CHECKED_ARGUMENTS = {"fit": ("x", "y", "sample_weight", "validation_data"),
+                      "evaluate": ("x", "y", "sample_weight"), "predict": ("x",)}
 
 _enabled: frozenset[str] = frozenset()
 
@@ -54,6 +67,8 @@ def install(checks: tuple[str, ...] = CHECKS) -> None:
                          f"Fix: use names from {CHECKS!r}.")
     if not _patch.installed(NAME):
         _enabled = frozenset(checks)
+    if input_check.NAME in _enabled:
+        input_order.install()
     trainer = detection.trainer_class()
     for method, arguments in _CHECKED_ARGUMENTS.items():
         _patch.wrap(trainer, method, functools.partial(_checked_first, arguments=arguments),
@@ -65,13 +80,14 @@ def _checked_first(method: Callable, arguments: tuple[str, ...]) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked by fit
-            bound = signature.bind_partial(self, *args, **kwargs).arguments
-            if preflight.NAME in _enabled:
-                preflight.run(self, method.__name__, bound)
-            if input_check.NAME in _enabled:
-                input_check.check_inputs(self.distribute_strategy,
-                                         {a: bound.get(a) for a in arguments}, method.__name__)
-        return method(self, *args, **kwargs)
+        if kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked by fit
+            return method(self, *args, **kwargs)
+        call = signature.bind_partial(self, *args, **kwargs)
+        parity_probe.attach(self, method.__name__, call.arguments)
+        if preflight.NAME in _enabled:
+            preflight.run(self, method.__name__, call.arguments)
+        if input_check.NAME not in _enabled:
+            return method(*call.args, **call.kwargs)
+        return input_check.checked_call(self, method, call, arguments)
 
     return wrapper

@@ -25,72 +25,126 @@ model.fit(train)      # passes: the seed makes every worker's order the same
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
+import logging
 import os
+import random
+import types
 import weakref
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
-from disttrain.keras_compat import detection, pipeline
+from disttrain.keras_compat import detection, input_order, pipeline
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
 """Set to `0` to skip the check (it must then be `0` on every worker)."""
 
+# Bytes of an array hashed at a time (a view of the array, not a copy).
+_CHUNK_BYTES = 64 << 20
+
+_log = logging.getLogger(__name__)
 _passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_END = object()
+_ORDER = "shuffle order"
 
 
-def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str) -> None:
-    """Raises on every worker when their unsharded inputs start differently.
+@dataclasses.dataclass
+class Checked:
+    """What `check_inputs` found: the inputs to go on with, and the agreed shuffle seed.
 
-    Only `tf.data.Dataset` inputs that TensorFlow will shard by element are
-    checked (auto-shard policy `DATA`, or `AUTO` on a pipeline without a file
-    reader); NumPy arrays, generators, `PyDataset`s, FILE- or OFF-sharded and
-    already distributed datasets are left alone, and so is a dataset object that
-    passed before. Every worker must call it at the same point with the same
-    kinds of inputs; the ones checked cost one exchange in all. A no-op outside
-    multi-worker training and when `DISTTRAIN_INPUT_CHECK=0`.
+    Attributes:
+        inputs: argument name → value for the arguments that must be passed on
+            instead of the caller's (a generator whose first batch was drawn for
+            the check, put back in front of the rest).
+        seed: the seed every worker agreed for Keras's shuffle (the chief's draw),
+            when `shuffle` was asked and no global seed is set; else None.
+    """
+
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int | None = None
+
+
+def check_inputs(strategy: Any, inputs: Mapping[str, Any], call: str,
+                 shuffle: bool = False, validation_split: float = 0.0) -> Checked:
+    """Raises on every worker when their unsharded inputs differ.
+
+    Checked: `tf.data.Dataset`s that TensorFlow will shard by element (auto-shard
+    policy `DATA`, or `AUTO` on a pipeline without a file reader: the first batch
+    and the cardinality), NumPy arrays and tensors (all their contents, hashed in
+    place), `PyDataset`s (length, first and last batch) and generators (the first
+    batch, drawn and put back). FILE- or OFF-sharded and already distributed
+    datasets are left alone, and so is a dataset object that passed before. With
+    `shuffle`, the workers' global seeds must agree too, and without one they agree
+    a seed for Keras's shuffle. Every worker must call it at the same point with
+    the same kinds of inputs; the checked ones cost one exchange in all. A no-op
+    outside multi-worker training and when `DISTTRAIN_INPUT_CHECK=0`.
 
     Args:
         strategy: the model's distribution strategy.
-        inputs: argument name → value (e.g. `{"x": train_ds, "validation_data": val_ds}`).
+        inputs: argument name → value (e.g. `{"x": x, "y": y, "validation_data": val}`).
         call: what is about to run (`"fit"`, `"evaluate"`, `"predict"`), for the message.
+        shuffle: whether Keras will shuffle an array or `PyDataset` `x`
+            (`input_order.shuffled`).
+        validation_split: fit's `validation_split`, for the message.
+
+    Returns:
+        A `Checked`: the inputs to pass on in place of the given ones, and the
+        agreed shuffle seed.
 
     Raises:
-        InputMismatchError: the first batches or the cardinalities differ, or a
-            worker could not read its first batch.
+        InputMismatchError: an input differs between workers, the global seeds
+            differ while Keras shuffles, or a worker could not read its input.
 
     Example:
 
     ```python
-    input_check.check_inputs(model.distribute_strategy, {"x": dataset}, "evaluate")
+    input_check.check_inputs(model.distribute_strategy, {"x": x, "y": y}, "fit", shuffle=True)
     ```
     """
     if os.environ.get(ENV_DISABLE, "1") == "0" or not detection.is_multi_worker(strategy):
-        return
-    datasets = {name: value for name, value in inputs.items()
-                if _shards_by_element(value) and value not in _passed}
-    if not datasets:
-        return
+        return Checked()
+    checked = Checked()
+    kinds = {name: kind for name, value in inputs.items() if (kind := _kind(value))}
+    if not kinds and not shuffle:
+        return checked
     from disttrain import coordination
 
     local, failure = {}, None
-    for name, dataset in datasets.items():
+    for name, kind in kinds.items():
         try:
-            local[name] = fingerprint(dataset)
+            local[name], replacement = _fingerprint_of(kind, inputs[name])
         except Exception as e:  # reported to every worker below, then re-raised here
-            failure = failure or e
+            failure, replacement = failure or e, None
             local[name] = {"error": f"{type(e).__name__}: {e}"}
+        if replacement is not None:
+            checked.inputs[name] = replacement
+    proposal = random.SystemRandom().randrange(1, 2**31 - 1)
+    if shuffle:
+        local[_ORDER] = {"global seed": str(input_order.global_seed())}
     coord = coordination.get()
-    peers = [json.loads(v) for v in coord.gather(f"keras_compat.{NAME}.{call}",
-                                                 json.dumps(local, sort_keys=True))]
-    for name, dataset in datasets.items():
-        seen = [peer[name] for peer in peers]
-        if any(s != seen[0] for s in seen):
+    peers = [json.loads(v) for v in coord.gather(
+        f"keras_compat.{NAME}.{call}", json.dumps({"seed": proposal, "inputs": local},
+                                                  sort_keys=True))]
+    seen_by_name = {name: [peer["inputs"][name] for peer in peers] for name in local}
+    for name, seen in seen_by_name.items():
+        if all(s == seen[0] for s in seen):
+            continue
+        if kinds.get(name) == "dataset":
             raise InputMismatchError(_message(call, name, seen)) from failure
-        _passed[dataset] = True
+        raise InputMismatchError(_mismatch(call, name, kinds.get(name), seen,
+                                           validation_split)) from failure
+    for name, kind in kinds.items():
+        if kind == "dataset":
+            _passed[inputs[name]] = True
+    if shuffle and input_order.global_seed() is None:
+        checked.seed = peers[0]["seed"]
+    return checked
 
 
 def fingerprint(dataset: Any) -> dict[str, Any]:
@@ -128,6 +182,132 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         None, None, None)
     return {"batches": int(dataset.cardinality()), "inputs": _digest(x),
             "targets": _digest((y, sample_weight)) if y is not None else None}
+
+
+def checked_call(model: Any, method: Callable, call: inspect.BoundArguments,
+                 arguments: tuple[str, ...]) -> Any:
+    """Checks the inputs of a `fit`/`evaluate`/`predict` call, then makes it: with the
+    checked inputs in place of the given ones (a generator's first batch put back) and,
+    when Keras shuffles arrays or a `PyDataset`, in the order every worker agreed
+    (`input_order`). Called by the `call_checks` hook.
+
+    Args:
+        model: the model whose method is called.
+        method: Keras's `fit`, `evaluate` or `predict` (unbound).
+        call: the call's bound arguments (`model` first); updated in place.
+        arguments: the names of the arguments that may hold inputs.
+    """
+    bound, name = call.arguments, method.__name__
+    strategy = model.distribute_strategy
+    shuffle = input_order.shuffled(name, bound)
+    checked = check_inputs(strategy, {a: bound.get(a) for a in arguments}, name,
+                           shuffle=shuffle,
+                           validation_split=bound.get("validation_split") or 0.0)
+    bound.update(checked.inputs)
+    if not (shuffle and detection.is_multi_worker(strategy)):
+        return method(*call.args, **call.kwargs)
+    if checked.seed is None and input_order.global_seed() is None:
+        _log.warning("keras_compat: %s is off and no global seed is set, so Keras's "
+                     "shuffle of array or PyDataset inputs draws another order on each "
+                     "worker. Fix: keras.utils.set_random_seed(S) on every worker, or "
+                     "shuffle=False.", NAME)
+        return method(*call.args, **call.kwargs)
+    with input_order.agreed(checked.seed):
+        return method(*call.args, **call.kwargs)
+
+
+def _kind(value: Any) -> str | None:
+    """How an input is checked: `"dataset"`, `"arrays"`, `"pydataset"`, `"generator"`,
+    or None (not checked)."""
+    from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
+        can_convert_arrays,
+    )
+    from keras.utils import PyDataset
+
+    if value is None:
+        return None
+    if _shards_by_element(value):
+        return "dataset"
+    if isinstance(value, PyDataset):
+        return "pydataset"
+    if isinstance(value, types.GeneratorType):
+        return "generator"
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return None
+    try:
+        return "arrays" if can_convert_arrays((value,)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _fingerprint_of(kind: str, value: Any) -> tuple[dict[str, Any], Any]:
+    """The fingerprint of one input, and what to pass on instead of it (or None)."""
+    if kind == "dataset":
+        return fingerprint(value), None
+    if kind == "arrays":
+        return array_fingerprint(value), None
+    if kind == "pydataset":
+        batches = value.num_batches
+        entries = {"batches": str(batches), "batch 0": _digest(value[0])}
+        if batches:
+            entries[f"batch {batches - 1}"] = _digest(value[batches - 1])
+        return entries, None
+    first = next(value, _END)
+    return ({"first batch": "none, empty" if first is _END else _digest(first)},
+            _put_back(first, value))
+
+
+def _put_back(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """A generator of `first` (unless the input was empty), then the rest."""
+    if first is not _END:
+        yield first
+    yield from rest
+
+
+def array_fingerprint(value: Any) -> dict[str, str]:
+    """A digest of every array in `value` (a NumPy array, tensor, or a list / tuple /
+    dict of them), keyed by its place in the structure.
+
+    The arrays are hashed in place, a 64 MB view at a time (CRC-32 of the bytes,
+    with the dtype and shape): no copy of a contiguous array is made.
+
+    Args:
+        value: what `fit`/`evaluate`/`predict` receive as `x`, `y`, `sample_weight`
+            or `validation_data`.
+
+    Returns:
+        `{"[0]": "float32 (64, 4) crc 1a2b3c4d", ...}` (`""` for a single array).
+
+    Example:
+
+    ```python
+    array_fingerprint({"a": np.zeros(3)})   # {"['a']": "float64 (3,) crc ..."}
+    ```
+    """
+    from keras import tree
+
+    return {"".join(f"[{p!r}]" for p in path): _array_digest(leaf)
+            for path, leaf in tree.flatten_with_path(value) if leaf is not None}
+
+
+def _array_digest(value: Any) -> str:
+    import numpy as np
+    import tensorflow as tf
+
+    described, crc = [], 0
+    for part in tf.nest.flatten(value, expand_composites=True):
+        array = np.asarray(part)
+        described.append(f"{array.dtype} {array.shape}")
+        if array.dtype == object:
+            for item in array.ravel():
+                crc = zlib.crc32(repr(item).encode(), crc)
+            continue
+        rows = max(1, _CHUNK_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
+        flat = array if array.ndim else array.reshape(1)
+        for start in range(0, len(flat), rows):
+            chunk = np.ascontiguousarray(flat[start:start + rows])
+            crc = zlib.crc32(chunk.reshape(-1).view(np.uint8), crc)
+    return f"{', '.join(described)} crc {crc:08x}"
 
 
 def _shards_by_element(value: Any) -> bool:
@@ -191,6 +371,43 @@ def _message(call: str, name: str, seen: list[dict[str, Any]]) -> str:
         "auto_shard_policy = AutoShardPolicy.OFF, or files split with AutoShardPolicy.FILE)."
         f"{hint} To skip this check: {ENV_DISABLE}=0 on every worker, or "
         f"disttrain.keras_compat.apply(skip=({NAME!r},)) before disttrain.strategy()."
+    )
+
+
+def _mismatch(call: str, name: str, kind: str | None, seen: list[dict[str, str]],
+              validation_split: float) -> str:
+    """The message for an input other than a `tf.data.Dataset` that differs between workers."""
+    skip = (f"To skip this check: {ENV_DISABLE}=0 on every worker, or disttrain.keras_compat."
+            f"apply(skip=({NAME!r},)) before disttrain.strategy().")
+    errors = [f"worker {rank}: {s['error']}" for rank, s in enumerate(seen) if "error" in s]
+    if errors:
+        return (f"{call}: the input check could not read {name!r} on every worker "
+                f"({'; '.join(errors)}). Fix: make the input readable on every worker. {skip}")
+    differing = next(key for key in sorted(set().union(*seen))
+                     if any(s.get(key) != seen[0].get(key) for s in seen))
+    workers = "; ".join(f"worker {rank}: {s.get(differing)}" for rank, s in enumerate(seen))
+    if name == _ORDER:
+        return (f"{call}: Keras shuffles the inputs (shuffle=True), and the workers' global "
+                f"seeds differ ({workers}): each worker would draw another order and keep "
+                "every N-th batch of it, so some samples would train twice and others never. "
+                "Fix: call keras.utils.set_random_seed(S) with the same S on every worker "
+                "(or on none: disttrain then agrees a seed), or pass shuffle=False.")
+    label = f"{name}{differing}" if kind == "arrays" else f"{name} ({differing})"
+    what = {"arrays": "Keras slices arrays and tensors itself on each worker,",
+            "pydataset": "Each worker reads the whole PyDataset",
+            "generator": "Each worker reads the whole generator"}.get(kind, "Each worker reads it")
+    split = (f" With validation_split={validation_split}, each worker's validation set is the "
+             "last part of its own arrays, so it is not held out from what the others train on."
+             if validation_split and name in ("x", "y", "sample_weight") else "")
+    return (
+        f"{call}: {label} differs between workers ({workers}). {what} and keeps "
+        f"every {len(seen)}th batch of its own copy, so the workers would see different "
+        f"samples: some twice and others never.{split} Likely cause: a random draw made "
+        "separately in each process before the call (np.random.permutation or shuffle, "
+        "a train/test split or generated data without a common seed). Fix: make the same "
+        "draw on every worker (keras.utils.set_random_seed(S) at the start of the script, "
+        "np.random.default_rng(S), random_state=S), or load the same data everywhere. "
+        f"{skip}"
     )
 
 

@@ -1,0 +1,159 @@
+"""Input order: Keras's own shuffle of NumPy arrays and `PyDataset`s, drawn alike on every worker.
+
+`fit(x, y, shuffle=True)` (the default) shuffles NumPy arrays and tensors with a
+`tf.random.shuffle` inside Keras's input pipeline, and a `PyDataset`'s batch order
+with Python's `random.shuffle`. Under multi-worker MWMS every worker builds that
+whole order and keeps every N-th batch of it, so the orders must be the same:
+
+- **No global seed** (`keras.utils.set_random_seed` not called): each process
+  draws its own order, and in every epoch some samples train twice and others
+  never. The input check's exchange agrees one seed (the chief's draw) and the
+  shuffle draws from it on every worker: a new order each epoch, the same on all.
+- **A global seed**: Keras's first order is the same everywhere, and a one-process
+  `fit` replays it every epoch (its new iterator per epoch restarts the shuffle);
+  disttrain's persistent iterator would reshuffle from epoch 2. The arrays'
+  permutation is then drawn once, as Keras draws it, and replayed each pass, so the
+  order on N workers is one process's order in every epoch.
+
+Installed with the input check by `call_checks` (one registered patch of Keras's
+array adapter); active only inside a multi-worker call that the input check wraps in
+`agreed(...)`. Inside that call it also swaps `tf.random.shuffle` while Keras builds
+the arrays' pipeline, and a `PyDataset` adapter's `random` for the agreed seed; both
+are put back when the call (or the build) ends, and are not in the register.
+See `docs/keras_compat.md#input-order`.
+
+Example:
+
+```python
+with input_order.agreed(seed=None, multi_worker=True):   # a global seed is set
+    model.fit(x, y, epochs=3)      # every epoch: the permutation one process draws
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from disttrain.keras_compat import _patch
+
+NAME = "input_order"
+_active = threading.local()
+
+
+def install() -> None:
+    """Makes Keras's NumPy-array pipeline read the agreed order (once per process)."""
+    from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
+        ArrayDataAdapter,
+    )
+
+    _patch.wrap(ArrayDataAdapter, "get_tf_dataset", _ordered, by=NAME)
+
+
+def _ordered(get_tf_dataset: Callable) -> Callable:
+    @functools.wraps(get_tf_dataset)
+    def wrapper(self):
+        mode = getattr(_active, "mode", None)
+        if mode is None or self._shuffle is not True:
+            return get_tf_dataset(self)
+        with _shuffle_replaced(_replacement(mode, self._num_samples)):
+            return get_tf_dataset(self)
+
+    return wrapper
+
+
+def global_seed() -> int | None:
+    """TensorFlow's global seed (`keras.utils.set_random_seed`, `tf.random.set_seed`), or None.
+
+    Example:
+
+    ```python
+    keras.utils.set_random_seed(7); input_order.global_seed()   # 7
+    ```
+    """
+    from tensorflow.python.eager import context  # private: tensorflow.python
+
+    return context.global_seed()
+
+
+@contextlib.contextmanager
+def agreed(seed: int | None) -> Iterator[None]:
+    """Inside, Keras's shuffles of arrays and `PyDataset`s draw the same order on every worker.
+
+    Args:
+        seed: the seed every worker agreed (the chief's draw) when no global seed is
+            set; None when a global seed is set (Keras's own order, replayed each
+            pass for arrays).
+
+    Example:
+
+    ```python
+    with input_order.agreed(seed=1234):
+        model.fit(x, y, epochs=3)
+    ```
+    """
+    from keras.src.trainers.data_adapters import py_dataset_adapter  # private: keras.src
+
+    previous = getattr(_active, "mode", None)
+    _active.mode = ("seeded", seed) if seed is not None else ("replay", None)
+    kept = py_dataset_adapter.random
+    if seed is not None:
+        # A PyDataset's batch order: Keras calls `random.shuffle` of its module.
+        py_dataset_adapter.random = random.Random(seed)
+    try:
+        yield
+    finally:
+        _active.mode = previous
+        py_dataset_adapter.random = kept
+
+
+def _replacement(mode: tuple[str, int | None], samples: int):
+    """What stands for `tf.random.shuffle` while Keras builds the arrays' pipeline."""
+    import tensorflow as tf
+
+    kind, seed = mode
+    shuffle = tf.random.shuffle
+    if kind == "seeded":
+        return lambda value, seed_=None, name=None: shuffle(value, seed=seed)
+    # The permutation a new iterator over Keras's pipeline draws: its only random op,
+    # the first of its function, seeded by the global seed.
+    first = tf.data.Dataset.range(1).map(
+        lambda _: shuffle(tf.range(samples, dtype=tf.int64)))
+    permutation = next(iter(first)).numpy()
+    return lambda value, seed_=None, name=None: tf.constant(permutation)
+
+
+@contextlib.contextmanager
+def _shuffle_replaced(replacement) -> Iterator[None]:
+    """`tf.random.shuffle` is `replacement` inside (Keras looks it up as it builds)."""
+    import tensorflow as tf
+
+    original = tf.random.shuffle
+    tf.random.shuffle = replacement
+    try:
+        yield
+    finally:
+        tf.random.shuffle = original
+
+
+def shuffled(call: str, arguments: dict[str, Any]) -> bool:
+    """Whether `call` with these bound arguments runs Keras's shuffle of arrays or a
+    `PyDataset` (fit with `shuffle=True`, its default, on such an `x`)."""
+    from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
+        can_convert_arrays,
+    )
+    from keras.utils import PyDataset
+
+    x = arguments.get("x")
+    if call != "fit" or arguments.get("shuffle", True) is not True or x is None:
+        return False
+    if isinstance(x, PyDataset):
+        return True
+    try:
+        return can_convert_arrays((x,))
+    except (TypeError, ValueError):
+        return False

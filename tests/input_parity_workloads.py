@@ -1,0 +1,135 @@
+"""Worker function: NumPy arrays, PyDatasets and generators on N workers against one process.
+
+One cluster runs every case in turn (each case's fit raises or trains on every worker
+alike, so the next case starts together); the test reads the returned record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SAMPLES = 48
+GLOBAL_BATCH = 8
+EPOCHS = 3
+FULL_PASS = SAMPLES * (SAMPLES - 1) // 2
+"""The sum of the sample ids of one epoch that trains every sample once."""
+
+
+def _arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Sample ids as a feature and as the target (the metric sums the targets)."""
+    ids = np.arange(SAMPLES, dtype="float32")
+    x = np.stack([ids / SAMPLES, np.cos(ids)], axis=1).astype("float32")
+    return x, ids.reshape(-1, 1)
+
+
+def _model(keras, scope):
+    """A linear model whose SGD weights depend on the batch order, and a metric whose epoch
+    mean is the mean sample id trained (all workers' together)."""
+
+    def trained_ids(y_true, y_pred):
+        return keras.ops.cast(y_true, "float32")
+
+    with scope:
+        model = keras.Sequential([keras.Input((2,)),
+                                  keras.layers.Dense(1, kernel_initializer="ones")])
+        model.compile(keras.optimizers.SGD(0.002), "mse", metrics=[trained_ids])
+    return model
+
+
+def _error(fn) -> str | None:
+    """The InputMismatchError message `fn` raises, or None when it trains."""
+    from disttrain.errors import InputMismatchError
+
+    try:
+        fn()
+    except InputMismatchError as e:
+        return str(e)
+    return None
+
+
+def run() -> dict[str, Any]:
+    """Every case; returns what the test compares:
+
+    - `unseeded_ids`: per-epoch sums of the trained sample ids, `fit(x, y, shuffle=True)`
+      with no global seed (a full pass each epoch is `FULL_PASS`);
+    - `pydataset_ids`: the same for a shuffled PyDataset (its batch order);
+    - `generator_ids`: the same for a generator (the check drew its first batch and put
+      it back);
+    - `errors`: the InputMismatchError message (or None) of each case whose inputs
+      differ between workers, and `trained_while_refused`: whether the weights moved;
+    - `seeded`: with `keras.utils.set_random_seed`, the 2-worker weights after
+      `EPOCHS` shuffled epochs and the weights of the same `fit` in one process (the
+      default strategy in this same process).
+    """
+    import contextlib
+
+    import keras
+
+    from disttrain import coordination
+    from disttrain.distribute import strategy as make_strategy
+
+    strategy = make_strategy()
+    rank = coordination.get().rank
+    x, y = _arrays()
+    record: dict[str, Any] = {}
+
+    def ids_per_epoch(model, *args, **kwargs) -> list[float]:
+        history = model.fit(*args, epochs=EPOCHS, verbose=0, **kwargs).history
+        return [mean * SAMPLES for mean in history["trained_ids"]]
+
+    model = _model(keras, strategy.scope())
+    record["unseeded_ids"] = ids_per_epoch(model, x, y, batch_size=GLOBAL_BATCH, shuffle=True)
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self, order):
+            super().__init__()
+            self.order = order
+
+        def __len__(self):
+            return SAMPLES // GLOBAL_BATCH
+
+        def __getitem__(self, index):
+            rows = self.order[index * GLOBAL_BATCH:(index + 1) * GLOBAL_BATCH]
+            return x[rows], y[rows]
+
+    record["pydataset_ids"] = ids_per_epoch(model, Batches(np.arange(SAMPLES)), shuffle=True)
+
+    def generator(order):
+        for _ in range(EPOCHS):
+            for start in range(0, SAMPLES, GLOBAL_BATCH):
+                rows = order[start:start + GLOBAL_BATCH]
+                yield x[rows], y[rows]
+
+    steps = SAMPLES // GLOBAL_BATCH
+    history = model.fit(generator(np.arange(SAMPLES)), steps_per_epoch=steps, epochs=EPOCHS,
+                        verbose=0).history
+    record["generator_ids"] = [mean * SAMPLES for mean in history["trained_ids"]]
+
+    # Inputs that differ on worker 1: its own draw, as an unseeded script makes it.
+    own = np.random.default_rng(rank).permutation(SAMPLES) if rank else np.arange(SAMPLES)
+    before = [w.tolist() for w in model.get_weights()]
+    record["errors"] = {
+        "x with validation_split": _error(lambda: model.fit(
+            x[own], y, validation_split=0.25, epochs=1, verbose=0)),
+        "validation_data": _error(lambda: model.fit(
+            x, y, validation_data=(x, y[own]), epochs=1, verbose=0)),
+        "pydataset": _error(lambda: model.fit(Batches(own), epochs=1, verbose=0)),
+        "generator": _error(lambda: model.fit(generator(own), steps_per_epoch=steps,
+                                              epochs=1, verbose=0)),
+        "evaluate sample_weight": _error(lambda: model.evaluate(
+            x, y, sample_weight=own.astype("float32"), verbose=0)),
+    }
+    keras.utils.set_random_seed(1 + rank)
+    record["errors"]["global seed"] = _error(lambda: model.fit(x, y, epochs=1, verbose=0))
+    record["trained_while_refused"] = before != [w.tolist() for w in model.get_weights()]
+
+    weights = {}
+    for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
+        keras.utils.set_random_seed(5)
+        seeded = _model(keras, scope)
+        seeded.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=True, epochs=EPOCHS, verbose=0)
+        weights[where] = [w.tolist() for w in seeded.get_weights()]
+    record["seeded"] = weights
+    return record
