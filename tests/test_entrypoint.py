@@ -325,14 +325,19 @@ class PodNetwork:
     def __exit__(self, *exc_info: Any) -> None:
         _reap(self.procs)
         for ns in [*self.pods, self.switch]:
-            listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in listed.stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            delete_netns(ns)
             shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
+
+
+def delete_netns(ns: str) -> None:
+    """SIGKILLs every process in network namespace `ns`, then deletes it."""
+    listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    for pid in listed.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture
