@@ -350,11 +350,12 @@ def netns() -> None:
 
 def _kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
                     home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
-    """What Kubernetes gives the container (tests/k8s_pods.py), plus PATH and HOME (which an
-    image would set) for a process on this machine."""
+    """What Kubernetes gives the container (tests/k8s_pods.py), plus PATH (which an image
+    would set) for a process on this machine, and `home` for the manifest's HOME (an emptyDir
+    volume in the pod)."""
     return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(home),
-            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels)}
+            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels),
+            "HOME": str(home)}
 
 
 PRINT_RUN_ID = "import os; print('RUN_ID=' + os.environ['DISTTRAIN_RUN_ID'], flush=True)"
