@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -223,6 +224,8 @@ def _number(kind: type, minimum: float, inclusive: bool = True):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (not inclusive and value == minimum):
             bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
