@@ -11,7 +11,9 @@ traffic (gs://, s3://, dataset downloads) is untouched.
 
 The rules live in a chain of their own (`DISTTRAIN-<launcher pid>`), jumped to from INPUT;
 each attempt replaces the chain's rules with its ports, and the launcher deletes the chain when
-it ends. If the launcher is killed, its watchdog (`launch/watchdog.py`) deletes it.
+it ends. If the launcher is killed, its watchdog (`launch/watchdog.py`) deletes it. If both
+are killed at once, the next launcher deletes the chain: the jump's comment names the PID
+namespace, and a chain whose launcher pid is gone from that namespace is stale.
 
 Example:
 
@@ -26,6 +28,7 @@ guard.remove()
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -82,8 +85,10 @@ class LoopbackOnly:
         guard = cls(tools, f"{CHAIN_PREFIX}{os.getpid()}", watchdog)
         try:
             for tool in tools:
+                _remove_stale(tool)
                 guard._run(tool, "-N", guard.chain)
-                guard._run(tool, "-I", "INPUT", "-j", guard.chain)
+                guard._run(tool, "-I", "INPUT", "-j", guard.chain,
+                           "-m", "comment", "--comment", _owner_comment())
         except FirewallUnavailable:
             guard.remove()
             raise
@@ -102,19 +107,12 @@ class LoopbackOnly:
 
     def remove(self) -> None:
         """Deletes the chain and its jump (whatever of them exists); never raises."""
-        for argv in self._removal():
-            try:
-                subprocess.run(argv, capture_output=True, timeout=_COMMAND_TIMEOUT_S,
-                               check=False)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
+        _run_quietly(self._removal())
         if self._watchdog is not None:
             self._watchdog.on_death([])
 
     def _removal(self) -> list[list[str]]:
-        return [[tool, "-w", *args] for tool in self._tools
-                for args in (("-D", "INPUT", "-j", self.chain), ("-F", self.chain),
-                             ("-X", self.chain))]
+        return [argv for tool in self._tools for argv in _chain_removal(tool, self.chain)]
 
     def _run(self, tool: str, *args: str) -> None:
         command = f"`{tool} {' '.join(args)}`"
@@ -126,3 +124,39 @@ class LoopbackOnly:
         if done.returncode != 0:
             raise FirewallUnavailable(
                 f"{command} failed: {done.stderr.strip() or f'exit {done.returncode}'}")
+
+
+def _owner_comment() -> str:
+    """Names this PID namespace, so that launchers of another one leave our chain alone."""
+    return f"disttrain pidns {os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def _chain_removal(tool: str, chain: str) -> list[list[str]]:
+    return [[tool, "-w", "-D", "INPUT", "-j", chain, "-m", "comment", "--comment",
+             _owner_comment()], [tool, "-w", "-F", chain], [tool, "-w", "-X", chain]]
+
+
+def _remove_stale(tool: str) -> None:
+    """Deletes the chains of launchers of this PID namespace that are gone (killed together
+    with their watchdog); a pid reused since keeps its chain (ports stay closed, not open)."""
+    try:
+        listed = subprocess.run([tool, "-w", "-S", "INPUT"], capture_output=True, text=True,
+                                timeout=_COMMAND_TIMEOUT_S, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    jump = re.compile(rf'-A INPUT -m comment --comment "?{re.escape(_owner_comment())}"? '
+                      rf'-j {CHAIN_PREFIX}(\d+)')
+    for line in listed.splitlines():
+        found = jump.fullmatch(line.strip())
+        if found is None or os.path.exists(f"/proc/{found[1]}"):
+            continue
+        _run_quietly(_chain_removal(tool, f"{CHAIN_PREFIX}{found[1]}"))
+
+
+def _run_quietly(commands: list[list[str]]) -> None:
+    """Runs each command, ignoring how it ends (what it deletes may not exist)."""
+    for argv in commands:
+        try:
+            subprocess.run(argv, capture_output=True, timeout=_COMMAND_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue

@@ -24,7 +24,7 @@ import pytest
 
 from launch.firewall import CHAIN_PREFIX
 from tests.test_entrypoint import _netns_unavailable, delete_netns
-from tests.test_launch_local import PY, launch, run, worker  # noqa: F401 (fixture)
+from tests.test_launch_local import PY, launch, run, watchdog_pid, worker  # noqa: F401
 
 MACHINE, LAN = ("198.19.0.1", "fd19::1"), ("198.19.0.2", "fd19::2")
 
@@ -123,6 +123,24 @@ def test_ports_are_closed_to_other_hosts_until_a_killed_launchers_watchdog_opens
     deadline = time.monotonic() + 10
     while lan.chains() and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert lan.chains() == []
+
+
+def test_rules_of_a_launcher_killed_with_its_watchdog_are_removed_by_the_next_launcher(
+        launch, lan):
+    first = launch("--workers", "1", *worker("listen"), wrap=lan.on_machine)
+    first.wait_for(r"listening \d+")
+    os.kill(watchdog_pid(launch.marker), signal.SIGKILL)
+    first.proc.kill()
+    first.proc.wait()
+    assert lan.chains() == [f"{tool}:{CHAIN_PREFIX}{first.proc.pid}"
+                            for tool in ("iptables", "ip6tables")], "nobody removed them"
+    second = launch("--workers", "1", *worker("listen"), wrap=lan.on_machine)
+    second.wait_for(r"listening \d+")
+    assert lan.chains() == [f"{tool}:{CHAIN_PREFIX}{second.proc.pid}"
+                            for tool in ("iptables", "ip6tables")]
+    second.proc.send_signal(signal.SIGTERM)
+    second.finish()
     assert lan.chains() == []
 
 
