@@ -197,14 +197,15 @@ class Cluster:
             ClusterConfigError: naming the bad field, its value and the fix.
         """
         if isinstance(tf_config, str):
+            fix = ('set TF_CONFIG to a JSON object such as {"cluster": {"worker": '
+                   '["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 0}}')
             try:
                 config = json.loads(tf_config)
             except json.JSONDecodeError as e:
-                raise _fail(
-                    "", tf_config[:200], f"not valid JSON ({e.msg} at position {e.pos})",
-                    'set TF_CONFIG to a JSON object such as {"cluster": {"worker": '
-                    '["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 0}}',
-                ) from None
+                raise _fail("", tf_config[:200], f"not valid JSON ({e.msg} at position {e.pos})",
+                            fix) from None
+            except RecursionError:
+                raise _fail("", tf_config[:200], "nested too deeply to parse", fix) from None
         else:
             config = tf_config
         if not isinstance(config, Mapping):

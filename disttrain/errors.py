@@ -94,3 +94,7 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class FirewallUnavailable(DisttrainError, RuntimeError):
+    """`launch.local` could not close the job's ports to other hosts; the message says why."""

@@ -147,7 +147,7 @@ def _required(env: Mapping[str, str], name: str) -> str:
 
 def _integer(env: Mapping[str, str], name: str, low: int, high: int) -> int:
     value = _required(env, name)
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise ClusterConfigError(
             f"{name}={value!r} must be an integer in {low}..{high}. Fix: correct {name} in "
             "the pod spec (regenerate the manifests with `python -m launch.k8s`)."

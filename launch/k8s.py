@@ -42,6 +42,14 @@ derives TF_CONFIG from the Job's environment, waits until every peer resolves an
 then execs the command. Container `args` may use `$(VAR)` references to the container's
 environment (Kubernetes expands them), e.g. `$(DISTTRAIN_CHECKPOINT_URL)`.
 
+Security (docs/security.md): every format comes with a NetworkPolicy admitting the gRPC port
+(TensorFlow's server is unauthenticated) only from the same job's pods, evaluator included (it
+takes effect where the cluster's network plugin enforces NetworkPolicy). The pods meet the
+"restricted" Pod Security Standard: non-root (`POD_USER`), `seccompProfile: RuntimeDefault`,
+no privilege escalation, every capability dropped, a read-only root filesystem with emptyDir
+volumes at /tmp and HOME; no service-account token is mounted unless `--service-account` is
+given.
+
 gs:// credentials (gcsfs uses Google's default credentials): with Workload Identity, pass
 `--service-account KSA` (a Kubernetes ServiceAccount allowed to act as a Google service
 account); with a key file, `--gcp-key-secret SECRET` mounts the Secret's `key.json` and points
@@ -88,6 +96,12 @@ EVALUATOR = "evaluator"
 EVALUATOR_BACKOFF_LIMIT = 2**31 - 1
 EVALUATOR_LABEL = {"app.kubernetes.io/component": EVALUATOR}
 MAX_HOSTNAME = 63
+# docker/Dockerfile's user (USER 1000:1000) and its home; the pods run as that user with a
+# read-only root filesystem, so HOME (Keras's ~/.keras, matplotlib's cache) and /tmp
+# (TensorFlow's and Python's temporary files) are emptyDir volumes.
+POD_USER = 1000
+HOME = "/home/disttrain"
+SCRATCH_VOLUMES = (("tmp", "/tmp"), ("home", HOME))
 DEFAULT_TERMINATION_GRACE = 120
 # Pod label holding the UID of the object that owns one job instance, per format; the pods
 # read DISTTRAIN_RUN_ID from it through the Downward API. TFJob pods have no such label.
@@ -365,7 +379,7 @@ def _metadata(config: JobConfig) -> dict[str, Any]:
 
 def _generated_env(config: JobConfig, evaluator: bool = False) -> list[tuple[str, Any]]:
     """The container env launch.k8s sets, as (name, value or valueFrom) pairs."""
-    env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.run_id_env)]
+    env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.run_id_env), ("HOME", HOME)]
     if config.format != "tfjob" and evaluator:
         env.append((entrypoint.ENV_TASK_TYPE, EVALUATOR))
     if config.format != "tfjob":
@@ -405,11 +419,14 @@ def _container(config: JobConfig, evaluator: bool = False) -> dict[str, Any]:
         "resources": {"requests": {"cpu": config.cpu, "memory": config.memory},
                       "limits": limits},
         "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
+                            "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True},
+        "volumeMounts": [{"name": name, "mountPath": path} for name, path in SCRATCH_VOLUMES],
     }
     if config.gcp_key_secret:
-        container["volumeMounts"] = [{"name": "gcp-key", "mountPath": GCP_KEY_DIR,
-                                      "readOnly": True}]
+        container["volumeMounts"].append({"name": "gcp-key", "mountPath": GCP_KEY_DIR,
+                                          "readOnly": True})
     return container
 
 
@@ -422,15 +439,21 @@ def _pod_template(config: JobConfig, restart_policy: str | None,
         spec["subdomain"] = subdomain
     if config.service_account:
         spec["serviceAccountName"] = config.service_account
+    else:
+        spec["automountServiceAccountToken"] = False
+    spec["securityContext"] = {"runAsNonRoot": True, "runAsUser": POD_USER,
+                               "runAsGroup": POD_USER,
+                               "seccompProfile": {"type": "RuntimeDefault"}}
     # The pause container becomes PID 1, so the training process is not: a PID 1 without a
     # SIGTERM handler ignores SIGTERM, and every pod deletion would wait for SIGKILL.
     spec["shareProcessNamespace"] = True
     spec["terminationGracePeriodSeconds"] = config.termination_grace
     spec["containers"] = [_container(config, evaluator)]
+    spec["volumes"] = [{"name": name, "emptyDir": {}} for name, _ in SCRATCH_VOLUMES]
     if config.gcp_key_secret:
-        spec["volumes"] = [{"name": "gcp-key", "secret": {
+        spec["volumes"].append({"name": "gcp-key", "secret": {
             "secretName": config.gcp_key_secret,
-            "items": [{"key": GCP_KEY_FILE, "path": GCP_KEY_FILE}]}}]
+            "items": [{"key": GCP_KEY_FILE, "path": GCP_KEY_FILE}]}})
     labels = {**_labels(config), **(EVALUATOR_LABEL if evaluator else {})}
     return {"metadata": {"labels": labels}, "spec": spec}
 
@@ -480,6 +503,24 @@ def _service(config: JobConfig) -> dict[str, Any]:
             "selector": _selector(config),
             "ports": [{"name": "tf-grpc", "port": config.port, "targetPort": config.port,
                        "protocol": "TCP"}],
+        },
+    }
+
+
+def _network_policy(config: JobConfig) -> dict[str, Any]:
+    """Admits connections to the job's pods only to the gRPC port and only from the job's own
+    pods (the evaluator's included: they all carry `_selector`'s labels); egress stays open
+    (storage, DNS)."""
+    pods = {"matchLabels": _selector(config)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(config),
+        "spec": {
+            "podSelector": pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": pods}],
+                         "ports": [{"protocol": "TCP", "port": config.port}]}],
         },
     }
 
@@ -554,14 +595,15 @@ def _tfjob(config: JobConfig) -> dict[str, Any]:
 
 
 def manifests(config: JobConfig) -> list[dict[str, Any]]:
-    """The Kubernetes objects for `config`, validated first, in `kubectl apply` order."""
+    """The Kubernetes objects for `config`, validated first, in `kubectl apply` order: the
+    NetworkPolicy first, so that it exists before any pod listens."""
     config.validate()
     if config.format == "job":
-        return [_service(config), _job(config), *([_evaluator_job(config)] if config.evaluator
-                                                  else [])]
+        return [_network_policy(config), _service(config), _job(config),
+                *([_evaluator_job(config)] if config.evaluator else [])]
     if config.format == "jobset":
-        return [_jobset(config)]
-    return [_tfjob(config)]
+        return [_network_policy(config), _jobset(config)]
+    return [_network_policy(config), _tfjob(config)]
 
 
 # Strings written plain; every other string is double-quoted. Stricter than YAML needs: no
@@ -647,7 +689,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=2222, help="TensorFlow gRPC port (default 2222)")
     add("--checkpoint-url", help=f"sets {ENV_CHECKPOINT_URL} (use '$({ENV_CHECKPOINT_URL})' "
                                  "in the command)")
-    add("--service-account", help="Kubernetes ServiceAccount of the pods (Workload Identity)")
+    add("--service-account", help="Kubernetes ServiceAccount of the pods (Workload Identity); "
+                                  "its token is mounted (without it, no token is)")
     add("--gcp-key-secret", help=f"Secret holding a Google service account key as "
                                  f"'{GCP_KEY_FILE}'; mounted, {ENV_GOOGLE_CREDENTIALS} set")
     add("--env", action="extend", nargs="+", default=[], metavar="NAME=VALUE",

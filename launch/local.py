@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -35,9 +36,14 @@ from disttrain.cluster import (
     parse_address,
     validate_run_id,
 )
-from disttrain.errors import EXIT_CANNOT_EXECUTE, EXIT_TIMEOUT, ClusterConfigError
+from disttrain.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_TIMEOUT,
+    ClusterConfigError,
+    FirewallUnavailable,
+)
 from disttrain import step_timing
-from launch import noise, procs
+from launch import firewall, noise, procs
 from launch.cli import split_command
 from launch.output import Console
 from launch.tf_config import TaskSpec, cluster_specs, local_addresses
@@ -79,6 +85,8 @@ examples:
   python -m launch.local --workers 2 --chief --evaluator --log-dir logs -- python train.py
   python -m launch.local --workers 2 --max-restarts 3 --timeout 3600 -- python train.py
   python -m launch.local --workers 2 --dry-run -- python train.py
+  python -m launch.local --workers 2 --listen-all -- python train.py
+      the same, with the workers' ports open to other hosts
 
 each task's environment gets:
   TF_CONFIG                its cluster and task (free ports on --host, fresh on every attempt)
@@ -100,6 +108,15 @@ messages before absl::InitializeLog()", "Could not find cuda drivers", cuInit's
 "UNKNOWN ERROR (303)" on a machine without a GPU driver, ...) are hidden and
 counted in the summary; every other line shows. --show-all shows them too;
 --log-dir keeps everything, and a failing task's stderr tail includes them.
+
+other hosts: TensorFlow's gRPC server has no authentication (whoever connects to a
+worker's port can run code in it) and listens on every interface, whatever --host
+says. Run as root, the launcher adds iptables/ip6tables rules (a chain DISTTRAIN-<pid>,
+deleted at the end, or by the watchdog if the launcher is killed) that reset
+connections to the job's ports not arriving through loopback: the tasks, on this
+machine, still reach each other, and outbound traffic (gs://, downloads) is
+untouched. Where it cannot (not root, no iptables), it says so once per run, with
+the fix. --listen-all leaves the ports open (a worker on another host).
 
 exit code: 0 on success; the exit code of the training task (chief or worker)
 that failed first (128+N if signal N killed it); 128+N when the launcher gets
@@ -156,6 +173,8 @@ class LaunchConfig:
         threads_per_worker: size of each task's TensorFlow and OpenMP thread pools;
             None: `threads_per_task` (this machine's cores shared out); 0: leave
             TensorFlow's defaults (every task sized to all cores).
+        listen_all: leave the tasks' ports open to other hosts (else `launch.firewall`
+            admits only this machine, where it can).
     """
 
     workers: int = 1
@@ -173,6 +192,7 @@ class LaunchConfig:
     show_all: bool = False
     dry_run: bool = False
     threads_per_worker: int | None = None
+    listen_all: bool = False
 
     @property
     def num_tasks(self) -> int:
@@ -192,6 +212,8 @@ def _number(kind: type, minimum: float, inclusive: bool = True):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (not inclusive and value == minimum):
             bound = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
@@ -249,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cores divided by the number of tasks, so tasks do not oversubscribe "
                              "the cores; 0: TensorFlow's defaults. Variables already set in the "
                              "environment win")
+    parser.add_argument("--listen-all", action="store_true",
+                        help="leave the workers' ports open to other hosts (default: run as "
+                             "root, the launcher admits only this machine to them)")
     return parser
 
 
@@ -279,7 +304,7 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
         max_restarts=ns.max_restarts, timeout=ns.timeout, startup_timeout=ns.startup_timeout,
         log_dir=ns.log_dir, chief_only_output=ns.chief_only_output, show_all=ns.show_all,
         dry_run=ns.dry_run,
-        threads_per_worker=ns.threads_per_worker, **overrides,
+        threads_per_worker=ns.threads_per_worker, listen_all=ns.listen_all, **overrides,
     )
 
 
@@ -352,21 +377,40 @@ def run(config: LaunchConfig) -> int:
     try:
         with procs.SignalInbox() as signals:
             watchdog = procs.Watchdog(console)
+            guard = _port_guard(config, console, watchdog)
             try:
-                return _Job(config, console, watchdog, signals, result_file).run()
+                return _Job(config, console, watchdog, signals, result_file, guard).run()
             finally:
+                if guard is not None:
+                    guard.remove()
                 watchdog.close()
     finally:
         if result_dir is not None:
             shutil.rmtree(result_dir, ignore_errors=True)
 
 
+def _port_guard(config: LaunchConfig, console: Console,
+                watchdog: procs.Watchdog) -> firewall.LoopbackOnly | None:
+    """The firewall that keeps other hosts off the tasks' ports, or None (said once, with why
+    and the fix, unless --listen-all asked for open ports)."""
+    if config.listen_all:
+        console.info("--listen-all: the workers' ports accept connections from other hosts")
+        return None
+    try:
+        return firewall.LoopbackOnly.install(watchdog)
+    except FirewallUnavailable as e:
+        console.info(f"warning: {firewall.EXPOSED} ({e}). Fix: {firewall.FIX}")
+        return None
+
+
 class _Job:
     """The attempts of one job, their restarts and the final report."""
 
     def __init__(self, config: LaunchConfig, console: Console, watchdog: procs.Watchdog,
-                 signals: procs.SignalInbox, result_file: pathlib.Path):
+                 signals: procs.SignalInbox, result_file: pathlib.Path,
+                 guard: firewall.LoopbackOnly | None = None):
         self._config = config
+        self._guard = guard
         self._console = console
         self._watchdog = watchdog
         self._signals = signals
@@ -412,6 +456,7 @@ class _Job:
             f"{task.label}={task.cluster.training_addresses[task.cluster.worker_rank]}"
             for task, _ in plan if task.task_type != "evaluator")
         self._console.info(f"attempt {attempt}: {addresses}")
+        self._close_ports(plan)
         specs = [
             procs.WorkerSpec(
                 label=task.label,
@@ -432,6 +477,20 @@ class _Job:
             hide=None if config.show_all else noise.is_known_harmless,
         )
         return procs.run_group(specs, options, self._console, self._watchdog, self._signals)
+
+    def _close_ports(self, plan: list[tuple[TaskSpec, dict[str, str]]]) -> None:
+        """Admits only this machine to this attempt's ports; if the firewall fails now, says
+        so and drops it (the ports of this and later attempts stay open)."""
+        if self._guard is None:
+            return
+        ports = [parse_address(task.cluster.training_addresses[task.cluster.worker_rank])[1]
+                 for task, _ in plan if task.task_type != "evaluator"]
+        try:
+            self._guard.admit_only_loopback(ports)
+        except FirewallUnavailable as e:
+            self._console.info(f"warning: {firewall.EXPOSED} ({e}). Fix: {firewall.FIX}")
+            self._guard.remove()
+            self._guard = None
 
     def _try_again(self, outcome: procs.Outcome, job_started: float) -> bool:
         timeout = self._config.timeout

@@ -19,6 +19,7 @@ fails the attempt.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -231,7 +232,8 @@ def _ignore_signal(signum: int, frame: object) -> None:
 
 
 class Watchdog:
-    """A helper process that SIGKILLs every registered group if the launcher dies."""
+    """A helper process that SIGKILLs every registered group if the launcher dies, then runs
+    the commands given to `on_death`."""
 
     def __init__(self, console: Console):
         self._console = console
@@ -245,6 +247,11 @@ class Watchdog:
 
     def forget(self, pgid: int) -> None:
         self._send(f"-{pgid}\n")
+
+    def on_death(self, commands: Sequence[Sequence[str]]) -> None:
+        """Sets the commands the watchdog runs if the launcher dies (replacing any set before;
+        an empty list clears them), after killing the groups."""
+        self._send(f"*{json.dumps([list(argv) for argv in commands])}\n")
 
     def close(self) -> None:
         if not self._proc.stdin.closed:

@@ -198,8 +198,10 @@ class Podman:
 
         Each pod `i` gets what Kubernetes would give it (tests/k8s_pods.py): hostname
         `<job>-<i>`, the headless Service's DNS names as network aliases, the container's
-        environment, command and args, and its security context's dropped capabilities and
-        no privilege escalation. `volumes[i]` are pod `i`'s extra `--volume` specs.
+        environment, command and args, and its security context: the user, dropped
+        capabilities, no privilege escalation, a read-only root filesystem with the emptyDir
+        volumes (as tmpfs) the only writable paths. `volumes[i]` are pod `i`'s extra
+        `--volume` specs.
         """
         job = documents[-1]
         assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed", job["kind"]
@@ -227,7 +229,17 @@ class Podman:
                     options += ["--env", f"{key}={value}"]
                 for volume in volumes[i] if i < len(volumes) else ():
                     options += ["--volume", volume]
-                security = container.get("securityContext", {})
+                security = {**spec.get("securityContext", {}),
+                            **container.get("securityContext", {})}
+                if "runAsUser" in security:
+                    group = security.get("runAsGroup", security["runAsUser"])
+                    options += ["--user", f"{security['runAsUser']}:{group}"]
+                if security.get("readOnlyRootFilesystem"):
+                    options += ["--read-only", "--read-only-tmpfs=false"]
+                empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+                for mount in container.get("volumeMounts", []):
+                    if mount["name"] in empty_dirs:
+                        options += ["--tmpfs", f"{mount['mountPath']}:rw,mode=1777"]
                 if "ALL" in security.get("capabilities", {}).get("drop", []):
                     options += ["--cap-drop", "all"]
                 if security.get("allowPrivilegeEscalation") is False:

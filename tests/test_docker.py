@@ -172,7 +172,7 @@ def test_entrypoint_is_the_pod_entrypoint_and_cmd_the_demo():
         assert (REPO_ROOT / module).is_file(), module
     # The manifests replace ENTRYPOINT with the same module plus its --peer-timeout.
     config = k8s.JobConfig(name="x", workers=2, image="i", command=("python", "t.py"))
-    command = k8s.manifests(config)[1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = k8s.manifests(config)[-1]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == entrypoint[:3] and command[-1] == entrypoint[-1]
     exposed = [int(p) for p in " ".join(_all("EXPOSE")).split()]
     assert exposed == [config.port]

@@ -326,14 +326,19 @@ class PodNetwork:
     def __exit__(self, *exc_info: Any) -> None:
         _reap(self.procs)
         for ns in [*self.pods, self.switch]:
-            listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in listed.stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            delete_netns(ns)
             shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
+
+
+def delete_netns(ns: str) -> None:
+    """SIGKILLs every process in network namespace `ns`, then deletes it."""
+    listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    for pid in listed.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture
@@ -346,11 +351,12 @@ def netns() -> None:
 
 def _kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
                     home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
-    """What Kubernetes gives the container (tests/k8s_pods.py), plus PATH and HOME (which an
-    image would set) for a process on this machine."""
+    """What Kubernetes gives the container (tests/k8s_pods.py), plus PATH (which an image
+    would set) for a process on this machine, and `home` for the manifest's HOME (an emptyDir
+    volume in the pod)."""
     return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(home),
-            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels)}
+            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels),
+            "HOME": str(home)}
 
 
 PRINT_RUN_ID = "import os; print('RUN_ID=' + os.environ['DISTTRAIN_RUN_ID'], flush=True)"

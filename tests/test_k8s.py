@@ -102,15 +102,51 @@ def _check_pod_spec(pod_spec: dict, config: k8s.JobConfig) -> None:
     if config.checkpoint_url:
         assert env["DISTTRAIN_CHECKPOINT_URL"] == config.checkpoint_url
     assert pod_spec.get("serviceAccountName") == config.service_account
+    _check_restricted(pod_spec, config)
+    secrets = [v for v in pod_spec["volumes"] if "secret" in v]
     if config.gcp_key_secret:
-        (volume,) = pod_spec["volumes"]
-        (mount,) = container["volumeMounts"]
+        (volume,) = secrets
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
         assert volume["secret"]["secretName"] == config.gcp_key_secret
-        assert mount["name"] == volume["name"] and mount["readOnly"] is True
+        assert mount["readOnly"] is True
         key_path = f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
         assert env["GOOGLE_APPLICATION_CREDENTIALS"] == key_path
     else:
-        assert "volumes" not in pod_spec and "GOOGLE_APPLICATION_CREDENTIALS" not in env
+        assert not secrets and "GOOGLE_APPLICATION_CREDENTIALS" not in env
+
+
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/
+# pod-security-standards, v1.30+), as far as a pod spec can break it: the volume types it
+# allows, and the fields below.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                           "persistentVolumeClaim", "projected", "secret"}
+
+
+def _check_restricted(pod_spec: dict, config: k8s.JobConfig) -> None:
+    """The pod meets the restricted Pod Security Standard, mounts a service-account token only
+    with --service-account, and has writable scratch space where the root FS is read-only."""
+    assert not {"hostNetwork", "hostPID", "hostIPC", "hostUsers"} & set(pod_spec)
+    pod_security = pod_spec["securityContext"]
+    assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    for volume in pod_spec["volumes"]:
+        (kind,) = set(volume) - {"name"}
+        assert kind in RESTRICTED_VOLUME_TYPES, volume
+    expected_token = False if config.service_account is None else None
+    assert pod_spec.get("automountServiceAccountToken") is expected_token
+    for container in pod_spec["containers"]:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["readOnlyRootFilesystem"] is True
+        assert security.get("runAsNonRoot", True) is True and not security.get("privileged")
+        assert "seccompProfile" not in security or security["seccompProfile"]["type"] in (
+            "RuntimeDefault", "Localhost")
+        assert not any("hostPort" in port for port in container["ports"])
+        scratch = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        empty_dirs = {v["name"] for v in pod_spec["volumes"] if "emptyDir" in v}
+        home = _env(container)["HOME"]
+        assert scratch["/tmp"] in empty_dirs and scratch[home] in empty_dirs
 
 
 def _check_indexed_job_spec(spec: dict, config: k8s.JobConfig, backoff_limit: int) -> None:
@@ -156,8 +192,8 @@ def _pod_hostnames(config: k8s.JobConfig, env: dict[str, Any]) -> list[str]:
 @pytest.mark.parametrize("which", CONFIGS)
 def test_job_and_service_validate_strictly_and_agree(which, version):
     config = CONFIGS[which]
-    service, job = k8s.manifests(config)
-    for document in (service, job):
+    policy, service, job = k8s.manifests(config)
+    for document in (policy, service, job):
         assert kubernetes_validate.validate(document, version, strict=True) == version
 
     assert (service["kind"], job["kind"]) == ("Service", "Job")
@@ -184,6 +220,61 @@ def test_job_and_service_validate_strictly_and_agree(which, version):
     assert all(len(h) <= 63 for h in hostnames)
 
 
+def _pod_templates(documents: list[dict]) -> list[dict]:
+    """Every pod template of a manifest (workers and evaluator), in any format."""
+    templates = []
+    for document in documents:
+        if document["kind"] == "Job":
+            templates.append(document["spec"]["template"])
+        elif document["kind"] == "JobSet":
+            templates += [job["template"]["spec"]["template"]
+                          for job in document["spec"]["replicatedJobs"]]
+        elif document["kind"] == "TFJob":
+            templates += [replica["template"]
+                          for replica in document["spec"]["tfReplicaSpecs"].values()]
+    return templates
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("evaluator", [False, True])
+@pytest.mark.parametrize("fmt", k8s.FORMATS)
+def test_network_policy_admits_only_the_jobs_own_pods_to_the_grpc_port(fmt, evaluator):
+    """TensorFlow's gRPC server is unauthenticated: a NetworkPolicy comes first in every format,
+    selects every pod of the job (evaluator included) and admits only them, only to the port."""
+    for which, base in CONFIGS.items():
+        config = _config(base, format=fmt, evaluator=evaluator)
+        documents = k8s.manifests(config)
+        policy = documents[0]
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(policy, version, strict=True)
+        assert (policy["kind"], policy["metadata"].get("namespace")) == (
+            "NetworkPolicy", config.namespace)
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"], "egress stays open: storage, DNS"
+        (rule,) = spec["ingress"]
+        assert rule["from"] == [{"podSelector": spec["podSelector"]}]
+        assert rule["ports"] == [{"protocol": "TCP", "port": config.port}]
+        selector = spec["podSelector"]["matchLabels"]
+        templates = _pod_templates(documents)
+        assert len(templates) == 1 + evaluator, which
+        for template in templates:
+            assert selector.items() <= template["metadata"]["labels"].items(), which
+            (port,) = _container(template["spec"])["ports"]
+            assert port["containerPort"] == config.port
+        other = _config(config, name=f"{config.name}-other")
+        assert k8s.manifests(other)[0]["spec"]["podSelector"]["matchLabels"] != selector, (
+            "another job's pods are not admitted")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", k8s.FORMATS)
+def test_every_pod_meets_the_restricted_pod_security_standard(fmt):
+    for config in (_config(MINIMAL, format=fmt, evaluator=True),
+                   _config(FULL, format=fmt, evaluator=True)):
+        for template in _pod_templates(k8s.manifests(config)):
+            _check_restricted(template["spec"], config)
+
+
 # JobSet v1alpha2 fields and enums (jobset.x-k8s.io API types) used or constrained here.
 JOBSET_SPEC_FIELDS = {"replicatedJobs", "network", "successPolicy", "failurePolicy",
                       "startupPolicy", "suspend", "coordinator", "managedBy",
@@ -198,7 +289,7 @@ JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePo
 @pytest.mark.parametrize("which", CONFIGS)
 def test_jobset_embeds_a_valid_indexed_job(which):
     config = _config(CONFIGS[which], format="jobset")
-    (jobset,) = k8s.manifests(config)
+    _, jobset = k8s.manifests(config)
     assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
     spec = jobset["spec"]
     assert set(spec) <= JOBSET_SPEC_FIELDS
@@ -237,7 +328,7 @@ def test_jobset_embeds_a_valid_indexed_job(which):
 @pytest.mark.parametrize("which", CONFIGS)
 def test_tfjob_embeds_a_valid_pod_template(which):
     config = _config(CONFIGS[which], format="tfjob")
-    (tfjob,) = k8s.manifests(config)
+    _, tfjob = k8s.manifests(config)
     assert (tfjob["apiVersion"], tfjob["kind"]) == ("kubeflow.org/v1", "TFJob")
     spec = tfjob["spec"]
     assert set(spec) <= {"runPolicy", "tfReplicaSpecs", "successPolicy", "enableDynamicWorker"}
@@ -292,7 +383,7 @@ def test_tfjob_gets_a_run_id_per_generated_manifest_unless_given():
                      for _ in range(2))
     ids = []
     for config in (first, second):
-        (tfjob,) = k8s.manifests(config)
+        _, tfjob = k8s.manifests(config)
         template = tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]
         run_id = _env(_container(template["spec"]))["DISTTRAIN_RUN_ID"]
         assert isinstance(run_id, str) and run_id != config.name
@@ -301,7 +392,7 @@ def test_tfjob_gets_a_run_id_per_generated_manifest_unless_given():
     assert ids[0] != ids[1]
     assert k8s.JobConfig(name="a", workers=1, image="i", command=("x",)).tfjob_run_id != \
         k8s.JobConfig(name="a", workers=1, image="i", command=("x",)).tfjob_run_id
-    (tfjob,) = k8s.manifests(_config(first, run_id="mnist-7"))
+    _, tfjob = k8s.manifests(_config(first, run_id="mnist-7"))
     template = tfjob["spec"]["tfReplicaSpecs"]["Worker"]["template"]
     assert _env(_container(template["spec"]))["DISTTRAIN_RUN_ID"] == "mnist-7"
 
@@ -358,7 +449,7 @@ def test_evaluator_is_one_more_valid_pod_that_never_fails_the_training(fmt):
     config = _config(MINIMAL, format=fmt, evaluator=True)
     documents = k8s.manifests(config)
     if fmt == "tfjob":
-        (tfjob,) = documents
+        _, tfjob = documents
         replicas = tfjob["spec"]["tfReplicaSpecs"]
         assert set(replicas) == {"Worker", "Evaluator"}
         assert (replicas["Evaluator"]["replicas"], replicas["Evaluator"]["restartPolicy"]) == (
@@ -373,7 +464,7 @@ def test_evaluator_is_one_more_valid_pod_that_never_fails_the_training(fmt):
             replicas["Worker"]["template"]["spec"]))["DISTTRAIN_RUN_ID"] == config.tfjob_run_id
         return
     if fmt == "job":
-        service, job, evaluator = documents
+        _, service, job, evaluator = documents
         assert evaluator["metadata"]["name"] == f"{config.name}-evaluator"
         for document in documents:
             for version in K8S_VERSIONS:
@@ -382,7 +473,7 @@ def test_evaluator_is_one_more_valid_pod_that_never_fails_the_training(fmt):
         assert service["spec"]["selector"].items() <= spec["template"]["metadata"][
             "labels"].items(), "harmless: the evaluator never listens"
     else:
-        (jobset,) = documents
+        _, jobset = documents
         worker_job, evaluator = jobset["spec"]["replicatedJobs"]
         assert evaluator["name"] == "evaluator" and evaluator["replicas"] == 1
         assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": [
@@ -418,7 +509,7 @@ def test_tfjob_keeps_on_failure_because_exit_code_makes_exit_1_permanent():
     """TFJob v1's `ExitCode` treats 1-127 as permanent: exit 2 would stop at once, but so would
     exit 1, the exit of every surviving MWMS worker when a peer is lost. OnFailure is kept and
     the limitation documented (test above)."""
-    (tfjob,) = k8s.manifests(_config(MINIMAL, format="tfjob"))
+    _, tfjob = k8s.manifests(_config(MINIMAL, format="tfjob"))
     assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
     assert "ExitCode" in k8s.TFJOB_RESTART_POLICY_NOTE
 
@@ -531,7 +622,7 @@ def test_cli_writes_files_exits_2_on_errors_and_never_imports_tensorflow(tmp_pat
     assert ok.returncode == 0, ok.stderr
     written = tmp_path / "mnist.yaml"
     assert ok.stdout.strip() == f"wrote {written}"
-    assert [d["kind"] for d in yaml.safe_load_all(written.read_text())] == ["Service", "Job"]
+    assert [d["kind"] for d in yaml.safe_load_all(written.read_text())] == ["NetworkPolicy", "Service", "Job"]
 
     bad = subprocess.run([*cli, "--workers", "0", "--", "python", "train.py"], cwd=REPO_ROOT,
                          env=env, capture_output=True, text=True, timeout=30)
@@ -563,8 +654,8 @@ def test_example_manifests_in_k8s_are_in_sync_with_the_generator(tmp_path):
         text = (REPO_ROOT / "k8s" / relative).read_text()
         assert [str(p) for p in linter.run(text, YAMLLINT)] == [], relative
     job_file = REPO_ROOT / "k8s" / "job" / "disttrain-demo.yaml"
-    service, job = yaml.safe_load_all(job_file.read_text())
-    for document in (service, job):
+    policy, service, job = yaml.safe_load_all(job_file.read_text())
+    for document in (policy, service, job):
         kubernetes_validate.validate(document, K8S_VERSIONS[-1], strict=True)
     container = _container(job["spec"]["template"]["spec"])
     assert container["args"][:3] == ["python", "-m", "disttrain.demo"]

@@ -46,10 +46,10 @@ def wait_gone(marker: str, within: float) -> list[int]:
 class Launch:
     """A running `python -m launch.local` whose output can be awaited line by line."""
 
-    def __init__(self, args, env):
+    def __init__(self, args, env, wrap=()):
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [PY, "-m", "launch.local", *args], cwd=REPO, env=env,
+            [*wrap, PY, "-m", "launch.local", *args], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out = b""
 
@@ -78,14 +78,16 @@ class Launch:
 
 @pytest.fixture
 def launch():
-    """Starts launchers (`launch(*args)`); afterwards, no process of theirs may be left."""
+    """Starts launchers (`launch(*args)`; `wrap=(...)` runs them under a command such as
+    `ip netns exec NS`); afterwards, no process of theirs may be left."""
     marker = uuid.uuid4().hex
     launches: list[Launch] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Launch:
+    def start(*args: str, env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+              ) -> Launch:
         base = {k: v for k, v in os.environ.items()
                 if k not in ("TF_CPP_MIN_LOG_LEVEL", "PYTHONFAULTHANDLER")}
-        launches.append(Launch(args, {**base, MARKER_ENV: marker, **(env or {})}))
+        launches.append(Launch(args, {**base, MARKER_ENV: marker, **(env or {})}, wrap))
         return launches[-1]
 
     start.marker = marker

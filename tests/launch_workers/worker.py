@@ -21,6 +21,8 @@ Usage: worker.py MODE [ARGS]
   grandchild             start a `silent` child in the same process group, then `wait`
   leave-child            start a `silent` child in the same process group, then exit 0
   silent                 sleep without writing anything
+  listen                 listen on its TF_CONFIG port on every interface, as TensorFlow's
+                         server does (dual-stack `[::]`), print `listening PORT`, then `wait`
 """
 
 import json
@@ -95,6 +97,18 @@ def os_clash() -> None:
     socket.socket().bind((host, int(port)))
 
 
+def listen() -> None:
+    config, _, _ = task()
+    port = int(config["cluster"]["worker"][config["task"]["index"]].rsplit(":", 1)[1])
+    server = socket.socket(socket.AF_INET6)
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("::", port))
+    server.listen()
+    print(f"listening {port}", flush=True)
+    wait()
+
+
 def progress(n: int) -> None:
     label = task()[1]
     rng = random.Random(label)
@@ -155,6 +169,8 @@ def main(mode: str, *args: str) -> None:
             wait()
     elif mode == "silent":
         time.sleep(600)
+    elif mode == "listen":
+        listen()
     else:
         sys.exit(f"unknown mode {mode!r}")
 
