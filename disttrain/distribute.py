@@ -5,8 +5,11 @@ submodule binds it on its package, and a module named `strategy` would replace
 the function `disttrain.strategy` (then "'module' object is not callable").
 
 One call gives every script the right strategy: `MultiWorkerMirroredStrategy`
-when TF_CONFIG describes more than one training task, TensorFlow's default
-strategy otherwise (a single process, or the evaluator task). TF_CONFIG is
+when TF_CONFIG describes more than one training task, or when no TF_CONFIG is
+given and the launcher started several tasks (a Slurm step, `mpirun`: see
+`disttrain.cluster.derive_from_launcher`; a launcher whose cluster cannot be
+derived is refused before any training), TensorFlow's default strategy
+otherwise (a single process, or the evaluator task). TF_CONFIG is
 validated by `disttrain.cluster` first, so a typo fails with a message that
 names it instead of deep inside TensorFlow. The Keras 3 fixes of
 `disttrain.keras_compat` are applied before the strategy is returned.
@@ -78,7 +81,8 @@ def strategy(
         again (TensorFlow's coordination agent makes it ignore SIGTERM).
 
     Raises:
-        ClusterConfigError: TF_CONFIG is malformed.
+        ClusterConfigError: TF_CONFIG is malformed, or this process is one of several
+            tasks (Slurm, MPI, torchrun-style variables) whose cluster cannot be derived.
         StrategyError: bad options, options differing from the first call, or
             this task cannot listen on its address.
 
@@ -182,9 +186,13 @@ def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None
         if "Could not start gRPC server" not in str(e):
             raise
         address = cluster.training_addresses[cluster.worker_rank]
+        fix = ("give this task a free port on one of its own addresses (python -m launch.local "
+               "picks free ports itself)")
+        if cluster.source.startswith("Slurm"):
+            fix = ("let Slurm reserve the step's ports (srun --resv-ports, with MpiParams=ports="
+                   "12000-12999 in slurm.conf), or set TF_CONFIG (docs/slurm.md)")
         raise StrategyError(
-            f"{cluster.label} could not listen on its TF_CONFIG address {address} (TensorFlow: "
-            "Could not start gRPC server): the port is taken, or the host is not an address "
-            "of this machine. Fix: give this task a free port on one of its own addresses "
-            "(python -m launch.local picks free ports itself)."
+            f"{cluster.label} could not listen on its {cluster.source} address {address} "
+            "(TensorFlow: Could not start gRPC server): the port is taken, or the host is not "
+            f"an address of this machine. Fix: {fix}."
         ) from e
