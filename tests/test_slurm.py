@@ -4,8 +4,7 @@
   `srun -n 2 python train.py` ran two separate trainings (1 replica each, two run
   directories, exit 0). Two steps of one job run at once, one on the ports Slurm reserved for
   it, one on ports derived from the job and step ids.
-- A preempted job, requeued, resumes from its backup (the run id is stable across a requeue)
-  and ends with the weights of an uninterrupted run.
+- A preempted job, requeued, resumes from its backup (the run id is stable across a requeue).
 - The node-list parser agrees with `scontrol show hostnames` on generated lists.
 """
 
@@ -17,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from disttrain.cluster import expand_hostlist
+from disttrain.cluster import derived_ports, expand_hostlist
 from disttrain.errors import ClusterConfigError
 from tests import slurm as local_slurm
 
@@ -63,7 +61,7 @@ def _wait_job(slurm, job: str, timeout: float) -> str:
 def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
     """Two 2-task steps of one job at once: each one 2-replica cluster with its own run id,
     identical weights on both tasks, and only its chief writing."""
-    out = {step: tmp_path / f"step{step}" for step in (0, 1)}
+    out = {i: tmp_path / f"srun{i}" for i in (0, 1)}
     for d in out.values():
         d.mkdir()
     script = tmp_path / "job.sh"
@@ -80,10 +78,10 @@ def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
     job = submitted.stdout.strip()
     state = _wait_job(slurm, job, 240)
     run_ids = set()
-    for step, d in out.items():
+    for d in out.values():
         tasks = _tasks(d)
         logs = "\n".join(p.read_text()[-2000:] for p in d.glob("*.out"))
-        assert len(tasks) == 2, f"step {step}: {logs}"
+        assert len(tasks) == 2, f"{d.name}: {logs}"
         assert [t["replicas"] for t in tasks] == [2, 2], tasks
         assert sorted(t["rank"] for t in tasks) == [0, 1]
         (run_id,) = {t["run_id"] for t in tasks}
@@ -94,26 +92,30 @@ def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
         assert written == [f"{run_id}/model.keras"], written
     # The steps started at once, so either may be step 0.
     assert run_ids == {f"slurm-{job}.0", f"slurm-{job}.1"}
-    ports = {step: _tasks(d)[0]["cluster"]["cluster"]["worker"] for step, d in out.items()}
-    # Step 0 used the ports Slurm reserved for it, step 1 the ports derived from the ids.
+    ports = {i: [int(a.rsplit(":", 1)[1]) for a in _tasks(d)[0]["cluster"]["cluster"]["worker"]]
+             for i, d in out.items()}
+    # The first srun used the ports Slurm reserved for it, the second the ports derived from
+    # the job and step ids.
     low, high = local_slurm.RESERVED_PORTS
-    assert all(low <= int(a.rsplit(":", 1)[1]) <= high for a in ports[0]), ports
-    assert not set(ports[0]) & set(ports[1]), ports
+    assert all(low <= p <= high for p in ports[0]), ports
+    step = int(_tasks(out[1])[0]["run_id"].rsplit(".", 1)[1])
+    assert ports[1] == derived_ports(int(job), step, 2), ports
     assert state == "COMPLETED"
 
 
 @pytest.mark.slow
 def test_requeued_job_resumes_from_its_backup(slurm, tmp_path):
     """The job's first run is preempted mid-epoch (task 1 gets SIGTERM; every task saves a
-    backup and exits 75) and requeues itself; the second run resumes under the same run id
-    and ends with the weights of the uninterrupted run."""
+    backup and exits 75) and requeues itself; the second run resumes from that backup under
+    the same run id. (That a resumed run ends with an uninterrupted run's weights is checked
+    through the launchers in tests/test_launch_resume.py, with the same script.)"""
     script = tmp_path / "job.sh"
     script.write_text(
         "#!/bin/sh\n"
         "export DISTTRAIN_ATTEMPT=${SLURM_RESTART_COUNT:-0}\n"
         f"srun -o {tmp_path}/%t-$DISTTRAIN_ATTEMPT.out {PY} tests/launch_workers/resume_train.py"
         f" --backup-dir {tmp_path}/{{run_id}}/backup --out {tmp_path}/weights.json"
-        f" --reference {tmp_path}/reference.json --sigterm 0:1:1:3\n"
+        " --sigterm 0:1:1:3\n"
         "code=$?\n"
         "echo \"attempt $DISTTRAIN_ATTEMPT: srun exited $code\"\n"
         "if [ $code -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; sleep 60; fi\n"
@@ -132,10 +134,7 @@ def test_requeued_job_resumes_from_its_backup(slurm, tmp_path):
     assert state == "COMPLETED", log
     resumed = f"BackupAndRestore: resuming at epoch 2, batch 6 from backup-000013 (run slurm-{job}.0)"
     assert resumed in (tmp_path / "0-1.out").read_text(), task_logs
-    got = json.loads((tmp_path / "weights.json").read_text())
-    want = json.loads((tmp_path / "reference.json").read_text())
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    assert (tmp_path / "weights.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("slurm-")] == [
         f"slurm-{job}.0"]
 
