@@ -202,7 +202,8 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
                 parts.append(f"--- {name}\n{path.read_text(errors='replace')[-3000:]}")
         return "\n".join(parts)
 
-    def run(self, command: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, command: list[str], timeout: float = 120,
+            **kwargs) -> subprocess.CompletedProcess:
         """Runs a Slurm command (`srun`, `sbatch`, `scontrol`, ...) against this cluster."""
         return subprocess.run(command, env={**self.env, **kwargs.pop("env", {})},
                               capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -8,6 +8,8 @@ GPUs by default, workers × GPUs replicas under MultiWorkerMirroredStrategy) is 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -17,14 +19,15 @@ from tests import local_devices_workloads
 
 @pytest.mark.slow
 def test_two_logical_devices_train_as_one(tmp_path):
-    results = {}
-    for cpus in (2, 1):
+    def fit(cpus: int) -> dict:
         workdir = tmp_path / f"cpus{cpus}"
         workdir.mkdir()
         run = run_cluster(local_devices_workloads.fit_with_callbacks, 1, timeout=180,
                           kwargs={"workdir": str(workdir), "logical_cpus": cpus}).assert_ok()
-        results[cpus] = run.results[0]
-    mirrored, single = results[2], results[1]
+        return run.results[0]
+
+    with ThreadPoolExecutor(2) as pool:  # two separate processes, at once
+        mirrored, single = pool.map(fit, (2, 1))
     assert (mirrored["strategy"], mirrored["replicas"]) == ("MirroredStrategy", 2)
     assert single["replicas"] == 1
     assert mirrored["history"].keys() == single["history"].keys()

@@ -57,26 +57,57 @@ def _wait_job(slurm, job: str, timeout: float) -> str:
     raise AssertionError(f"job {job} still {state} after {timeout} s\n{slurm.logs()}")
 
 
+def _submit(slurm, script: Path, *options: str) -> str:
+    submitted = slurm.run(["sbatch", "--parsable", "-o", str(script.parent / "job.out"),
+                           *options, str(script)], env=ENV, cwd=REPO)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tmp_path_factory) -> dict[str, tuple[str, Path, str]]:
+    """The two training jobs of this module, submitted at once (they share the 2 CPUs' wait
+    for TensorFlow to start): `{"steps": (job id, directory, final state), "requeue": ...}`.
+
+    - steps: two 2-task steps at once, the first on the ports Slurm reserved for it, the
+      second (`--resv-ports=0`) on ports derived from the job and step ids; each task runs
+      tests/launch_workers/engine_train.py into `srun0/` or `srun1/`.
+    - requeue: tests/launch_workers/resume_train.py with a backup every batch; in the first
+      run task 1 gets SIGTERM mid-epoch (every task saves a backup and exits 75) and the
+      batch script requeues the job; the second run resumes.
+    """
+    steps = tmp_path_factory.mktemp("steps")
+    for i in (0, 1):
+        (steps / f"srun{i}").mkdir()
+    train = f"{PY} tests/launch_workers/engine_train.py"
+    (steps / "job.sh").write_text(
+        "#!/bin/sh\n"
+        f"srun -n 2 --exact -o {steps}/srun0/%t.out {train} {steps}/srun0 &\n"
+        f"srun -n 2 --exact --resv-ports=0 -o {steps}/srun1/%t.out {train} {steps}/srun1 &\n"
+        "wait\n")
+    requeue = tmp_path_factory.mktemp("requeue")
+    (requeue / "job.sh").write_text(
+        "#!/bin/sh\n"
+        "export DISTTRAIN_ATTEMPT=${SLURM_RESTART_COUNT:-0}\n"
+        f"srun -o {requeue}/%t-$DISTTRAIN_ATTEMPT.out {PY} tests/launch_workers/resume_train.py"
+        f" --backup-dir {requeue}/{{run_id}}/backup --out {requeue}/weights.json"
+        " --sigterm 0:1:1:3\n"
+        "code=$?\n"
+        "echo \"attempt $DISTTRAIN_ATTEMPT: srun exited $code\"\n"
+        "if [ $code -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; sleep 60; fi\n"
+        "exit $code\n")
+    ids = {"steps": (_submit(slurm, steps / "job.sh", "-n", "4"), steps),
+           "requeue": (_submit(slurm, requeue / "job.sh", "--requeue", "-n", "2",
+                               "--open-mode=append"), requeue)}
+    return {name: (job, d, _wait_job(slurm, job, 300)) for name, (job, d) in ids.items()}
+
+
 @pytest.mark.slow
-def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
+def test_srun_steps_train_one_cluster_each(jobs):
     """Two 2-task steps of one job at once: each one 2-replica cluster with its own run id,
     identical weights on both tasks, and only its chief writing."""
-    out = {i: tmp_path / f"srun{i}" for i in (0, 1)}
-    for d in out.values():
-        d.mkdir()
-    script = tmp_path / "job.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"srun -n 2 --exact -o {out[0]}/%t.out {PY} tests/launch_workers/engine_train.py "
-        f"{out[0]} &\n"
-        f"srun -n 2 --exact --resv-ports=0 -o {out[1]}/%t.out {PY} "
-        f"tests/launch_workers/engine_train.py {out[1]} &\n"
-        "wait\n")
-    submitted = slurm.run(["sbatch", "--parsable", "-n", "4", "-o", str(tmp_path / "job.out"),
-                           str(script)], env=ENV, cwd=REPO)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    state = _wait_job(slurm, job, 240)
+    job, directory, state = jobs["steps"]
+    out = {i: directory / f"srun{i}" for i in (0, 1)}
     run_ids = set()
     for d in out.values():
         tasks = _tasks(d)
@@ -94,8 +125,6 @@ def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
     assert run_ids == {f"slurm-{job}.0", f"slurm-{job}.1"}
     ports = {i: [int(a.rsplit(":", 1)[1]) for a in _tasks(d)[0]["cluster"]["cluster"]["worker"]]
              for i, d in out.items()}
-    # The first srun used the ports Slurm reserved for it, the second the ports derived from
-    # the job and step ids.
     low, high = local_slurm.RESERVED_PORTS
     assert all(low <= p <= high for p in ports[0]), ports
     step = int(_tasks(out[1])[0]["run_id"].rsplit(".", 1)[1])
@@ -104,38 +133,22 @@ def test_srun_steps_train_one_cluster_each(slurm, tmp_path):
 
 
 @pytest.mark.slow
-def test_requeued_job_resumes_from_its_backup(slurm, tmp_path):
-    """The job's first run is preempted mid-epoch (task 1 gets SIGTERM; every task saves a
-    backup and exits 75) and requeues itself; the second run resumes from that backup under
+def test_requeued_job_resumes_from_its_backup(jobs):
+    """The preempted first run requeued the job; the second run resumed from its backup under
     the same run id. (That a resumed run ends with an uninterrupted run's weights is checked
     through the launchers in tests/test_launch_resume.py, with the same script.)"""
-    script = tmp_path / "job.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        "export DISTTRAIN_ATTEMPT=${SLURM_RESTART_COUNT:-0}\n"
-        f"srun -o {tmp_path}/%t-$DISTTRAIN_ATTEMPT.out {PY} tests/launch_workers/resume_train.py"
-        f" --backup-dir {tmp_path}/{{run_id}}/backup --out {tmp_path}/weights.json"
-        " --sigterm 0:1:1:3\n"
-        "code=$?\n"
-        "echo \"attempt $DISTTRAIN_ATTEMPT: srun exited $code\"\n"
-        "if [ $code -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; sleep 60; fi\n"
-        "exit $code\n")
-    submitted = slurm.run(["sbatch", "--parsable", "--requeue", "-n", "2",
-                           "-o", str(tmp_path / "job.out"), "--open-mode=append", str(script)],
-                          env=ENV, cwd=REPO)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    state = _wait_job(slurm, job, 300)
-    log = (tmp_path / "job.out").read_text()
+    job, directory, state = jobs["requeue"]
+    log = (directory / "job.out").read_text()
     task_logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}"
-                          for p in sorted(tmp_path.glob("*.out")))
+                          for p in sorted(directory.glob("*.out")))
     assert "attempt 0: srun exited 75" in log, log + task_logs
     assert "attempt 1: srun exited 0" in log, log + task_logs
     assert state == "COMPLETED", log
-    resumed = f"BackupAndRestore: resuming at epoch 2, batch 6 from backup-000013 (run slurm-{job}.0)"
-    assert resumed in (tmp_path / "0-1.out").read_text(), task_logs
-    assert (tmp_path / "weights.json").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("slurm-")] == [
+    resumed = ("BackupAndRestore: resuming at epoch 2, batch 6 from backup-000013 "
+               f"(run slurm-{job}.0)")
+    assert resumed in (directory / "0-1.out").read_text(), task_logs
+    assert (directory / "weights.json").exists()
+    assert [p.name for p in directory.iterdir() if p.name.startswith("slurm-")] == [
         f"slurm-{job}.0"]
 
 
