@@ -571,7 +571,9 @@ def _from_slurm(env: Mapping[str, str]) -> Cluster | None:
     fix = "run the training with srun (or set TF_CONFIG yourself)"
     source = f"Slurm step {job}.{step}"
     run_id = _run_id(env, f"slurm-{job}.{step}", source)
-    num_tasks = _int_env(env, "SLURM_STEP_NUM_TASKS", fix)
+    # Inside a step SLURM_NTASKS is the step's count too; older Slurm lacks the STEP_ name.
+    num_tasks = _int_env(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env
+                         else "SLURM_NTASKS", fix)
     if num_tasks == 1:
         return Cluster(run_id=run_id, source=source)
     nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST", ""))

@@ -53,6 +53,9 @@ def test_slurm_one_task_or_batch_script_stays_single():
     one = derive_from_launcher({"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0",
                                 "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"})
     assert (one.num_workers, one.is_multi_worker, one.run_id) == (1, False, "slurm-9.0")
+    older = slurm_env("gpu02", 0)
+    del older["SLURM_STEP_NUM_TASKS"]
+    assert derive_from_launcher(older).task_index == 2
     # The batch script of `sbatch -n 2` is one process: SLURM_NTASKS counts the allocation.
     batch = Cluster.from_env({"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"})
     assert (batch.num_workers, batch.run_id, batch.source) == (1, None, "TF_CONFIG")
