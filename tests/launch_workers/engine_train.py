@@ -5,8 +5,7 @@ Usage: engine_train.py OUT_DIR
 Trains a small model for 2 epochs under `disttrain.strategy()` with
 `disttrain.callbacks.ModelCheckpoint(OUT_DIR/{run_id}/model.keras)` (the README's path) and
 writes `OUT_DIR/task-<pid>.json`: what this process was (replicas in sync, chief, run id, the
-Cluster disttrain derived) and its final weights. A `ClusterConfigError` is written there too
-(`error`), and the script exits 2, as a refused launch would.
+Cluster disttrain derived) and its final weights.
 """
 
 from __future__ import annotations
@@ -18,17 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def main(out_dir: str) -> int:
+def main(out_dir: str) -> None:
     import disttrain
-    from disttrain.errors import ClusterConfigError
 
-    out = os.path.join(out_dir, f"task-{os.getpid()}.json")
-    try:
-        strategy = disttrain.strategy()
-    except ClusterConfigError as e:
-        with open(out, "w") as f:
-            json.dump({"error": str(e)}, f)
-        return 2
+    strategy = disttrain.strategy()
     import keras
     import numpy as np
 
@@ -45,13 +37,12 @@ def main(out_dir: str) -> int:
         disttrain.callbacks.ModelCheckpoint(os.path.join(out_dir, "{run_id}", "model.keras"))])
     coordinator = coordination.get()
     cluster = disttrain.Cluster.from_env()
-    with open(out, "w") as f:
+    with open(os.path.join(out_dir, f"task-{os.getpid()}.json"), "w") as f:
         json.dump({"replicas": strategy.num_replicas_in_sync, "chief": coordinator.is_chief,
                    "rank": coordinator.rank, "run_id": coordinator.run_id(),
                    "cluster": cluster.to_tf_config(),
                    "weights": [w.tolist() for w in model.get_weights()]}, f)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    main(sys.argv[1])
