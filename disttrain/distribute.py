@@ -5,8 +5,13 @@ submodule binds it on its package, and a module named `strategy` would replace
 the function `disttrain.strategy` (then "'module' object is not callable").
 
 One call gives every script the right strategy: `MultiWorkerMirroredStrategy`
-when TF_CONFIG describes more than one training task, TensorFlow's default
-strategy otherwise (a single process, or the evaluator task). TF_CONFIG is
+when TF_CONFIG describes more than one training task, or when no TF_CONFIG is
+given and the launcher started several tasks (a Slurm step, `mpirun`: see
+`disttrain.cluster.derive_from_launcher`; a launcher whose cluster cannot be
+derived is refused before any training), TensorFlow's default strategy
+otherwise (a single process, or the evaluator task), except that one process
+that sees several GPUs gets a `MirroredStrategy` over them (`local_devices`).
+TF_CONFIG is
 validated by `disttrain.cluster` first, so a typo fails with a message that
 names it instead of deep inside TensorFlow. The Keras 3 fixes of
 `disttrain.keras_compat` are applied before the strategy is returned.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from disttrain._tf import require_tensorflow
@@ -30,6 +36,7 @@ from disttrain.keras_compat import gradient_compression as gradient_compression_
 from disttrain.keras_compat import step_timing_recorder  # noqa: E402
 
 IMPLEMENTATIONS = ("auto", "ring", "nccl")
+LOCAL_DEVICES = ("all", "one")
 
 _lock = threading.Lock()
 _created: tuple[tuple[Any, ...], Any] | None = None
@@ -40,6 +47,7 @@ def strategy(
     timeout_seconds: float | None = None,
     quiet_workers: bool = True,
     gradient_compression: str = "none",
+    local_devices: str | Sequence[str] = "all",
 ):
     """Returns the process's distribution strategy, creating it on first call.
 
@@ -66,11 +74,25 @@ def strategy(
             is rounded to 16 bits), so it is off unless asked for; it pays when
             the gradient all-reduce dominates the step (large models, many
             workers, slow networks).
+        local_devices: the devices of this process that hold a replica.
+            `"all"` (default): every visible GPU; one process that sees more
+            than one gets a `tf.distribute.MirroredStrategy` over them, and each
+            worker of a multi-worker cluster contributes all of its GPUs (so
+            `num_replicas_in_sync` is workers × GPUs). `"one"`: one device per
+            process (TensorFlow's default strategy, or one GPU per worker), e.g.
+            when each process is given its own GPU. A list of device names
+            (`["/gpu:0", "/gpu:2"]`, or logical CPUs made with
+            `tf.config.set_logical_device_configuration`) gives one process a
+            `MirroredStrategy` over exactly those; not with multi-worker
+            clusters, where TensorFlow places each worker's replicas on its GPUs
+            itself. `implementation` and `timeout_seconds` concern the
+            multi-worker collectives only.
 
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy` for multi-worker clusters,
-        else `tf.distribute.get_strategy()` (also on the evaluator task, which never
-        joins the training group). Every training task also agrees on the run id
+        a `tf.distribute.MirroredStrategy` for one process with several local
+        devices, else `tf.distribute.get_strategy()` (also on the evaluator task,
+        which never joins the training group). Every training task also agrees on the run id
         here (`coordination.get().run_id()`), at a point they all reach, and starts
         a `disttrain.liveness.StallWatch`: a peer that is alive but stuck outside
         training for `DISTTRAIN_COORDINATION_TIMEOUT` seconds is named and the job
@@ -79,7 +101,8 @@ def strategy(
         again (TensorFlow's coordination agent makes it ignore SIGTERM).
 
     Raises:
-        ClusterConfigError: TF_CONFIG is malformed.
+        ClusterConfigError: TF_CONFIG is malformed, or this process is one of several
+            tasks (Slurm, MPI, torchrun-style variables) whose cluster cannot be derived.
         StrategyError: bad options, options differing from the first call, or
             this task cannot listen on its address.
 
@@ -105,7 +128,9 @@ def strategy(
         )
     gradient_compression_module.check(gradient_compression)
     cluster = Cluster.from_env()
-    key = (implementation, timeout_seconds, cluster.to_tf_config(), gradient_compression)
+    devices = _check_local_devices(local_devices, cluster)
+    key = (implementation, timeout_seconds, cluster.to_tf_config(), gradient_compression,
+           devices)
     with _lock:
         if _created is not None:
             first_key, created = _created
@@ -113,17 +138,18 @@ def strategy(
                 raise StrategyError(
                     f"disttrain.strategy() was already created with implementation="
                     f"{first_key[0]!r}, timeout_seconds={first_key[1]!r}, gradient_compression="
-                    f"{first_key[3]!r} for task {first_key[2]['task']}; now asked for "
+                    f"{first_key[3]!r}, local_devices={first_key[4]!r} for task "
+                    f"{first_key[2]['task']}; now asked for "
                     f"implementation={implementation!r}, timeout_seconds={timeout_seconds!r}, "
-                    f"gradient_compression={gradient_compression!r} for task "
-                    f"{key[2]['task']}. TensorFlow "
+                    f"gradient_compression={gradient_compression!r}, local_devices={devices!r} "
+                    f"for task {key[2]['task']}. TensorFlow "
                     "allows one multi-worker strategy per process. Fix: call "
                     "disttrain.strategy() once with the options you need and reuse it."
                 )
             return created
         keras_compat.apply()
         gradient_compression_module.install(gradient_compression)
-        created = _create(cluster, implementation, timeout_seconds)
+        created = _create(cluster, implementation, timeout_seconds, devices)
         if (quiet_workers and cluster.is_multi_worker and not cluster.is_chief
                 and not cluster.is_evaluator):
             import keras
@@ -155,10 +181,39 @@ def _terminate_on_sigterm_again() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None):
+def _check_local_devices(local_devices: str | Sequence[str],
+                         cluster: Cluster) -> str | tuple[str, ...]:
+    """`local_devices` validated: `"all"`, `"one"` or a tuple of device names."""
+    if isinstance(local_devices, str):
+        if local_devices in LOCAL_DEVICES:
+            return local_devices
+    elif (isinstance(local_devices, list | tuple) and local_devices
+          and all(isinstance(d, str) and d for d in local_devices)):
+        if cluster.is_multi_worker and not cluster.is_evaluator:
+            raise StrategyError(
+                f"local_devices={list(local_devices)!r} with a {cluster.num_workers}-worker "
+                f"cluster ({cluster.source}): MultiWorkerMirroredStrategy places each worker's "
+                "replicas on its GPUs itself. Fix: use local_devices='all' (every visible GPU) "
+                "or 'one', and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+        return tuple(local_devices)
+    raise StrategyError(
+        f"local_devices={local_devices!r} is not supported. Fix: use 'all' (every visible "
+        "GPU, the default), 'one' (one device per process) or a list of device names such "
+        "as ['/gpu:0', '/gpu:1'].")
+
+
+def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None,
+            devices: str | tuple[str, ...]):
     import tensorflow as tf
 
-    if not cluster.is_multi_worker or cluster.is_evaluator:
+    gpus = len(tf.config.get_visible_devices("GPU"))
+    if cluster.is_evaluator:
+        return tf.distribute.get_strategy()
+    if not cluster.is_multi_worker:
+        if isinstance(devices, tuple):
+            return tf.distribute.MirroredStrategy(list(devices))
+        if devices == "all" and gpus > 1:
+            return tf.distribute.MirroredStrategy()
         return tf.distribute.get_strategy()
     options = tf.distribute.experimental.CommunicationOptions(
         implementation={
@@ -175,7 +230,7 @@ def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(view["cluster"]), task_type=view["task"]["type"],
         task_id=view["task"]["index"], rpc_layer="grpc",
-        num_accelerators={"GPU": len(tf.config.get_visible_devices("GPU"))})
+        num_accelerators={"GPU": min(gpus, 1) if devices == "one" else gpus})
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver, communication_options=options)
@@ -183,9 +238,13 @@ def _create(cluster: Cluster, implementation: str, timeout_seconds: float | None
         if "Could not start gRPC server" not in str(e):
             raise
         address = cluster.training_addresses[cluster.worker_rank]
+        fix = ("give this task a free port on one of its own addresses (python -m launch.local "
+               "picks free ports itself)")
+        if cluster.source.startswith("Slurm"):
+            fix = ("let Slurm reserve the step's ports (srun --resv-ports, with MpiParams=ports="
+                   "12000-12999 in slurm.conf), or set TF_CONFIG (docs/slurm.md)")
         raise StrategyError(
-            f"{cluster.label} could not listen on its TF_CONFIG address {address} (TensorFlow: "
-            "Could not start gRPC server): the port is taken, or the host is not an address "
-            "of this machine. Fix: give this task a free port on one of its own addresses "
-            "(python -m launch.local picks free ports itself)."
+            f"{cluster.label} could not listen on its {cluster.source} address {address} "
+            "(TensorFlow: Could not start gRPC server): the port is taken, or the host is not "
+            f"an address of this machine. Fix: {fix}."
         ) from e

@@ -27,7 +27,8 @@ def _strategy_after(setup: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("keras_version, tensorflow_version", [
-    ("3.10.0", "2.16.2"), ("3.15.1", "2.21.0"), ("3.16.0.dev2026102704", "2.21.0")])
+    ("3.10.0", "2.16.2"), ("3.15.1", "2.21.0"), ("3.16.0.dev2026102704", "2.21.0"),
+    ("3.16.0.dev2026102704", "2.22.0rc0")])
 def test_supported_versions_pass_the_check(keras_version, tensorflow_version):
     versions.check(keras_version, tensorflow_version)
 
@@ -35,15 +36,15 @@ def test_supported_versions_pass_the_check(keras_version, tensorflow_version):
 @pytest.mark.parametrize("keras_version, tensorflow_version", [
     ("3.3.3", "2.16.2"), ("3.8.0", "2.18.1"), ("3.9.2", "2.19.1"),
     ("3.17.0.dev2027010104", "2.21.0"),
-    ("2.15.0", "2.15.1"), ("3.15.1", "2.15.1"), ("3.15.1", "2.22.0rc0")])
+    ("2.15.0", "2.15.1"), ("3.15.1", "2.15.1"), ("3.15.1", "2.23.0rc0")])
 def test_undeclared_versions_name_both_versions_the_range_and_the_fix(
         keras_version, tensorflow_version):
     with pytest.raises(KerasCompatError) as raised:
         versions.check(keras_version, tensorflow_version)
     message = str(raised.value)
     assert f"keras=={keras_version} and tensorflow=={tensorflow_version}" in message
-    assert "Supported: keras>=3.10,<3.17" in message and "tensorflow>=2.16,<2.22" in message
-    assert "Fix: pip install 'keras>=3.10,<3.17' 'tensorflow>=2.16,<2.22'" in message
+    assert "Supported: keras>=3.10,<3.17" in message and "tensorflow>=2.16,<2.23" in message
+    assert "Fix: pip install 'keras>=3.10,<3.17' 'tensorflow>=2.16,<2.23'" in message
 
 
 def test_the_matrix_covers_both_ends_of_the_declared_range():

@@ -22,7 +22,7 @@ KERAS = ((3, 10), (3, 16))
 whose release comes next (`keras-nightly`). Keras 3.9 and older create metric
 variables without on-read synchronization: under multi-worker MWMS their epoch
 logs are means of each worker's values, not the global metric."""
-TENSORFLOW = ((2, 16), (2, 21))
+TENSORFLOW = ((2, 16), (2, 22))
 """Supported TensorFlow releases (major, minor), both ends included."""
 STEP_RANGES_SINCE = (3, 11)
 """From this Keras on, the epoch iterator yields `(begin, end, iterator)` per call of
