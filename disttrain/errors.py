@@ -94,3 +94,10 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ChiefOnlyError(DisttrainError, RuntimeError):
+    """Code that runs on the chief only (`disttrain.callbacks.on_chief`) failed: it called
+    something every worker must call together (a strategy collective, `model.evaluate`, a
+    disttrain agreement), which the other workers would never join, or it raised (then
+    the other workers raise this with the chief's message)."""
