@@ -121,6 +121,26 @@ def test_on_chief_in_one_process_runs_and_refuses_agreements():
         callbacks.on_chief(callbacks.EarlyStopping())
 
 
+def test_best_and_last_each_manifest_tells_the_truth(tmp_path):
+    """With the old shared best.json the manifest named last.keras (epoch 4, 0.95) as best."""
+    values = [1.0, 0.5, 0.9, 0.95]
+
+    class Script(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = values[epoch]
+
+    best = callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), save_best_only=True)
+    last = callbacks.ModelCheckpoint(str(tmp_path / "last.keras"))
+    tiny_model().fit(*tiny_data(16), epochs=4, verbose=0, callbacks=[Script(), best, last])
+    records = {name: json.loads((tmp_path / name).read_text())
+               for name in ("best.best.keras.json", "best.last.keras.json")}
+    assert [records["best.best.keras.json"][k] for k in ("path", "epoch", "value")] == [
+        str(tmp_path / "best.keras"), 2, 0.5]
+    assert [records["best.last.keras.json"][k] for k in ("path", "epoch")] == [
+        str(tmp_path / "last.keras"), 4]
+    assert sorted(os.listdir(tmp_path)) == sorted([*records, "best.keras", "last.keras"])
+
+
 def test_two_checkpoints_with_one_manifest_name_are_refused(tmp_path):
     model = tiny_model()
     stack = [callbacks.ModelCheckpoint(str(tmp_path / "a{epoch}.keras")),

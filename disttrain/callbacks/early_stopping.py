@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras.src.callbacks.monitor_callback import MonitorCallback
 
 from disttrain.callbacks.base import DistributedCallback
@@ -147,7 +148,9 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
 
         def settle(per_worker: list[dict[str, Any]]) -> None:
             chief = per_worker[0]
-            self.wait, self.best = chief["wait"], chief["best"]
+            if chief["best"] != mine["best"]:
+                self.best = chief["best"]
+            self.wait = chief["wait"]
             best_now = chief["best_epoch"] == epoch and self.restore_best_weights
             if best_now and self.best_weights is weights_before:
                 self.best_weights = self.model.get_weights()
@@ -226,5 +229,5 @@ def _plain(best: Any) -> Any:
     if best is None:
         return None
     if isinstance(best, list):
-        return [None if b is None else float(b) for b in best]
-    return float(best)
+        return [_plain(b) for b in best]
+    return float(np.asarray(best).reshape(()))

@@ -76,7 +76,7 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
         self.strict = strict
 
     def backup_state(self):
-        best = None if self.best is None else float(self.best)
+        best = None if self.best is None else self._as_scalar(self.best, self.monitor)
         return {"wait": self.wait, "cooldown_counter": self.cooldown_counter, "best": best}, []
 
     def restore_state(self, state, arrays):
@@ -89,13 +89,15 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
             self.monitored(logs, self.monitor)
         super().on_epoch_end(epoch, logs)
         local = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in self._optimizers()]
+        state = self.backup_state()[0]
 
         def settle(per_worker: list[dict]) -> None:
             chief = per_worker[0]
             self._set_learning_rates(chief["lr"])
-            self.restore_state(chief["state"], [])
+            if chief["state"] != state:
+                self.restore_state(chief["state"], [])
 
-        self.settle_across_workers("lr", {"lr": local, "state": self.backup_state()[0]}, settle)
+        self.settle_across_workers("lr", {"lr": local, "state": state}, settle)
 
     def _optimizers(self) -> list:
         optimizer = self.model.optimizer
