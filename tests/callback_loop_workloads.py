@@ -257,7 +257,7 @@ def scripted_val_loss(epoch: int) -> float:
     return 1.0 / (1 + (epoch * 37) % 101) + epoch * 1e-4
 
 
-def best_and_last_forever(directory: str, epochs: int = 250) -> dict:
+def best_and_last_forever(directory: str, epochs: int = 150) -> dict:
     """ModelCheckpoint('best.keras', save_best_only) + ModelCheckpoint('last.keras') driven
     through a CallbackList, resuming after the epoch that the "last" manifest names. Every
     weight holds the epoch number (1-based) at its save, so a test can check that each file

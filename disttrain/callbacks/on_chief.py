@@ -30,8 +30,11 @@ _HOOKS = (
     "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
     "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
     "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
-    "on_predict_batch_begin", "on_predict_batch_end", "on_batch_begin", "on_batch_end",
+    "on_predict_batch_begin", "on_predict_batch_end",
 )
+# Keras's default training batch hooks call these older names: a callback defining only them
+# still runs.
+_LEGACY = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
 # What a chief-only callback must not call on a multi-worker strategy or its model: every
 # worker must call them together.
 _STRATEGY_COLLECTIVES = ("run", "reduce", "gather", "experimental_distribute_dataset",
@@ -95,7 +98,8 @@ class OnChief(DistributedCallback, keras.callbacks.Callback):
 
     def _call(self, hook: str, args: tuple, kwargs: dict[str, Any]) -> None:
         """Runs `hook` of the wrapped callback on the chief; every worker gets its outcome."""
-        if utils.is_default(getattr(self.callback, hook)):
+        if all(utils.is_default(getattr(self.callback, h))
+               for h in (hook, _LEGACY.get(hook, hook))):
             return
         name = f"{self._name}.{hook}"
 
