@@ -27,7 +27,10 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
     `max_to_keep`, `strict` and `overwrite`. Differences, all on the safe side:
 
     - Only the chief writes; the save decision is the chief's and is followed by
-      every worker, and non-chief workers write nothing anywhere.
+      every worker, and non-chief workers write nothing anywhere. Every worker
+      keeps the chief's record and best value, so `best_checkpoint()` is the
+      same everywhere, also in a custom training loop whose logs differ per
+      worker (`docs/custom_loops.md`).
     - Every file is committed atomically (local: temp file in the same directory,
       fsync, `os.replace`; object stores: one whole-object upload), so a crash
       leaves the previous checkpoint or the new one, never a torn file.
@@ -41,10 +44,10 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
       one directory (a "best" and a "last" one, or two monitors), each keeps its
       own manifest, `best.<file name>.json` (`manifest_name`; `last.keras` ->
       `best.last.keras.json`), so each tells the truth; pass it to
-      `disttrain.SidecarEvaluator(manifest=...)`. It is the commit point: files dropped by `max_to_keep`
-      are deleted only after it, so it never names a missing file. Readers
-      should trust it rather than list files. When `fit` ends normally the
-      chief adds a "training finished" mark to it (`storage.training_finished`),
+      `disttrain.SidecarEvaluator(manifest=...)`. The manifest is the commit
+      point: files dropped by `max_to_keep` are deleted only after it, so it
+      never names a missing file. Readers should trust it rather than list
+      files. When `fit` ends normally the chief adds a "training finished" mark to it (`storage.training_finished`),
       which tells `disttrain.SidecarEvaluator` that no checkpoint will follow.
     - A write failure on the chief (permissions, disk full, credentials) raises
       the same `StorageError` on every worker instead of hanging them.
