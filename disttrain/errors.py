@@ -98,3 +98,10 @@ class Preempted(SystemExit):
 
 class FirewallUnavailable(DisttrainError, RuntimeError):
     """`launch.local` could not close the job's ports to other hosts; the message says why."""
+
+
+class ChiefOnlyError(DisttrainError, RuntimeError):
+    """Code that runs on the chief only (`disttrain.callbacks.on_chief`) failed: it called
+    something every worker must call together (a strategy collective, `model.evaluate`, a
+    disttrain agreement), which the other workers would never join, or it raised (then
+    the other workers raise this with the chief's message)."""

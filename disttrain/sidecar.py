@@ -117,6 +117,9 @@ class SidecarEvaluator:
             a directory holds `{run_id}`; when known, a manifest of another run
             is ignored.
         verbose: 1 prints a line per checkpoint, 0 only problems.
+        manifest: the commit record to follow: `best.json`, or, when several
+            ModelCheckpoints write to the directory, the one's `manifest_name`
+            (e.g. `"best.last.keras.json"`).
 
     Example:
 
@@ -153,6 +156,7 @@ class SidecarEvaluator:
         timeout: float = 3600.0,
         run_id: str | None = None,
         verbose: int = 1,
+        manifest: str = run_files.BEST_CHECKPOINT,
     ):
         for name, value in (("steps", steps), ("max_evaluations", max_evaluations)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -185,6 +189,7 @@ class SidecarEvaluator:
         self.poll_interval = float(poll_interval)
         self.timeout = float(timeout)
         self.verbose = verbose
+        self.manifest = manifest
         templates = {"checkpoint_dir": checkpoint_dir, "log_dir": log_dir,
                      "tensorboard_dir": tensorboard_dir, "export_dir": export_dir}
         needs_run_id = any("{run_id}" in t for t in templates.values() if t is not None)
@@ -212,7 +217,7 @@ class SidecarEvaluator:
     @property
     def manifest_url(self) -> str:
         """The commit record of the checkpoint directory, the only thing trusted."""
-        return storage.join(self.checkpoint_dir, run_files.BEST_CHECKPOINT)
+        return storage.join(self.checkpoint_dir, self.manifest)
 
     def start(self) -> list[dict[str, Any]]:
         """Runs the evaluation loop until training has finished (or `max_evaluations`).

@@ -76,8 +76,8 @@ def gcs(gcs_server, monkeypatch):
 @pytest.fixture(scope="session")
 def callbacks_cluster(tmp_path_factory):
     """One 2-worker cluster running every scenario of tests/shared_cluster_workloads.py,
-    shared by the multi-worker tests of ReduceLROnPlateau, CSVLogger, TensorBoard and
-    TerminateOnNaN."""
+    shared by the multi-worker tests of ReduceLROnPlateau, CSVLogger, TensorBoard,
+    TerminateOnNaN and of callbacks beyond fit (tests/test_callbacks_beyond_fit.py)."""
     from disttrain.testing import run_cluster
     from tests import shared_cluster_workloads
 

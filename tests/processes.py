@@ -1,7 +1,8 @@
 """Test-only process tools: the repository root and read-only directory views.
 
 What a user testing multi-worker code needs is public in `disttrain.testing`;
-these serve the tests that prove a process wrote nothing somewhere.
+these serve the tests that prove a process wrote nothing somewhere, and the tests that
+SIGKILL a process at a random moment.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,3 +34,17 @@ def can_make_read_only_views() -> bool:
         ["unshare", "--mount", "sh", "-c", "mount --bind / / 2>/dev/null"], capture_output=True
     ) if os.geteuid() == 0 and shutil.which("unshare") else None
     return probe is not None and probe.returncode == 0
+
+
+def run_until_killed(command: list[str], env: dict[str, str], after: float) -> str:
+    """Starts `command`, waits for it to print READY, SIGKILLs it `after` seconds later;
+    returns its stderr (the test fails with it when READY never comes)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        time.sleep(after)
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    return err

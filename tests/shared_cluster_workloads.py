@@ -4,7 +4,9 @@ tests/conftest.py.
 
 `misc_callbacks` runs every scenario, one after the other, in one cluster (a
 cluster start costs more than the scenarios): ReduceLROnPlateau, CSVLogger,
-TensorBoard (off and scratch) and TerminateOnNaN. Each returns a JSON summary
+TensorBoard (off and scratch), TerminateOnNaN and, last, the cases of
+`callback_loop_workloads` (custom loops, several checkpoints, on_chief, multi-metric
+EarlyStopping; tests/test_callbacks_beyond_fit.py). Each returns a JSON summary
 the test compares across workers.
 
 To prove that non-chief workers write nothing to a destination, a non-chief
@@ -22,6 +24,8 @@ import os
 import time
 
 import numpy as np
+
+from tests import callback_loop_workloads
 
 GLOBAL_BATCH = 16
 NOBODY = 65534
@@ -270,6 +274,9 @@ def misc_callbacks(workdir: str) -> dict:
         ("tensorboard_scratch", lambda: tensorboard_scratch(workdir)),
         ("tensorboard_scratch_fit_raises", lambda: tensorboard_scratch_fit_raises(workdir)),
         ("terminate_on_nan", terminate_on_nan),
+        # Last: its chief-only collective cases end fits with errors on purpose.
+        ("beyond_fit", lambda: callback_loop_workloads.beyond_fit_job(
+            os.path.join(workdir, "beyond_fit"), list(callback_loop_workloads.CASES))),
     ):
         started = time.monotonic()
         results[name] = scenario()

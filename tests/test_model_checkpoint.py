@@ -14,7 +14,7 @@ import pytest
 from disttrain.testing import run_cluster
 from tests import checkpoint_workloads
 from tests.checkpoint_workloads import results_without_errors
-from tests.processes import can_make_read_only_views, read_only_view
+from tests.processes import can_make_read_only_views, read_only_view, run_until_killed
 
 keras = pytest.importorskip("keras")
 
@@ -379,8 +379,6 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name):
     manifest.
     """
     import random
-    import subprocess
-    import time
 
     from disttrain.testing import function_command, worker_env
 
@@ -391,15 +389,7 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name):
     env = worker_env({"DISTTRAIN_RUN_ID": "crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
     for attempt in range(4):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-            time.sleep(rng.uniform(0.05, 0.6))
-            proc.kill()
-        finally:
-            proc.kill()
-            _, err = proc.communicate(timeout=30)
+        err = run_until_killed(command, env, rng.uniform(0.05, 0.6))
         assert "Refusing" not in err, err[-2000:]
         manifest = json.loads((directory / "best.json").read_text())
         for record in manifest["checkpoints"]:

@@ -25,6 +25,8 @@ _EXPORTS = {
     "BackupAndRestore": "disttrain.callbacks.backup_and_restore",
     "TrainingReport": "disttrain.callbacks.training_report",
     "recommended": "disttrain.callbacks.stack",
+    "on_chief": "disttrain.callbacks.on_chief",
+    "OnChief": "disttrain.callbacks.on_chief",
 }
 
 __all__ = list(_EXPORTS)

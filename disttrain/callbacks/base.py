@@ -115,7 +115,7 @@ class DistributedCallback:
         )
         if self.strict:
             raise CallbackConfigError(message)
-        warnings.warn(message, stacklevel=3)
+        self.warn_on_chief(message, stacklevel=4)
         return None
 
     def _as_scalar(self, value: Any, monitor: str) -> float:
@@ -138,18 +138,26 @@ class DistributedCallback:
         return float(array.reshape(()))
 
     def warn_if_training_metric(self, logs: Mapping[str, Any] | None, monitor: str) -> None:
-        """Warns once when a training metric is monitored while validation ones exist."""
-        if getattr(self, "_warned_training_metric", False):
+        """Warns once per monitor (on the chief) when a training metric is monitored while
+        validation ones exist."""
+        warned = self.__dict__.setdefault("_warned_training_metric", set())
+        if monitor in warned:
             return
-        self._warned_training_metric = True
+        warned.add(monitor)
         logs = logs or {}
         if not monitor.startswith("val_") and f"val_{monitor}" in logs:
-            warnings.warn(
+            self.warn_on_chief(
                 f"{type(self).__name__} monitors the training metric {monitor!r} although "
                 f"'val_{monitor}' exists; decisions then follow training fit, not "
                 f"generalisation. Pass monitor='val_{monitor}' unless this is intended.",
-                stacklevel=3,
+                stacklevel=4,
             )
+
+    def warn_on_chief(self, message: str, stacklevel: int = 3) -> None:
+        """Warns about the user's configuration once for the cluster: on the chief only
+        (every worker runs the same callbacks with the same configuration)."""
+        if self.is_chief:
+            warnings.warn(message, stacklevel=stacklevel)
 
 
 def add_to_result(fields: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from typing import Any
 
 import keras
@@ -11,7 +12,7 @@ from keras import ops
 from keras.src.utils import io_utils  # private: keras.src
 
 from disttrain import keras_compat, run_files, storage
-from disttrain.callbacks.base import DistributedCallback, add_to_result
+from disttrain.callbacks.base import DistributedCallback, add_to_result, attached_callbacks
 from disttrain.errors import CallbackConfigError, StorageError
 
 _DIRECTORY_FIX = ("move the other fields into the file name, so every checkpoint of a run "
@@ -25,7 +26,10 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
     `max_to_keep`, `strict` and `overwrite`. Differences, all on the safe side:
 
     - Only the chief writes; the save decision is the chief's and is followed by
-      every worker, and non-chief workers write nothing anywhere.
+      every worker, and non-chief workers write nothing anywhere. Every worker
+      keeps the chief's record and best value, so `best_checkpoint()` is the
+      same everywhere, also in a custom training loop whose logs differ per
+      worker (`docs/custom_loops.md`).
     - Every file is committed atomically (local: temp file in the same directory,
       fsync, `os.replace`; object stores: one whole-object upload), so a crash
       leaves the previous checkpoint or the new one, never a torn file.
@@ -35,10 +39,14 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
       directory part may only use `{run_id}`.
     - After each save a manifest `best.json` is written in the checkpoint
       directory: the best checkpoint (path, epoch, monitor value, run id) and the
-      checkpoints kept. It is the commit point: files dropped by `max_to_keep`
-      are deleted only after it, so it never names a missing file. Readers
-      should trust it rather than list files. When `fit` ends normally the
-      chief adds a "training finished" mark to it (`storage.training_finished`),
+      checkpoints kept. When ModelCheckpoints with different file names write to
+      one directory (a "best" and a "last" one, or two monitors), each keeps its
+      own manifest, `best.<file name>.json` (`manifest_name`; `last.keras` ->
+      `best.last.keras.json`), so each tells the truth; pass it to
+      `disttrain.SidecarEvaluator(manifest=...)`. The manifest is the commit
+      point: files dropped by `max_to_keep` are deleted only after it, so it
+      never names a missing file. Readers should trust it rather than list
+      files. When `fit` ends normally the chief adds a "training finished" mark to it (`storage.training_finished`),
       which tells `disttrain.SidecarEvaluator` that no checkpoint will follow.
     - A write failure on the chief (permissions, disk full, credentials) raises
       the same `StorageError` on every worker instead of hanging them.
@@ -133,7 +141,19 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
 
     @property
     def manifest_url(self) -> str:
-        return storage.join(self.directory or self._directory_template, run_files.BEST_CHECKPOINT)
+        return storage.join(self.directory or self._directory_template, self.manifest_name)
+
+    @property
+    def manifest_name(self) -> str:
+        """The name of this checkpoint's commit record in its directory: `best.json`, or
+        `best.<file name>.json` when ModelCheckpoints with other file names write to the
+        same directory (e.g. "best" and "last"), so each record tells the truth."""
+        others = {c.filepath for c in attached_callbacks(self.model) if
+                  isinstance(c, ModelCheckpoint) and c._directory_template ==
+                  self._directory_template} if self.model is not None else set()
+        if others <= {self.filepath}:
+            return run_files.BEST_CHECKPOINT
+        return _manifest_name(self.filepath)
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -144,10 +164,14 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         self.directory = storage.expand_run_id(
             self._directory_template, self.run_id, f"ModelCheckpoint(filepath={self.filepath!r})",
             _DIRECTORY_FIX)
+        name = self.manifest_name
+        self._check_manifest_names(name)
         previous, self._manager = self._manager, storage.CheckpointManager(
             self.directory, self.run_id, max_to_keep=self.max_to_keep,
-            keep_best=self.save_best_only, index_name=run_files.BEST_CHECKPOINT,
-            overwrite=self.overwrite, async_commit=self.async_commit, owner="ModelCheckpoint")
+            keep_best=self.save_best_only, index_name=name, overwrite=self.overwrite,
+            async_commit=self.async_commit, owner="ModelCheckpoint",
+            pending_name=(storage.PENDING_NAME if name == run_files.BEST_CHECKPOINT
+                          else f".{name}.pending"))
 
         def preflight() -> dict[str, Any]:
             """Chief: checks the destination; this run's saved state, if resuming."""
@@ -165,6 +189,19 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         self._manager.checkpoints = shared["checkpoints"]
         if shared["best"] is not None and self.save_best_only:
             self.best = shared["best"]
+
+    def _check_manifest_names(self, name: str) -> None:
+        """Raises when another file name in this directory gets the same commit record."""
+        clash = sorted({c.filepath for c in attached_callbacks(self.model)
+                        if isinstance(c, ModelCheckpoint) and c.filepath != self.filepath
+                        and c._directory_template == self._directory_template
+                        and _manifest_name(c.filepath) == name})
+        if clash:
+            raise CallbackConfigError(
+                f"ModelCheckpoint(filepath={self.filepath!r}) and {clash} write to one "
+                f"directory and would share the commit record {name!r}. Fix: give their file "
+                "names different letters or digits (e.g. 'best.keras' and 'last.keras'), or "
+                "different directories.")
 
     def on_epoch_end(self, epoch, logs=None):
         if self.save_freq == "epoch":
@@ -195,13 +232,14 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
                   "monitor": self.monitor, "value": None if current is None else float(current)}
 
-        def save() -> bool:
-            """Chief: decides, says so and writes; every worker takes the chief's decision
-            (one exchange per save)."""
+        def save() -> dict[str, Any] | None:
+            """Chief: decides, says so and writes; every worker takes the chief's decision,
+            record and best value (one exchange per save), so they agree even when each
+            worker's logs differ (a custom loop that does not reduce them)."""
             if not (improved or not self.save_best_only or current is None):
                 self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from "
                           f"{_fmt(self.best)}")
-                return False
+                return None
             if self.save_best_only:
                 self._say(f"\nEpoch {epoch + 1}: {self.monitor} improved from "
                           f"{_fmt(self.best)} to {_fmt(current)}, saving model to {path}")
@@ -215,13 +253,14 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                  "best_value": None if self.best is None else float(self.best)},
                 on_commit=lambda: self._say(
                     f"\nEpoch {epoch + 1}: finished saving model to {path}"))
-            return True
+            return {"record": record, "best": self.best}
 
-        if not self.coordinator.run_on_chief("ModelCheckpoint.save", save, StorageError):
+        saved = self.coordinator.run_on_chief("ModelCheckpoint.save", save, StorageError)
+        if saved is None:
             return
-        if improved:  # the other workers' turn; the chief set it before writing the manifest
-            self.best = float(current)
-        self._manager.add(record)
+        # The other workers' turn; the chief set its best before writing the manifest.
+        self.best = saved["best"]
+        self._manager.add(saved["record"])
 
     def _write_model(self, path: str) -> None:
         """Writes the model (or its weights) to the local temp file the manager commits."""
@@ -275,6 +314,12 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
     def _say(self, message: str) -> None:
         if self.verbose > 0 and self.is_chief:
             io_utils.print_msg(message)
+
+
+def _manifest_name(filepath: str) -> str:
+    """`best.<file name template>.json`, with characters other than letters, digits, `.`, `_`
+    and `-` replaced by `_` (`last.keras` -> `best.last.keras.json`)."""
+    return f"best.{re.sub(r'[^A-Za-z0-9._-]', '_', posixpath.basename(filepath))}.json"
 
 
 def _fmt(value) -> str:

@@ -13,7 +13,10 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
     Same arguments and meaning as `keras.callbacks.ReduceLROnPlateau`, plus
     `strict`. Keras's own logic decides at each epoch end; then the chief's
     resulting learning rate is broadcast and set on every worker, so the
-    learning rate is identical everywhere after a reduction. Differences:
+    learning rate is identical everywhere after a reduction, and so is the
+    callback's state (best value, epochs waited, cooldown): in a custom training
+    loop where each worker passes its own, unreduced logs, the chief's logs decide.
+    Differences:
 
     - The chief's learning rates travel in the one exchange that ends each
       epoch of a multi-worker `fit` (`disttrain.keras_compat.stop_agreement`)
@@ -73,7 +76,7 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
         self.strict = strict
 
     def backup_state(self):
-        best = None if self.best is None else float(self.best)
+        best = None if self.best is None else self._as_scalar(self.best, self.monitor)
         return {"wait": self.wait, "cooldown_counter": self.cooldown_counter, "best": best}, []
 
     def restore_state(self, state, arrays):
@@ -86,8 +89,15 @@ class ReduceLROnPlateau(DistributedCallback, keras.callbacks.ReduceLROnPlateau):
             self.monitored(logs, self.monitor)
         super().on_epoch_end(epoch, logs)
         local = [float(keras.ops.convert_to_numpy(o.learning_rate)) for o in self._optimizers()]
-        self.settle_across_workers("lr", local,
-                                   lambda per_worker: self._set_learning_rates(per_worker[0]))
+        state = self.backup_state()[0]
+
+        def settle(per_worker: list[dict]) -> None:
+            chief = per_worker[0]
+            self._set_learning_rates(chief["lr"])
+            if chief["state"] != state:
+                self.restore_state(chief["state"], [])
+
+        self.settle_across_workers("lr", {"lr": local, "state": state}, settle)
 
     def _optimizers(self) -> list:
         optimizer = self.model.optimizer

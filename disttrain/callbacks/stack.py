@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-from disttrain import run_files, storage
+from disttrain import coordination, run_files, storage
 
 
 def recommended(
@@ -87,9 +87,10 @@ def recommended(
         TrainingReport(directory, monitor=monitor, mode=mode),
     ]
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
-        warnings.warn("recommended(): TensorBoard left out because the optional 'tensorboard' "
-                      "package is not installed. Fix: pip install tensorboard, or pass "
-                      "tensorboard=False.", stacklevel=2)
+        if coordination.get().is_chief:  # the same on every worker: say it once
+            warnings.warn("recommended(): TensorBoard left out because the optional 'tensorboard' "
+                          "package is not installed. Fix: pip install tensorboard, or pass "
+                          "tensorboard=False.", stacklevel=2)
     elif tensorboard:
         stack.append(TensorBoard(storage.join(directory, "tensorboard")))
     return stack

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 from disttrain import errors
 from disttrain.cluster import Cluster, new_run_id
+from disttrain.coordination import chief_only
 from disttrain.coordination.in_process import InProcessTransport
 from disttrain.coordination.transport import PeerLostError, Transport
 from disttrain.errors import CoordinationError, DisttrainError
@@ -154,6 +155,7 @@ class Coordinator:
         Raises:
             CoordinationError: a peer died, timed out, or reached a different call site.
         """
+        chief_only.refuse(f"the agreement {name!r}")
         seq = self._seq
         self._seq += 1
         key = self._key(seq, self.rank)

@@ -8,7 +8,9 @@ order does not matter), together with what disttrain's deciding callbacks
 deferred to it with `defer()` (ReduceLROnPlateau's learning rates,
 EarlyStopping's decision), which each then settles from every worker's value.
 So an epoch end costs one exchange however many deciding callbacks there are.
-Per-batch votes (for callbacks that stop inside an epoch) run only when a
+The same holds in custom training loops that drive callbacks through
+`keras.callbacks.CallbackList(..., model=model)`, where `model.stop_training`
+may never have been set (read as False). Per-batch votes (for callbacks that stop inside an epoch) run only when a
 callback in the list has a true attribute `PER_BATCH_ATTRIBUTE`, as
 `disttrain.callbacks.SyncStop(per_batch=True)` does. A no-op outside
 multi-worker training.
@@ -93,6 +95,12 @@ def _agreeing_per_batch(batch_end: Callable) -> Callable:
     return on_train_batch_end
 
 
+def stop_requested(model) -> bool:
+    """Whether a callback asked `model` to stop: `model.stop_training`, which `fit` sets to
+    False before training and a custom training loop may never set (then False)."""
+    return bool(getattr(model, "stop_training", False))
+
+
 def defer(model, key: str, value: Any, settle: Callable[[list[Any]], None]) -> bool:
     """Adds `value` to the one exchange that ends this epoch of `model`'s multi-worker `fit`.
 
@@ -115,7 +123,11 @@ def defer(model, key: str, value: Any, settle: Callable[[list[Any]], None]) -> b
 
     Raises:
         ValueError: `key` was already deferred in this epoch end.
+        ChiefOnlyError: called from chief-only code (`disttrain.callbacks.on_chief`).
     """
+    from disttrain.coordination import chief_only
+
+    chief_only.refuse(f"the epoch-end agreement {key!r}")
     if not _epoch_ends or _epoch_ends[-1].model is not model:
         return False
     deferred = _epoch_ends[-1].deferred
@@ -131,7 +143,7 @@ def _agree_at_epoch_end(end: _EpochEnd) -> None:
     from disttrain import coordination
     from disttrain.errors import CallbackConfigError
 
-    mine = {"stop": bool(end.model.stop_training),
+    mine = {"stop": stop_requested(end.model),
             "deferred": {key: value for key, (value, _) in end.deferred.items()}}
     reports = [json.loads(r) for r in coordination.get().gather(EPOCH_END, json.dumps(mine))]
     for rank, report in enumerate(reports):
@@ -154,5 +166,5 @@ def _agree(callbacks, name: str) -> None:
         return
     from disttrain import coordination
 
-    if coordination.get().any(bool(model.stop_training), name):
+    if coordination.get().any(stop_requested(model), name):
         model.stop_training = True

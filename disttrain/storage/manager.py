@@ -118,6 +118,8 @@ class CheckpointManager:
             run did not write.
         async_commit: commit single files in a background thread.
         owner: how messages name the user of the manager, e.g. `"ModelCheckpoint"`.
+        pending_name: the pending marker's file name; managers sharing a directory
+            (each with its own `index_name`) need one each.
 
     Raises:
         CallbackConfigError: when `max_to_keep` or `mode` is invalid.
@@ -147,6 +149,7 @@ class CheckpointManager:
         overwrite: bool = False,
         async_commit: bool = False,
         owner: str = "CheckpointManager",
+        pending_name: str = PENDING_NAME,
     ):
         check_max_to_keep(max_to_keep, owner)
         self.owner = owner
@@ -159,6 +162,7 @@ class CheckpointManager:
         self.step_prefix = step_prefix
         self.overwrite = overwrite
         self.async_commit = async_commit
+        self.pending_name = pending_name
         self.checkpoints: list[dict[str, Any]] = []
         self._step_re = re.compile(rf"^{re.escape(step_prefix)}(\d{{6,}})$")
         self._next_step = 0
@@ -187,7 +191,7 @@ class CheckpointManager:
     @property
     def pending_url(self) -> str:
         """The URL of the pending marker (single-file checkpoints)."""
-        return join(self.directory, PENDING_NAME)
+        return join(self.directory, self.pending_name)
 
     def open(self) -> dict[str, Any]:
         """Prepares the directory for this run's saves; call once, before the first save.
