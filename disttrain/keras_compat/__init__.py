@@ -12,7 +12,8 @@ Example:
 >>> import disttrain.keras_compat as kc
 >>> kc.apply()          # idempotent; disttrain.strategy() calls it for you
 >>> sorted(kc.applied())  # doctest: +SKIP
-['multi_worker_cpu_without_xla', 'multi_worker_steps_per_execution',
+['gradients_reduced_before_apply', 'multi_worker_cpu_without_xla',
+ 'multi_worker_steps_per_execution',
  'persistent_epoch_iterator', 'scalar_metric_reduction', 'symbolic_build_local_batch',
  'synced_batchnorm_statistics']
 
@@ -32,6 +33,7 @@ from disttrain.keras_compat import (
     detection,
     epoch_iterator,
     input_check,
+    reduced_gradients,
     scalar_reduction,
     stop_agreement,
     steps_per_execution,
@@ -46,7 +48,7 @@ __all__ = ["ENV_DISABLE", "apply", "applied", "sync_batchnorm_statistics"]
 ENV_DISABLE = "DISTTRAIN_KERAS_COMPAT"
 
 _FIXES = (symbolic_build, scalar_reduction, steps_per_execution, xla_on_cpu, epoch_iterator,
-          batchnorm)
+          batchnorm, reduced_gradients)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
