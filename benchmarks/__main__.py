@@ -34,14 +34,15 @@ from benchmarks import (
     launcher,
     scale,
     scaling,
+    sparse_gradients,
     train_step,
     vote,
 )
 from benchmarks.report import Row, table
 from benchmarks.settings import FULL, QUICK, SMOKE, Settings
 
-SECTIONS = ("train", "compression", "input_check", "checkpoint", "early_stopping", "evaluator",
-            "launcher")
+SECTIONS = ("train", "compression", "sparse_gradients", "input_check", "checkpoint",
+            "early_stopping", "evaluator", "launcher")
 
 
 def machine() -> str:
@@ -73,6 +74,10 @@ def _compression(settings: Settings) -> tuple[list[Row], str]:
     return compression.rows(compression.measure(settings), settings), ""
 
 
+def _sparse_gradients(settings: Settings) -> tuple[list[Row], str]:
+    return sparse_gradients.rows(sparse_gradients.measure(settings), settings), ""
+
+
 def _input_check(settings: Settings) -> tuple[list[Row], str]:
     return input_check.rows(input_check.measure(settings), settings), ""
 
@@ -99,7 +104,8 @@ def _scale(settings: Settings) -> tuple[list[Row], str]:
 
 
 RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
-    "train": _train, "compression": _compression, "input_check": _input_check, "checkpoint": _checkpoint,
+    "train": _train, "compression": _compression, "sparse_gradients": _sparse_gradients,
+    "input_check": _input_check, "checkpoint": _checkpoint,
     "early_stopping": _early_stopping, "evaluator": _evaluator,
     "launcher": _launcher, "scale": _scale,
 }

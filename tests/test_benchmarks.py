@@ -36,6 +36,8 @@ def test_smoke_run_prints_every_row_and_writes_the_docs_page(tmp_path):
                 "on 10 MB of NumPy arrays, before training",
                 "(launch.local default)", "one input iterator per fit",
                 "fsync + atomic rename alone", "gradients all-reduced in bf16",
+                "sparse gradients reduced and merged before apply",
+                "bytes a worker sends per step for the embedding gradients",
                 "BackupAndRestore save with per-worker parts",
                 "training step with the evaluator task running",
                 "digits demo after 2 epochs, 2 workers: val_loss / accuracy with bf16", "scale, 2 workers: vote (coordination.any)",

@@ -7,7 +7,9 @@ own inputs and settings, the workers exchange what they found in one
 `disttrain.coordination` gather, and every worker reaches the same verdict:
 
 - errors (certainly wrong; `PreflightError` on every worker, nothing trained):
-  a global batch smaller than the number of replicas; `steps_per_epoch` larger
+  a global batch smaller than the number of replicas; an optimizer option Keras
+  cannot run under a distribution strategy (`gradient_accumulation_steps`,
+  `ema_overwrite_frequency`); `steps_per_epoch` larger
   than the input's batches; an input sharded by file (AUTO with a file reader,
   or FILE) with fewer files than workers, which TensorFlow refuses at the first
   step with a confusing error; a model dtype policy that differs between workers;
@@ -82,6 +84,7 @@ def facts(model: Any, call: str, arguments: Mapping[str, Any], replicas: int,
     notes: list[str] = []
     x = arguments.get("x")
     if call == "fit":  # evaluate and predict count every sample however batches split
+        _check_optimizer(getattr(model, "optimizer", None), errors)
         _check_batch(x, arguments.get("batch_size"), replicas, errors, notes)
         _check_steps(x, arguments, errors, notes)
     for name in ("x", "validation_data"):
@@ -128,6 +131,31 @@ def verdict(peers: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 def _unique(items: Iterator[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def _check_optimizer(optimizer: Any, errors: list[str]) -> None:
+    """Optimizer options whose conditional update Keras cannot run in a replica context
+    (a `cond` around a `merge_call`: "merge_call called while defining a new graph")."""
+    while optimizer is not None:
+        name = type(optimizer).__name__
+        steps = getattr(optimizer, "gradient_accumulation_steps", None)
+        if steps:
+            errors.append(
+                f"{name}(gradient_accumulation_steps={steps}): Keras 3 cannot accumulate "
+                "gradients under a distribution strategy (it fails at the first step with "
+                "\"merge_call called while defining a new graph\"). Fix: leave "
+                "gradient_accumulation_steps unset and make the global batch "
+                f"{steps}x larger (more workers, or a larger per-worker batch): the same "
+                "update, since the gradients of all workers are summed anyway.")
+        frequency = getattr(optimizer, "ema_overwrite_frequency", None)
+        if getattr(optimizer, "use_ema", False) and frequency:
+            errors.append(
+                f"{name}(use_ema=True, ema_overwrite_frequency={frequency}): Keras 3 cannot "
+                "overwrite the weights with their moving averages every few steps under a "
+                "distribution strategy (\"merge_call called while defining a new graph\"). Fix: "
+                "ema_overwrite_frequency=None; fit copies the averages into the model when "
+                "it ends (optimizer.finalize_variable_values).")
+        optimizer = getattr(optimizer, "inner_optimizer", None)
 
 
 def _check_batch(x: Any, batch_size: Any, replicas: int, errors: list[str],

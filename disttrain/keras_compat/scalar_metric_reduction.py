@@ -66,7 +66,9 @@ def _reducing_scalars_together(original: Callable) -> Callable:
         return v.values[0] if trainer._is_per_replica_instance(v) else v  # private: keras
 
     def _mean_of_scalars(strategy, scalars: list) -> list:
-        stacked = strategy.run(lambda *xs: tf.stack(xs), args=tuple(scalars))
+        # A metric's result() may be its variable (a Keras variable's dtype is a string).
+        stacked = strategy.run(lambda *xs: tf.stack([tf.convert_to_tensor(x) for x in xs]),
+                               args=tuple(scalars))
         return tf.unstack(strategy.reduce("MEAN", stacked, axis=None), num=len(scalars))
 
     @functools.wraps(original)
@@ -80,8 +82,8 @@ def _reducing_scalars_together(original: Callable) -> Callable:
         for i, v in enumerate(flat):
             if v is None:
                 continue
-            if _local(v).shape.rank == 0:
-                scalars_by_dtype.setdefault(_local(v).dtype, []).append(i)
+            if tf.TensorShape(_local(v).shape).rank == 0:
+                scalars_by_dtype.setdefault(tf.as_dtype(_local(v).dtype), []).append(i)
             else:
                 reduced[i] = original(v, strategy, reduction)
         for indices in scalars_by_dtype.values():
