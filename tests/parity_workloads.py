@@ -60,6 +60,10 @@ CASES: dict[str, dict] = {
     "dense-sgd-loss_scale_overflow": {"model": "dense", "optimizer": "sgd",
                                       "policy": "mixed_float16", "overflow": True},
     "dense-sgd-accumulation": {"model": "dense", "optimizer": "sgd", "options": "accumulation"},
+    # A train_step of one's own, written as Keras's guide "Customizing what happens in fit()"
+    # writes it (compute_loss, optimizer.apply).
+    "custom_train_step-adam-clipnorm": {"model": "custom_step", "optimizer": "adam",
+                                        "options": "clipnorm"},
 }
 """The matrix; a case's tolerance is 1e-4, 2e-3 under a 16-bit policy."""
 
@@ -99,9 +103,36 @@ def _token_and_position_embedding():
     return TokenAndPositionEmbedding()
 
 
+def _custom_step_model():
+    """A functional model whose `train_step` is the user's, as in Keras's guide."""
+    import keras
+    import tensorflow as tf
+
+    class CustomStep(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(y=y, y_pred=y_pred)
+            gradients = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(gradients, self.trainable_variables)
+            for metric in self.metrics:
+                if metric.name == "loss":
+                    metric.update_state(loss)
+                else:
+                    metric.update_state(y, y_pred)
+            return {m.name: m.result() for m in self.metrics}
+
+    inputs = keras.Input((FEATURES,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    return CustomStep(inputs, keras.layers.Dense(1, activation="sigmoid")(h))
+
+
 def _model(kind: str, regularizers: bool, linear: bool):
     import keras
 
+    if kind == "custom_step":
+        return _custom_step_model()
     reg = keras.regularizers.L2(0.01) if regularizers else None
     head = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="head")
     if kind == "dense":
