@@ -194,6 +194,7 @@ def test_a_failed_write_leaves_the_directory_as_it_was(directory, async_commit):
 
     with pytest.raises(StorageError, match=r"m-2\.bin' failed: .*No space left on device\. Fix"):
         manager.save_file(_record(directory, "m-2.bin", 2), full_disk)
+        manager.wait()  # with async_commit the write runs in the background
     after = {n: storage.read_bytes(storage.join(directory, n)) for n in storage.listdir(directory)}
     assert after == before
     assert [c["epoch"] for c in manager.checkpoints] == [1]

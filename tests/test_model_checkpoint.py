@@ -187,6 +187,7 @@ def test_checkpoint_async_commit_writes_what_a_synchronous_one_writes(tmp_path):
         manifests[mode] = {k: v for k, v in manifest.items() if k not in ("run_id", "written_at")}
         for record in manifests[mode]["checkpoints"]:
             record["path"] = os.path.basename(record["path"])
+            assert record.pop("time") > 0
         manifests[mode]["path"] = os.path.basename(manifests[mode]["path"])
         manifests[mode]["deleting"] = [os.path.basename(p) for p in manifests[mode]["deleting"]]
         assert manifests[mode]["training_finished"].pop("at")
