@@ -214,3 +214,52 @@ def results_without_errors(run) -> list:
     errors = [r["error"] for r in run.results]
     assert errors == [None] * len(errors), run.report()
     return run.results
+
+
+def serializer_failure_job(directory: str) -> dict:
+    """Two fits with `ModelCheckpoint(async_commit=True)` whose model cannot be serialized
+    from its second save on (a layer stores an object array h5py cannot write), so the
+    background write fails: in the first fit at epoch 2 of 3 (raised by the next save), in
+    the second at its last epoch (raised at the end of fit). Per fit: the error (None if
+    none), the epoch ends reached and the checkpoints on disk."""
+    import os
+
+    import keras
+
+    from disttrain import callbacks
+    from disttrain.errors import DisttrainError
+
+    class Unsavable(keras.layers.Dense):
+        poisoned = False
+
+        def save_own_variables(self, store):
+            super().save_own_variables(store)
+            if self.poisoned:
+                store["unsavable"] = np.array([object()], dtype=object)
+
+    model, train, _ = _model_and_data()
+    with model.distribute_strategy.scope():
+        layer = Unsavable(1)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), layer])
+        model.compile("adam", "mse")
+    outcomes = []
+    for fit, (epochs, poison_epoch) in enumerate([(3, 1), (2, 1)]):
+        ended = []
+
+        class Poison(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                ended.append(epoch)
+                layer.poisoned = epoch >= poison_epoch
+
+        layer.poisoned = False
+        target = os.path.join(directory, str(fit))
+        checkpoint = callbacks.ModelCheckpoint(os.path.join(target, "m-{epoch}.keras"),
+                                               async_commit=True)
+        try:
+            model.fit(train, epochs=epochs, callbacks=[Poison(), checkpoint], verbose=0)
+            error = None
+        except DisttrainError as e:
+            error = f"{type(e).__name__}: {e}"
+        outcomes.append({"error": error, "epochs_ended": len(ended),
+                         "files": sorted(os.listdir(target)) if os.path.isdir(target) else []})
+    return {"fits": outcomes}

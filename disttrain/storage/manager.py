@@ -364,7 +364,7 @@ class CheckpointManager:
             if self._committer is None:
                 self._committer = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="disttrain-checkpoint-save")
-            self._in_flight = self._committer.submit(commit)
+            self._in_flight = self._committer.submit(self._in_background, path, commit)
             self._before_in_flight = self.checkpoints
         else:
             commit()
@@ -464,6 +464,21 @@ class CheckpointManager:
         if in_flight is not None and in_flight.exception() is not None:
             self.checkpoints = self._before_in_flight
             in_flight.result()
+
+    def _in_background(self, path: str, save: Callable[[], None]) -> None:
+        """Runs `save` (write and commit) in the background thread; an error that is not a
+        `StorageError` (the snapshot could not be serialized) becomes one naming `path`."""
+        try:
+            save()
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(
+                f"{self.owner}: writing {path!r} in the background failed: "
+                f"{type(e).__name__}: {e}. Nothing was committed; the previous checkpoint "
+                "stays the latest. Fix: make the model savable (a synchronous model.save "
+                "of it fails the same way)."
+            ) from e
 
     def _commit(self, path: str, write: Callable[[str], None], claim: bool,
                 pending: dict[str, Any], index: dict[str, Any], deleting: list[str],
