@@ -151,9 +151,10 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     return result
 
 
-def save_forever(directory: str, name: str, epochs: int = 400) -> dict:
-    """Drives ModelCheckpoint(directory/name, max_to_keep=1) through many epoch ends;
-    prints READY first.
+def save_forever(directory: str, name: str, epochs: int = 400,
+                 async_commit: bool = False) -> dict:
+    """Drives ModelCheckpoint(directory/name, max_to_keep=1, async_commit=...) through many
+    epoch ends (with async_commit training one step before each); prints READY first.
 
     The test SIGKILLs this process at random moments and runs it again (same run id).
     """
@@ -165,12 +166,16 @@ def save_forever(directory: str, name: str, epochs: int = 400) -> dict:
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
-    checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1)
+    checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1,
+                                           async_commit=async_commit)
     checkpoint.set_model(model)
+    x = np.ones((2, 2), "float32")
     checkpoint.on_train_begin()
     print("READY", flush=True)
     sys.stdout.flush()
     for epoch in range(epochs):
+        if async_commit:  # the snapshot then differs from the live state it is written after
+            model.train_on_batch(x, x[:, :1])
         checkpoint.on_epoch_end(epoch % 7, {"val_loss": 1.0 / (epoch + 1), "loss": 1.0})
     checkpoint.on_train_end()
     return {"kept": [c["path"] for c in checkpoint.checkpoints]}
