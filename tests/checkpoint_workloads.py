@@ -151,9 +151,10 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
     return result
 
 
-def save_forever(directory: str, name: str, epochs: int = 400) -> dict:
-    """Drives ModelCheckpoint(directory/name, max_to_keep=1) through many epoch ends;
-    prints READY first.
+def save_forever(directory: str, name: str, epochs: int = 400,
+                 async_commit: bool = False) -> dict:
+    """Drives ModelCheckpoint(directory/name, max_to_keep=1, async_commit=...) through many
+    epoch ends (with async_commit training one step before each); prints READY first.
 
     The test SIGKILLs this process at random moments and runs it again (same run id).
     """
@@ -165,12 +166,16 @@ def save_forever(directory: str, name: str, epochs: int = 400) -> dict:
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
-    checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1)
+    checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1,
+                                           async_commit=async_commit)
     checkpoint.set_model(model)
+    x = np.ones((2, 2), "float32")
     checkpoint.on_train_begin()
     print("READY", flush=True)
     sys.stdout.flush()
     for epoch in range(epochs):
+        if async_commit:  # the snapshot then differs from the live state it is written after
+            model.train_on_batch(x, x[:, :1])
         checkpoint.on_epoch_end(epoch % 7, {"val_loss": 1.0 / (epoch + 1), "loss": 1.0})
     checkpoint.on_train_end()
     return {"kept": [c["path"] for c in checkpoint.checkpoints]}
@@ -214,3 +219,52 @@ def results_without_errors(run) -> list:
     errors = [r["error"] for r in run.results]
     assert errors == [None] * len(errors), run.report()
     return run.results
+
+
+def serializer_failure_job(directory: str) -> dict:
+    """Two fits with `ModelCheckpoint(async_commit=True)` whose model cannot be serialized
+    from its second save on (a layer stores an object array h5py cannot write), so the
+    background write fails: in the first fit at epoch 2 of 3 (raised by the next save), in
+    the second at its last epoch (raised at the end of fit). Per fit: the error (None if
+    none), the epoch ends reached and the checkpoints on disk."""
+    import os
+
+    import keras
+
+    from disttrain import callbacks
+    from disttrain.errors import DisttrainError
+
+    class Unsavable(keras.layers.Dense):
+        poisoned = False
+
+        def save_own_variables(self, store):
+            super().save_own_variables(store)
+            if self.poisoned:
+                store["unsavable"] = np.array([object()], dtype=object)
+
+    model, train, _ = _model_and_data()
+    with model.distribute_strategy.scope():
+        layer = Unsavable(1)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), layer])
+        model.compile("adam", "mse")
+    outcomes = []
+    for fit, (epochs, poison_epoch) in enumerate([(3, 1), (2, 1)]):
+        ended = []
+
+        class Poison(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                ended.append(epoch)
+                layer.poisoned = epoch >= poison_epoch
+
+        layer.poisoned = False
+        target = os.path.join(directory, str(fit))
+        checkpoint = callbacks.ModelCheckpoint(os.path.join(target, "m-{epoch}.keras"),
+                                               async_commit=True)
+        try:
+            model.fit(train, epochs=epochs, callbacks=[Poison(), checkpoint], verbose=0)
+            error = None
+        except DisttrainError as e:
+            error = f"{type(e).__name__}: {e}"
+        outcomes.append({"error": error, "epochs_ended": len(ended),
+                         "files": sorted(os.listdir(target)) if os.path.isdir(target) else []})
+    return {"fits": outcomes}

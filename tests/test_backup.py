@@ -137,6 +137,17 @@ def test_double_checkpoint_keeps_two(tmp_path):
     assert all(storage.is_committed(storage.join(backup, n)) for n in storage.listdir(backup))
 
 
+def test_retention_keeps_every_nth_epochs_backup_and_the_latest(tmp_path):
+    backup = str(tmp_path / "backup")
+    _fit(_model(), [callbacks.BackupAndRestore(
+        backup, delete_checkpoint=False, retention=storage.Retention(every_epochs=2))], epochs=5)
+    kept = [storage.read_manifest(storage.join(backup, n))["metadata"]["epoch"]
+            for n in storage.listdir(backup)]
+    assert kept == [2, 4, 5], "every 2nd epoch's backup, and the latest (taken at train end)"
+    with pytest.raises(CallbackConfigError, match="backups have no monitored value"):
+        callbacks.BackupAndRestore(backup, retention=storage.Retention(best=1))
+
+
 def test_memory_url_and_run_id():
     cb = callbacks.BackupAndRestore("memory://backup-test/{run_id}", delete_checkpoint=False)
     _fit(_model(), [cb], epochs=1)

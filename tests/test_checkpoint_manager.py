@@ -194,6 +194,7 @@ def test_a_failed_write_leaves_the_directory_as_it_was(directory, async_commit):
 
     with pytest.raises(StorageError, match=r"m-2\.bin' failed: .*No space left on device\. Fix"):
         manager.save_file(_record(directory, "m-2.bin", 2), full_disk)
+        manager.wait()  # with async_commit the write runs in the background
     after = {n: storage.read_bytes(storage.join(directory, n)) for n in storage.listdir(directory)}
     assert after == before
     assert [c["epoch"] for c in manager.checkpoints] == [1]
@@ -326,3 +327,49 @@ def test_expand_run_id_fills_the_run_and_refuses_other_fields():
         storage.expand_run_id("/d/{epoch}", "run-7", "owner", "do this")
     with pytest.raises(CallbackConfigError, match="owner is not a valid template"):
         storage.expand_run_id("/d/{run_id", "run-7", "owner", "fix")
+
+
+@pytest.mark.timeout(30)
+def test_retention_keeps_the_best_and_every_nth_epoch_and_files_follow(tmp_path):
+    """One policy: the best 2 by value AND every 3rd epoch; what it drops is deleted."""
+    directory = str(tmp_path)
+    manager = _manager(directory, retention=storage.Retention(best=2, every_epochs=3),
+                       mode="min")
+    values = [0.9, 0.5, 0.8, 0.7, 0.4, 0.6, 0.95, 0.3]
+    for epoch, value in enumerate(values, start=1):
+        manager.save_file(_record(directory, f"m-{epoch}", epoch, value), _writer(b"x"))
+    assert [c["epoch"] for c in manager.checkpoints] == [3, 5, 6, 8]
+    assert sorted(os.listdir(directory)) == [INDEX, "m-3", "m-5", "m-6", "m-8"]
+
+
+def test_retention_rules_steps_hours_and_latest():
+    records = [{"path": f"m-{i}", "iterations": 70 * i, "time": 1800.0 * i} for i in range(8)]
+    keep = storage.Retention(every_steps=200).keep
+    assert [r["iterations"] for r in keep(records)] == [210, 420]  # first at/after 200, 400
+    assert [r["time"] for r in storage.Retention(every_hours=1.5).keep(records)] == [
+        0.0, 5400.0, 10800.0]
+    assert storage.Retention(latest=2).keep(records) == records[-2:]
+    assert storage.Retention().keep(records) == records
+    for bad in ({"best": 0}, {"every_epochs": 1.5}, {"every_hours": -1}, {"latest": True}):
+        with pytest.raises(CallbackConfigError, match="Retention"):
+            storage.Retention(**bad)
+    with pytest.raises(CallbackConfigError, match="both max_to_keep=2 and retention"):
+        _manager("memory://never", max_to_keep=2, retention=storage.Retention(latest=1))
+
+
+@pytest.mark.timeout(30)
+def test_directory_checkpoints_keep_the_latest_and_every_nth_epoch_across_a_restart(tmp_path):
+    """BackupAndRestore's kind: the rules read the manifests' metadata, also after `open`."""
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"w")
+    directory = str(tmp_path / "backups")
+    policy = storage.Retention(latest=1, every_epochs=2)
+    manager = _manager(directory, retention=policy, index_name=None, step_prefix="backup-")
+    for epoch in range(1, 4):
+        manager.save_directory({"w.bin": str(src)}, {"epoch": epoch, "batches": 0})
+    restarted = _manager(directory, retention=policy, index_name=None, step_prefix="backup-")
+    restarted.open()
+    for epoch in range(4, 6):
+        restarted.save_directory({"w.bin": str(src)}, {"epoch": epoch, "batches": 0})
+    assert [c["epoch"] for c in restarted.checkpoints] == [2, 4, 5]
+    assert sorted(os.listdir(directory)) == ["backup-000001", "backup-000003", "backup-000004"]

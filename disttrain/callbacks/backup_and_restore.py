@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
 import sys
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -101,6 +103,11 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             Python/NumPy/`tf.random` global generators. Every worker then needs
             write access to `backup_dir` (with the default only the chief writes,
             and non-chief workers may mount it read-only). `False` writes no parts.
+        retention: a `storage.Retention` policy for older backups, e.g.
+            `Retention(every_epochs=10)` or `Retention(every_hours=6)`; the
+            latest backup (two with `double_checkpoint`) is always kept as well.
+            `best` is refused (backups have no monitored value). Kept backups are
+            removed with the rest at the end when `delete_checkpoint=True`.
 
     Example:
 
@@ -118,6 +125,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         delete_checkpoint: bool = True,
         verbose: int = 0,
         random_state: bool = False,
+        retention: storage.Retention | None = None,
     ):
         if not backup_dir:
             raise CallbackConfigError(
@@ -140,6 +148,16 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         )
         self.verbose = verbose
         self.random_state = random_state
+        if retention is not None and retention.best is not None:
+            raise CallbackConfigError(
+                f"{self._owner}: retention={retention!r} keeps the best {retention.best} "
+                "backups, but backups have no monitored value. Fix: keep the best ones with "
+                "ModelCheckpoint(retention=...) and give backups latest/every_* rules."
+            )
+        latest = 2 if double_checkpoint else 1
+        self.retention = dataclasses.replace(
+            retention or storage.Retention(),
+            latest=max(latest, (retention.latest or 0) if retention else 0))
         if random_state:
             input_state.enable()
         self.directory: str | None = None
@@ -174,7 +192,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self.directory = storage.expand_run_id(self._template, self.run_id, self._owner,
                                                _DIRECTORY_FIX)
         self._manager = storage.CheckpointManager(
-            self.directory, self.run_id, max_to_keep=2 if self.double_checkpoint else 1,
+            self.directory, self.run_id, retention=self.retention,
             step_prefix=run_files.BACKUP_PREFIX, owner="BackupAndRestore")
 
         input_state.begin_fit()
@@ -267,6 +285,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             "batches": batches,
             "passes": self._passes(epoch),
             "workers": self.coordinator.num_workers,
+            "iterations": int(self.model.optimizer.iterations.numpy())
+            if self.model.optimizer is not None else None,
+            "time": time.time(),
             "run_id": self.run_id,
             "model": _fingerprint(self.model),
             "callbacks": {},

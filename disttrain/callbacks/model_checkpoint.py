@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import time
 from typing import Any
 
 import keras
@@ -14,6 +15,7 @@ from keras.src.utils import io_utils  # private: keras.src
 from disttrain import keras_compat, run_files, storage
 from disttrain.callbacks.base import DistributedCallback, add_to_result, attached_callbacks
 from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.storage.snapshot import ModelSnapshot
 
 _DIRECTORY_FIX = ("move the other fields into the file name, so every checkpoint of a run "
                   "has one manifest")
@@ -74,21 +76,29 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         initial_value_threshold: initial best value of `monitor`.
         max_to_keep: keep at most this many checkpoints: the best ones when
             `save_best_only`, else the latest ones. `None` keeps all.
+        retention: a `storage.Retention` policy instead of `max_to_keep`, e.g.
+            `Retention(best=3, every_epochs=10)`: the best 3 by `monitor` and
+            every 10th epoch's (also `every_steps`, `every_hours`, `latest`).
         strict: raise on missing metrics (default) instead of warning.
         overwrite: allow replacing files of other runs in the destination.
-        async_commit: return to training once the model is written to its temp
-            file, and commit it (fsync and rename, or the upload to an object
-            store, then the manifest and deletions) in a background thread. The
-            training thread then waits about as long as a plain `model.save`
-            (`python -m benchmarks`). Guarantees are unchanged: each file appears
-            atomically and a crash leaves the previous checkpoint. What changes:
-            a checkpoint is committed shortly after `on_epoch_end` returns rather
-            than before, and a failure of that commit is raised on every worker,
-            with the chief's message, at the next save or at the end of `fit`.
-            `fit` returns only after the last commit; a process that ends
-            otherwise (an exception, `disttrain.Preempted`) still finishes it
-            before the interpreter exits. Default False: the commit is done when
-            the callback returns, as in Keras.
+        async_commit: snapshot, then write: return to training once the model's
+            state (weights and optimizer variables, config, assets) is copied to
+            host memory (`storage.snapshot.ModelSnapshot`), and serialize the
+            file from that snapshot and commit it (fsync and rename, or the upload
+            to an object store, then the manifest and deletions) in a background
+            thread. The file is the one a synchronous save of the same step
+            writes. Host memory: one more copy of the saved state while a save is
+            in flight; at most one is: a save asked while the previous one is
+            still in flight waits for it first. Guarantees are unchanged: each
+            file appears atomically and a crash leaves the previous checkpoint.
+            What changes: a checkpoint is committed (visible to readers) a little
+            after `on_epoch_end` returns rather than before, and a failure of its
+            serialization or commit is raised on every worker, with the chief's
+            message, at the next save or at the end of `fit`. `fit` returns only
+            after the last commit; a process that ends otherwise (an exception,
+            `disttrain.Preempted`) still finishes it before the interpreter exits.
+            Default False: the file is committed when the callback returns, as in
+            Keras (see `docs/checkpoints.md` for when to turn it on).
 
     Example:
 
@@ -114,6 +124,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         strict: bool = True,
         overwrite: bool = False,
         async_commit: bool = False,
+        retention: storage.Retention | None = None,
     ):
         filepath = os.fspath(filepath)
         super().__init__(
@@ -128,6 +139,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
             )
         storage.check_max_to_keep(max_to_keep, "ModelCheckpoint")
         self.max_to_keep = max_to_keep
+        self.retention = retention
         self.strict = strict
         self.overwrite = overwrite
         self.async_commit = bool(async_commit)
@@ -169,7 +181,7 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         previous, self._manager = self._manager, storage.CheckpointManager(
             self.directory, self.run_id, max_to_keep=self.max_to_keep,
             keep_best=self.save_best_only, index_name=name, overwrite=self.overwrite,
-            async_commit=self.async_commit, owner="ModelCheckpoint",
+            async_commit=self.async_commit, owner="ModelCheckpoint", retention=self.retention,
             pending_name=(storage.PENDING_NAME if name == run_files.BEST_CHECKPOINT
                           else f".{name}.pending"))
 
@@ -230,7 +242,8 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         improved = current is not None and bool(self._is_improvement(current, self.best))
         path = self._format_path(epoch, batch, logs)
         record = {"path": path, "epoch": epoch + 1, "batch": None if batch is None else batch + 1,
-                  "monitor": self.monitor, "value": None if current is None else float(current)}
+                  "monitor": self.monitor, "value": None if current is None else float(current),
+                  "iterations": _iterations(self.model)}
 
         def save() -> dict[str, Any] | None:
             """Chief: decides, says so and writes; every worker takes the chief's decision,
@@ -247,8 +260,9 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
                 self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
             if improved:
                 self.best = float(current)
+            record["time"] = time.time()
             self._manager.save_file(
-                record, self._write_model,
+                record, self._writer(),
                 {"monitor": self.monitor,
                  "best_value": None if self.best is None else float(self.best)},
                 on_commit=lambda: self._say(
@@ -261,6 +275,15 @@ class ModelCheckpoint(DistributedCallback, keras.callbacks.ModelCheckpoint):
         # The other workers' turn; the chief set its best before writing the manifest.
         self.best = saved["best"]
         self._manager.add(saved["record"])
+
+    def _writer(self):
+        """What writes the checkpoint to the manager's local temp file: the model now, or,
+        with `async_commit`, a snapshot taken now (after the previous save is done, so
+        one snapshot at most is held), written later in the background."""
+        if not self.async_commit:
+            return self._write_model
+        self._manager.wait()
+        return ModelSnapshot.take(self.model, weights_only=self.save_weights_only).write
 
     def _write_model(self, path: str) -> None:
         """Writes the model (or its weights) to the local temp file the manager commits."""
@@ -320,6 +343,12 @@ def _manifest_name(filepath: str) -> str:
     """`best.<file name template>.json`, with characters other than letters, digits, `.`, `_`
     and `-` replaced by `_` (`last.keras` -> `best.last.keras.json`)."""
     return f"best.{re.sub(r'[^A-Za-z0-9._-]', '_', posixpath.basename(filepath))}.json"
+
+
+def _iterations(model) -> int | None:
+    """The training steps the model's optimizer has taken (None without one)."""
+    optimizer = getattr(model, "optimizer", None)
+    return None if optimizer is None else int(optimizer.iterations.numpy())
 
 
 def _fmt(value) -> str:

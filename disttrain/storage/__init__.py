@@ -17,10 +17,17 @@ module:
 - `manager`: `CheckpointManager`, the commit protocol of a directory of
   checkpoints (commit point, pending marker, retention, ownership, leftovers),
   used by `ModelCheckpoint` and `BackupAndRestore`.
+- `retention`: `Retention`, which checkpoints a manager keeps (best k, latest
+  k, every N epochs / steps / hours), shared by `ModelCheckpoint` and
+  `BackupAndRestore`.
+- `snapshot`: `ModelSnapshot`, a Keras model's saved state in host memory,
+  written to a file later (the asynchronous saves). The one module here that
+  imports Keras and TensorFlow: it is not imported by `disttrain.storage`;
+  import `disttrain.storage.snapshot` directly.
 - `template`: `{run_id}` in destination templates.
 - `scratch`: local scratch directories private to one run and worker.
 
-Every name is available from `disttrain.storage` directly.
+Every name but `snapshot`'s is available from `disttrain.storage` directly.
 
 Example:
 
@@ -65,6 +72,7 @@ from disttrain.storage.manifest import (
     read_manifest,
     training_finished,
 )
+from disttrain.storage.retention import Retention
 from disttrain.storage.scratch import scratch, scratch_dir
 from disttrain.storage.template import check_run_id_only, expand_run_id, template_fields
 
@@ -75,6 +83,7 @@ __all__ = [
     "MANIFEST_NAME",
     "PENDING_NAME",
     "PROBE_PREFIX",
+    "Retention",
     "CheckpointManager",
     "StagedFile",
     "atomic_local_file",

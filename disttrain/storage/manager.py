@@ -12,8 +12,10 @@ reader may trust and what may be deleted:
 - Pending marker. Before a single file the index does not list yet is
   committed, a marker (`.pending.json`) names it, so after a crash between the
   file and the index the file is still known to be this run's.
-- Retention. `max_to_keep` keeps the latest checkpoints, or the best ones by
-  their `value` (`keep_best=True`, ordered by `mode`). Dropped checkpoints are
+- Retention. A `storage.Retention` policy (best k by `value` AND every N
+  epochs / steps / hours, ...); `max_to_keep` is its simple case: the latest
+  checkpoints, or the best ones by their `value` (`keep_best=True`, ordered by
+  `mode`). Dropped checkpoints are
   deleted only after the commit point no longer lists them, so an index never
   names a missing file; deletions that fail are retried at the next save.
 - Ownership. The index records the run id: a directory indexed by another run
@@ -27,9 +29,10 @@ reader may trust and what may be deleted:
   to the index once the last commit is done, so a reader knows the records
   are final; the next save of the run (a restart) writes an index without it.
 
-Commits can run in a background thread (`async_commit=True`): `save_file`
-returns once the checkpoint is written to its local temp file, and the next
-save (or `wait`) raises the commit's error.
+Saves can run in a background thread (`async_commit=True`): `save_file`
+returns at once, its `write` (which must write from a snapshot of the state,
+`storage.snapshot.ModelSnapshot`) and the commit run in one background thread,
+at most one save in flight, and the next save (or `wait`) raises its error.
 
 The manager does no I/O until `open`, and only the process that writes calls
 `open`, `save_file`, `save_directory` and `wait`; other processes keep the same
@@ -64,6 +67,7 @@ from disttrain.storage.manifest import (
     is_committed,
     read_manifest,
 )
+from disttrain.storage.retention import Retention
 
 PENDING_NAME = ".pending.json"
 # Written into every index: tells a restart of the run (another process) from a later
@@ -109,6 +113,8 @@ class CheckpointManager:
         max_to_keep: keep at most this many checkpoints; `None` keeps all.
         keep_best: retention keeps the best `value`s (by `mode`) instead of the
             latest checkpoints.
+        retention: a `storage.Retention` policy instead of `max_to_keep` and
+            `keep_best` (pass one or the other).
         mode: `"min"` or `"max"`: which `value` is best; `None` until known
             (then `best` is the latest, and `keep_best` ranks as `"min"`).
         index_name: the index file of single-file checkpoints (`save_file`);
@@ -116,13 +122,15 @@ class CheckpointManager:
         step_prefix: name prefix of directory checkpoints.
         overwrite: allow replacing another run's checkpoints and files this
             run did not write.
-        async_commit: commit single files in a background thread.
+        async_commit: write (from a snapshot) and commit single files in a
+            background thread.
         owner: how messages name the user of the manager, e.g. `"ModelCheckpoint"`.
         pending_name: the pending marker's file name; managers sharing a directory
             (each with its own `index_name`) need one each.
 
     Raises:
-        CallbackConfigError: when `max_to_keep` or `mode` is invalid.
+        CallbackConfigError: when `max_to_keep` or `mode` is invalid, or both
+            `max_to_keep` and `retention` are given.
 
     Example:
 
@@ -150,13 +158,20 @@ class CheckpointManager:
         async_commit: bool = False,
         owner: str = "CheckpointManager",
         pending_name: str = PENDING_NAME,
+        retention: Retention | None = None,
     ):
         check_max_to_keep(max_to_keep, owner)
+        if retention is not None and max_to_keep is not None:
+            raise CallbackConfigError(
+                f"{owner}: got both max_to_keep={max_to_keep!r} and retention={retention!r}. "
+                "Fix: pass one: max_to_keep=k is Retention(latest=k), or Retention(best=k) "
+                "for the best ones."
+            )
         self.owner = owner
         self.directory = directory
         self.run_id = run_id
-        self.max_to_keep = max_to_keep
-        self.keep_best = keep_best
+        self.retention = retention or Retention(
+            **{"best" if keep_best else "latest": max_to_keep})
         self.mode = mode
         self.index_name = index_name
         self.step_prefix = step_prefix
@@ -169,6 +184,7 @@ class CheckpointManager:
         self._stored: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: concurrent.futures.Future | None = None
+        self._before_in_flight: list[dict[str, Any]] = []
 
     @property
     def mode(self) -> str | None:
@@ -213,7 +229,7 @@ class CheckpointManager:
         self._stored = None
         probe_writable(self.directory)
         if self.index_name is None:
-            self.checkpoints = [{"path": join(self.directory, name), "step": step}
+            self.checkpoints = [self._directory_record(name, step)
                                 for name, step in self._steps() if self._committed(name)]
             self._next_step = self.checkpoints[-1]["step"] + 1 if self.checkpoints else 0
             return {}
@@ -257,7 +273,7 @@ class CheckpointManager:
     def retained(
         self, records: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Splits records (oldest first) into those `max_to_keep` keeps and those it drops.
+        """Splits records (oldest first) into those `retention` keeps and those it drops.
 
         Example:
 
@@ -266,18 +282,8 @@ class CheckpointManager:
         >>> manager.retained([{"path": "a", "value": 0.9}, {"path": "b", "value": 0.7}])
         ([{'path': 'a', 'value': 0.9}], [{'path': 'b', 'value': 0.7}])
         """
-        if self.max_to_keep is None or len(records) <= self.max_to_keep:
-            return records, []
-        if not self.keep_best:
-            return records[-self.max_to_keep:], records[: -self.max_to_keep]
-        sign = 1.0 if self.mode == "max" else -1.0
-        ranked = sorted(
-            records,
-            key=lambda c: (c.get("value") is not None, sign * (c.get("value") or 0.0)),
-            reverse=True,
-        )
-        keep = ranked[: self.max_to_keep]
-        return [c for c in records if c in keep], [c for c in records if c not in keep]
+        kept = self.retention.keep(records, self.mode)
+        return kept, [c for c in records if c not in kept]
 
     def best(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """The best record by `value` and `mode` (the latest when `mode` is None or no record
@@ -308,14 +314,17 @@ class CheckpointManager:
         path the index does not list yet), the file (atomically), the index
         (the commit point: this run's records after retention, the best record's
         `path`, `epoch` and `value`, and `metadata`), the marker's removal, and
-        the deletion of dropped files. With `async_commit` everything after
-        `write` runs in the background; the previous commit is always finished
-        (or its error raised) first. A save that fails leaves the directory as
-        it was.
+        the deletion of dropped files. With `async_commit`, `write` and
+        everything after it run in a background thread and `save_file` returns
+        at once: `write` must then write a snapshot taken before the call
+        (`storage.snapshot.ModelSnapshot`), not state that changes after it.
+        The previous save is always finished (or its error raised) first, so at
+        most one is in flight. A save that fails leaves the directory as it was.
 
         Args:
             record: the checkpoint's record; its `path` is the destination URL.
-            write: writes the checkpoint to the local path it is given.
+            write: writes the checkpoint to the local path it is given (in the
+                background thread with `async_commit`).
             metadata: more JSON-serializable fields for the index.
             on_commit: called after the commit (in the background thread with
                 `async_commit`).
@@ -339,7 +348,6 @@ class CheckpointManager:
                 f"{self.run_id!r}. Refusing to overwrite it. Fix: use a new directory, put "
                 "{run_id} or {epoch} in the path, or pass overwrite=True."
             )
-        staged = _stage(path, write)
         kept, dropped = self.retained(
             [c for c in self.checkpoints if c["path"] != path] + [record]
         )
@@ -354,13 +362,14 @@ class CheckpointManager:
             "written_at": time.time(),
             "writer": WRITER_ID,
         }
-        commit = functools.partial(self._commit, path, staged, path not in kept_before,
+        commit = functools.partial(self._commit, path, write, path not in kept_before,
                                    pending, new_index, deleting, on_commit)
         if self.async_commit:
             if self._committer is None:
                 self._committer = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="disttrain-checkpoint-commit")
-            self._in_flight = self._committer.submit(commit)
+                    1, thread_name_prefix="disttrain-checkpoint-save")
+            self._in_flight = self._committer.submit(self._in_background, path, commit)
+            self._before_in_flight = self.checkpoints
         else:
             commit()
         self.checkpoints = kept
@@ -412,7 +421,9 @@ class CheckpointManager:
         commit_checkpoint(url, files, metadata, written)
         self._next_step += 1
         steps = self._steps()
-        committed = [{"path": join(self.directory, n), "step": s}
+        known = {c["path"]: c for c in self.checkpoints}
+        known[url] = _record_of(url, self._next_step - 1, metadata or {})
+        committed = [known.get(join(self.directory, n)) or self._directory_record(n, s)
                      for n, s in steps if self._committed(n)]
         self.checkpoints = self.retained(committed)[0]
         kept = {c["path"] for c in self.checkpoints}
@@ -451,15 +462,33 @@ class CheckpointManager:
         return index
 
     def wait(self) -> None:
-        """Waits for the background commit of the previous save, if any, and raises its error."""
+        """Waits for the background save in flight, if any, and raises its error (then
+        `checkpoints` are the records from before that save again)."""
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
+        if in_flight is not None and in_flight.exception() is not None:
+            self.checkpoints = self._before_in_flight
             in_flight.result()
 
-    def _commit(self, path: str, staged: StagedFile, claim: bool, pending: dict[str, Any],
-                index: dict[str, Any], deleting: list[str],
+    def _in_background(self, path: str, save: Callable[[], None]) -> None:
+        """Runs `save` (write and commit) in the background thread; an error that is not a
+        `StorageError` (the snapshot could not be serialized) becomes one naming `path`."""
+        try:
+            save()
+        except StorageError:
+            raise
+        except Exception as e:
+            raise StorageError(
+                f"{self.owner}: writing {path!r} in the background failed: "
+                f"{type(e).__name__}: {e}. Nothing was committed; the previous checkpoint "
+                "stays the latest. Fix: make the model savable (a synchronous model.save "
+                "of it fails the same way)."
+            ) from e
+
+    def _commit(self, path: str, write: Callable[[str], None], claim: bool,
+                pending: dict[str, Any], index: dict[str, Any], deleting: list[str],
                 on_commit: Callable[[], None] | None) -> None:
-        """Commits `staged` to `path`, then the index, then deletes what was dropped.
+        """Writes the checkpoint with `write` to a temp file and commits it to `path`, then
+        the index, then deletes what was dropped.
 
         `claim`: write the pending marker first (the index does not list the path
         yet). `pending`: the marker found before this save ({} for none). After
@@ -468,6 +497,7 @@ class CheckpointManager:
         same path, from a crash, is kept.
         """
         self._stored = None
+        staged = _stage(path, write)
         try:
             if claim:
                 write_json(self.pending_url, {"run_id": self.run_id, "path": path})
@@ -487,7 +517,7 @@ class CheckpointManager:
                 remove(old)
             except StorageError as e:
                 warnings.warn(
-                    f"{self.owner}: could not delete {old!r}, which max_to_keep dropped "
+                    f"{self.owner}: could not delete {old!r}, which retention dropped "
                     f"({e}); the next save retries.",
                     stacklevel=2,
                 )
@@ -509,6 +539,11 @@ class CheckpointManager:
                  if (m := self._step_re.match(n))]
         return sorted(found, key=lambda entry: entry[1])
 
+    def _directory_record(self, name: str, step: int) -> dict[str, Any]:
+        """The record of the committed directory checkpoint `name`, from its manifest."""
+        url = join(self.directory, name)
+        return _record_of(url, step, (read_manifest(url) or {}).get("metadata", {}))
+
     def _committed(self, name: str) -> bool:
         return is_committed(join(self.directory, name))
 
@@ -519,6 +554,15 @@ class CheckpointManager:
                 "Fix: create the CheckpointManager with index_name='...' (e.g. 'best.json')."
             )
         return self.index_name
+
+
+# Manifest metadata a directory checkpoint's record carries, for retention rules.
+_RECORD_FIELDS = ("epoch", "batches", "iterations", "time", "value")
+
+
+def _record_of(url: str, step: int, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {"path": url, "step": step,
+            **{key: metadata[key] for key in _RECORD_FIELDS if key in metadata}}
 
 
 def _stage(path: str, write: Callable[[str], None]) -> StagedFile:
