@@ -8,7 +8,6 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras.src.callbacks.monitor_callback import MonitorCallback
 
 from disttrain.callbacks.base import DistributedCallback
 from disttrain.errors import CallbackConfigError
@@ -88,12 +87,14 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
         strict: bool = True,
     ):
         metrics = _monitors(monitor)
-        self._watchers: list[MonitorCallback] | None = None
+        self._watchers: list[keras.callbacks.EarlyStopping] | None = None
         if metrics is not None:
             modes = _per_metric(mode, "mode", metrics)
             deltas = _per_metric(min_delta, "min_delta", metrics)
             baselines = _per_metric(baseline, "baseline", metrics)
-            self._watchers = [MonitorCallback(m, mo, min_delta=d)
+            # One Keras EarlyStopping per metric judges that metric's improvement (its
+            # monitor_op and signed min_delta; Keras 3.10 has no MonitorCallback yet).
+            self._watchers = [keras.callbacks.EarlyStopping(m, min_delta=d, mode=mo)
                               for m, mo, d in zip(metrics, modes, deltas)]
             self._baselines = baselines
         else:
@@ -170,7 +171,7 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
             if watcher.monitor_op is None:
                 watcher.set_model(self.model)
                 try:
-                    watcher._set_monitor_op()
+                    watcher._set_monitor_op()  # private: keras EarlyStopping
                 except ValueError as e:
                     raise CallbackConfigError(
                         f"EarlyStopping(monitor={self.monitor!r}, mode={self.mode!r}): cannot "
@@ -186,6 +187,7 @@ class EarlyStopping(DistributedCallback, keras.callbacks.EarlyStopping):
             self.best_epoch = epoch
         self.wait += 1
         best = self.best or [None] * len(values)
+        # private: keras EarlyStopping._is_improvement
         improved = [bool(w._is_improvement(v, b)) for w, v, b in zip(watchers, values, best)]
         if any(improved):
             self.best = [v if i else b for v, b, i in zip(values, best, improved)]
