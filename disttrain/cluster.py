@@ -333,6 +333,24 @@ class Cluster:
         return {"cluster": cluster, "task": {"type": self.task_type, "index": self.task_index}}
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` ports free on this machine now (portpicker), for a local cluster's tasks.
+
+    The one place disttrain picks ports: `launch.local`, `disttrain.testing` and the
+    single-host `mpirun` cluster call it. A port can still be taken before TensorFlow
+    binds it (pick-then-release); the launchers relaunch on "address already in use".
+
+    Example:
+
+    ```python
+    ports = free_ports(2)     # e.g. [41231, 38877]
+    ```
+    """
+    import portpicker
+
+    return [portpicker.pick_unused_port() for _ in range(count)]
+
+
 def _parse_cluster(cluster: Any) -> dict[str, list[str]]:
     if cluster is None:
         raise _fail(
@@ -697,18 +715,8 @@ def _shared_ports(env: Mapping[str, str], rank: int, size: int) -> list[int]:
     if path in _shared_ports_cache:
         return _shared_ports_cache[path]
     if rank == 0 and not os.path.exists(path):
-        import socket
-
-        socks = [socket.socket() for _ in range(size)]
-        try:
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            picked = [s.getsockname()[1] for s in socks]
-        finally:
-            for s in socks:
-                s.close()
         with open(f"{path}.tmp", "w") as f:
-            json.dump(picked, f)
+            json.dump(free_ports(size), f)
         os.replace(f"{path}.tmp", path)
     deadline = time.monotonic() + MPI_PORTS_TIMEOUT
     while not os.path.exists(path):

@@ -61,9 +61,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import portpicker
 
-from disttrain.cluster import PORT_CLASH, Cluster, build_tf_config
+from disttrain.cluster import PORT_CLASH, Cluster, build_tf_config, free_ports
 from disttrain.errors import DisttrainError
 
 ENV_RESULT = "DISTTRAIN_TEST_RESULT"
@@ -272,7 +271,7 @@ def run_cluster(
 def _run_once(command, num_workers, env, per_worker_env, chief, timeout, cwd,
               wrap) -> ClusterRun:
     count = num_workers + (1 if chief else 0)
-    ports = [portpicker.pick_unused_port() for _ in range(count)]
+    ports = free_ports(count)
     addresses = [f"127.0.0.1:{port}" for port in ports]
     workers, chief_address = (addresses[1:], addresses[0]) if chief else (addresses, None)
     configs = ([build_tf_config(workers, "chief", 0, chief_address)] if chief else []) + [

@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import portpicker
 
 from disttrain.cluster import (
     ENV_ATTEMPT,
@@ -32,6 +31,7 @@ from disttrain.cluster import (
     ENV_RUN_ID,
     ENV_TF_CONFIG,
     PORT_CLASH,
+    free_ports,
     new_run_id,
     parse_address,
     validate_run_id,
@@ -321,7 +321,7 @@ def _command_problem(program: str) -> str | None:
 def plan_tasks(config: LaunchConfig, attempt: int,
                result_file: str) -> list[tuple[TaskSpec, dict[str, str]]]:
     """Each task of one attempt with its environment additions; picks fresh ports."""
-    ports = [portpicker.pick_unused_port() for _ in range(config.workers + config.chief)]
+    ports = free_ports(config.workers + config.chief)
     addresses = local_addresses(ports, config.host)
     chief = addresses.pop(0) if config.chief else None
     plan = []
