@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("disttrain.keras_compat", "disttrain.liveness", "disttrain.preemption", "disttrain.report"),
     ("disttrain.distribute",),
     ("disttrain.callbacks",),
-    ("disttrain", "disttrain.sidecar", "disttrain.demo", "disttrain.testing"),
+    ("disttrain", "disttrain.sidecar", "disttrain.demo", "disttrain.testing", "disttrain.check"),
     ("launch",),
 )
 """Units (a subpackage, a top-level module, or `launch` whole), bottom layer first."""
