@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.report import Row, Stat, ratio_row
 from benchmarks.settings import Settings
-from disttrain import step_timing
+from disttrain.report import step_timing
 from disttrain.testing import worker_env
 
 WORKERS = 2

@@ -32,6 +32,7 @@ from disttrain.errors import (
     MissingDependencyError,
     Preempted,
     PreflightError,
+    StorageConfigError,
     StorageError,
     StrategyError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "Preempted",
     "PreflightError",
+    "StorageConfigError",
     "StorageError",
     "StrategyError",
     *_LAZY,

@@ -7,7 +7,7 @@ the function `disttrain.strategy` (then "'module' object is not callable").
 One call gives every script the right strategy: `MultiWorkerMirroredStrategy`
 when TF_CONFIG describes more than one training task, or when no TF_CONFIG is
 given and the launcher started several tasks (a Slurm step, `mpirun`: see
-`disttrain.cluster.derive_from_launcher`; a launcher whose cluster cannot be
+`disttrain.cluster.launcher_env.derive_from_launcher`; a launcher whose cluster cannot be
 derived is refused before any training), TensorFlow's default strategy
 otherwise (a single process, or the evaluator task), except that one process
 that sees several GPUs gets a `MirroredStrategy` over them (`local_devices`).
@@ -31,9 +31,11 @@ from disttrain.errors import StrategyError
 
 require_tensorflow("disttrain.strategy()")
 
-from disttrain import coordination, keras_compat, liveness, step_timing  # noqa: E402
+from disttrain import coordination, keras_compat  # noqa: E402
+from disttrain.coordination import liveness  # noqa: E402
 from disttrain.keras_compat import gradient_compression as gradient_compression_module  # noqa: E402
 from disttrain.keras_compat import step_timing_recorder  # noqa: E402
+from disttrain.report import step_timing  # noqa: E402
 
 IMPLEMENTATIONS = ("auto", "ring", "nccl")
 LOCAL_DEVICES = ("all", "one")
@@ -94,7 +96,7 @@ def strategy(
         devices, else `tf.distribute.get_strategy()` (also on the evaluator task,
         which never joins the training group). Every training task also agrees on the run id
         here (`coordination.get().run_id()`), at a point they all reach, and starts
-        a `disttrain.liveness.StallWatch`: a peer that is alive but stuck outside
+        a `disttrain.coordination.liveness.StallWatch`: a peer that is alive but stuck outside
         training for `DISTTRAIN_COORDINATION_TIMEOUT` seconds is named and the job
         fails instead of hanging (a dead or frozen peer is reported by TensorFlow's
         coordination service within seconds). SIGTERM terminates the worker

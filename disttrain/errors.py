@@ -68,7 +68,7 @@ retrying cannot help, so the Kubernetes manifests fail the job at once."""
 EXIT_PEERS_UNREACHABLE = 3
 """`launch.entrypoint` did not meet every peer within its `--peer-timeout`."""
 STALLED_EXIT_CODE = 70
-"""Exit code of a worker that `disttrain.liveness` found stuck while its peers waited."""
+"""Exit code of a worker that `disttrain.coordination.liveness` found stuck while its peers waited."""
 PREEMPTED_EXIT_CODE = 75
 """A worker stopped for a preemption after saving a backup (`EX_TEMPFAIL`): restart it."""
 EXIT_TIMEOUT = 124
@@ -105,3 +105,11 @@ class ChiefOnlyError(DisttrainError, RuntimeError):
     something every worker must call together (a strategy collective, `model.evaluate`, a
     disttrain agreement), which the other workers would never join, or it raised (then
     the other workers raise this with the chief's message)."""
+
+
+class StorageConfigError(CallbackConfigError):
+    """A storage setting cannot work: a path template (`{run_id}` and the fields a
+    callback fills), a retention rule, a `CheckpointManager` option.
+
+    Raised by `disttrain.storage`; a `CallbackConfigError` (and so a `ValueError`), so
+    code that catches the callbacks' configuration errors catches it too."""

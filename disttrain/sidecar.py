@@ -35,7 +35,8 @@ require_tensorflow("disttrain.SidecarEvaluator")
 import keras  # noqa: E402 (after the check)
 from keras import ops  # noqa: E402
 
-from disttrain import run_files, storage  # noqa: E402
+from disttrain import storage  # noqa: E402
+from disttrain.report import run_files  # noqa: E402
 from disttrain.cluster import Cluster  # noqa: E402
 from disttrain.errors import CallbackConfigError, CoordinationError, StorageError  # noqa: E402
 

@@ -42,7 +42,7 @@ from disttrain.errors import (
     ClusterConfigError,
     FirewallUnavailable,
 )
-from disttrain import step_timing
+from disttrain.report import step_timing
 from launch import firewall, noise, procs
 from launch.cli import split_command
 from launch.output import Console

@@ -25,7 +25,7 @@ SIGTERM_AT = (1, 2)
 REFUSALS = ("deleted", "edited", "corrupted")
 # The input check stays on: it draws the first element from an iterator of its own before
 # `fit`, whose prefetching draws a varying number of elements ahead, and puts the random
-# states back afterwards (`input_state.kept`), so two runs seeded alike start alike.
+# states back afterwards (`InputStream.kept`), so two runs seeded alike start alike.
 ENV: dict[str, str] = {}
 
 
@@ -36,8 +36,8 @@ def _fresh(seed: int):
     import keras
     import tensorflow as tf
 
-    from disttrain import input_state
     from disttrain.distribute import strategy as make_strategy
+    from disttrain.resume import input_state
 
     strategy = make_strategy()
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def _fit(seed: int, backup_dir: str | None = None, sigterm: bool = False,
 
     import keras
 
-    from disttrain import callbacks, coordination, input_state
+    from disttrain import callbacks, coordination, resume
     from disttrain.callbacks import backup_and_restore
     from disttrain.errors import DisttrainError, Preempted
 
@@ -112,7 +112,7 @@ def _fit(seed: int, backup_dir: str | None = None, sigterm: bool = False,
         model.fit(train, epochs=EPOCHS, verbose=0, callbacks=stack)
     except (DisttrainError, Preempted) as e:
         return {"interrupted": type(e).__name__, "message": str(e)}
-    start = input_state.stream_start()
+    start = resume.current().stream.stream_start()
     return {"interrupted": None,
             "weights": [np.asarray(v.numpy()).tolist() for v in model.weights],
             "stream_start": None if start is None else hashlib.sha256(

@@ -148,7 +148,7 @@ CASES = {
     ),
     "unbalanced brace in the filepath template": Case(
         _command(filepath=f"{DESTINATION}/m-{{epoch.keras"),
-        error=r"CallbackConfigError: ModelCheckpoint\(filepath='ckpt/sub/m-\{epoch\.keras'\) is "
+        error=r"StorageConfigError: ModelCheckpoint\(filepath='ckpt/sub/m-\{epoch\.keras'\) is "
               r"not a valid template: .*\. Fix: balance the braces",
     ),
     "read-only destination": Case(

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from disttrain import step_timing
+from disttrain.report import step_timing
 from disttrain.testing import function_command, run_launcher
 from launch import noise
 from tests import console_workloads

@@ -340,7 +340,7 @@ def test_the_stall_watch_reads_one_status_per_look_on_all_but_the_chief(num_work
     """Every simulated rank watches this test's main thread, which waits in `join`
     (elsewhere) far past the 0.4 s bound: the chief reads every status and republishes
     them in its own; each other rank reads the chief's status only."""
-    from disttrain.liveness import ELSEWHERE, StallWatch
+    from disttrain.coordination.liveness import ELSEWHERE, StallWatch
 
     views = _rank_views(num_workers)
 
@@ -364,7 +364,7 @@ def test_the_stall_watch_reads_one_status_per_look_on_all_but_the_chief(num_work
 def _preempted_training(requester: int, dead: int | None = None):
     """A simulated rank's training loop with a PreemptionWatch: `requester` is signalled
     after step 5; rank `dead` never trains. Returns the step it stopped at (or its error)."""
-    from disttrain.preemption import PreemptionWatch
+    from disttrain.resume.preemption import PreemptionWatch
 
     def train(coord):
         if coord.rank == dead:

@@ -14,7 +14,7 @@ import sys
 from tests.processes import REPO_ROOT
 
 NEEDS_TENSORFLOW = {"disttrain._tf", "disttrain.keras_compat",
-                    "disttrain.keras_compat.detection", "disttrain.input_state",
+                    "disttrain.keras_compat.detection", "disttrain.resume.input_state",
                     "disttrain.keras_compat.gradients_reduced_before_apply"}
 RUN_DOCTESTS = """\
 import doctest, importlib, json, sys

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from disttrain.cluster import (
+from disttrain.cluster import Cluster
+from disttrain.cluster.launcher_env import (
     PORT_BASE,
     PORT_SLOT_WIDTH,
-    Cluster,
     derive_from_launcher,
     derived_ports,
     expand_tasks_per_node,

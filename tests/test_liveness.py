@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_where_classifies_the_innermost_frame():
-    from disttrain import liveness
+    from disttrain.coordination import liveness
 
     def busy(started, done):
         started.append(True)  # a C call: no Python frame of its own to be sampled in
@@ -40,7 +40,7 @@ def test_where_classifies_the_innermost_frame():
 def test_a_thread_waiting_in_an_exchange_is_in_exchange():
     """Rank 0 waits in a gather for rank 1 (simulated ranks sharing one in-process store):
     the watch sees it in an exchange, not stuck elsewhere; after the exchange, elsewhere."""
-    from disttrain import liveness
+    from disttrain.coordination import liveness
     from disttrain.cluster import Cluster
     from disttrain.coordination import Coordinator, InProcessTransport
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from disttrain import report, storage
+from disttrain import storage
+from disttrain.report import history as report
 from disttrain.testing import worker_env
 from tests.processes import REPO_ROOT
 

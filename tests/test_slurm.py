@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from disttrain.cluster import derived_ports, expand_hostlist
+from disttrain.cluster.launcher_env import derived_ports, expand_hostlist
 from disttrain.errors import ClusterConfigError
 from tests import slurm as local_slurm
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras.src.utils import io_utils  # private: keras.src
 
-from disttrain import input_state, keras_compat, run_files, storage
+from disttrain import keras_compat, resume, storage
 from disttrain.callbacks.base import DistributedCallback, attached_callbacks
 from disttrain.errors import (
     PREEMPTED_EXIT_CODE,
@@ -23,7 +23,8 @@ from disttrain.errors import (
     StorageError,
 )
 from disttrain.keras_compat import persistent_epoch_iterator
-from disttrain.preemption import PreemptionWatch
+from disttrain.report import run_files
+from disttrain.resume.preemption import PreemptionWatch
 
 # What every worker part records about its backup, compared with the manifest on restore.
 _PART_POSITION = ("epoch", "batches", "passes", "workers")
@@ -74,7 +75,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
     - A backup resumes on another number of workers (same global batch: the
       same steps; see `docs/resume.md#another-number-of-workers`).
     - Preemption: during `fit`, SIGTERM on any worker makes every worker stop
-      after the same training step (agreed through `disttrain.preemption`),
+      after the same training step (agreed through `disttrain.resume.preemption`),
       the chief back up there, and every worker raise `disttrain.errors.Preempted`,
       which exits the process with 75; a second SIGTERM kills at once. When
       that step is the epoch's last batch (and Keras knows the number of
@@ -159,7 +160,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             retention or storage.Retention(),
             latest=max(latest, (retention.latest or 0) if retention else 0))
         if random_state:
-            input_state.enable()
+            resume.current().stream.enable()
         self.directory: str | None = None
         self._manager: storage.CheckpointManager | None = None
         self._pending_states: dict | None = None
@@ -195,7 +196,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             self.directory, self.run_id, retention=self.retention,
             step_prefix=run_files.BACKUP_PREFIX, owner="BackupAndRestore")
 
-        input_state.begin_fit()
+        resume.current().stream.begin_fit()
 
         def find_latest() -> dict | None:
             self._manager.open()
@@ -314,7 +315,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         name = run_files.BACKUP_PART.format(rank=self.coordinator.rank)
         part = {"rank": self.coordinator.rank, "run_id": self.run_id,
                 **{key: metadata[key] for key in _PART_POSITION},
-                "random_state": input_state.stream_start()}
+                "random_state": resume.current().stream.stream_start()}
         try:
             data = json.dumps(part, sort_keys=True).encode("utf-8")
             storage.atomic_write_bytes(storage.join(self._manager.next_url, name), data)
@@ -338,8 +339,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             print(f"disttrain: preempted (SIGTERM on {self._preempted_by}) on the last batch "
                   "of the last epoch: training finished", file=sys.stderr, flush=True)
         self._end_watch()
-        persistent_epoch_iterator.cancel()
-        input_state.end_fit()
+        resume.current().skip.cancel()
+        resume.current().stream.end_fit()
         if self._pending_states is not None:
             self._apply_callback_states(final=True)
         if self._save_due and not self.delete_checkpoint:
@@ -409,7 +410,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                   f"docs/resume.md#another-number-of-workers)", file=sys.stderr, flush=True)
         if same_workers and parts and self.random_state:
             own = storage.join(url, run_files.BACKUP_PART.format(rank=self.coordinator.rank))
-            input_state.carry(json.loads(storage.read_bytes(own))["random_state"])
+            resume.current().stream.carry(json.loads(storage.read_bytes(own))["random_state"])
         self._pending_states = metadata.get("callbacks", {})
         self._pending_arrays = arrays
         if self.verbose > 0 and self.is_chief:

@@ -12,9 +12,10 @@ import keras
 from keras import ops
 from keras.src.utils import io_utils  # private: keras.src
 
-from disttrain import keras_compat, run_files, storage
+from disttrain import keras_compat, storage
 from disttrain.callbacks.base import DistributedCallback, add_to_result, attached_callbacks
 from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.report import run_files
 from disttrain.storage.snapshot import ModelSnapshot
 
 _DIRECTORY_FIX = ("move the other fields into the file name, so every checkpoint of a run "

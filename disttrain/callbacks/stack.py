@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
-from disttrain import coordination, run_files, storage
+from disttrain import coordination, storage
+from disttrain.report import run_files
 
 
 def recommended(

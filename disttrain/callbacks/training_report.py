@@ -8,10 +8,11 @@ import time
 
 import keras
 
-from disttrain import report, run_files, storage
+from disttrain import storage
 from disttrain.callbacks.base import DistributedCallback, add_to_result
 from disttrain.cluster import ENV_ATTEMPT
 from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.report import history, run_files
 
 _PROCESS = secrets.token_hex(6)
 """Tells this process's epochs from those of an earlier process (a restart)."""
@@ -54,7 +55,7 @@ class TrainingReport(DistributedCallback, keras.callbacks.Callback):
                 f"TrainingReport(mode={mode!r}) is not a mode. Fix: use 'auto', 'min' or 'max'.")
         self.directory = directory
         self.monitor = monitor
-        self.mode = report.better_mode(monitor) if mode == "auto" else mode
+        self.mode = history.better_mode(monitor) if mode == "auto" else mode
         self._url = storage.join(directory, run_files.HISTORY_TIMES)
         self._times: dict = {}
         self._began = 0.0
@@ -89,7 +90,7 @@ class TrainingReport(DistributedCallback, keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         def draw() -> None:
-            url = report.write_figure(report.read_run(self.directory))
+            url = history.write_figure(history.read_run(self.directory))
             if url is not None:
                 add_to_result({"figure": url})
 

@@ -13,6 +13,9 @@ key-value store shared by the workers (`transport.py`):
 - `InProcessTransport` (`in_process.py`) for one worker (every call returns at
   once, without TensorFlow), or for several ranks simulated in threads.
 
+The stall watch (`liveness.py`, `StallWatch`) runs over the same protocol: it names
+a live peer that stopped taking part in training and fails the job.
+
 The protocol's guarantees hold over either:
 
 - it never hangs: waits are sliced, and between slices the peer we wait for is

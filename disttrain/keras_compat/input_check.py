@@ -153,7 +153,7 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
     The first element is drawn from a new iterator, so a training iterator is not
     touched; pipelines with randomness draw once (a seeded reshuffling `shuffle`
     then starts training at its second order, the same on every worker). In a
-    process that backs up its input's random state (`disttrain.input_state`),
+    process that backs up its input's random state (`disttrain.resume.input_state`),
     the Python/NumPy/`tf.random` global states are put back after the read.
 
     Args:
@@ -174,9 +174,9 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         unpack_x_y_sample_weight,
     )
 
-    from disttrain import input_state
+    from disttrain import resume
 
-    with input_state.kept():
+    with resume.current().stream.kept():
         first = next(iter(dataset.take(1)), None)
     x, y, sample_weight = unpack_x_y_sample_weight(first) if first is not None else (
         None, None, None)

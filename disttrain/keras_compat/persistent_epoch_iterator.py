@@ -27,6 +27,7 @@ import itertools
 import threading
 import warnings
 
+from disttrain import resume
 from disttrain.keras_compat import _patch, detection, pipeline, versions
 
 NAME = "persistent_epoch_iterator"
@@ -35,8 +36,6 @@ UPSTREAM = ("measured here (keras 3.15.1): a new distributed iterator twice per 
 
 _lock = threading.Lock()
 _persistent = False
-_pending_skip = 0
-_pending_passes = 0
 
 
 def is_needed() -> bool:
@@ -74,7 +73,8 @@ def skip_batches_of_next_epoch(batches: int, passes: int = 0) -> None:
     The batches are drawn from the input without training on them and without
     batch callbacks, so with a deterministic input order the rest of the epoch
     trains on what an uninterrupted run would have. The first epoch enumerated
-    after the request consumes it: make it in `on_epoch_begin`.
+    after the request consumes it: make it in `on_epoch_begin`. The request is
+    kept in `disttrain.resume.current().skip` (cancel it there).
 
     With the persistent iterator, an input whose passes differ (a `shuffle`
     that reshuffles each iteration, a random op in a `map`) is instead started
@@ -91,28 +91,8 @@ def skip_batches_of_next_epoch(batches: int, passes: int = 0) -> None:
     Raises:
         ValueError: `batches` or `passes` is negative.
     """
-    global _pending_skip, _pending_passes
-    if batches < 0 or passes < 0:
-        raise ValueError(f"batches={batches}, passes={passes} must be >= 0. Fix: pass the "
-                         "number of batches of the epoch and of epochs already trained.")
+    resume.current().skip.ask(batches, passes)
     _wrap()
-    with _lock:
-        _pending_skip, _pending_passes = batches, passes
-
-
-def cancel() -> None:
-    """Drops a skip request no epoch has consumed (e.g. `fit` ended first)."""
-    global _pending_skip, _pending_passes
-    with _lock:
-        _pending_skip = _pending_passes = 0
-
-
-def _take_skip() -> tuple[int, int]:
-    global _pending_skip, _pending_passes
-    with _lock:
-        request = _pending_skip, _pending_passes
-        _pending_skip = _pending_passes = 0
-    return request
 
 
 def _wrap() -> None:
@@ -164,7 +144,7 @@ def _enumerating_persistent_steps(original_enumerate):
 
     @functools.wraps(original_enumerate)
     def _enumerate_iterator(self):
-        skip, passes = _take_skip()
+        skip, passes = resume.current().skip.take()
         if getattr(self, "_disttrain_persistent", False):
             _epoch_starts(self)
         replayed = _start_at(self, passes, skip) if skip or passes else False
@@ -184,14 +164,12 @@ def _enumerating_persistent_steps(original_enumerate):
 
 
 def _before_new_iterator(epoch_iterator) -> None:
-    """Lets `disttrain.input_state` record (or, resuming, restore) the random state the
-    input stream starts from, when this epoch makes a new input iterator (Keras's
-    condition), before any element is drawn."""
+    """Lets the process's `disttrain.resume` input stream record (or, resuming, restore)
+    the random state the input stream starts from, when this epoch makes a new input
+    iterator (Keras's condition), before any element is drawn."""
     # private: keras EpochIterator
     if epoch_iterator._current_iterator is None or epoch_iterator.steps_per_epoch is None:
-        from disttrain import input_state
-
-        input_state.stream_starts(epoch_iterator)
+        resume.current().stream.stream_starts(epoch_iterator)
 
 
 def _epoch_starts(epoch_iterator) -> None:

@@ -1,7 +1,7 @@
-"""Records this process's step timing for `disttrain.step_timing` (a registered patch).
+"""Records this process's step timing for `disttrain.report.step_timing` (a registered patch).
 
 Wraps Keras's `CallbackList` hooks around each training step and epoch, and
-rewrites a local JSON file at every epoch end; `disttrain.step_timing` reads
+rewrites a local JSON file at every epoch end; `disttrain.report.step_timing` reads
 and summarizes those files. `disttrain.strategy()` installs it when the
 launcher set `DISTTRAIN_TIMING_FILE`.
 

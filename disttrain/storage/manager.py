@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from disttrain.errors import CallbackConfigError, StorageError
+from disttrain.errors import StorageConfigError, StorageError
 from disttrain.storage.atomic import (
     StagedFile,
     probe_writable,
@@ -84,7 +84,7 @@ def check_max_to_keep(max_to_keep: int | None, owner: str) -> None:
         owner: how the message names the caller, e.g. `"ModelCheckpoint"`.
 
     Raises:
-        CallbackConfigError: naming the bad value.
+        StorageConfigError: naming the bad value.
 
     Example:
 
@@ -93,7 +93,7 @@ def check_max_to_keep(max_to_keep: int | None, owner: str) -> None:
     if max_to_keep is not None and (
         isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
     ):
-        raise CallbackConfigError(
+        raise StorageConfigError(
             f"{owner}(max_to_keep={max_to_keep!r}): must be a positive integer "
             "or None (keep all). Fix: pass e.g. max_to_keep=3."
         )
@@ -129,7 +129,7 @@ class CheckpointManager:
             (each with its own `index_name`) need one each.
 
     Raises:
-        CallbackConfigError: when `max_to_keep` or `mode` is invalid, or both
+        StorageConfigError: when `max_to_keep` or `mode` is invalid, or both
             `max_to_keep` and `retention` are given.
 
     Example:
@@ -162,7 +162,7 @@ class CheckpointManager:
     ):
         check_max_to_keep(max_to_keep, owner)
         if retention is not None and max_to_keep is not None:
-            raise CallbackConfigError(
+            raise StorageConfigError(
                 f"{owner}: got both max_to_keep={max_to_keep!r} and retention={retention!r}. "
                 "Fix: pass one: max_to_keep=k is Retention(latest=k), or Retention(best=k) "
                 "for the best ones."
@@ -193,7 +193,7 @@ class CheckpointManager:
     @mode.setter
     def mode(self, mode: str | None) -> None:
         if mode not in _MODES:
-            raise CallbackConfigError(
+            raise StorageConfigError(
                 f"{self.owner}(mode={mode!r}): must be 'min', 'max' or None. Fix: pass mode='min' "
                 "for losses, mode='max' for accuracies."
             )

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from disttrain.errors import CallbackConfigError
+from disttrain.errors import StorageConfigError
 
 _HOUR = 3600.0
 
@@ -52,7 +52,7 @@ class Retention:
         every_hours: also keep one at least this many hours apart.
 
     Raises:
-        CallbackConfigError: a count that is not a positive integer, or hours that
+        StorageConfigError: a count that is not a positive integer, or hours that
             are not a positive number.
 
     Example:
@@ -74,14 +74,14 @@ class Retention:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
-                raise CallbackConfigError(
+                raise StorageConfigError(
                     f"Retention({name}={value!r}): must be a positive integer or None. "
                     f"Fix: pass e.g. {name}=3."
                 )
         hours = self.every_hours
         if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
                                   or not hours > 0):
-            raise CallbackConfigError(
+            raise StorageConfigError(
                 f"Retention(every_hours={hours!r}): must be a positive number of hours or "
                 "None. Fix: pass e.g. every_hours=6."
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import string
 from collections.abc import Collection
 
-from disttrain.errors import CallbackConfigError
+from disttrain.errors import StorageConfigError
 
 RUN_ID_FIELD = "run_id"
 
@@ -30,7 +30,7 @@ def template_fields(template: str, owner: str, int_fields: Collection[str] = ())
         The field names (`{val_loss:.4f}` gives `val_loss`).
 
     Raises:
-        CallbackConfigError: unbalanced braces, a positional field (`{}`) or a
+        StorageConfigError: unbalanced braces, a positional field (`{}`) or a
             format spec the field's value cannot take.
 
     Example:
@@ -41,7 +41,7 @@ def template_fields(template: str, owner: str, int_fields: Collection[str] = ())
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise CallbackConfigError(
+        raise StorageConfigError(
             f"{owner} is not a valid template: {e}. Fix: balance the braces, or double them "
             "('{{', '}}') for literal braces."
         ) from None
@@ -50,7 +50,7 @@ def template_fields(template: str, owner: str, int_fields: Collection[str] = ())
         if field is None:
             continue
         if field == "" or field.isdigit():
-            raise CallbackConfigError(
+            raise StorageConfigError(
                 f"{owner} has a positional field '{{}}'. "
                 "Fix: name it, e.g. {epoch:02d} or {val_loss:.4f}."
             )
@@ -58,7 +58,7 @@ def template_fields(template: str, owner: str, int_fields: Collection[str] = ())
         try:
             format(1 if name in int_fields else 1.0, spec or "")
         except ValueError:
-            raise CallbackConfigError(
+            raise StorageConfigError(
                 f"{owner}: format spec {spec!r} of {{{field}}} is invalid. Fix: use a spec "
                 "such as :02d for epoch or :.4f for metrics."
             ) from None
@@ -76,7 +76,7 @@ def check_run_id_only(template: str, owner: str, fix: str) -> None:
         fix: what the message tells the user to do about other fields.
 
     Raises:
-        CallbackConfigError: a syntax error, or a field other than `{run_id}`.
+        StorageConfigError: a syntax error, or a field other than `{run_id}`.
 
     Example:
 
@@ -84,7 +84,7 @@ def check_run_id_only(template: str, owner: str, fix: str) -> None:
     """
     bad = template_fields(template, owner) - {RUN_ID_FIELD}
     if bad:
-        raise CallbackConfigError(
+        raise StorageConfigError(
             f"{owner}: the directory uses {sorted(bad)}; only {{run_id}} may appear there, so "
             f"every checkpoint of a run lands in one directory. Fix: {fix}."
         )
@@ -103,7 +103,7 @@ def expand_run_id(template: str, run_id: str, owner: str, fix: str) -> str:
         The directory of this run.
 
     Raises:
-        CallbackConfigError: as `check_run_id_only`.
+        StorageConfigError: as `check_run_id_only`.
 
     Example:
 

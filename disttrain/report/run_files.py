@@ -1,6 +1,6 @@
 """The name of every file disttrain's callbacks, report and sidecar write into a run's directories.
 
-One place, so a writer and its readers (another callback, `disttrain.report`,
+One place, so a writer and its readers (another callback, `disttrain.report.history`,
 the sidecar evaluator) agree without importing each other. The storage layer's
 own files are named in `disttrain.storage`: each checkpoint's manifest
 (`MANIFEST_NAME`), a manager's pending record (`PENDING_NAME`) and write probes

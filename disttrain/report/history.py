@@ -33,7 +33,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from disttrain import run_files, storage
+from disttrain import storage
+from disttrain.report import run_files
 from disttrain.errors import MissingDependencyError, StorageError
 
 INSTALL_FIX = 'pip install "disttrain[report]" (matplotlib)'
@@ -246,6 +247,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(run, figure))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

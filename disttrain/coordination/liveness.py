@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 
-from disttrain.coordination import Coordinator
+from disttrain.coordination.coordinator import Coordinator
 from disttrain.errors import STALLED_EXIT_CODE, CoordinationError
 
 IN_TENSORFLOW = "tensorflow"
