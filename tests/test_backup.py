@@ -251,16 +251,17 @@ def test_integer_save_freq_resumes_inside_the_epoch(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path):
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path, async_commit):
     """SIGTERM during epoch 2's second batch (after BackupAndRestore's hook for it): the
-    backup is taken after the third; the resumed run trains the fourth and ends equal to
-    an uninterrupted run."""
+    backup is taken after the third (and, with async_commit, committed before Preempted is
+    raised); the resumed run trains the fourth and ends equal to an uninterrupted run."""
     reference = _model()
     _fit(reference, [])
     backup = str(tmp_path / "backup")
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as raised:
-        _fit(_model(), [callbacks.BackupAndRestore(backup),
+        _fit(_model(), [callbacks.BackupAndRestore(backup, async_commit=async_commit),
                         InterruptAtBatch(1, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))])
     assert raised.value.code == PREEMPTED_EXIT_CODE == 75
     assert "backup saved at epoch 2, batch 3" in str(raised.value)
