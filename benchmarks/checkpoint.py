@@ -23,8 +23,16 @@ asynchronous `tf.train.Checkpoint(model=..., optimizer=...).write` with
 `CheckpointOptions(enable_async=True)` (a new `Checkpoint` per save: with Keras 3
 a second async write of the same one fails, "tf.function only supports singleton
 tf.Variables"); disttrain's synchronous `ModelCheckpoint`; and
-`ModelCheckpoint(async_commit=True)` (snapshot, then write). Last, a save asked
-while the previous async one is still in flight (it waits for it).
+`ModelCheckpoint(async_commit=True)` (snapshot, then write); and a
+`BackupAndRestore` backup (`save_freq=1`, timed around the batch end that backs
+up), synchronous and with `async_commit=True`. Last, a save asked while the
+previous async one is still in flight (it waits for it).
+
+Training with saves (`_fits`, 2 workers): the time per training step of a
+real `fit` that saves every epoch (ModelCheckpoint or BackupAndRestore, each
+synchronous and async) against the same `fit` saving nothing, the sides
+rotating fit by fit; the first epoch of each fit is not timed, the end of `fit`
+(which waits for the last commit) is.
 """
 
 from __future__ import annotations
@@ -52,8 +60,11 @@ def sized_model(keras, params: int):
     return model
 
 
-def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str, Any]:
-    """On every worker: per size, `rounds` commits and `rounds` plain saves, alternating."""
+def disttrain_worker(directory: str, params: list[int], rounds: int,
+                     fit: dict[str, int]) -> dict[str, Any]:
+    """On every worker: per size, `rounds` commits and `rounds` plain saves, alternating;
+    the backups with and without parts; then the fits with and without saves (`fit`:
+    `_fits`'s arguments)."""
     import keras
 
     import disttrain
@@ -86,6 +97,7 @@ def disttrain_worker(directory: str, params: list[int], rounds: int) -> dict[str
     with strategy.scope():
         model = sized_model(keras, min(params))
     result["backup"] = _backup_parts(coord, model, os.path.join(directory, "backup"), rounds)
+    result["fit"] = _fits(strategy, os.path.join(directory, "fit"), **fit)
     return result
 
 
@@ -170,12 +182,25 @@ def snapshot_worker(directory: str, params: list[int], rounds: int) -> dict[str,
             checkpoint.write(tf_prefix, options=options)
             return checkpoint.sync
 
+        backups = {mode: callbacks.BackupAndRestore(
+            os.path.join(base, f"backup-{mode}"), save_freq=1, async_commit=mode == "async")
+            for mode in ("sync", "async")}
+        for backup in backups.values():
+            backup.set_model(model)
+            backup.on_train_begin()
+
         def ours(mode, epoch):
             checkpoints[mode].on_epoch_end(epoch, {"loss": 1.0})
             return checkpoints[mode]._manager.wait
 
+        def backed_up(mode, epoch):
+            backups[mode].on_train_batch_end(epoch)
+            return backups[mode]._manager.wait
+
         sides = {"plain": lambda e: model.save(plain), "tf_async": lambda e: tf_async(),
-                 "sync": functools.partial(ours, "sync"), "async": functools.partial(ours, "async")}
+                 "sync": functools.partial(ours, "sync"), "async": functools.partial(ours, "async"),
+                 "backup_sync": functools.partial(backed_up, "sync"),
+                 "backup_async": functools.partial(backed_up, "async")}
         times: dict[str, dict[str, list[float]]] = {
             side: {"blocked": [], "committed": []} for side in sides}
         order = list(sides)
@@ -197,12 +222,59 @@ def snapshot_worker(directory: str, params: list[int], rounds: int) -> dict[str,
             done = ours("async", rounds + 2 * epoch + 1)
             waits.append((time.perf_counter() - start) * 1000)
             done()
-        for checkpoint in checkpoints.values():
+        for checkpoint in [*checkpoints.values(), *reversed(backups.values())]:
             checkpoint.on_train_end()
         result[str(size)] = {**times, "back_to_back": waits,
                              "file_bytes": os.path.getsize(plain)}
-        del model, checkpoints
+        del model, checkpoints, backups
     return result
+
+
+def _fits(strategy, directory: str, params: int, steps: int, epochs: int,
+          rounds: int) -> dict[str, list[float]]:
+    """On every worker: per side, the seconds per step of each `fit` (see the module
+    docstring); `epochs` timed epochs after an untimed one."""
+    import time
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from disttrain import callbacks
+
+    with strategy.scope():
+        model = sized_model(keras, params)
+    batch = 64
+    x = np.random.default_rng(0).normal(size=(steps * batch, FEATURES)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, x)).batch(batch)
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    def side(name: str, fit: int) -> list:
+        target = os.path.join(directory, name, str(fit))
+        if name.startswith("backup"):
+            return [callbacks.BackupAndRestore(target, delete_checkpoint=False,
+                                               async_commit=name.endswith("async"))]
+        if name == "none":
+            return []
+        return [callbacks.ModelCheckpoint(os.path.join(target, "m-{epoch}.keras"),
+                                          async_commit=name == "async")]
+
+    order = ["none", "sync", "async", "backup_sync", "backup_async"]
+    seconds: dict[str, list[float]] = {name: [] for name in order}
+    for fit in range(rounds):
+        shift = fit % len(order)
+        for name in order[shift:] + order[:shift]:
+            timer = Timer()
+            model.fit(data, epochs=epochs + 1, verbose=0, callbacks=[*side(name, fit), timer])
+            seconds[name].append(timer.seconds / (epochs * steps))
+    return seconds
 
 
 def tf_keras_worker(directory: str, params: int) -> dict[str, Any]:
@@ -224,10 +296,12 @@ def measure(settings: Settings, workers: int = 2) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as tmp:
         ours = on_cluster(disttrain_worker, workers, {
             "directory": os.path.join(tmp, "disttrain"), "params": list(settings.checkpoint_params),
-            "rounds": settings.checkpoint_rounds})
+            "rounds": settings.checkpoint_rounds,
+            "fit": {"params": settings.fit_params, "steps": settings.fit_steps,
+                    "epochs": settings.epochs, "rounds": settings.rounds}}, timeout=2400)
         snapshots = on_cluster(snapshot_worker, 1, {
             "directory": os.path.join(tmp, "snapshot"), "params": list(settings.snapshot_params),
-            "rounds": settings.checkpoint_rounds}, timeout=3000)[0]
+            "rounds": settings.snapshot_rounds}, timeout=3000)[0]
         theirs = on_cluster(tf_keras_worker, workers, {
             "directory": os.path.join(tmp, "tf_keras"),
             "params": max(settings.checkpoint_params)}, env=TF_KERAS_ENV) if has_tf_keras() else []
@@ -266,6 +340,7 @@ def rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
         f"bytes written per save by each non-chief worker ({model_size} model)",
         _megabytes(ours.median), peer, "-", f"0: {goal_met}"))
     result += _snapshot_rows(measured["snapshot"], settings)
+    result += _fit_rows(chief["fit"], settings)
     backup = chief["backup"]
     result.append(ratio_row(
         f"BackupAndRestore save with per-worker parts, {len(measured['disttrain'])} workers",
@@ -286,16 +361,39 @@ def _snapshot_rows(measured: dict[str, Any], settings: Settings) -> list[Row]:
         goal = Goal(0.15) if size * 4 >= 1e8 else None
         for side, what in (("tf_async", "TF async tf.train.Checkpoint write"),
                            ("sync", "disttrain ModelCheckpoint, sync"),
-                           ("async", "disttrain async_commit=True (snapshot)")):
+                           ("async", "disttrain async_commit=True (snapshot)"),
+                           ("backup_sync", "disttrain BackupAndRestore, sync"),
+                           ("backup_async", "disttrain BackupAndRestore async_commit=True")):
             rows_.append(ratio_row(f"  {what}: blocked", one[side]["blocked"], "model.save",
-                                   plain, " ms", goal if side == "async" else None))
+                                   plain, " ms", goal if side.endswith("async") and
+                                   side != "tf_async" else None))
         for side, what in (("plain", "model.save"), ("tf_async", "TF async write"),
-                           ("sync", "disttrain sync"), ("async", "disttrain async")):
+                           ("sync", "disttrain sync"), ("async", "disttrain async"),
+                           ("backup_sync", "BackupAndRestore sync"),
+                           ("backup_async", "BackupAndRestore async")):
             rows_.append(ratio_row(f"  {what}: until committed", one[side]["committed"],
                                    "model.save", plain, " ms"))
         rows_.append(ratio_row("  async save asked while one is in flight: blocked",
                                one["back_to_back"], "model.save", plain, " ms"))
-        rows_.append(ratio_row("  disttrain async blocked vs TF async blocked",
-                               one["async"]["blocked"], "TF async", one["tf_async"]["blocked"],
-                               " ms", Goal(1.0)))
+        for side, what in (("async", "disttrain async"),
+                           ("backup_async", "BackupAndRestore async")):
+            rows_.append(ratio_row(f"  {what} blocked vs TF async blocked",
+                                   one[side]["blocked"], "TF async", one["tf_async"]["blocked"],
+                                   " ms", Goal(1.0)))
+    return rows_
+
+
+def _fit_rows(chief: dict[str, list[float]], settings: Settings) -> list[Row]:
+    """Time per step of the chief's fits saving every epoch vs saving nothing."""
+    none = [s * 1000 for s in chief["none"]]
+    size = _megabytes(settings.fit_params * 4)
+    rows_ = [Row(f"2-worker fit, {size} of weights, {settings.fit_steps} steps/epoch, no "
+                 "saving: time per step", Stat.of(none).show(" ms", 1), "-")]
+    for side, what in (("sync", "ModelCheckpoint every epoch, sync"),
+                       ("async", "ModelCheckpoint every epoch, async_commit=True"),
+                       ("backup_sync", "BackupAndRestore every epoch, sync"),
+                       ("backup_async", "BackupAndRestore every epoch, async_commit=True")):
+        rows_.append(ratio_row(f"  {what}: time per step", [s * 1000 for s in chief[side]],
+                               "no saving", none, " ms",
+                               Goal(1.05) if side.endswith("async") else None))
     return rows_

@@ -181,8 +181,9 @@ def save_forever(directory: str, name: str, epochs: int = 400,
     return {"kept": [c["path"] for c in checkpoint.checkpoints]}
 
 
-def backup_forever(directory: str, epochs: int = 300) -> dict:
-    """fit() with BackupAndRestore backing up at every epoch; prints READY after the first.
+def backup_forever(directory: str, epochs: int = 300, async_commit: bool = False) -> dict:
+    """fit() with BackupAndRestore backing up at every epoch; prints READY once the first
+    backup is committed (with `async_commit`, when the second one starts).
 
     The test SIGKILLs this process at random moments and runs it again (same run id);
     every run resumes from the latest committed backup.
@@ -198,7 +199,7 @@ def backup_forever(directory: str, epochs: int = 300) -> dict:
 
         def on_epoch_begin(self, epoch, logs=None):
             first = self.model._initial_epoch or 0
-            if epoch == first + 1:
+            if epoch == first + 1 + async_commit:
                 print(f"READY {first}", flush=True)
                 sys.stdout.flush()
 
@@ -208,7 +209,8 @@ def backup_forever(directory: str, epochs: int = 300) -> dict:
     model.compile(keras.optimizers.Adam(0.01), "mse")
     x = np.ones((32, 4), "float32")
     history = model.fit(x, x[:, :1], batch_size=16, epochs=epochs, verbose=0, callbacks=[
-        callbacks.BackupAndRestore(directory, delete_checkpoint=False), Ready()])
+        callbacks.BackupAndRestore(directory, delete_checkpoint=False,
+                                   async_commit=async_commit), Ready()])
     return {"epochs_run": len(history.history.get("loss", []))}
 
 
@@ -222,16 +224,18 @@ def results_without_errors(run) -> list:
 
 
 def serializer_failure_job(directory: str) -> dict:
-    """Two fits with `ModelCheckpoint(async_commit=True)` whose model cannot be serialized
-    from its second save on (a layer stores an object array h5py cannot write), so the
-    background write fails: in the first fit at epoch 2 of 3 (raised by the next save), in
-    the second at its last epoch (raised at the end of fit). Per fit: the error (None if
-    none), the epoch ends reached and the checkpoints on disk."""
+    """Two fits per callback, `ModelCheckpoint(async_commit=True)` and
+    `BackupAndRestore(async_commit=True)` (backing up every epoch, kept at the end), whose
+    model cannot be serialized from its second save on (a layer stores an object array h5py
+    cannot write), so the background write fails: in the first fit at its second save (raised
+    by the next save), in the second at its last save (raised at the end of fit). Per
+    callback and fit: the error (None if none), the epoch ends reached and the files (the
+    committed backups) on disk."""
     import os
 
     import keras
 
-    from disttrain import callbacks
+    from disttrain import callbacks, storage
     from disttrain.errors import DisttrainError
 
     class Unsavable(keras.layers.Dense):
@@ -247,24 +251,75 @@ def serializer_failure_job(directory: str) -> dict:
         layer = Unsavable(1)
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), layer])
         model.compile("adam", "mse")
-    outcomes = []
-    for fit, (epochs, poison_epoch) in enumerate([(3, 1), (2, 1)]):
-        ended = []
+    kinds = {
+        "ModelCheckpoint": lambda target: callbacks.ModelCheckpoint(
+            os.path.join(target, "m-{epoch}.keras"), async_commit=True),
+        "BackupAndRestore": lambda target: callbacks.BackupAndRestore(
+            target, delete_checkpoint=False, async_commit=True),
+    }
+    outcomes: dict[str, list] = {}
+    for kind, make in kinds.items():
+        outcomes[kind] = []
+        for fit, epochs in enumerate((3, 2)):
+            ended = []
 
-        class Poison(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                ended.append(epoch)
-                layer.poisoned = epoch >= poison_epoch
+            class Poison(keras.callbacks.Callback):
+                def on_epoch_end(self, epoch, logs=None):
+                    ended.append(epoch)
+                    layer.poisoned = epoch >= 1
 
-        layer.poisoned = False
-        target = os.path.join(directory, str(fit))
-        checkpoint = callbacks.ModelCheckpoint(os.path.join(target, "m-{epoch}.keras"),
-                                               async_commit=True)
-        try:
-            model.fit(train, epochs=epochs, callbacks=[Poison(), checkpoint], verbose=0)
-            error = None
-        except DisttrainError as e:
-            error = f"{type(e).__name__}: {e}"
-        outcomes.append({"error": error, "epochs_ended": len(ended),
-                         "files": sorted(os.listdir(target)) if os.path.isdir(target) else []})
-    return {"fits": outcomes}
+            layer.poisoned = False
+            target = os.path.join(directory, kind, str(fit))
+            try:
+                model.fit(train, epochs=epochs, callbacks=[Poison(), make(target)], verbose=0)
+                error = None
+            except DisttrainError as e:
+                error = f"{type(e).__name__}: {e}"
+            files = sorted(os.listdir(target)) if os.path.isdir(target) else []
+            if kind == "BackupAndRestore":
+                files = [n for n in files if storage.is_committed(os.path.join(target, n))]
+            outcomes[kind].append({"error": error, "epochs_ended": len(ended), "files": files})
+    return outcomes
+
+
+def async_backup_job(directory: str) -> dict:
+    """One fit of 4 epochs with two BackupAndRestore callbacks backing up every 3 batches and
+    keeping every backup, one synchronous and one with `async_commit=True`. The chief
+    returns, per backup, whether both directories hold the same weights and manifest
+    position; every worker returns the steps its manager recorded."""
+    import os
+
+    import h5py
+
+    from disttrain import callbacks, storage
+
+    model, train, _ = _model_and_data()
+    sides = {mode: callbacks.BackupAndRestore(
+        os.path.join(directory, mode), save_freq=3, delete_checkpoint=False,
+        retention=storage.Retention(every_steps=1), async_commit=mode == "async")
+        for mode in ("sync", "async")}
+    model.fit(train, epochs=4, callbacks=list(sides.values()), verbose=0)
+    result = {"records": {mode: [c["step"] for c in side._manager.checkpoints]
+                          for mode, side in sides.items()}}
+    if not sides["sync"].is_chief:
+        return result
+
+    def arrays(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, item: found.__setitem__(name, item[()])
+                         if isinstance(item, h5py.Dataset) else None)
+        return found
+
+    same = {}
+    for name in sorted(os.listdir(os.path.join(directory, "sync"))):
+        urls = {mode: os.path.join(directory, mode, name) for mode in sides}
+        weights = {mode: arrays(os.path.join(url, "model.weights.h5"))
+                   for mode, url in urls.items()}
+        positions = {mode: {k: storage.read_manifest(url)["metadata"][k]
+                            for k in ("epoch", "batches", "iterations")}
+                     for mode, url in urls.items()}
+        same[name] = (weights["sync"].keys() == weights["async"].keys() and all(
+            np.array_equal(weights["sync"][k], weights["async"][k]) for k in weights["sync"])
+            and positions["sync"] == positions["async"])
+    return {**result, "same": same}

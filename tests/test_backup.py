@@ -251,16 +251,17 @@ def test_integer_save_freq_resumes_inside_the_epoch(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path):
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_sigterm_saves_a_backup_at_the_next_step_and_exits_75(tmp_path, async_commit):
     """SIGTERM during epoch 2's second batch (after BackupAndRestore's hook for it): the
-    backup is taken after the third; the resumed run trains the fourth and ends equal to
-    an uninterrupted run."""
+    backup is taken after the third (and, with async_commit, committed before Preempted is
+    raised); the resumed run trains the fourth and ends equal to an uninterrupted run."""
     reference = _model()
     _fit(reference, [])
     backup = str(tmp_path / "backup")
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as raised:
-        _fit(_model(), [callbacks.BackupAndRestore(backup),
+        _fit(_model(), [callbacks.BackupAndRestore(backup, async_commit=async_commit),
                         InterruptAtBatch(1, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))])
     assert raised.value.code == PREEMPTED_EXIT_CODE == 75
     assert "backup saved at epoch 2, batch 3" in str(raised.value)
@@ -356,22 +357,26 @@ def test_sigterm_with_steps_per_execution_stops_and_resumes_between_calls(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path):
+@pytest.mark.parametrize("async_commit", [False, True])
+def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path, async_commit):
     """SIGKILL a process in the middle of fit() (backing up every epoch) at random moments.
 
     After every kill the newest committed backup loads, whatever was half-written beside
     it; each restart resumes from it; the last run leaves exactly one backup, no temp file.
+    With async_commit the kills also land while the background thread writes and commits.
+    Three kills per variant (six in all, as before the async variant was added: CI time).
     """
     import random
     import time
 
     directory = tmp_path / "backup"
-    rng = random.Random(1)
-    command = function_command(checkpoint_workloads.backup_forever, {"directory": str(directory)})
+    rng = random.Random(1 + async_commit)
+    command = function_command(checkpoint_workloads.backup_forever,
+                               {"directory": str(directory), "async_commit": async_commit})
     env = worker_env({"DISTTRAIN_RUN_ID": "backup-crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
     resumed_at = []
-    for attempt in range(6):
+    for attempt in range(3):
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -473,3 +478,22 @@ def test_sigterm_to_the_launcher_saves_one_backup_and_the_next_run_resumes_from_
     assert again.returncode == 0, again.stderr[-5000:]
     resumed = json.loads((results / "0-0.json").read_text())
     assert resumed["epochs_run"] == 1, "only the rest of the interrupted epoch"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_backups_hold_the_weights_of_their_step_like_synchronous_ones(tmp_path):
+    """Two BackupAndRestore callbacks in one 2-worker fit back up every 3 batches, one
+    synchronously and one with async_commit (snapshot, then write in the background while
+    training goes on): every backup of both holds the same weights, optimizer state and
+    position, both sides record the same backups on every worker, and all are committed
+    when fit returns."""
+    run = run_cluster(checkpoint_workloads.async_backup_job, 2,
+                      kwargs={"directory": str(tmp_path)}, timeout=240).assert_ok()
+    chief, other = run.results
+    assert len(chief["same"]) == 8 and all(chief["same"].values()), chief["same"]
+    assert chief["records"]["sync"] == chief["records"]["async"] == list(range(8))
+    assert other["records"] == chief["records"]
+    for mode in ("sync", "async"):
+        assert all(storage.is_committed(str(tmp_path / mode / name))
+                   for name in os.listdir(tmp_path / mode)), mode

@@ -39,6 +39,8 @@ def test_smoke_run_prints_every_row_and_writes_the_docs_page(tmp_path):
                 "sparse gradients reduced and merged before apply",
                 "bytes a worker sends per step for the embedding gradients",
                 "BackupAndRestore save with per-worker parts",
+                "disttrain BackupAndRestore async_commit=True: blocked",
+                "BackupAndRestore every epoch, async_commit=True: time per step",
                 "training step with the evaluator task running",
                 "digits demo after 2 epochs, 2 workers: val_loss / accuracy with bf16", "scale, 2 workers: vote (coordination.any)",
                 "scale, 2 workers: checkpoint decision", "scale, 2 workers: BatchNormalization sync",

@@ -410,17 +410,24 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name, 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failure_of_the_background_serializer_reaches_every_worker(tmp_path):
-    """async_commit=True writes the file from a snapshot in the background; when that write
-    fails (the model cannot be serialized), every worker raises the same StorageError at the
-    next save, or at the end of fit, and the checkpoints committed before stay."""
+    """async_commit=True writes the file (ModelCheckpoint) or the backup's weights
+    (BackupAndRestore) from a snapshot in the background; when that write fails (the model
+    cannot be serialized), every worker raises the same StorageError at the next save, or at
+    the end of fit, and what was committed before stays."""
     run = run_cluster(checkpoint_workloads.serializer_failure_job, 2,
                       kwargs={"directory": str(tmp_path)}, timeout=240).assert_ok()
-    chief, other = (r["fits"] for r in run.results)
-    for fit, epochs_ended in ((0, 3), (1, 2)):
-        error = chief[fit]["error"]
-        assert error is not None and error == other[fit]["error"], run.report()
-        assert error.startswith("StorageError: ModelCheckpoint.save failed on w0" if fit == 0
-                                else "StorageError: ModelCheckpoint.result failed on w0"), error
-        assert "m-2.keras' in the background failed: ValueError: Invalid dtype: object" in error, error
-        assert chief[fit]["epochs_ended"] == other[fit]["epochs_ended"] == epochs_ended
-        assert chief[fit]["files"] == ["best.json", "m-1.keras"]
+    cases = {"ModelCheckpoint": ("ModelCheckpoint.save", "ModelCheckpoint.result",
+                                 "m-2.keras'", ["best.json", "m-1.keras"]),
+             "BackupAndRestore": ("BackupAndRestore.save", "BackupAndRestore.commit",
+                                  "backup-000001'", ["backup-000000"])}
+    for kind, (next_save, fit_end, failed, files) in cases.items():
+        chief, other = (r[kind] for r in run.results)
+        for fit, epochs_ended in ((0, 3), (1, 2)):
+            error = chief[fit]["error"]
+            assert error is not None and error == other[fit]["error"], run.report()
+            assert error.startswith(f"StorageError: {next_save if fit == 0 else fit_end} "
+                                    "failed on w0"), error
+            assert f"{failed} in the background failed: ValueError: Invalid dtype: object" \
+                in error, error
+            assert chief[fit]["epochs_ended"] == other[fit]["epochs_ended"] == epochs_ended
+            assert chief[fit]["files"] == files, (kind, fit)

@@ -80,24 +80,39 @@ def _rss_mb() -> float:
 
 
 @pytest.mark.timeout(180)
-def test_fifty_async_saves_do_not_grow_memory(tmp_path):
+@pytest.mark.parametrize("kind", ["ModelCheckpoint", "BackupAndRestore"])
+def test_fifty_async_saves_do_not_grow_memory(tmp_path, kind):
     """12 MB of state per snapshot (weights and Adam's two moments): keeping every
-    snapshot would add 480 MB."""
+    snapshot would add 480 MB. The last file holds the final state."""
     model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
     model.compile("adam", "mse")
     model.optimizer.build(model.trainable_variables)
-    checkpoint = callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), async_commit=True)
+    if kind == "ModelCheckpoint":
+        checkpoint = callbacks.ModelCheckpoint(str(tmp_path / "m.keras"), async_commit=True)
+        save = lambda step: checkpoint.on_epoch_end(step, {"val_loss": 1.0})  # noqa: E731
+    else:
+        checkpoint = callbacks.BackupAndRestore(str(tmp_path), save_freq=1,
+                                                delete_checkpoint=False, async_commit=True)
+        save = checkpoint.on_train_batch_end
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
     rss = []
     x = np.ones((4, 1000), "float32")
-    for epoch in range(50):
+    for step in range(50):
         model.train_on_batch(x, x)  # a snapshot read shares buffers until the next update
-        checkpoint.on_epoch_end(epoch, {"val_loss": 1.0})
-        if epoch in (9, 49):
+        save(step)
+        if step in (9, 49):
             checkpoint._manager.wait()
             rss.append(_rss_mb())
     checkpoint.on_train_end()
     assert rss[1] - rss[0] < 40, rss
-    assert sorted(os.listdir(tmp_path)) == ["best.json", "m.keras"]
-    assert _same(_state(keras.saving.load_model(tmp_path / "m.keras")), _state(model))
+    if kind == "ModelCheckpoint":
+        assert sorted(os.listdir(tmp_path)) == ["best.json", "m.keras"]
+        saved = keras.saving.load_model(tmp_path / "m.keras")
+    else:
+        assert os.listdir(tmp_path) == ["backup-000049"]
+        saved = keras.models.clone_model(model)
+        saved.compile("adam", "mse")
+        saved.optimizer.build(saved.trainable_variables)
+        saved.load_weights(tmp_path / "backup-000049" / "model.weights.h5")
+    assert _same(_state(saved), _state(model))

@@ -7,7 +7,6 @@ import json
 import os
 import posixpath
 import sys
-import tempfile
 import time
 
 import keras
@@ -25,6 +24,7 @@ from disttrain.errors import (
 from disttrain.keras_compat import persistent_epoch_iterator
 from disttrain.report import run_files
 from disttrain.resume.preemption import PreemptionWatch
+from disttrain.storage.snapshot import ModelSnapshot
 
 # What every worker part records about its backup, compared with the manifest on restore.
 _PART_POSITION = ("epoch", "batches", "passes", "workers")
@@ -109,6 +109,19 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             latest backup (two with `double_checkpoint`) is always kept as well.
             `best` is refused (backups have no monitored value). Kept backups are
             removed with the rest at the end when `delete_checkpoint=True`.
+        async_commit: snapshot, then write: a backup returns to training once the
+            model's and optimizer's variables are copied to host memory
+            (`storage.snapshot.ModelSnapshot`); the chief writes the weights file
+            from that snapshot and commits the backup (files, then the manifest,
+            then the deletions) in a background thread. Host memory: one more copy
+            of the weights and optimizer state while a backup is in flight; at most
+            one is (the next backup waits for it first). Guarantees are unchanged:
+            a crash leaves the previous backup, and a restart resumes from the
+            newest committed one. What changes: a backup is committed a little
+            after the step it records, and a failure of its writing or commit is
+            raised on every worker, with the chief's message, at the next backup or
+            at the end of `fit`. `fit` (and a preemption's exit) returns only after
+            the last commit. Default False (see `docs/checkpoints.md`).
 
     Example:
 
@@ -127,6 +140,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         verbose: int = 0,
         random_state: bool = False,
         retention: storage.Retention | None = None,
+        async_commit: bool = False,
     ):
         if not backup_dir:
             raise CallbackConfigError(
@@ -149,6 +163,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         )
         self.verbose = verbose
         self.random_state = random_state
+        self.async_commit = bool(async_commit)
         if retention is not None and retention.best is not None:
             raise CallbackConfigError(
                 f"{self._owner}: retention={retention!r} keeps the best {retention.best} "
@@ -192,13 +207,16 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         self._pass_base = 0
         self.directory = storage.expand_run_id(self._template, self.run_id, self._owner,
                                                _DIRECTORY_FIX)
-        self._manager = storage.CheckpointManager(
+        previous, self._manager = self._manager, storage.CheckpointManager(
             self.directory, self.run_id, retention=self.retention,
-            step_prefix=run_files.BACKUP_PREFIX, owner="BackupAndRestore")
+            step_prefix=run_files.BACKUP_PREFIX, owner="BackupAndRestore",
+            async_commit=self.async_commit)
 
         resume.current().stream.begin_fit()
 
         def find_latest() -> dict | None:
+            if previous is not None:  # a fit that raised may have left a backup in flight
+                previous.wait()
             self._manager.open()
             _refuse_damaged(self._manager.damaged())
             if not self._manager.checkpoints:
@@ -253,8 +271,9 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                                  f"epoch {self._epoch + 1}, batch {batch + 1}")
 
     def _exit_preempted(self, requester: str | None, where: str):
-        """Ends the watch and raises `Preempted` once the backup at `where` is saved."""
+        """Ends the watch and raises `Preempted` once the backup at `where` is committed."""
         self._end_watch()
+        self._finish_backups()
         message = (f"preempted (SIGTERM on {requester}): backup saved at {where}; exiting "
                    f"with {PREEMPTED_EXIT_CODE} to be restarted")
         print(f"disttrain: {message}", file=sys.stderr, flush=True)
@@ -300,7 +319,8 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
             state, callback_arrays = callback.backup_state()
             metadata["callbacks"][key] = state
             for i, array in enumerate(callback_arrays):
-                arrays[f"{key}/{i}"] = np.asarray(array)
+                # Written later with async_commit: a copy the callback cannot change.
+                arrays[f"{key}/{i}"] = np.array(array) if self.async_commit else np.asarray(array)
         written = self._write_parts(metadata) if self.random_state else {}
         committed = self.coordinator.run_on_chief(
             "BackupAndRestore.save", lambda: self._write(metadata, arrays, written), StorageError
@@ -346,12 +366,20 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         if self._save_due and not self.delete_checkpoint:
             self._save_due = False
             self._save_model(epoch=self._current_epoch, batches=0)
+        self._finish_backups()
         if self.delete_checkpoint:
             self.coordinator.run_on_chief(
                 "BackupAndRestore.delete",
                 lambda: storage.remove(self.directory, recursive=True),
                 StorageError,
             )
+
+    def _finish_backups(self) -> None:
+        """Waits for the chief's backup in flight (`async_commit`); its failure is raised
+        on every worker."""
+        if self.async_commit:
+            self.coordinator.run_on_chief("BackupAndRestore.commit", self._manager.wait,
+                                          StorageError)
 
     def _end_watch(self) -> None:
         if self._watch is not None:
@@ -362,16 +390,22 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
                written: dict[str, dict]) -> dict:
         """Chief: writes the weights and callback states, and commits them with the workers'
         parts (`written`) as the next backup (the manager then deletes the backups
-        `double_checkpoint` does not keep). Returns the committed backup's record."""
-        with tempfile.TemporaryDirectory(prefix="disttrain-backup-") as tmp:
-            weights = os.path.join(tmp, run_files.BACKUP_WEIGHTS)
-            self.model.save_weights(weights)
-            files = {run_files.BACKUP_WEIGHTS: weights}
+        retention does not keep); with `async_commit`, from a snapshot taken now, in the
+        background. Returns the backup's record."""
+        self._manager.wait()  # the previous backup's failure; one snapshot in flight at most
+        save_weights = (ModelSnapshot.take(self.model, weights_only=True).write
+                        if self.async_commit else self.model.save_weights)
+
+        def write(tmp: str) -> dict[str, str]:
+            files = {run_files.BACKUP_WEIGHTS: os.path.join(tmp, run_files.BACKUP_WEIGHTS)}
+            save_weights(files[run_files.BACKUP_WEIGHTS])
             if arrays:
-                states = os.path.join(tmp, run_files.BACKUP_CALLBACK_STATES)
-                np.savez(states, **arrays)
-                files[run_files.BACKUP_CALLBACK_STATES] = states
-            self._manager.save_directory(files, metadata, written)
+                files[run_files.BACKUP_CALLBACK_STATES] = os.path.join(
+                    tmp, run_files.BACKUP_CALLBACK_STATES)
+                np.savez(files[run_files.BACKUP_CALLBACK_STATES], **arrays)
+            return files
+
+        self._manager.save_directory(write, metadata, written)
         return self._manager.checkpoints[-1]
 
     def _restore(self, url: str) -> None:

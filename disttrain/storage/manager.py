@@ -29,9 +29,10 @@ reader may trust and what may be deleted:
   to the index once the last commit is done, so a reader knows the records
   are final; the next save of the run (a restart) writes an index without it.
 
-Saves can run in a background thread (`async_commit=True`): `save_file`
-returns at once, its `write` (which must write from a snapshot of the state,
-`storage.snapshot.ModelSnapshot`) and the commit run in one background thread,
+Saves can run in a background thread (`async_commit=True`): `save_file` and
+`save_directory` return at once, the writing (which must write from a snapshot
+of the state, `storage.snapshot.ModelSnapshot`) and the commit run in one
+background thread,
 at most one save in flight, and the next save (or `wait`) raises its error.
 
 The manager does no I/O until `open`, and only the process that writes calls
@@ -46,6 +47,7 @@ import contextlib
 import functools
 import re
 import secrets
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -122,7 +124,7 @@ class CheckpointManager:
         step_prefix: name prefix of directory checkpoints.
         overwrite: allow replacing another run's checkpoints and files this
             run did not write.
-        async_commit: write (from a snapshot) and commit single files in a
+        async_commit: write (from a snapshot) and commit checkpoints in a
             background thread.
         owner: how messages name the user of the manager, e.g. `"ModelCheckpoint"`.
         pending_name: the pending marker's file name; managers sharing a directory
@@ -184,7 +186,7 @@ class CheckpointManager:
         self._stored: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: concurrent.futures.Future | None = None
-        self._before_in_flight: list[dict[str, Any]] = []
+        self._before_in_flight: tuple[list[dict[str, Any]], int] = ([], 0)
 
     @property
     def mode(self) -> str | None:
@@ -364,14 +366,7 @@ class CheckpointManager:
         }
         commit = functools.partial(self._commit, path, write, path not in kept_before,
                                    pending, new_index, deleting, on_commit)
-        if self.async_commit:
-            if self._committer is None:
-                self._committer = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="disttrain-checkpoint-save")
-            self._in_flight = self._committer.submit(self._in_background, path, commit)
-            self._before_in_flight = self.checkpoints
-        else:
-            commit()
+        self._run(path, commit)
         self.checkpoints = kept
 
     @property
@@ -395,7 +390,8 @@ class CheckpointManager:
                 if step > latest and read_manifest(join(self.directory, name)) is not None]
 
     def save_directory(
-        self, files: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
+        self, files: Mapping[str, str] | Callable[[str], Mapping[str, str]],
+        metadata: Mapping[str, Any] | None = None,
         written: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> str:
         """Commits a directory checkpoint (the next step, `next_url`), then applies retention.
@@ -403,34 +399,62 @@ class CheckpointManager:
         The files go to `<directory>/<step_prefix><NNNNNN>/` with a manifest
         written last (`commit_checkpoint`). Afterwards every other
         `<step_prefix>*` entry that retention drops, or that was never
-        committed (a crash mid-commit), is deleted.
+        committed (a crash mid-commit), is deleted, except the next step's
+        (other processes may already be writing their files into it).
+        With `async_commit`, writing the files and everything after it run in
+        the background thread and `save_directory` returns at once (`files`
+        must then be a function that writes a snapshot taken before the call);
+        the previous save is always finished (or its error raised) first.
 
         Args:
-            files: relative destination name -> local source path.
+            files: relative destination name -> local source path; or a function
+                that writes the files into the local temp directory it is given
+                and returns that mapping.
             metadata: JSON-serializable data for the checkpoint's manifest.
             written: files already in the directory, written by other processes
                 (name -> `describe_bytes` of the content), listed in the manifest.
 
         Returns:
-            The URL of the committed checkpoint directory.
+            The URL of the checkpoint directory (committed, or being committed).
 
         Raises:
             StorageError: when the commit or a deletion fails.
         """
-        url = self.next_url
-        commit_checkpoint(url, files, metadata, written)
-        self._next_step += 1
-        steps = self._steps()
-        known = {c["path"]: c for c in self.checkpoints}
-        known[url] = _record_of(url, self._next_step - 1, metadata or {})
-        committed = [known.get(join(self.directory, n)) or self._directory_record(n, s)
-                     for n, s in steps if self._committed(n)]
-        self.checkpoints = self.retained(committed)[0]
-        kept = {c["path"] for c in self.checkpoints}
-        for n, _ in steps:
-            if join(self.directory, n) not in kept:
-                remove(join(self.directory, n), recursive=True)
+        self.wait()
+        url, step = self.next_url, self._next_step
+        record = _record_of(url, step, metadata or {})
+        kept = self.retained([c for c in self.checkpoints if c["path"] != url] + [record])[0]
+        commit = functools.partial(self._commit_directory, url, step, files, metadata, written,
+                                   {c["path"] for c in kept})
+        self._run(url, commit)
+        self._next_step = step + 1
+        self.checkpoints = kept
         return url
+
+    def _commit_directory(self, url: str, step: int,
+                          files: Mapping[str, str] | Callable[[str], Mapping[str, str]],
+                          metadata: Mapping[str, Any] | None,
+                          written: Mapping[str, Mapping[str, Any]] | None,
+                          kept: set[str]) -> None:
+        """Writes (when `files` is a function) and commits the directory checkpoint `url`,
+        then deletes the other step entries but the next one that `kept` does not name."""
+        with tempfile.TemporaryDirectory(prefix="disttrain-checkpoint-") as tmp:
+            commit_checkpoint(url, files(tmp) if callable(files) else files, metadata, written)
+        for name, other in self._steps():
+            if other not in (step, step + 1) and join(self.directory, name) not in kept:
+                remove(join(self.directory, name), recursive=True)
+
+    def _run(self, path: str, commit: Callable[[], None]) -> None:
+        """Runs `commit` now, or with `async_commit` in the background thread (then the
+        records from before it are restored if it fails, see `wait`)."""
+        if not self.async_commit:
+            commit()
+            return
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="disttrain-checkpoint-save")
+        self._in_flight = self._committer.submit(self._in_background, path, commit)
+        self._before_in_flight = (self.checkpoints, self._next_step)
 
     def finish(self, **details: Any) -> dict[str, Any]:
         """Marks this run's training as finished in the index (single-file checkpoints).
@@ -466,7 +490,7 @@ class CheckpointManager:
         `checkpoints` are the records from before that save again)."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None and in_flight.exception() is not None:
-            self.checkpoints = self._before_in_flight
+            self.checkpoints, self._next_step = self._before_in_flight
             in_flight.result()
 
     def _in_background(self, path: str, save: Callable[[], None]) -> None:

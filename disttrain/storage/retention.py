@@ -59,7 +59,7 @@ class Retention:
 
     ```python
     keep = disttrain.storage.Retention(best=3, every_epochs=10)
-    disttrain.callbacks.ModelCheckpoint("gs://b/{run_id}/m-{epoch}.keras", keep=keep)
+    disttrain.callbacks.ModelCheckpoint("gs://b/{run_id}/m-{epoch}.keras", retention=keep)
     ```
     """
 
