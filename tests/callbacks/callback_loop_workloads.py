@@ -13,14 +13,12 @@ import traceback
 
 import numpy as np
 
+from tests.support.weights import weight_lists
+
 # Per-worker validation losses of the custom loop: the chief's best epoch is 2 (index 1)
 # and it stops after epoch 4; worker 1 alone would keep epoch 3 and stop after epoch 5.
 SCRIPTED_VAL_LOSS = [[1.0, 0.8, 0.9, 0.95, 0.97, 0.99, 1.0, 1.0],
                      [1.0, 0.9, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]]
-
-
-def _weights(model) -> list:
-    return [np.asarray(w).tolist() for w in model.get_weights()]
 
 
 def _listing(directory: str) -> list[str]:
@@ -66,7 +64,7 @@ def custom_loop_per_worker_logs(directory: str, epochs: int = 8) -> dict:
 
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            weights_at_end.append(_weights(self.model))
+            weights_at_end.append(weight_lists(self.model))
 
     callback_list = keras.callbacks.CallbackList(
         [Record(), stop, checkpoint, callbacks.ReduceLROnPlateau(patience=1)], model=model)
@@ -81,7 +79,7 @@ def custom_loop_per_worker_logs(directory: str, epochs: int = 8) -> dict:
         if getattr(model, "stop_training", False):
             break
     callback_list.on_train_end()
-    restored = _weights(model)
+    restored = weight_lists(model)
     return {"epochs_run": epochs_run, "weights": restored,
             "restored_epoch": next(i for i, w in enumerate(weights_at_end) if w == restored),
             "best_epoch": stop.best_epoch, "best": checkpoint.best_checkpoint(),
@@ -209,7 +207,7 @@ def multi_metric(directory: str, epochs: int = 8) -> dict:
     history = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0,
                         callbacks=[Script(), stop]).history
     result = {"epochs_run": len(history["loss"]), "best_epoch": stop.best_epoch,
-              "best": stop.best, "weights": _weights(model)}
+              "best": stop.best, "weights": weight_lists(model)}
     try:
         model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
             Script(vector=True),

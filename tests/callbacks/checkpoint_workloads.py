@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from tests.support.weights import weights_by_path
+
 
 def _model_and_data(seed: int = 0, steps_per_execution: int = 1):
     import keras
@@ -28,10 +30,6 @@ def _model_and_data(seed: int = 0, steps_per_execution: int = 1):
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     val = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(32)
     return model, train, val
-
-
-def _weights(model) -> dict:
-    return {v.path: np.asarray(v.numpy()).tolist() for v in model.weights}
 
 
 def checkpoint_job(
@@ -93,7 +91,7 @@ def checkpoint_job(
         "error": None,
         "epochs_run": len(history.history["loss"]),
         "history": history.history,
-        "weights": _weights(model),
+        "weights": weights_by_path(model),
         "checkpoints": checkpoint.checkpoints,
         "best": checkpoint.best_checkpoint(),
         "manifest_url": checkpoint.manifest_url,
@@ -145,7 +143,7 @@ def resume_job(result_dir: str, backup_dir: str, epochs: int = 5,
         stack.append(callbacks.CSVLogger(csv_path, append=True))
     history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=stack)
     result = {"attempt": attempt, "epochs_run": len(history.history.get("loss", [])),
-              "weights": _weights(model), "best_epoch": stopper.best_epoch}
+              "weights": weights_by_path(model), "best_epoch": stopper.best_epoch}
     with open(os.path.join(result_dir, f"{rank}-{attempt}.json"), "w") as f:
         json.dump(result, f)
     return result

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from tests.callbacks import callback_loop_workloads
+from tests.support.weights import trainable_weight_lists
 
 GLOBAL_BATCH = 16
 NOBODY = 65534
@@ -88,10 +89,6 @@ def _unprivileged_unless_chief():
             os.setgroups(groups)
 
 
-def _weights(model) -> list:
-    return [np.asarray(v.numpy()).tolist() for v in model.trainable_weights]
-
-
 def reduce_lr() -> dict:
     """Worker 1 alone sees a steadily improving val_loss; the chief's LR must win."""
     import keras
@@ -119,7 +116,7 @@ def reduce_lr() -> dict:
         on_epoch_begin=lambda epoch, logs: epoch and record(), on_train_end=record))
     train, val = _datasets()
     model.fit(train, validation_data=val, epochs=3, callbacks=callbacks, verbose=0)
-    return {"rates": rates, "weights": _weights(model)}
+    return {"rates": rates, "weights": trainable_weight_lists(model)}
 
 
 def csv_logger(workdir: str) -> dict:

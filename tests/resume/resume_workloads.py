@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.support.weights import weight_lists
+
 SAMPLES = 192
 GLOBAL_BATCH = 24  # divisible by 2 and 3: every worker count splits a batch evenly
 EPOCHS = 3
@@ -66,10 +68,6 @@ def _fresh():
              .map(lambda a, b: (a + 0.05 * tf.random.uniform((6,), seed=5), b))
              .batch(GLOBAL_BATCH))
     return model, train, seen
-
-
-def _weights(model) -> list:
-    return [np.asarray(v.numpy()).tolist() for v in model.weights]
 
 
 def _counts(seen) -> list:
@@ -131,7 +129,7 @@ def _fit(backup_dir: str | None, interrupt_at: list | tuple | None = None,
         history = model.fit(train, epochs=EPOCHS, verbose=0, callbacks=stack)
     except (Interrupt, Preempted) as e:
         return {"interrupted": type(e).__name__, "counts": state["counts"]}
-    return {"interrupted": None, "weights": _weights(model), "best_epoch": stopper.best_epoch,
+    return {"interrupted": None, "weights": weight_lists(model), "best_epoch": stopper.best_epoch,
             "epochs_run": len(history.history.get("loss", [])), "epoch_counts": epoch_counts}
 
 

@@ -44,7 +44,7 @@ def _launch(*args: str, timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def _weights(path: Path) -> list:
+def _read_weights(path: Path) -> list:
     return json.loads(path.read_text())
 
 
@@ -94,7 +94,7 @@ def test_launch_local_resumes_the_2_worker_backup_on_3_workers(restarted):
     assert resumed.returncode == 0, resumed.stderr
     assert NOTICE in resumed.stderr
     assert "[w0] BackupAndRestore: resuming at epoch 3, batch 5 from backup-" in resumed.stdout
-    _assert_weights_close(_weights(tmp / "weights.json"), _weights(tmp / "reference.json"),
+    _assert_weights_close(_read_weights(tmp / "weights.json"), _read_weights(tmp / "reference.json"),
                           atol=1e-5)
 
 
@@ -141,5 +141,5 @@ def test_k8s_job_regenerated_with_3_workers_resumes_the_2_pod_backup(restarted, 
     assert codes == [0, 0, 0], output
     assert NOTICE in output
     assert "resuming at epoch 2, batch 5 from backup-" in output and "(run resume-k8s)" in output
-    _assert_weights_close(_weights(tmp_path / "weights.json"),
-                          _weights(restarted[0] / "reference.json"), atol=1e-5)
+    _assert_weights_close(_read_weights(tmp_path / "weights.json"),
+                          _read_weights(restarted[0] / "reference.json"), atol=1e-5)

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from tests.resume import resume_workloads as rw  # noqa: E402
+from tests.support.weights import weight_lists  # noqa: E402
 
 
 def _sigterm_point(text: str) -> tuple[str | None, int, int, int]:
@@ -70,7 +71,7 @@ def _fit(backup_dir: str | None, sigterms: list[tuple[str | None, int, int, int]
     stack = [] if backup_dir is None else [
         callbacks.BackupAndRestore(backup_dir, save_freq=1, verbose=1)]
     model.fit(train, epochs=rw.EPOCHS, verbose=0, callbacks=[*stack, SigtermSelf()])
-    return rw._weights(model)
+    return weight_lists(model)
 
 
 def main() -> None:
