@@ -10,7 +10,7 @@ Both run under `python -m launch.local` as `disttrain.testing.function_command`s
   `DISTTRAIN_FAULT_STEP`; it records every finished epoch and its final weights
   under `result_dir`, so a test can compare a restarted job with an
   uninterrupted one. `run_fault_job` runs it under the launcher and collects
-  what it left (benchmarks/faults.py and tests/test_fault_injection.py).
+  what it left (benchmarks/faults.py and tests/launch/test_fault_injection.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the example manifests in k8s/ (tests/test_k8s.py checks they are in sync).
+# Regenerates the example manifests in k8s/ (tests/launch/k8s/test_k8s.py checks they are in sync).
 # Usage, from the repository root: bash k8s/generate.sh [OUTPUT_DIR]   (default: k8s)
 # Set IMAGE and BUCKET to write manifests for your own image and bucket.
 #

@@ -9,28 +9,28 @@ RENAME_CALLS = ("rewriteTo", "copyTo", "moveTo", "compose")
 
 
 CONTAINER_IMAGE = "localhost/disttrain:test-cpu"
-OLDER_PAIR_TEST = "tests/test_versions.py::test_an_older_pair_passes_on_real_clusters"
+OLDER_PAIR_TEST = "tests/keras_compat/test_versions.py::test_an_older_pair_passes_on_real_clusters"
 _IMAGE = pytest.StashKey()
 _OLDER_PAIR = pytest.StashKey()
 
 
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected what will not run
 def pytest_collection_modifyitems(config, items):
-    """Starts the set-up that waits on the network in the background now (tests/background.py)
+    """Starts the set-up that waits on the network in the background now (tests/support/background.py)
     and runs the container tests last, so the image build overlaps the CPU-bound tests."""
     if config.option.collectonly:
         return
-    from tests.background import Background
+    from tests.support.background import Background
 
     container = [item for item in items if item.get_closest_marker("container")]
     if container:
         items[:] = [item for item in items if item not in container] + container
-        from tests import podman
+        from tests.support import podman
 
         config.stash[_IMAGE] = Background(lambda: podman.prepare("cpu", CONTAINER_IMAGE))
     if any(item.nodeid == OLDER_PAIR_TEST for item in items):
-        from tests import matrix
-        from tests.test_versions import OLDER_PAIR
+        from tests.support import matrix
+        from tests.keras_compat.test_versions import OLDER_PAIR
 
         pair = next(p for p in matrix.PAIRS if p.name == OLDER_PAIR)
         config.stash[_OLDER_PAIR] = Background(lambda: matrix.install(matrix.VENVS, pair))
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def container_image(request):
-    """`tests.podman.Prepared`: the image built in the background since collection."""
+    """`tests.support.podman.Prepared`: the image built in the background since collection."""
     prepared = request.config.stash[_IMAGE].result(timeout=1800)
     if prepared.skip_reason:
         pytest.skip(prepared.skip_reason)
@@ -47,14 +47,14 @@ def container_image(request):
 
 @pytest.fixture(scope="session")
 def older_pair_venv(request):
-    """The older pair's venv (tests.matrix), installed in the background since collection."""
+    """The older pair's venv (tests.support.matrix), installed in the background since collection."""
     return request.config.stash[_OLDER_PAIR].result(timeout=900)
 
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
-    """One real GCS emulator server for the session (see tests/gcs_emulator.py)."""
-    from tests.gcs_emulator import running_emulator
+    """One real GCS emulator server for the session (see tests/support/gcs_emulator.py)."""
+    from tests.support.gcs_emulator import running_emulator
 
     log_path = str(tmp_path_factory.mktemp("gcs") / "emulator.log")
     with running_emulator("disttrain-test", log_path) as server:
@@ -71,22 +71,3 @@ def gcs(gcs_server, monkeypatch):
     yield gcs_server
     calls = [r for r in gcs_server.requests_since(offset) if any(c in r for c in RENAME_CALLS)]
     assert calls == [], f"gs:// writes must be single uploads, never copies/moves: {calls}"
-
-
-@pytest.fixture(scope="session")
-def callbacks_cluster(tmp_path_factory):
-    """One 2-worker cluster running every scenario of tests/shared_cluster_workloads.py,
-    shared by the multi-worker tests of ReduceLROnPlateau, CSVLogger, TensorBoard,
-    TerminateOnNaN and of callbacks beyond fit (tests/test_callbacks_beyond_fit.py)."""
-    from disttrain.testing import run_cluster
-    from tests import shared_cluster_workloads
-
-    workdir = tmp_path_factory.mktemp("misc-callbacks")
-    for name in ("csv", "tb_off", "tb_scratch"):
-        os.makedirs(workdir / name)
-        os.chmod(workdir / name, 0o755)
-    (workdir / "blocker").write_text("a file where the CSV directory should be")
-    run = run_cluster(shared_cluster_workloads.misc_callbacks, 2,
-                      kwargs={"workdir": str(workdir)}, timeout=360).assert_ok()
-    assert [r["rank"] for r in run.results] == [0, 1]
-    return workdir, run.results

@@ -11,7 +11,7 @@ import pytest
 
 from disttrain.testing import worker_env
 from launch import noise
-from tests.processes import REPO_ROOT
+from tests.support import REPO_ROOT
 
 
 def _run(args, cwd, timeout=300, env=None):

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from tests.processes import REPO_ROOT
+from tests.support import REPO_ROOT
 
 NEEDS_TENSORFLOW = {"disttrain._tf", "disttrain.keras_compat",
                     "disttrain.keras_compat.detection", "disttrain.resume.input_state",

@@ -12,7 +12,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.processes import REPO_ROOT
+from tests.support import REPO_ROOT
 
 PACKAGES = ("disttrain", "launch")
 LAYERS: tuple[tuple[str, ...], ...] = (

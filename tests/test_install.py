@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
+
 PACKAGE_FILES = ("pyproject.toml", "README.md", "disttrain", "launch")
 EXTRAS_ONLY = {"tensorflow", "tensorflow-cpu", "keras", "gcsfs", "protobuf", "numpy"}
 

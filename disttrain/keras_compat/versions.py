@@ -2,7 +2,7 @@
 
 `check()` runs in `keras_compat.apply()`, so `disttrain.strategy()` refuses an
 untested pair before any training, naming both versions, the range and the fix.
-The range is what `python -m tests.matrix` runs on real clusters (its table is
+The range is what `python -m tests.support.matrix` runs on real clusters (its table is
 in README); see `docs/keras_compat.md#supported-versions`.
 
 Example:

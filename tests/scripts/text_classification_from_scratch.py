@@ -19,7 +19,7 @@ for these changes:
   so is the last section ("Make an end-to-end model"), which evaluates `raw_test_ds` again:
   on 2 workers that second use of the seeded dataset got a different order on each worker
   in about one run of two, and the input check refused it. The persistent epoch iterator no
-  longer advances a reused dataset's seed (tests/test_reused_dataset.py), but with that fix
+  longer advances a reused dataset's seed (tests/keras_compat/test_reused_dataset.py), but with that fix
   this section still failed once (2026-12-02): `test_ds` is `raw_test_ds.map(...).cache()`,
   and the second use's drift there is not explained yet.
 """

@@ -1,0 +1,155 @@
+"""Workers whose unsharded inputs start differently fail before training, on every worker."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from disttrain.testing import run_cluster
+from tests.keras_compat import input_check_workloads
+
+CLUSTER_TIMEOUT = 180
+FAILS_WITHIN_S = 90
+"""Start-up (a few seconds alone, tens on 2 shared cores) plus one batch and one exchange."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("call", ["fit", "validation", "evaluate", "predict"])
+def test_an_unseeded_shuffle_fails_on_every_worker_before_any_step(call):
+    """An unseeded `shuffle` before batching (AUTO sharding falls back to DATA): every
+    worker raises InputMismatchError naming the argument and the fix, exits nonzero,
+    and no training step ran (for `validation`, not even the training input's)."""
+    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "unseeded", "call": call},
+                      timeout=CLUSTER_TIMEOUT)
+    argument = "validation_data" if call == "validation" else "x"
+    for worker in run.workers:
+        assert worker.returncode not in (0, None), run.report()
+        assert "InputMismatchError" in worker.stderr, run.report()
+        assert f"'{argument}' differs between workers" in worker.stderr, run.report()
+        assert "seed=" in worker.stderr and "DISTTRAIN_INPUT_CHECK=0" in worker.stderr
+        assert input_check_workloads.STEP_MARK not in worker.stdout, run.report()
+        assert worker.seconds < FAILS_WITHIN_S, run.report()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_seeded_shuffle_passes_and_trains():
+    """The same shuffle with a seed: fit, validation, evaluate and predict all run,
+    every worker logs the same numbers, and the loss goes down."""
+    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "seeded", "call": "all"},
+                      timeout=CLUSTER_TIMEOUT).assert_ok()
+    first, second = run.results
+    for key in ("fit", "validation", "evaluate", "predict"):
+        np.testing.assert_equal(first[key], second[key])
+    assert first["fit"]["loss"][-1] < first["fit"]["loss"][0]
+    assert first["steps"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_opt_out_lets_an_unseeded_input_through():
+    """`DISTTRAIN_INPUT_CHECK=0`: the unseeded input trains (the check is off, the
+    numbers are the user's risk)."""
+    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "unseeded", "call": "fit"},
+                      env={"DISTTRAIN_INPUT_CHECK": "0"}, timeout=CLUSTER_TIMEOUT).assert_ok()
+    assert all(r["steps"] > 0 for r in run.results)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("skipped", ["input_check", "preflight"])
+def test_each_check_is_skipped_alone(skipped):
+    """`keras_compat.apply(skip=(...,))` leaves out that check only: with the input
+    check skipped the unseeded input trains and the preflight still warns about a batch
+    of 3 on 2 replicas (it ran only from the input check's hook before, so it was
+    silently skipped too); with the preflight skipped it does not warn and the input
+    check still refuses the unseeded input on every worker."""
+    run = run_cluster(input_check_workloads.run, 2,
+                      kwargs={"kind": "unseeded", "call": "checks", "skip": [skipped]},
+                      timeout=CLUSTER_TIMEOUT).assert_ok()
+    chief, other = (r["checks"] for r in run.results)
+    assert other["preflight"] == []
+    if skipped == "input_check":
+        [warning] = chief["preflight"]
+        assert "not divisible by the 2 replicas" in warning
+        assert chief["input_mismatch"] is None and other["input_mismatch"] is None
+    else:
+        assert chief["preflight"] == []
+        for result in (chief, other):
+            assert "'x' differs between workers" in (result["input_mismatch"] or "")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["file", "off"])
+def test_file_sharded_and_unsharded_inputs_are_not_checked(kind):
+    """An unseeded shuffle after TensorFlow splits the input by file (AUTO on a text
+    reader), or on the worker's own shard with `AutoShardPolicy.OFF`: each worker's
+    input is meant to differ, so nothing is checked and training runs."""
+    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": kind, "call": "fit"},
+                      timeout=CLUSTER_TIMEOUT).assert_ok()
+    assert all(r["steps"] > 0 for r in run.results)
+
+
+def test_which_inputs_tensorflow_shards_by_element(tmp_path):
+    """AUTO on in-memory slices and DATA are checked; AUTO over file readers (alone or
+    inside interleave), FILE, OFF and non-datasets are not."""
+    import tensorflow as tf
+
+    from disttrain.keras_compat.input_check import _shards_by_element
+
+    path = os.fspath(tmp_path / "part.txt")
+    with open(path, "w") as f:
+        f.write("1\n2\n")
+
+    def with_policy(dataset, policy):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = policy
+        return dataset.with_options(options)
+
+    policy = tf.data.experimental.AutoShardPolicy
+    slices = tf.data.Dataset.from_tensor_slices(np.arange(8)).shuffle(8).batch(2)
+    cases = {
+        "slices": (slices, True),
+        "data_over_files": (with_policy(tf.data.TextLineDataset([path]), policy.DATA), True),
+        "text_lines": (tf.data.TextLineDataset([path]).batch(2), False),
+        "interleaved_records": (tf.data.Dataset.from_tensor_slices([path]).interleave(
+            tf.data.TFRecordDataset).batch(2), False),
+        "file": (with_policy(slices, policy.FILE), False),
+        "off": (with_policy(slices, policy.OFF), False),
+        "numpy": (np.arange(8), False),
+    }
+    assert {k: _shards_by_element(d) for k, (d, _) in cases.items()} == {
+        k: expected for k, (_, expected) in cases.items()}
+
+
+def test_the_fingerprint_sees_order_and_length_not_the_iterator_in_use():
+    """A seeded pipeline gives the same fingerprint in two fresh copies; an unseeded
+    one differs between draws; the length counts; a training iterator in progress is
+    not advanced by fingerprinting."""
+    import tensorflow as tf
+
+    from disttrain.keras_compat.input_check import fingerprint
+
+    def pairs(n=16):
+        return tf.data.Dataset.from_tensor_slices((np.arange(n), np.arange(n) % 3))
+
+    assert (fingerprint(pairs().shuffle(16, seed=3).batch(4))
+            == fingerprint(pairs().shuffle(16, seed=3).batch(4)))
+    unseeded = pairs().shuffle(16).batch(4)
+    assert fingerprint(unseeded) != fingerprint(unseeded)
+    assert fingerprint(pairs(16).batch(4))["batches"] == 4
+    assert fingerprint(pairs(12).batch(4)) != fingerprint(pairs(16).batch(4))
+    assert fingerprint(pairs().batch(4).take(0)) == {"batches": 0, "inputs": None,
+                                                     "targets": None}
+    assert fingerprint(pairs().batch(4).repeat())["batches"] == -1
+    strings = tf.data.Dataset.from_tensor_slices(["a", "bc"]).batch(2)
+    assert fingerprint(strings)["targets"] is None
+    in_order = pairs().batch(4)
+    training = iter(in_order)
+    next(training)
+    fingerprint(in_order)
+    assert next(training)[0].numpy().tolist() == [4, 5, 6, 7]

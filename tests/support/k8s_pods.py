@@ -1,0 +1,76 @@
+"""What Kubernetes gives each pod of a manifest that `launch.k8s` generates, without Kubernetes.
+
+Shared by the tests that run a generated Indexed Job's pods themselves: simulated pods in
+network namespaces (tests/launch/test_entrypoint.py) and podman containers (tests/container/test_container.py).
+Each pod gets what the kubelet would derive from the manifest: the container's `env` with its
+Downward API references resolved, `JOB_COMPLETION_INDEX` and `HOSTNAME` (which the Job
+controller and the kubelet add), `$(VAR)` expansion in `command` and `args`, and the DNS names
+the headless Service publishes.
+
+Example:
+
+```
+container = pod_spec(documents)["containers"][0]
+env = kubernetes_env(container, 1, "mnist-1", "default")
+argv = pod_argv(container, env)
+```
+"""
+
+from __future__ import annotations
+
+import re
+
+from launch import entrypoint
+
+# The pod labels the Job and JobSet controllers add (they hold the owner's UID).
+CONTROLLER_LABELS = (entrypoint.JOB_UID_LABEL, entrypoint.JOBSET_UID_LABEL)
+OWNER_UID = "0b4c9d8e-3f1a-4c2b-9e7d-5a6f7b8c9d0e"
+
+
+def pod_spec(documents: list[dict]) -> dict:
+    """The pod template's spec of the workload (a Job, or the Job inside a JobSet): the last
+    of the manifest's documents."""
+    workload = documents[-1]
+    if workload["kind"] == "JobSet":
+        return workload["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    return workload["spec"]["template"]["spec"]
+
+
+def kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
+                   labels: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Kubernetes gives this container in pod `index` of an Indexed Job whose
+    pods carry `labels` (by default: each controller label with the fixed UID `OWNER_UID`).
+    Like the kubelet, a `metadata.labels['KEY']` reference to a label the pod lacks gives an
+    empty string. The image's own variables (PATH, HOME) are not included."""
+    if labels is None:
+        labels = dict.fromkeys(CONTROLLER_LABELS, OWNER_UID)
+    env = {"HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
+    for variable in container["env"]:
+        if "valueFrom" in variable:
+            path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+            if label:
+                env[variable["name"]] = labels.get(label[1], "")
+            else:
+                env[variable["name"]] = {"metadata.namespace": namespace}[path]
+        else:
+            env[variable["name"]] = variable["value"]
+    return env
+
+
+def expand(argument: str, env: dict[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion in command and args (`$$` escapes a `$`)."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                  argument)
+
+
+def pod_argv(container: dict, env: dict[str, str]) -> list[str]:
+    """The container's `command` + `args`, expanded against `env` as the kubelet does."""
+    return [expand(a, env) for a in container["command"] + container["args"]]
+
+
+def dns_names(hostname: str, subdomain: str, namespace: str) -> list[str]:
+    """The names a headless Service `subdomain` publishes for the pod `hostname`."""
+    fqdn = f"{hostname}.{subdomain}.{namespace}.svc"
+    return [fqdn, f"{fqdn}.cluster.local"]
