@@ -99,6 +99,20 @@ def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(netns, tmp_path):
     assert list(disk.iterdir()) == []
 
 
+def test_a_bad_cluster_fails_the_first_item_before_tensorflow_starts():
+    """A malformed TF_CONFIG: exit 1 naming `cluster` and the bad value; bad arguments exit 2."""
+    tf_config = '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}'
+    env = worker_env({"TF_CONFIG": tf_config})
+    run = subprocess.run([PY, "-m", "disttrain.check"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == check.EXIT_FAILED, run.stdout + run.stderr
+    assert run.stderr.startswith("FAILED: cluster: ClusterConfigError: "), run.stderr
+    assert "task.index=3" in run.stderr and run.stdout == ""
+    usage = subprocess.run([PY, "-m", "disttrain.check", "--calls", "0"], cwd=REPO_ROOT,
+                           env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert usage.returncode == check.EXIT_USAGE and "--calls must be >= 1" in usage.stderr
+
+
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "disttrain.check", "gpu", *args], cwd=REPO_ROOT,
                           env=worker_env({"CUDA_VISIBLE_DEVICES": ""}), capture_output=True,

@@ -31,6 +31,7 @@ srun -n 4 python -m disttrain.check cluster --url /shared/checkpoints
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -109,7 +110,7 @@ def _check(args: argparse.Namespace) -> None:
     from disttrain import coordination
 
     coord = coordination.get()
-    say = lambda line: _say(line, chief_task=cluster.is_chief)  # noqa: E731
+    say = functools.partial(_say, chief_task=cluster.is_chief)
     say(f"strategy    {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
     say(f"run id      {run_id}")
     say(f"versions    {_item('versions', lambda: _same_versions(coord))} (every task)")
