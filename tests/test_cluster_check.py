@@ -23,7 +23,7 @@ from disttrain.testing import run_launcher, worker_env
 from launch import k8s
 from tests.k8s_pods import OWNER_UID
 from tests.processes import REPO_ROOT, can_make_read_only_views, read_only_view
-from tests.test_entrypoint import PodNetwork, _run_pods, netns  # noqa: F401 - netns: fixture
+from tests.test_entrypoint import PodNetwork, _netns_unavailable, _run_pods
 
 PY = sys.executable
 CHECK = ["-m", "disttrain.check", "--sizes", "4K", "1M", "--calls", "3"]
@@ -71,10 +71,13 @@ def test_an_unwritable_url_fails_every_task_naming_url_write(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(netns, tmp_path):
+def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(tmp_path):
     """What a pod gets from a generated Indexed Job (tests/k8s_pods.py), each in its own network
     namespace; the checkpoint path is a private tmpfs in each pod (an emptyDir, not a shared
     volume)."""
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
     disk = tmp_path / "disk"
     disk.mkdir()
     command = (f"mount -t tmpfs none {disk} && exec python {' '.join(CHECK[:-2])} --calls 2 "

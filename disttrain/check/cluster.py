@@ -31,7 +31,6 @@ srun -n 4 python -m disttrain.check cluster --url /shared/checkpoints
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -103,14 +102,17 @@ def _check(args: argparse.Namespace) -> None:
     source = cluster.source
     if source == ENV_TF_CONFIG and not os.environ.get(ENV_TF_CONFIG, "").strip():
         source = "no TF_CONFIG and no multi-task launcher"
-    _say(f"cluster     {source}: {cluster.num_workers} training task(s); this task "
-         f"{me} (rank {cluster.worker_rank}, {role}); chief {chief}", everyone=True,
-         chief_task=cluster.is_chief)
+    print(f"cluster     {source}: {cluster.num_workers} training task(s); this task "
+          f"{me} (rank {cluster.worker_rank}, {role}); chief {chief}", flush=True)
     strategy, run_id = _item("strategy", _strategy)
     from disttrain import coordination
 
     coord = coordination.get()
-    say = functools.partial(_say, chief_task=cluster.is_chief)
+
+    def say(line: str) -> None:
+        if cluster.is_chief:
+            print(line, flush=True)
+
     say(f"strategy    {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
     say(f"run id      {run_id}")
     say(f"versions    {_item('versions', lambda: _same_versions(coord))} (every task)")
@@ -122,13 +124,7 @@ def _check(args: argparse.Namespace) -> None:
         say(f"url         {_probe_url(coord, args.url)}")
     else:
         say("url         not probed (give --url)")
-    _say(f"OK: {len(ITEMS) if args.url else len(ITEMS) - 3} items passed", everyone=True,
-         chief_task=cluster.is_chief)
-
-
-def _say(line: str, everyone: bool = False, chief_task: bool = True) -> None:
-    if everyone or chief_task:
-        print(line, flush=True)
+    print(f"OK: {len(ITEMS) if args.url else len(ITEMS) - 3} items passed", flush=True)
 
 
 def _strategy() -> tuple[Any, str]:
