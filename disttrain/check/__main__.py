@@ -26,8 +26,8 @@ SUBCOMMANDS = {
     "parity": ("disttrain.check.parity",
                "a few steps in one process and on 2 workers, weights compared"),
     "gpu": ("disttrain.check.gpu",
-            "on a machine with 2+ GPUs: replica count, NCCL all-reduce bandwidth, 2-GPU fit "
-            "parity"),
+            "on a machine with 2+ GPUs: replica count, NCCL all-reduce bandwidth, fit over the "
+            "GPUs against one device"),
 }
 
 
