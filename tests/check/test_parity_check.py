@@ -69,10 +69,11 @@ def test_compare_measures_differences_against_the_movement():
 
 
 def test_the_dispatcher_lists_its_subcommands():
-    run = subprocess.run([sys.executable, "-m", "disttrain.check"], cwd=REPO_ROOT,
+    run = subprocess.run([sys.executable, "-m", "disttrain.check", "nosuch"], cwd=REPO_ROOT,
                          env=worker_env(), capture_output=True, text=True, timeout=60,
                          check=False)
-    assert run.returncode == 2 and "parity" in run.stderr
+    assert run.returncode == 2
+    assert all(f"  {name} " in run.stderr for name in ("cluster", "parity", "gpu"))
 
 
 def test_a_script_that_never_fits_is_a_failure_that_says_why():

@@ -72,6 +72,8 @@ def jobs(slurm, tmp_path_factory) -> dict[str, tuple[str, Path, str]]:
     - steps: two 2-task steps at once, the first on the ports Slurm reserved for it, the
       second (`--resv-ports=0`) on ports derived from the job and step ids; each task runs
       tests/launch/workers/engine_train.py into `srun0/` or `srun1/`.
+    - check: `python -m disttrain.check` (the cluster check) as a 2-task step, its URL probe
+      in `ckpt/`.
     - requeue: tests/launch/workers/resume_train.py with a backup every batch; in the first
       run task 1 gets SIGTERM mid-epoch (every task saves a backup and exits 75) and the
       batch script requeues the job; the second run resumes.
@@ -96,9 +98,15 @@ def jobs(slurm, tmp_path_factory) -> dict[str, tuple[str, Path, str]]:
         "echo \"attempt $DISTTRAIN_ATTEMPT: srun exited $code\"\n"
         "if [ $code -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; sleep 60; fi\n"
         "exit $code\n")
+    check = tmp_path_factory.mktemp("check")
+    (check / "job.sh").write_text(
+        "#!/bin/sh\n"
+        f"srun -o {check}/%t.out {PY} -m disttrain.check --sizes 4K 1M --calls 3"
+        f" --url {check}/ckpt\n")
     ids = {"steps": (_submit(slurm, steps / "job.sh", "-n", "4"), steps),
            "requeue": (_submit(slurm, requeue / "job.sh", "--requeue", "-n", "2",
-                               "--open-mode=append"), requeue)}
+                               "--open-mode=append"), requeue),
+           "check": (_submit(slurm, check / "job.sh", "-n", "2"), check)}
     return {name: (job, d, _wait_job(slurm, job, 300)) for name, (job, d) in ids.items()}
 
 
@@ -130,6 +138,24 @@ def test_srun_steps_train_one_cluster_each(jobs):
     step = int(_tasks(out[1])[0]["run_id"].rsplit(".", 1)[1])
     assert ports[1] == derived_ports(int(job), step, 2), ports
     assert state == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_cluster_check_passes_as_a_step(jobs):
+    """`srun -n 2 python -m disttrain.check`: both tasks report the Slurm-derived cluster and
+    pass every item, the chief's report has the step's run id, an all-reduce table and the
+    URL probe, which left nothing behind."""
+    job, directory, state = jobs["check"]
+    outputs = [(directory / f"{task}.out").read_text() for task in (0, 1)]
+    assert state == "COMPLETED", "\n---\n".join(outputs)
+    for rank, output in enumerate(outputs):
+        assert (f"cluster     Slurm step {job}.0: 2 training task(s); this task w{rank} "
+                f"(rank {rank}") in output, output
+        assert "OK: 7 items passed" in output, output
+    assert f"run id      slurm-{job}.0\n" in outputs[0]
+    assert "                 1 MiB" in outputs[0]
+    assert "all 2 task(s) read it back, the chief removed it" in outputs[0]
+    assert sorted(p.name for p in directory.iterdir()) == ["0.out", "1.out", "job.out", "job.sh"]
 
 
 @pytest.mark.slow
