@@ -22,7 +22,8 @@ from disttrain.check import cluster as check, gpu
 from disttrain.testing import run_launcher, worker_env
 from launch import k8s
 from tests.support.k8s_pods import OWNER_UID
-from tests.support.processes import REPO_ROOT, can_make_read_only_views, read_only_view
+from tests.support import REPO_ROOT
+from tests.support.processes import can_make_read_only_views, read_only_view
 from tests.launch.test_entrypoint import PodNetwork, _netns_unavailable, _run_pods
 
 PY = sys.executable
