@@ -198,9 +198,8 @@ evaluator (--evaluator): one more pod, outside the training group, with the same
 TRAINJOB_NOTE = f"""\
 trainjob (Kubeflow Trainer v2): a TrainingRuntime and a TrainJob, both named --name. Trainer
   v2 creates a JobSet named after the TrainJob from the runtime's JobSet spec; its trainer
-  step ('{TRAINER_NODE}') runs the TrainJob's numNodes pods, named
-  <name>-{TRAINER_NODE}-0-<i>.<name> as in the jobset format, and the entrypoint derives
-  TF_CONFIG from them. Restarts, the exit-code-2 rule and the evaluator are the jobset
+  step ('{TRAINER_NODE}') runs the TrainJob's numNodes pods, <name>-{TRAINER_NODE}-0-<i>.<name>
+  as in the jobset format, and the entrypoint derives TF_CONFIG from them. Restarts, the exit-code-2 rule and the evaluator are the jobset
   format's. The TrainJob's trainer sets only numNodes: the command, image and environment are
   in the runtime. Change --workers and regenerate rather than editing numNodes (the pods'
   DISTTRAIN_NUM_WORKERS would disagree: extra pods exit 2, missing ones time out), and give

@@ -439,6 +439,7 @@ def test_help_and_readme_document_run_ids_and_the_tfjob_restart_policy():
     out = subprocess.run([sys.executable, "-m", "launch.k8s", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
+    assert "trainjob (Kubeflow Trainer v2)" in out.stdout
     readme = (REPO_ROOT / "k8s" / "README.md").read_text()
     for text in (out.stdout, " ".join(readme.split())):
         for label in ("batch.kubernetes.io/controller-uid", "jobset.sigs.k8s.io/jobset-uid"):
