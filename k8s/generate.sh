@@ -15,7 +15,7 @@ image="${IMAGE:-disttrain:0.1.0}"
 bucket="${BUCKET:-your-bucket}"
 tfjob_run_id="${TFJOB_RUN_ID:-disttrain-demo-1}"
 
-for format in job jobset tfjob; do
+for format in job jobset tfjob trainjob; do
   run_id=()
   if [ "$format" = tfjob ]; then
     run_id=(--run-id "$tfjob_run_id")

@@ -6,7 +6,8 @@ What it does, in order:
    validated with `disttrain.cluster.Cluster` and used as is. Otherwise it is built from what an
    Indexed Job pod has: `JOB_COMPLETION_INDEX` (set by Kubernetes) plus `DISTTRAIN_JOB_NAME`,
    `DISTTRAIN_SERVICE`, `DISTTRAIN_NUM_WORKERS`, `DISTTRAIN_PORT` and optionally
-   `DISTTRAIN_NAMESPACE` (set by the manifests `launch.k8s` writes). Pod `i` is addressed as
+   `DISTTRAIN_NAMESPACE` (set by the manifests `launch.k8s` writes; also the pods of a JobSet,
+   and of the JobSet Kubeflow Trainer v2 makes of a TrainJob). Pod `i` is addressed as
    `<job>-<i>.<service>[.<namespace>.svc]:<port>`. The evaluator's pod (`launch.k8s
    --evaluator`) has `DISTTRAIN_TASK_TYPE=evaluator` and the same variables: it becomes the
    evaluator task of that cluster, and waits for nobody.

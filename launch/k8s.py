@@ -25,6 +25,12 @@ Formats:
 - `tfjob` (`kubeflow.org/v1`, Kubeflow Training Operator v1): the operator sets TF_CONFIG itself;
   the entrypoint then uses it as is. Its workers use `restartPolicy: OnFailure`, not
   `ExitCode`: see `TFJOB_RESTART_POLICY_NOTE`.
+- `trainjob` (`trainer.kubeflow.org/v1alpha1`, Kubeflow Trainer v2, which has no TFJob): a
+  TrainingRuntime holding the `jobset` format's JobSet spec (its worker replicated job and
+  container named `node` and labelled as the TrainJob's trainer step, as Trainer v2 requires),
+  and a TrainJob of the same name referring to it with `numNodes` = `--workers`. Trainer v2
+  makes the JobSet, named after the TrainJob; the pods derive TF_CONFIG as in a JobSet (see
+  `TRAINJOB_NOTE`).
 
 `--evaluator` adds an evaluator task, one pod outside the training group that runs the same
 command (the program tells it apart by TF_CONFIG, e.g. with `disttrain.SidecarEvaluator`):
@@ -82,13 +88,21 @@ from disttrain.errors import (
 from launch import entrypoint
 from launch.cli import split_command
 
-FORMATS = ("job", "jobset", "tfjob")
+FORMATS = ("job", "jobset", "tfjob", "trainjob")
 ENV_CHECKPOINT_URL = "DISTTRAIN_CHECKPOINT_URL"
 ENV_GOOGLE_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
 GCP_KEY_DIR = "/var/secrets/google"
 GCP_KEY_FILE = "key.json"
 GPU_RESOURCE = "nvidia.com/gpu"
 REPLICATED_JOB = "worker"
+# Kubeflow Trainer v2 (pkg/constants, v2.3.0): a runtime's replicated job labelled with
+# TRAINER_STEP_LABEL is the TrainJob's trainer step: its Job runs numNodes pods and its
+# container named TRAINER_NODE gets the TrainJob's trainer fields; the validating webhook
+# rejects a trainer step without that container or with replicas other than 1.
+TRAINER_API_GROUP = "trainer.kubeflow.org"
+TRAINER_API = f"{TRAINER_API_GROUP}/v1alpha1"
+TRAINER_NODE = "node"
+TRAINER_STEP_LABEL = {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
 EVALUATOR = "evaluator"
 # The evaluator's Job retries its pod in place (restartPolicy OnFailure) and never fails: a
 # failed Job would restart (JobSet) or outlive nothing of the training, and no evaluator
@@ -105,7 +119,8 @@ SCRATCH_VOLUMES = (("tmp", "/tmp"), ("home", HOME))
 DEFAULT_TERMINATION_GRACE = 120
 # Pod label holding the UID of the object that owns one job instance, per format; the pods
 # read DISTTRAIN_RUN_ID from it through the Downward API. TFJob pods have no such label.
-RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UID_LABEL}
+RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UID_LABEL,
+                 "trainjob": entrypoint.JOBSET_UID_LABEL}
 RUN_ID_LABEL = "disttrain/run-id"
 
 RUN_ID_NOTE = f"""\
@@ -119,6 +134,8 @@ run id (DISTTRAIN_RUN_ID: the name of the run's checkpoints, backups and logs):
     jobset  the JobSet's UID, from the pod label {entrypoint.JOBSET_UID_LABEL}
             (set by JobSet v0.9.0 or newer; the Jobs of a JobSet are recreated on every
             restart of the group, so their own UIDs would not do);
+    trainjob the UID of the JobSet that Trainer v2 creates once for each TrainJob, from the
+            same label (Trainer v2.3 installs JobSet v0.12.0);
     tfjob   TFJob pods carry no label with the TFJob's UID (training-operator v1 sets only
             training.kubeflow.org/job-name, replica-type, replica-index, job-role and
             operator-name), so a fresh id is written into the manifest when it is generated:
@@ -168,12 +185,26 @@ evaluator (--evaluator): one more pod, outside the training group, with the same
     jobset  a second replicated job, {EVALUATOR}, likewise; the JobSet succeeds when both
             the workers and the evaluator have (the evaluator ends once training has
             finished), so it is not deleted before it evaluated the last checkpoint.
+    trainjob as for jobset, in the TrainingRuntime's JobSet spec (not a trainer step, so
+            numNodes does not apply to it).
     tfjob   an Evaluator replica. The operator marks the TFJob succeeded when the chief
             finishes and cleanPodPolicy Running would then delete the evaluator before it
             evaluated the last checkpoint (kubeflow/trainer issue 1658), so the policy is
             None. Its container restarts count against runPolicy.backoffLimit like the
             workers' (the operator counts every replica's), so an evaluator that keeps
             crashing can end a TFJob: the one format where that holds."""
+
+
+TRAINJOB_NOTE = f"""\
+trainjob (Kubeflow Trainer v2): a TrainingRuntime and a TrainJob, both named --name. Trainer
+  v2 creates a JobSet named after the TrainJob from the runtime's JobSet spec; its trainer
+  step ('{TRAINER_NODE}') runs the TrainJob's numNodes pods, <name>-{TRAINER_NODE}-0-<i>.<name>
+  as in the jobset format, and the entrypoint derives TF_CONFIG from them. Restarts, the exit-code-2 rule and the evaluator are the jobset
+  format's. The TrainJob's trainer sets only numNodes: the command, image and environment are
+  in the runtime. Change --workers and regenerate rather than editing numNodes (the pods'
+  DISTTRAIN_NUM_WORKERS would disagree: extra pods exit 2, missing ones time out), and give
+  the TrainJob no trainer.command (it would replace the entrypoint). The runtime serves only a
+  TrainJob of its own name (another one's pods exit 2 naming the mismatch)."""
 
 
 class ManifestConfigError(DisttrainError, ValueError):
@@ -228,9 +259,17 @@ class JobConfig:
         return {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}
 
     @property
+    def replicated_job(self) -> str:
+        """Name of the workers' replicated job (jobset, trainjob) and of their container."""
+        return TRAINER_NODE if self.format == "trainjob" else REPLICATED_JOB
+
+    @property
     def job_name(self) -> str:
-        """Name of the Indexed Job whose pods run the workers (also for a JobSet)."""
-        return f"{self.name}-{REPLICATED_JOB}-0" if self.format == "jobset" else self.name
+        """Name of the Indexed Job whose pods run the workers (also inside a JobSet: JobSet
+        names it <jobset>-<replicated job>-<job index>, Trainer v2 the JobSet <trainjob>)."""
+        if self.format in ("jobset", "trainjob"):
+            return f"{self.name}-{self.replicated_job}-0"
+        return self.name
 
     def hostname(self, index: int) -> str:
         """Hostname of worker `index`'s pod."""
@@ -243,7 +282,7 @@ class JobConfig:
         """Hostname of the evaluator's pod (the evaluator's Job is Indexed, one pod)."""
         if self.format == "tfjob":
             return f"{self.name}-{EVALUATOR}-0"
-        if self.format == "jobset":
+        if self.format in ("jobset", "trainjob"):
             return f"{self.name}-{EVALUATOR}-0-0"
         return f"{self.name}-{EVALUATOR}-0"
 
@@ -408,7 +447,7 @@ def _container(config: JobConfig, evaluator: bool = False) -> dict[str, Any]:
     container: dict[str, Any] = {
         # The Training Operator looks for a container named "tensorflow" and a port named
         # "tfjob-port" to build TF_CONFIG.
-        "name": "tensorflow" if tfjob else "worker",
+        "name": "tensorflow" if tfjob else config.replicated_job,
         "image": config.image,
         "command": ["python", "-m", "launch.entrypoint",
                     "--peer-timeout", str(config.peer_timeout), "--"],
@@ -479,10 +518,10 @@ def _indexed_job_spec(config: JobConfig, backoff_limit: int,
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {"rules": [
             {"action": "FailJob",
-             "onExitCodes": {"containerName": "worker", "operator": "In",
+             "onExitCodes": {"containerName": config.replicated_job, "operator": "In",
                              "values": [EXIT_CONFIG_ERROR]}},
             {"action": "Ignore",
-             "onExitCodes": {"containerName": "worker", "operator": "In",
+             "onExitCodes": {"containerName": config.replicated_job, "operator": "In",
                              "values": [PREEMPTED_EXIT_CODE]}},
             {"action": "Ignore",
              "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -542,35 +581,53 @@ def _evaluator_job(config: JobConfig) -> dict[str, Any]:
             "spec": _evaluator_job_spec(config)}
 
 
-def _jobset(config: JobConfig) -> dict[str, Any]:
+def _jobset_spec(config: JobConfig) -> dict[str, Any]:
+    """The spec of the JobSet (jobset), or of the JobSet template of the TrainingRuntime
+    (trainjob), whose worker replicated job is then Trainer v2's trainer step."""
     evaluator = [{
         "name": EVALUATOR,
         "replicas": 1,
         "template": {"metadata": {"labels": {**_labels(config), **EVALUATOR_LABEL}},
                      "spec": _evaluator_job_spec(config)},
     }] if config.evaluator else []
+    step = TRAINER_STEP_LABEL if config.format == "trainjob" else {}
     return {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": _metadata(config),
-        "spec": {
-            "network": {"enableDNSHostnames": True, "subdomain": config.name,
-                        "publishNotReadyAddresses": True},
-            "successPolicy": {"operator": "All", "targetReplicatedJobs": [
-                REPLICATED_JOB, *(job["name"] for job in evaluator)]},
-            "failurePolicy": {
-                "maxRestarts": config.max_restarts,
-                "rules": [{"name": "configuration-error", "action": "FailJobSet",
-                           "onJobFailureReasons": ["PodFailurePolicy"]}],
-            },
-            "replicatedJobs": [{
-                "name": REPLICATED_JOB,
-                "replicas": 1,
-                "template": {"metadata": {"labels": _labels(config)},
-                             "spec": _indexed_job_spec(config, 0, None)},
-            }, *evaluator],
+        "network": {"enableDNSHostnames": True, "subdomain": config.name,
+                    "publishNotReadyAddresses": True},
+        "successPolicy": {"operator": "All", "targetReplicatedJobs": [
+            config.replicated_job, *(job["name"] for job in evaluator)]},
+        "failurePolicy": {
+            "maxRestarts": config.max_restarts,
+            "rules": [{"name": "configuration-error", "action": "FailJobSet",
+                       "onJobFailureReasons": ["PodFailurePolicy"]}],
         },
+        "replicatedJobs": [{
+            "name": config.replicated_job,
+            "replicas": 1,
+            "template": {"metadata": {"labels": {**_labels(config), **step}},
+                         "spec": _indexed_job_spec(config, 0, None)},
+        }, *evaluator],
     }
+
+
+def _jobset(config: JobConfig) -> dict[str, Any]:
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+            "metadata": _metadata(config), "spec": _jobset_spec(config)}
+
+
+def _training_runtime(config: JobConfig) -> dict[str, Any]:
+    """Trainer v2's runtime: numNodes (no framework policy, so Trainer v2 injects no
+    environment) and the JobSet spec."""
+    return {"apiVersion": TRAINER_API, "kind": "TrainingRuntime", "metadata": _metadata(config),
+            "spec": {"mlPolicy": {"numNodes": config.workers},
+                     "template": {"spec": _jobset_spec(config)}}}
+
+
+def _trainjob(config: JobConfig) -> dict[str, Any]:
+    return {"apiVersion": TRAINER_API, "kind": "TrainJob", "metadata": _metadata(config),
+            "spec": {"runtimeRef": {"apiGroup": TRAINER_API_GROUP, "kind": "TrainingRuntime",
+                                    "name": config.name},
+                     "trainer": {"numNodes": config.workers}}}
 
 
 def _tfjob(config: JobConfig) -> dict[str, Any]:
@@ -596,13 +653,16 @@ def _tfjob(config: JobConfig) -> dict[str, Any]:
 
 def manifests(config: JobConfig) -> list[dict[str, Any]]:
     """The Kubernetes objects for `config`, validated first, in `kubectl apply` order: the
-    NetworkPolicy first, so that it exists before any pod listens."""
+    NetworkPolicy first, so that it exists before any pod listens, and a TrainJob's runtime
+    before the TrainJob (Trainer v2's webhook rejects a TrainJob whose runtime is missing)."""
     config.validate()
     if config.format == "job":
         return [_network_policy(config), _service(config), _job(config),
                 *([_evaluator_job(config)] if config.evaluator else [])]
     if config.format == "jobset":
         return [_network_policy(config), _jobset(config)]
+    if config.format == "trainjob":
+        return [_network_policy(config), _training_runtime(config), _trainjob(config)]
     return [_network_policy(config), _tfjob(config)]
 
 
@@ -675,7 +735,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m launch.k8s",
         description="Print (or write) Kubernetes manifests that run a command on N workers.",
         usage="%(prog)s --name NAME --workers N --image IMAGE [options] -- cmd [args ...]",
-        epilog=f"{RUN_ID_NOTE}\n\n{TFJOB_RESTART_POLICY_NOTE}\n\n{EVALUATOR_NOTE}",
+        epilog=f"{RUN_ID_NOTE}\n\n{TFJOB_RESTART_POLICY_NOTE}\n\n{EVALUATOR_NOTE}\n\n"
+               f"{TRAINJOB_NOTE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument

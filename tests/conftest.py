@@ -71,3 +71,13 @@ def gcs(gcs_server, monkeypatch):
     yield gcs_server
     calls = [r for r in gcs_server.requests_since(offset) if any(c in r for c in RENAME_CALLS)]
     assert calls == [], f"gs:// writes must be single uploads, never copies/moves: {calls}"
+
+
+@pytest.fixture
+def netns() -> None:
+    """Skips the test, saying why, where network namespaces cannot be made."""
+    from tests.support.pod_network import netns_unavailable
+
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)

@@ -24,7 +24,7 @@ from launch import k8s
 from tests.support.k8s_pods import OWNER_UID
 from tests.support import REPO_ROOT
 from tests.support.processes import can_make_read_only_views, read_only_view
-from tests.launch.test_entrypoint import PodNetwork, _netns_unavailable, _run_pods
+from tests.support.pod_network import PodNetwork, netns_unavailable, run_pods
 
 PY = sys.executable
 CHECK = ["-m", "disttrain.check", "--sizes", "4K", "1M", "--calls", "3"]
@@ -76,7 +76,7 @@ def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(tmp_path):
     """What a pod gets from a generated Indexed Job (tests/support/k8s_pods.py), each in its own network
     namespace; the checkpoint path is a private tmpfs in each pod (an emptyDir, not a shared
     volume)."""
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
     disk = tmp_path / "disk"
@@ -87,7 +87,7 @@ def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(tmp_path):
                            env=(("TF_CPP_MIN_LOG_LEVEL", "3"),),
                            command=("unshare", "--mount", "sh", "-c", command))
     with PodNetwork(2) as network:
-        outputs = _run_pods(network, config, order=[0, 1], delay=0, tmp_path=tmp_path,
+        outputs = run_pods(network, config, order=[0, 1], delay=0, tmp_path=tmp_path,
                             timeout=200)
         codes = [p.returncode for p in network.procs]
     assert codes == [check.EXIT_FAILED] * 2, "\n---\n".join(outputs)

@@ -14,15 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
-from typing import Any
 
 import portpicker
 import pytest
@@ -31,8 +26,9 @@ from disttrain.cluster import build_tf_config
 from disttrain.errors import ClusterConfigError
 from launch import entrypoint, k8s, tf_config
 from tests.support import REPO_ROOT, k8s_pods
+from tests.support.pod_network import (
+    SUBNET, PodNetwork, entrypoint_process, kubernetes_env_here, reap, run_pods, wait_for)
 
-SUBNET = "198.18.0"  # RFC 2544 benchmarking range, used only inside the test namespaces.
 PRINT_TF_CONFIG = "import os; print('TF_CONFIG=' + os.environ['TF_CONFIG'], flush=True)"
 
 
@@ -138,41 +134,6 @@ def test_own_port_taken_exits_2(monkeypatch, capsys):
     assert f"cannot listen on the port of 127.0.0.1:{ports[0]}" in capsys.readouterr().err
 
 
-def _entrypoint(args: list[str], env: dict[str, str], log: Path, netns: str | None = None,
-                ) -> subprocess.Popen:
-    command = [sys.executable, "-m", "launch.entrypoint", *args]
-    if netns:
-        command = ["ip", "netns", "exec", netns, *command]
-    with open(log, "w") as out:
-        return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _reap(procs: list[subprocess.Popen]) -> None:
-    """Kills each process group still running (by its leader's pid) and waits for it."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-
-
-def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    outputs = [log.read_text() for log in logs]
-    if any(p.returncode is None for p in procs):
-        _reap(procs)
-        pytest.fail("timed out:\n" + "\n---\n".join(outputs))
-    return outputs
-
-
 def _waited(output: str) -> float:
     match = re.search(r"met every peer after ([\d.]+) s", output)
     assert match, output
@@ -191,7 +152,7 @@ def test_exec_replaces_the_entrypoint_so_signals_reach_the_command(tmp_path):
                                            HOSTNAME="mnist-0")}
     program = ("import os, time; print(os.getpid(), os.environ['TF_CONFIG'], flush=True); "
                "time.sleep(60)")
-    proc = _entrypoint(["--", "python", "-c", program], env, tmp_path / "out")
+    proc = entrypoint_process(["--", "python", "-c", program], env, tmp_path / "out")
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "out").read_text().endswith("\n") and time.monotonic() < deadline:
@@ -202,7 +163,7 @@ def test_exec_replaces_the_entrypoint_so_signals_reach_the_command(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == -signal.SIGTERM
     finally:
-        _reap([proc])
+        reap([proc])
 
 
 @pytest.mark.timeout(60)
@@ -215,13 +176,13 @@ def test_given_tf_config_is_used_as_is_and_a_late_peer_is_awaited(tmp_path):
     args = ["--peer-timeout", "30", "--", "python", "-c", PRINT_TF_CONFIG]
     procs = []
     try:
-        procs.append(_entrypoint(args, _loopback_env(given[1]), logs[1]))
-        procs.append(_entrypoint(args, _loopback_env(given[2]), logs[2]))
+        procs.append(entrypoint_process(args, _loopback_env(given[1]), logs[1]))
+        procs.append(entrypoint_process(args, _loopback_env(given[2]), logs[2]))
         time.sleep(2.5)
-        procs.insert(0, _entrypoint(args, _loopback_env(given[0]), logs[0]))
-        outputs = _wait(procs, logs, timeout=40)
+        procs.insert(0, entrypoint_process(args, _loopback_env(given[0]), logs[0]))
+        outputs = wait_for(procs, logs, timeout=40)
     finally:
-        _reap(procs)
+        reap(procs)
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     for output, expected in zip(outputs, given):
         assert f"TF_CONFIG={expected}\n" in output
@@ -233,9 +194,9 @@ def test_given_tf_config_is_used_as_is_and_a_late_peer_is_awaited(tmp_path):
 def test_a_peer_that_never_listens_times_out_naming_it(tmp_path):
     ports = [portpicker.pick_unused_port() for _ in range(2)]
     config = build_tf_config(tf_config.local_addresses(ports), "worker", 0)
-    proc = _entrypoint(["--peer-timeout", "2", "--", "python", "-c", "print('ran')"],
+    proc = entrypoint_process(["--peer-timeout", "2", "--", "python", "-c", "print('ran')"],
                        _loopback_env(json.dumps(config)), tmp_path / "log")
-    (output,) = _wait([proc], [tmp_path / "log"], timeout=30)
+    (output,) = wait_for([proc], [tmp_path / "log"], timeout=30)
     assert proc.returncode == entrypoint.EXIT_PEERS_UNREACHABLE, output
     assert (f"1 task(s) not ready after 2 s: 127.0.0.1:{ports[1]}: resolves to 127.0.0.1 "
             f"but port {ports[1]} does not accept TCP") in output
@@ -251,111 +212,16 @@ def test_a_pod_of_another_cluster_on_a_peer_address_does_not_count(tmp_path):
     theirs = build_tf_config(tf_config.local_addresses([other, p1]), "worker", 1)
     args = ["--peer-timeout", "3", "--", "python", "-c", "print('ran')"]
     logs = [tmp_path / "ours.log", tmp_path / "theirs.log"]
-    procs = [_entrypoint(args, _loopback_env(json.dumps(theirs)), logs[1])]
+    procs = [entrypoint_process(args, _loopback_env(json.dumps(theirs)), logs[1])]
     try:
         time.sleep(0.5)
-        procs.insert(0, _entrypoint(args, _loopback_env(json.dumps(ours)), logs[0]))
-        outputs = _wait(procs, logs, timeout=30)
+        procs.insert(0, entrypoint_process(args, _loopback_env(json.dumps(ours)), logs[0]))
+        outputs = wait_for(procs, logs, timeout=30)
     finally:
-        _reap(procs)
+        reap(procs)
     assert [p.returncode for p in procs] == [entrypoint.EXIT_PEERS_UNREACHABLE] * 2, outputs
     assert (f"127.0.0.1:{p1}: resolves to 127.0.0.1, but the entrypoint there is "
             f"'127.0.0.1:{p1}' of another cluster") in outputs[0]
-
-
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "simulated pods need root for network namespaces"
-    if shutil.which("ip") is None:
-        return "simulated pods need `ip` (iproute2) for network namespaces"
-    probe = f"dt5-probe-{os.getpid()}"
-    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if added.returncode != 0:
-        return f"`ip netns add` does not work here: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], check=True)
-    return None
-
-
-class PodNetwork:
-    """One network namespace per pod, linked by a bridge in a namespace of its own, each with
-    its own /etc/hosts (`/etc/netns/<ns>/hosts`) and a resolver that answers nothing else."""
-
-    def __init__(self, count: int):
-        tag = f"dt5-{os.getpid()}"
-        self.switch = f"{tag}-sw"
-        self.pods = [f"{tag}-p{i}" for i in range(count)]
-        self.procs: list[subprocess.Popen] = []
-
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-    def __enter__(self) -> "PodNetwork":
-        try:
-            self._ip("netns", "add", self.switch)
-            self._ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-            self._ip("-n", self.switch, "link", "set", "br0", "up")
-            for i, pod in enumerate(self.pods):
-                self._ip("netns", "add", pod)
-                etc = Path("/etc/netns", pod)
-                etc.mkdir(parents=True, exist_ok=True)
-                (etc / "hosts").write_text("127.0.0.1 localhost\n")
-                (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n"
-                                                 "options timeout:1 attempts:1\n")
-                self._ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth",
-                         "peer", "name", "eth0", "netns", pod)
-                self._ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0", "up")
-                self._ip("-n", pod, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
-                self._ip("-n", pod, "link", "set", "eth0", "up")
-                self._ip("-n", pod, "link", "set", "lo", "up")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def publish(self, index: int, names: list[str]) -> None:
-        """Makes pod `index`'s names resolve in every pod, appending in place: the hosts files
-        are bind-mounted into running processes, so a new file would go unseen."""
-        for pod in self.pods:
-            with open(Path("/etc/netns", pod, "hosts"), "a") as hosts:
-                hosts.write(f"{SUBNET}.{index + 1} {' '.join(names)}\n")
-
-    def start(self, index: int, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.procs.append(_entrypoint(args, env, log, netns=self.pods[index]))
-
-    def __exit__(self, *exc_info: Any) -> None:
-        _reap(self.procs)
-        for ns in [*self.pods, self.switch]:
-            delete_netns(ns)
-            shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
-
-
-def delete_netns(ns: str) -> None:
-    """SIGKILLs every process in network namespace `ns`, then deletes it."""
-    listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    for pid in listed.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-@pytest.fixture
-def netns() -> None:
-    """Skips the test, saying why, where network namespaces cannot be made."""
-    reason = _netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-
-
-def _kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
-                    home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
-    """What Kubernetes gives the container (tests/support/k8s_pods.py), plus PATH (which an image
-    would set) for a process on this machine, and `home` for the manifest's HOME (an emptyDir
-    volume in the pod)."""
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels),
-            "HOME": str(home)}
 
 
 PRINT_RUN_ID = "import os; print('RUN_ID=' + os.environ['DISTTRAIN_RUN_ID'], flush=True)"
@@ -376,11 +242,11 @@ def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
 
     def pod(labels: dict[str, str], name: str) -> tuple[int, str]:
-        env = {**_kubernetes_env(container, 0, config.hostname(0), "default", tmp_path,
+        env = {**kubernetes_env_here(container, 0, config.hostname(0), "default", tmp_path,
                                  labels=labels), "PYTHONPATH": str(REPO_ROOT)}
         argv = container["command"] + container["args"]
-        proc = _entrypoint(argv[3:], env, tmp_path / name)
-        (output,) = _wait([proc], [tmp_path / name], timeout=30)
+        proc = entrypoint_process(argv[3:], env, tmp_path / name)
+        (output,) = wait_for([proc], [tmp_path / name], timeout=30)
         return proc.returncode, output
 
     runs = [pod({label: uid}, f"pod{i}") for i, uid in enumerate([first, first, second])]
@@ -392,35 +258,13 @@ def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
     assert "RUN_ID=" not in output
 
 
-def _run_pods(network: PodNetwork, config: k8s.JobConfig, order: list[int], delay: float,
-              tmp_path: Path, timeout: float, start: set[int] | None = None) -> list[str]:
-    """Starts the pods of `config`'s manifest in `order`, `delay` seconds apart, as Kubernetes
-    would (names published as each starts); returns each pod's output once all exited."""
-    namespace = config.namespace or "default"
-    container = k8s_pods.pod_spec(k8s.manifests(config))["containers"][0]
-    logs = [tmp_path / f"pod{i}.log" for i in range(config.workers)]
-    for i in order:
-        if start is not None and i not in start:
-            continue
-        hostname = config.hostname(i)
-        network.publish(i, k8s_pods.dns_names(hostname, config.name, namespace))
-        env = _kubernetes_env(container, i, hostname, namespace, tmp_path)
-        argv = k8s_pods.pod_argv(container, env)
-        assert argv[:3] == ["python", "-m", "launch.entrypoint"]
-        network.start(i, argv[3:], env, logs[i])
-        if i != order[-1]:
-            time.sleep(delay)
-    started = [logs[i] for i in order if start is None or i in start]
-    return _wait(network.procs, started, timeout)
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fmt", ["job", "jobset"])
 def test_simulated_pods_wait_for_a_late_peer_to_resolve(fmt, netns, tmp_path):
     config = k8s.JobConfig(name="demo", workers=2, image="unused", format=fmt,
                            command=("python", "-c", PRINT_TF_CONFIG), peer_timeout=30)
     with PodNetwork(2) as network:
-        outputs = _run_pods(network, config, order=[1, 0], delay=3.0, tmp_path=tmp_path,
+        outputs = run_pods(network, config, order=[1, 0], delay=3.0, tmp_path=tmp_path,
                             timeout=45)
         codes = [p.returncode for p in network.procs]
     assert codes == [0, 0], outputs
@@ -439,7 +283,7 @@ def test_simulated_pod_names_the_peer_that_never_came(netns, tmp_path):
     with PodNetwork(3) as network:
         # Pod 2 is scheduled (its name resolves) but never starts; pod 1 is never scheduled.
         network.publish(2, ["demo-2.demo.default.svc"])
-        (output,) = _run_pods(network, config, order=[0, 1, 2], delay=0, tmp_path=tmp_path,
+        (output,) = run_pods(network, config, order=[0, 1, 2], delay=0, tmp_path=tmp_path,
                               timeout=30, start={0})
         (code,) = [p.returncode for p in network.procs]
     assert code == entrypoint.EXIT_PEERS_UNREACHABLE, output
@@ -469,7 +313,7 @@ def test_simulated_pods_train_a_real_mwms_cluster_with_a_late_chief(netns, tmp_p
                            env=(("TF_CPP_MIN_LOG_LEVEL", "3"),),
                            command=("python", "-c", MWMS_PROGRAM))
     with PodNetwork(2) as network:
-        outputs = _run_pods(network, config, order=[1, 0], delay=6.0, tmp_path=tmp_path,
+        outputs = run_pods(network, config, order=[1, 0], delay=6.0, tmp_path=tmp_path,
                             timeout=200)
         codes = [p.returncode for p in network.procs]
     assert codes == [0, 0], "\n---\n".join(outputs)

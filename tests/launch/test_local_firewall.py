@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from launch.firewall import CHAIN_PREFIX
-from tests.launch.test_entrypoint import _netns_unavailable, delete_netns
+from tests.support.pod_network import delete_netns, netns_unavailable
 from tests.launch.test_launch_local import PY, launch, run, watchdog_pid, worker  # noqa: F401
 
 MACHINE, LAN = ("198.19.0.1", "fd19::1"), ("198.19.0.2", "fd19::2")
@@ -97,7 +97,7 @@ class Lan:
 
 @pytest.fixture
 def lan():
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason is None and not (shutil.which("iptables") and shutil.which("ip6tables")):
         reason = "the firewall needs iptables and ip6tables"
     if reason:

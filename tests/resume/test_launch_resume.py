@@ -24,7 +24,7 @@ import yaml
 from disttrain.errors import PREEMPTED_EXIT_CODE
 from tests.support import k8s_pods
 # The simulated pods of tests/launch/test_entrypoint.py (`netns` skips, saying why, without root).
-from tests.launch.test_entrypoint import PodNetwork, _kubernetes_env, _wait, netns  # noqa: F401
+from tests.support.pod_network import PodNetwork, kubernetes_env_here, wait_for
 from tests.support import REPO_ROOT
 
 SCRIPT = "tests/launch/workers/resume_train.py"
@@ -117,11 +117,11 @@ def _k8s_pods(tmp_path: Path, workers: int, *script_args: str) -> tuple[list[int
         for i in range(workers):
             hostname = f"resume-{i}"
             network.publish(i, k8s_pods.dns_names(hostname, "resume", "default"))
-            env = _kubernetes_env(container, i, hostname, "default", tmp_path)
+            env = kubernetes_env_here(container, i, hostname, "default", tmp_path)
             argv = k8s_pods.pod_argv(container, env)
             assert argv[:3] == ["python", "-m", "launch.entrypoint"]
             network.start(i, argv[3:], env, logs[i])
-        outputs = _wait(network.procs, logs, timeout=200)
+        outputs = wait_for(network.procs, logs, timeout=200)
         codes = [p.returncode for p in network.procs]
     return codes, "\n".join(outputs)
 

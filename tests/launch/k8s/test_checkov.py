@@ -3,7 +3,8 @@
 included) and docker/Dockerfile, skipping only the rules `.checkov.yaml` names, each with its
 reason on its line.
 
-checkov's Kubernetes checks look into Jobs but not into JobSets or TFJobs (custom resources):
+checkov's Kubernetes checks look into Jobs but not into JobSets, TFJobs or Trainer v2's
+TrainingRuntimes (custom resources):
 their pod templates are scanned as Jobs of their own beside them. checkov runs offline from an
 environment of its own (pyproject.toml's `scan` extra explains why), made once under /var/tmp
 (about 45 s); skipped, saying why, where it cannot be made.
@@ -54,8 +55,9 @@ def _checkov() -> Path:
 
 
 def _as_jobs(document: dict) -> list[dict]:
-    """A JobSet's or TFJob's pod templates as Jobs, so checkov's Kubernetes checks see them."""
-    if document["kind"] not in ("JobSet", "TFJob"):
+    """The pod templates of a JobSet, TFJob or Trainer v2 runtime as Jobs, so checkov's
+    Kubernetes checks see them."""
+    if document["kind"] not in ("JobSet", "TFJob", "TrainingRuntime"):
         return []
     return [{"apiVersion": "batch/v1", "kind": "Job",
              "metadata": {**document["metadata"], "name": f"{document['metadata']['name']}-{i}"},

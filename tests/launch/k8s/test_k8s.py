@@ -42,9 +42,10 @@ FULL = k8s.JobConfig(
 CONFIGS = {"minimal": MINIMAL, "full": FULL}
 # Where each format's pods read their run id when no --run-id is given: a pod label holding the
 # UID of the object that owns the job instance (Kubernetes well-known labels; JobSet v1alpha2
-# `JobSetUIDKey`). TFJob pods have none.
+# `JobSetUIDKey`; Trainer v2 makes one JobSet per TrainJob). TFJob pods have none.
 RUN_ID_FIELDS = {"job": "metadata.labels['batch.kubernetes.io/controller-uid']",
-                 "jobset": "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"}
+                 "jobset": "metadata.labels['jobset.sigs.k8s.io/jobset-uid']",
+                 "trainjob": "metadata.labels['jobset.sigs.k8s.io/jobset-uid']"}
 
 # Allowed values the OpenAPI schemas only state in prose (kubernetes-validate does not check
 # them): batch/v1 and core/v1 API reference.
@@ -220,15 +221,22 @@ def test_job_and_service_validate_strictly_and_agree(which, version):
     assert all(len(h) <= 63 for h in hostnames)
 
 
+def _jobset_spec(document: dict) -> dict:
+    """The JobSet spec of a JobSet, or of the JobSet template of a Trainer v2 runtime."""
+    if document["kind"] == "TrainingRuntime":
+        return document["spec"]["template"]["spec"]
+    return document["spec"]
+
+
 def _pod_templates(documents: list[dict]) -> list[dict]:
     """Every pod template of a manifest (workers and evaluator), in any format."""
     templates = []
     for document in documents:
         if document["kind"] == "Job":
             templates.append(document["spec"]["template"])
-        elif document["kind"] == "JobSet":
+        elif document["kind"] in ("JobSet", "TrainingRuntime"):
             templates += [job["template"]["spec"]["template"]
-                          for job in document["spec"]["replicatedJobs"]]
+                          for job in _jobset_spec(document)["replicatedJobs"]]
         elif document["kind"] == "TFJob":
             templates += [replica["template"]
                           for replica in document["spec"]["tfReplicaSpecs"].values()]
@@ -431,6 +439,7 @@ def test_help_and_readme_document_run_ids_and_the_tfjob_restart_policy():
     out = subprocess.run([sys.executable, "-m", "launch.k8s", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
+    assert "trainjob (Kubeflow Trainer v2)" in out.stdout
     readme = (REPO_ROOT / "k8s" / "README.md").read_text()
     for text in (out.stdout, " ".join(readme.split())):
         for label in ("batch.kubernetes.io/controller-uid", "jobset.sigs.k8s.io/jobset-uid"):
@@ -473,11 +482,13 @@ def test_evaluator_is_one_more_valid_pod_that_never_fails_the_training(fmt):
         assert service["spec"]["selector"].items() <= spec["template"]["metadata"][
             "labels"].items(), "harmless: the evaluator never listens"
     else:
-        _, jobset = documents
-        worker_job, evaluator = jobset["spec"]["replicatedJobs"]
+        jobset = _jobset_spec(documents[1])
+        worker_job, evaluator = jobset["replicatedJobs"]
         assert evaluator["name"] == "evaluator" and evaluator["replicas"] == 1
-        assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": [
-            "worker", "evaluator"]}, "not deleted before it evaluated the last checkpoint"
+        assert jobset["successPolicy"] == {"operator": "All", "targetReplicatedJobs": [
+            worker_job["name"], "evaluator"]}, "not deleted before it evaluated the last checkpoint"
+        assert "trainer.kubeflow.org/trainjob-ancestor-step" not in evaluator["template"][
+            "metadata"]["labels"], "Trainer v2's numNodes applies to the workers only"
         workers, spec = worker_job["template"]["spec"], evaluator["template"]["spec"]
         kubernetes_validate.validate(
             {"apiVersion": "batch/v1", "kind": "Job", "spec": spec,
