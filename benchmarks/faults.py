@@ -2,7 +2,8 @@
 
 Usage:
 
-    python -m benchmarks.faults --kind all --seeds 20 --workers 2
+    python -m benchmarks.faults --kind all --seeds 20
+    python -m benchmarks.faults --kind worker-stop disk-full --seeds 5
 
 First one uninterrupted job gives the reference weights (and the number of
 renames the chief makes into the backup and checkpoint directories). Then, for
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.faults",
         description="Strike one kind of fault at a random moment of a real local job, once "
                     "per seed; check that the job recovers exactly or fails clearly.")
-    parser.add_argument("--kind", default=WORKER_KILL, choices=[*KINDS, "all"],
-                        help="the fault (default worker-kill); all: every kind in turn")
+    parser.add_argument("--kind", nargs="+", default=[WORKER_KILL], choices=[*KINDS, "all"],
+                        help="the faults, in turn (default worker-kill); all: every kind")
     parser.add_argument("--seeds", type=int, default=20, help="seeds per kind (default 20)")
     parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="workers per job (default 2)")
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.workers < 1 or args.epochs < 1:
         parser.error("--seeds, --workers and --epochs must be at least 1")
-    kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     if DISK_FULL in kinds and os.geteuid() != 0:
         parser.error("--kind disk-full mounts a tmpfs: run as root, or pick another kind")
     with tempfile.TemporaryDirectory(prefix="disttrain-faults-") as tmp:
