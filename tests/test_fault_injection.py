@@ -20,6 +20,7 @@ many more seeds.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -35,6 +36,7 @@ from benchmarks.fault_workloads import (
     restart_problems,
     restart_seconds,
     run_fault_job,
+    storage_problems,
 )
 
 WORKERS = 2
@@ -125,3 +127,30 @@ def test_a_full_checkpoint_disk_fails_every_worker_clearly_and_keeps_earlier_che
                         timeout=JOB_TIMEOUT)
     assert disk_full_problems(run, fault, WORKERS) == [], run.job.report()
     assert run.job.seconds < FAILED_WITHIN, run.job.report()
+
+
+def test_the_storage_check_finds_leftovers_damaged_commits_and_unlisted_checkpoints(tmp_path):
+    """What `restart_problems` and `disk_full_problems` rely on to see a torn save."""
+    import h5py
+
+    from disttrain import storage
+
+    checkpoints, backup = tmp_path / "checkpoints", tmp_path / "backup-run" / "backup-000001"
+    checkpoints.mkdir()
+    with h5py.File(checkpoints / "model-01.weights.h5", "w") as f:
+        f["w"] = [1.0]
+    (checkpoints / "best.json").write_text(json.dumps(
+        {"checkpoints": [{"path": str(checkpoints / "model-01.weights.h5")}]}))
+    (tmp_path / "part.json").write_text("{}")
+    storage.commit_checkpoint(str(backup), {"worker-0.json": str(tmp_path / "part.json")})
+    assert storage_problems(str(tmp_path)) == []
+
+    (checkpoints / ".model-02.weights.h5.tmp-0123456789abcdef.weights.h5").write_text("")
+    (checkpoints / "model-02.weights.h5").write_text("half")
+    (backup / "worker-0.json").write_text('{"torn": 1}')
+    (checkpoints / "model-01.weights.h5").write_text("torn")
+    problems = "\n".join(storage_problems(str(tmp_path)))
+    assert "left behind: " in problems and ".tmp-0123456789abcdef" in problems
+    assert "unlisted checkpoint visible: " in problems and "model-02.weights.h5" in problems
+    assert "damaged commit: " in problems and "worker-0.json" in problems
+    assert "lists " in problems and "model-01.weights.h5, unreadable" in problems
