@@ -104,7 +104,10 @@ def test_without_restarts_the_job_fails_fast_naming_the_killed_worker_and_signal
 
 @pytest.mark.slow
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
-@pytest.mark.parametrize("kind, seed", [(WORKER_STOP, 0), (CHIEF_KILL_COMMIT, 0),
+# chief-kill-commit seed 14 kills the chief before the first ModelCheckpoint file is renamed
+# into place: its temp files stayed after the restarted job until CheckpointManager.open
+# removed them without an index too.
+@pytest.mark.parametrize("kind, seed", [(WORKER_STOP, 0), (CHIEF_KILL_COMMIT, 14),
                                         (CHIEF_KILL_BACKUP, 1)])
 def test_a_frozen_worker_or_a_chief_killed_mid_commit_is_recovered_exactly(
         kind, seed, reference, tmp_path):
