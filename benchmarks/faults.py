@@ -1,34 +1,59 @@
-"""Fault injection over many seeds: SIGKILL a random worker at a random step, restart, compare.
+"""Fault injection over many seeds: one kind of fault at a random moment, check the outcome.
 
 Usage:
 
-    python -m benchmarks.faults --seeds 50 --workers 3
+    python -m benchmarks.faults --kind all --seeds 20
+    python -m benchmarks.faults --kind worker-stop disk-full --seeds 5
 
-First one uninterrupted job gives the reference weights. Then, for each seed,
-`random.Random(seed)` picks a victim rank and a global step; the victim SIGKILLs
-itself after that step of attempt 0 of a real job under
-`python -m launch.local --max-restarts 1` with
-`BackupAndRestore(save_freq="epoch")` (`benchmarks.fault_workloads.fault_train`).
-A seed is `ok` when the job exits 0 after exactly 2 attempts, every worker ran
-the planned epochs (resuming at the interrupted one) and ended with weights
-within 1e-5 of the reference; otherwise the row says what went wrong. Prints
-one row per seed (seed, victim, step, outcome, wall time, max weight
-difference) and a summary line; exits 1 when any seed was not ok.
+First one uninterrupted job gives the reference weights (and the number of
+renames the chief makes into the backup and checkpoint directories). Then, for
+each kind and seed, `random.Random(seed)` picks a victim rank and a moment
+(`benchmarks.fault_workloads.plan_fault`) and one real job runs under
+`python -m launch.local` (`fault_train`: `BackupAndRestore(save_freq="epoch")`
+and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
+
+- worker-kill: a random worker SIGKILLs itself after a random step;
+- worker-stop: a random worker SIGSTOPs itself after a random step, frozen for
+  good (TensorFlow's heartbeat must notice it);
+- chief-kill-commit / chief-kill-backup: the chief SIGKILLs itself just before
+  or just after a random one of the renames of its ModelCheckpoint /
+  BackupAndRestore commits;
+- disk-full: the chief fills the checkpoint disk (a 1 MiB tmpfs; needs root)
+  after a random step.
+
+The first four run with `--max-restarts 1`: a seed is ok when the job exits 0
+after exactly 2 attempts, every worker resumed where the last committed backup
+says and ends with weights within 1e-5 of the reference, and the checkpoint and
+backup directories hold no temp file, no damaged commit and no visible
+unlisted checkpoint (`restart_problems`). disk-full runs without restarts: ok
+when the job fails, every worker printed the same disttrain error naming the
+full disk and a fix, and every checkpoint saved before the disk filled is
+listed and readable with nothing else visible (`disk_full_problems`).
+
+Prints one row per seed (seed, fault, outcome, wall time, seconds from the
+fault to the restarted attempt's start, weight difference) and a table per
+kind; exits 1 when any seed was not ok.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from benchmarks.fault_workloads import (
+    DISK_FULL,
+    KINDS,
+    WORKER_KILL,
+    disk_full_problems,
     max_weight_diff,
     plan_fault,
     restart_problems,
+    restart_seconds,
     run_fault_job,
 )
 
@@ -38,13 +63,66 @@ JOB_TIMEOUT = 300.0
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.faults",
-        description="SIGKILL a random worker at a random step of a real local job, once per "
-                    "seed; check that a restart recovers it exactly.")
-    parser.add_argument("--seeds", type=int, default=50, help="number of seeds (default 50)")
+        description="Strike one kind of fault at a random moment of a real local job, once "
+                    "per seed; check that the job recovers exactly or fails clearly.")
+    parser.add_argument("--kind", nargs="+", default=[WORKER_KILL], choices=[*KINDS, "all"],
+                        help="the faults, in turn (default worker-kill); all: every kind")
+    parser.add_argument("--seeds", type=int, default=20, help="seeds per kind (default 20)")
     parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--workers", type=int, default=3, help="workers per job (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="workers per job (default 2)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per job (default 4)")
     return parser
+
+
+def _row(seed: int, fault: str, wall: float, restart: float | None, diff: float,
+         outcome: str) -> str:
+    restarted = "-" if restart is None else f"{restart:.1f}s"
+    return (f"{seed:>5}  {fault:<24} {wall:>6.1f}s  {restarted:>8}  {diff:>9.2g}  {outcome}")
+
+
+def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
+             renames: dict[str, int]) -> dict:
+    """Runs every seed of `kind`, printing a row each; returns its summary."""
+    print(f"\n{kind}: {KINDS[kind]}")
+    print(f"{'seed':>5}  {'fault':<24} {'wall':>7}  {'restart':>8}  {'max diff':>9}  outcome")
+    walls, restarts, diffs, failed = [], [], [], []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        fault = plan_fault(seed, args.workers, args.epochs, kind, renames)
+        run = run_fault_job(f"{tmp}/{kind}-{seed}", args.workers, args.epochs, fault=fault,
+                            max_restarts=0 if kind == DISK_FULL else 1, timeout=JOB_TIMEOUT)
+        if kind == DISK_FULL:
+            problems = disk_full_problems(run, fault, args.workers)
+        else:
+            problems = restart_problems(run, fault, args.workers, args.epochs, reference)
+        diff = (max_weight_diff(run.results[0]["weights"], reference)
+                if 0 in run.results else float("nan"))
+        restart = restart_seconds(run)
+        walls.append(run.job.seconds)
+        diffs.append(diff)
+        if restart is not None:
+            restarts.append(restart)
+        if problems:
+            failed.append(seed)
+        print(_row(seed, fault.describe(), run.job.seconds, restart, diff,
+                   "; ".join(problems) or "ok"), flush=True)
+    finite = [d for d in diffs if not math.isnan(d)]
+    return {"kind": kind, "ok": args.seeds - len(failed), "seeds": args.seeds,
+            "wall_median": statistics.median(walls), "wall_max": max(walls),
+            "restart_max": max(restarts, default=None),
+            "diff_max": max(finite, default=float("nan")), "failed": failed}
+
+
+def summary_table(summaries: list[dict], workers: int, epochs: int) -> str:
+    """The per-kind table: ok/seeds, wall median and max, slowest restart, max weight diff."""
+    lines = [f"summary ({workers} workers, {epochs} epochs):",
+             f"{'kind':<18} {'ok':>7}  {'wall median':>11}  {'wall max':>8}  "
+             f"{'restart max':>11}  {'max diff':>8}  failed seeds"]
+    for s in summaries:
+        restart = "-" if s["restart_max"] is None else f"{s['restart_max']:.1f}s"
+        lines.append(f"{s['kind']:<18} {s['ok']:>3}/{s['seeds']:<3}  {s['wall_median']:>10.1f}s  "
+                     f"{s['wall_max']:>7.1f}s  {restart:>11}  {s['diff_max']:>8.2g}  "
+                     f"{s['failed'] or '-'}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,37 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.workers < 1 or args.epochs < 1:
         parser.error("--seeds, --workers and --epochs must be at least 1")
+    kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
+    if DISK_FULL in kinds and os.geteuid() != 0:
+        parser.error("--kind disk-full mounts a tmpfs: run as root, or pick another kind")
     with tempfile.TemporaryDirectory(prefix="disttrain-faults-") as tmp:
         reference = run_fault_job(f"{tmp}/reference", args.workers, args.epochs, fault=None,
                                   max_restarts=0, timeout=JOB_TIMEOUT)
         if reference.job.returncode != 0 or len(reference.results) != args.workers:
             print("the uninterrupted reference job failed:\n" + reference.job.report())
             return 1
-        weights = reference.results[0]["weights"]
         print(f"reference: {args.workers} workers, {args.epochs} epochs, "
-              f"{reference.job.seconds:.1f}s")
-        print(f"{'seed':>5} {'victim':>6} {'step':>5}  {'wall':>7}  {'max diff':>9}  outcome")
-        walls, diffs, failed = [], [], []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            fault = plan_fault(seed, args.workers, args.epochs)
-            run = run_fault_job(f"{tmp}/seed-{seed}", args.workers, args.epochs, fault=fault,
-                                max_restarts=1, timeout=JOB_TIMEOUT)
-            problems = restart_problems(run, fault, args.workers, args.epochs, weights)
-            diff = (max_weight_diff(run.results[0]["weights"], weights)
-                    if 0 in run.results else float("nan"))
-            walls.append(run.job.seconds)
-            diffs.append(diff)
-            if problems:
-                failed.append(seed)
-            print(f"{seed:>5} {'w' + str(fault[0]):>6} {fault[1]:>5}  {run.job.seconds:>6.1f}s  "
-                  f"{diff:>9.2g}  {'; '.join(problems) or 'ok'}", flush=True)
-    finite = [d for d in diffs if not math.isnan(d)]
-    print(f"summary: {args.seeds - len(failed)}/{args.seeds} seeds recovered exactly "
-          f"({args.workers} workers, {args.epochs} epochs); wall median "
-          f"{statistics.median(walls):.1f}s, max {max(walls):.1f}s; max weight diff "
-          f"{max(finite, default=float('nan')):.2g}"
-          + (f"; failed seeds: {failed}" if failed else ""))
-    return 1 if failed else 0
+              f"{reference.job.seconds:.1f}s, chief renames {reference.renames}", flush=True)
+        summaries = [run_kind(kind, args, tmp, reference.results[0]["weights"],
+                              reference.renames) for kind in kinds]
+    print("\n" + summary_table(summaries, args.workers, args.epochs))
+    return 1 if any(s["failed"] for s in summaries) else 0
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ class CheckpointManager:
 
         Checks that the directory accepts writes. Single files: reads the index;
         refuses another run's (unless `overwrite`), removes the temp files and
-        probes killed writers left, and takes this run's records from it.
+        probes killed writers left (also without an index, unless another run's
+        pending marker is there), and takes this run's records from it.
         Directories: takes the committed ones as records (another run's too:
         they are what a restarted job resumes from).
 
@@ -237,6 +238,11 @@ class CheckpointManager:
             return {}
         index = read_json(self.index_url)
         if index is None:
+            # A writer killed in its first save leaves temp files and no index; keep
+            # another run's first save in flight (its pending marker) untouched.
+            pending = read_json(self.pending_url) or {}
+            if pending.get("run_id", self.run_id) == self.run_id or self.overwrite:
+                remove_stale_temporaries(self.directory)
             return {}
         ours = index.get("run_id") == self.run_id
         if ours or self.overwrite:

@@ -171,6 +171,27 @@ def test_leftovers_of_a_crash_are_cleaned_and_claimed_files_stay_ours(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_leftovers_of_a_writer_killed_in_the_first_save_are_cleaned_by_its_restart(tmp_path):
+    """Before the first index exists, a killed chief leaves temp files (found by
+    `python -m benchmarks.faults --kind chief-kill-commit`, seeds 14 and 15: they stayed
+    after the restarted job finished). The restart of the same run removes them; another
+    run's in-flight first save (its pending marker) is left alone."""
+    directory = str(tmp_path)
+    storage.write_json(storage.join(directory, storage.PENDING_NAME),
+                       {"run_id": RUN, "path": storage.join(directory, "m-1.bin")})
+    (tmp_path / ".m-1.bin.tmp-0123456789abcdef").write_bytes(b"torn")
+    (tmp_path / ".best.json.tmp-0123456789abcdef").write_bytes(b"torn")
+    _manager(directory)
+    assert sorted(os.listdir(tmp_path)) == [storage.PENDING_NAME]
+
+    storage.write_json(storage.join(directory, storage.PENDING_NAME),
+                       {"run_id": "another-run", "path": storage.join(directory, "m-1.bin")})
+    (tmp_path / ".m-1.bin.tmp-0123456789abcdef").write_bytes(b"being written")
+    _manager(directory)
+    assert ".m-1.bin.tmp-0123456789abcdef" in os.listdir(tmp_path)
+
+
+@pytest.mark.timeout(30)
 def test_a_pending_file_is_replaced_by_the_run_that_claimed_it(tmp_path):
     directory = str(tmp_path)
     (tmp_path / "m.bin").write_bytes(b"committed, never indexed")
