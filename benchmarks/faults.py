@@ -46,9 +46,6 @@ import tempfile
 from collections.abc import Sequence
 
 from benchmarks.fault_workloads import (
-    DISK_FULL,
-    KINDS,
-    WORKER_KILL,
     disk_full_problems,
     max_weight_diff,
     plan_fault,
@@ -56,6 +53,7 @@ from benchmarks.fault_workloads import (
     restart_seconds,
     run_fault_job,
 )
+from workloads.fault_training import DISK_FULL, KINDS, WORKER_KILL
 
 JOB_TIMEOUT = 300.0
 

@@ -72,7 +72,7 @@ def _data(model: str):
     rng = np.random.default_rng(5)
     n = GLOBAL_BATCH * STEPS
     if model == "transformer":
-        from benchmarks.sparse_gradients import text_data
+        from workloads.text_classification import text_data
 
         return text_data(n, vocab=VOCAB, maxlen=SEQ, seed=5)
     if model == "embedding":
@@ -199,7 +199,7 @@ def train_case(strategy, spec: dict) -> dict:
         with strategy.scope():
             keras.utils.set_random_seed(1)
             if spec["model"] == "transformer":  # keras-io's; dropout draws per replica: off
-                from benchmarks.sparse_gradients import text_transformer
+                from workloads.text_classification import text_transformer
 
                 model = text_transformer(VOCAB, SEQ, embed_dim=4, num_heads=2, ff_dim=8,
                                          dropout=0.0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import fault_workloads
+from workloads import fault_training
 from disttrain import storage
 from disttrain.testing import LaunchedJob, function_command, run_launcher
 from tests.support.processes import can_make_read_only_views, read_only_view
@@ -47,7 +47,7 @@ needs_namespaces = pytest.mark.skipif(not can_make_read_only_views(),
 
 
 def _command(**kwargs) -> list[str]:
-    return function_command(fault_workloads.checkpoint_train,
+    return function_command(fault_training.checkpoint_train,
                             {"filepath": FILEPATH, "width": WIDTH, **kwargs})
 
 
@@ -290,16 +290,16 @@ def test_a_backup_of_another_architecture_is_refused_on_every_worker_and_kept(tm
     backup = tmp_path / "backup"
     killed = run_launcher(
         ["--workers", "2", "--run-id", RUN_ID, "--grace", "2", "--", *function_command(
-            fault_workloads.fault_train,
+            fault_training.fault_train,
             {"result_dir": str(tmp_path), "backup_dir": str(backup), "width": 16})],
         timeout=JOB_TIMEOUT, cwd=tmp_path,
-        env={fault_workloads.ENV_FAULT_RANK: "1",
-             fault_workloads.ENV_FAULT_STEP: str(2 * fault_workloads.STEPS_PER_EPOCH + 2)})
+        env={fault_training.ENV_FAULT_RANK: "1",
+             fault_training.ENV_FAULT_STEP: str(2 * fault_training.STEPS_PER_EPOCH + 2)})
     assert killed.returncode == 137 and not killed.survivors, killed.report()
     before = _snapshot(backup)
     assert before, "the killed job left a backup"
     case = Case(
-        command=function_command(fault_workloads.fault_train, {
+        command=function_command(fault_training.fault_train, {
             "result_dir": str(tmp_path), "backup_dir": str(backup), "width": 32}),
         error=r"CallbackConfigError: BackupAndRestore\.restore failed on w0: CallbackConfigError: "
               r"BackupAndRestore: the backup .* was written by a different model or optimizer "

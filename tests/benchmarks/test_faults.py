@@ -2,14 +2,14 @@
 
 Each seed picks (victim rank, global step) with `random.Random(seed)`; on
 attempt 0 the victim kills itself with SIGKILL after that step (a callback of
-`benchmarks.fault_workloads.fault_train`). Under `launch.local --max-restarts 1` with
+`workloads.fault_training.fault_train`). Under `launch.local --max-restarts 1` with
 `BackupAndRestore(save_freq="epoch")` the job must then succeed on attempt 1,
 resuming at the epoch the kill interrupted, run the planned epochs in all, and
 end with the weights of an uninterrupted run (the data order is deterministic).
 Without restarts it must end within a bound with exit 137, the launcher naming
 the victim and the signal.
 
-The other kinds (`benchmarks.fault_workloads.KINDS`), one seed each: a worker
+The other kinds (`workloads.fault_training.KINDS`), one seed each: a worker
 frozen by SIGSTOP and the chief SIGKILLed just before or after a rename of a
 ModelCheckpoint or BackupAndRestore commit must recover the same way, with no
 temp file, damaged commit or unlisted checkpoint left; a full checkpoint disk
@@ -26,10 +26,6 @@ import re
 import pytest
 
 from benchmarks.fault_workloads import (
-    CHIEF_KILL_BACKUP,
-    CHIEF_KILL_COMMIT,
-    DISK_FULL,
-    WORKER_STOP,
     FaultRun,
     disk_full_problems,
     plan_fault,
@@ -38,6 +34,7 @@ from benchmarks.fault_workloads import (
     run_fault_job,
     storage_problems,
 )
+from workloads.fault_training import CHIEF_KILL_BACKUP, CHIEF_KILL_COMMIT, DISK_FULL, WORKER_STOP
 
 WORKERS = 2
 EPOCHS = 4
