@@ -11,6 +11,9 @@ runs as the `munge` user and its socket directory must be 755 and owned by it; n
 
     with LocalSlurm(tmp_dir) as slurm:
         slurm.run(["srun", "-n", "2", "hostname"])
+
+Several nodes: one `SlurmNode` per slurmd, each started with its own command prefix (e.g.
+`ip netns exec <ns>`, a network namespace with its own address: tests/launch/slurm/test_slurm_nodes.py).
 """
 
 from __future__ import annotations
@@ -22,12 +25,23 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 # Ports Slurm reserves for steps started with `srun --resv-ports` (MpiParams=ports=...).
 RESERVED_PORTS = (23100, 23199)
+
+
+class SlurmNode(NamedTuple):
+    """A slurmd: its node name, the address slurmctld reaches it at, and the command prefix
+    that runs a process on it (`("ip", "netns", "exec", ns)`; empty: this machine)."""
+
+    name: str
+    addr: str
+    prefix: tuple[str, ...] = ()
 
 
 class SlurmUnavailable(Exception):
@@ -72,16 +86,25 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LocalSlurm:
-    """A one-node Slurm cluster (this machine, 8 CPUs declared) under `root`.
+    """A Slurm cluster under `root`: by default one node (this machine, 8 CPUs declared).
+
+    Args:
+        root: the directory for the configuration, state, spool and logs.
+        nodes: the slurmds (8 CPUs each); default one, this machine at 127.0.0.1.
+        controller: the address slurmctld listens at and the command prefix that runs it and
+            the Slurm commands of `run` (default 127.0.0.1 on this machine).
 
     Attributes:
         env: the environment for Slurm commands (`SLURM_CONF` set).
-        node: the node's name (this machine's host name).
+        node: this machine's host name (slurmctld's host).
     """
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], nodes: Sequence[SlurmNode] = (),
+                 controller: tuple[str, tuple[str, ...]] = ("127.0.0.1", ())):
         self.root = Path(root)
         self.node = socket.gethostname().split(".")[0]
+        self.nodes = list(nodes) or [SlurmNode(self.node, "127.0.0.1")]
+        self.controller_addr, self.prefix = controller
         self.procs: list[subprocess.Popen] = []
         self.munge_dir: Path | None = None
         self.env = {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
@@ -90,11 +113,15 @@ class LocalSlurm:
         try:
             self._start_munge()
             self._write_config()
-            for daemon in ("slurmctld", "slurmd"):
-                log = open(self.root / f"{daemon}.out", "wb")
+            conf = str(self.root / "slurm.conf")
+            daemons = [("slurmctld", [*self.prefix, "slurmctld", "-D", "-f", conf])] + [
+                (f"slurmd-{n.name}", [*n.prefix, "slurmd", "-D", "-N", n.name, "-f", conf])
+                for n in self.nodes]
+            for name, command in daemons:
+                log = open(self.root / f"{name}.out", "wb")
                 self.procs.append(subprocess.Popen(
-                    [daemon, "-D", "-f", str(self.root / "slurm.conf")], env=self.env,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                    command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True))
             self._wait_idle(30.0)
         except BaseException:
             self.__exit__()
@@ -142,12 +169,15 @@ class LocalSlurm:
 
     def _write_config(self) -> None:
         ctld_port, slurmd_port = _free_ports(2)
-        for d in ("state", "spool"):
-            (self.root / d).mkdir()
+        (self.root / "state").mkdir()
+        for n in self.nodes:
+            (self.root / "spool" / n.name).mkdir(parents=True)
         r = self.root
+        node_lines = "".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs=8 State=UNKNOWN\n"
+                             for n in self.nodes)
         (r / "slurm.conf").write_text(f"""\
 ClusterName=disttrain-test
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.node}({self.controller_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
@@ -156,11 +186,11 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / 'spool' / '%n'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / 'slurmd-%n.pid'}
 SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
+SlurmdLogFile={r / 'slurmd-%n.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -175,8 +205,7 @@ SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=20
 MinJobAge=600
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN
-PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+{node_lines}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
 
     def _wait_idle(self, timeout: float) -> None:
@@ -184,19 +213,20 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
         while time.monotonic() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise SlurmStartError(f"{proc.args[0]} exited with {proc.returncode}: "
+                    raise SlurmStartError(f"{' '.join(proc.args)} exited with {proc.returncode}: "
                                            f"{self.logs()}")
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env,
-                                   capture_output=True, text=True).stdout.strip()
-            if state == "idle":
+            states = subprocess.run([*self.prefix, "sinfo", "-h", "-N", "-o", "%T"],
+                                    env=self.env, capture_output=True, text=True).stdout.split()
+            if states == ["idle"] * len(self.nodes):
                 return
             time.sleep(0.1)
-        raise SlurmStartError(f"the node did not become idle within {timeout} s: {self.logs()}")
+        raise SlurmStartError(f"the nodes did not become idle within {timeout} s: {self.logs()}")
 
     def logs(self) -> str:
         """The daemons' logs (the end of each), for failure messages."""
         parts = []
-        for name in ("munged.out", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log"):
+        slurmds = [f"slurmd-{n.name}.{suffix}" for n in self.nodes for suffix in ("out", "log")]
+        for name in ("munged.out", "slurmctld.out", "slurmctld.log", *slurmds):
             path = self.root / name
             if path.exists():
                 parts.append(f"--- {name}\n{path.read_text(errors='replace')[-3000:]}")
@@ -205,5 +235,5 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
     def run(self, command: list[str], timeout: float = 120,
             **kwargs) -> subprocess.CompletedProcess:
         """Runs a Slurm command (`srun`, `sbatch`, `scontrol`, ...) against this cluster."""
-        return subprocess.run(command, env={**self.env, **kwargs.pop("env", {})},
+        return subprocess.run([*self.prefix, *command], env={**self.env, **kwargs.pop("env", {})},
                               capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -5,7 +5,7 @@ Usage: engine_train.py OUT_DIR
 Trains a small model for 2 epochs under `disttrain.strategy()` with
 `disttrain.callbacks.ModelCheckpoint(OUT_DIR/{run_id}/model.keras)` (the README's path) and
 writes `OUT_DIR/task-<pid>.json`: what this process was (replicas in sync, chief, run id, the
-Cluster disttrain derived) and its final weights.
+Cluster disttrain derived, the Slurm node it ran on) and its final weights.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main(out_dir: str) -> None:
         json.dump({"replicas": strategy.num_replicas_in_sync, "chief": coordinator.is_chief,
                    "rank": coordinator.rank, "run_id": coordinator.run_id(),
                    "cluster": cluster.to_tf_config(),
+                   "node": os.environ.get("SLURMD_NODENAME"),
                    "weights": [w.tolist() for w in model.get_weights()]}, f)
 
 
