@@ -69,6 +69,7 @@ def install(checks: tuple[str, ...] = CHECKS) -> None:
         _enabled = frozenset(checks)
     if input_check.NAME in _enabled:
         input_order.install()
+        input_check.install()
     trainer = detection.trainer_class()
     for method, arguments in _CHECKED_ARGUMENTS.items():
         _patch.wrap(trainer, method, functools.partial(_checked_first, arguments=arguments),

@@ -25,13 +25,16 @@ model.fit(train)      # passes: the seed makes every worker's order the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import logging
 import os
 import random
+import threading
 import types
 import weakref
 import zlib
@@ -39,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
-from disttrain.keras_compat import detection, input_order, pipeline
+from disttrain.keras_compat import _patch, detection, input_order, pipeline
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
@@ -52,6 +55,7 @@ _log = logging.getLogger(__name__)
 _passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _END = object()
 _ORDER = "shuffle order"
+_call = threading.local()
 
 
 @dataclasses.dataclass
@@ -204,16 +208,95 @@ def checked_call(model: Any, method: Callable, call: inspect.BoundArguments,
                            shuffle=shuffle,
                            validation_split=bound.get("validation_split") or 0.0)
     bound.update(checked.inputs)
-    if not (shuffle and detection.is_multi_worker(strategy)):
+    if not detection.is_multi_worker(strategy):
         return method(*call.args, **call.kwargs)
-    if checked.seed is None and input_order.global_seed() is None:
-        _log.warning("keras_compat: %s is off and no global seed is set, so Keras's "
-                     "shuffle of array or PyDataset inputs draws another order on each "
-                     "worker. Fix: keras.utils.set_random_seed(S) on every worker, or "
-                     "shuffle=False.", NAME)
-        return method(*call.args, **call.kwargs)
-    with input_order.agreed(checked.seed):
-        return method(*call.args, **call.kwargs)
+    with _each_epoch_checked(name):
+        if not shuffle:
+            return method(*call.args, **call.kwargs)
+        if checked.seed is None and input_order.global_seed() is None:
+            _log.warning("keras_compat: %s is off and no global seed is set, so Keras's "
+                         "shuffle of array or PyDataset inputs draws another order on each "
+                         "worker. Fix: keras.utils.set_random_seed(S) on every worker, or "
+                         "shuffle=False.", NAME)
+            return method(*call.args, **call.kwargs)
+        with input_order.agreed(checked.seed):
+            return method(*call.args, **call.kwargs)
+
+
+def install() -> None:
+    """Checks every `PyDataset` again at the start of each epoch of a checked
+    multi-worker call (`check_epoch`); once per process, by the `call_checks` hook."""
+    from keras.src.trainers.data_adapters.py_dataset_adapter import (  # private: keras.src
+        PyDatasetAdapter,
+    )
+
+    _patch.wrap(PyDatasetAdapter, "on_epoch_begin", _checked_each_epoch, by=NAME)
+
+
+@contextlib.contextmanager
+def _each_epoch_checked(call: str) -> Iterator[None]:
+    """Inside, each epoch of a `PyDataset` in this thread is checked (`check_epoch`)."""
+    previous = getattr(_call, "name", None)
+    _call.name = None if os.environ.get(ENV_DISABLE, "1") == "0" else call
+    try:
+        yield
+    finally:
+        _call.name = previous
+
+
+def _checked_each_epoch(on_epoch_begin: Callable) -> Callable:
+    @functools.wraps(on_epoch_begin)
+    def wrapper(self):
+        on_epoch_begin(self)
+        call = getattr(_call, "name", None)
+        if call is None:
+            return
+        self._disttrain_epochs = getattr(self, "_disttrain_epochs", 0) + 1
+        try:
+            check_epoch(self.py_dataset, call, self._disttrain_epochs)
+        except InputMismatchError:
+            if self.enqueuer:  # private: keras PyDatasetAdapter; its reader threads
+                self.enqueuer.stop()
+            raise
+
+    return wrapper
+
+
+def check_epoch(dataset: Any, call: str, epoch: int) -> None:
+    """Raises on every worker when a `PyDataset` differs between workers at an epoch's start.
+
+    A `PyDataset` may reorder itself between epochs (`on_epoch_end` shuffling an
+    index list with `np.random.shuffle`, as keras-io's examples do); a draw made
+    separately in each process then gives every worker another order from the second
+    epoch on, after the check at the call's start passed. Each worker hashes the
+    dataset's length, first and last batch (two `__getitem__` calls) and the workers
+    exchange that in one gather. Every worker must call it at the same point.
+
+    Args:
+        dataset: the `PyDataset`.
+        call: the call it feeds (`"fit"`, `"evaluate"`, `"predict"`), for the message.
+        epoch: which epoch of that call's input starts (1 for the first).
+
+    Raises:
+        InputMismatchError: the workers' batches differ, naming the dataset's class
+            and the fix.
+
+    Example:
+
+    ```python
+    input_check.check_epoch(train_batches, "fit", epoch=2)   # in on_epoch_begin
+    ```
+    """
+    from disttrain import coordination
+
+    try:
+        local = _fingerprint_of("pydataset", dataset)[0]
+    except Exception as e:  # reported to every worker below
+        local = {"error": f"{type(e).__name__}: {e}"}
+    seen = [json.loads(v) for v in coordination.get().gather(
+        f"keras_compat.{NAME}.{call}.epoch", json.dumps(local, sort_keys=True))]
+    if any(s != seen[0] for s in seen):
+        raise InputMismatchError(_reordered(call, type(dataset).__name__, epoch, seen))
 
 
 def _kind(value: Any) -> str | None:
@@ -387,7 +470,7 @@ def _mismatch(call: str, name: str, kind: str | None, seen: list[dict[str, str]]
                      if any(s.get(key) != seen[0].get(key) for s in seen))
     workers = "; ".join(f"worker {rank}: {s.get(differing)}" for rank, s in enumerate(seen))
     if name == _ORDER:
-        return (f"{call}: Keras shuffles the inputs (shuffle=True), and the workers' global "
+        return (f"{call}: Keras shuffles the inputs (shuffle=True or \"batch\"), and the workers' global "
                 f"seeds differ ({workers}): each worker would draw another order and keep "
                 "every N-th batch of it, so some samples would train twice and others never. "
                 "Fix: call keras.utils.set_random_seed(S) with the same S on every worker "
@@ -408,6 +491,25 @@ def _mismatch(call: str, name: str, kind: str | None, seen: list[dict[str, str]]
         "draw on every worker (keras.utils.set_random_seed(S) at the start of the script, "
         "np.random.default_rng(S), random_state=S), or load the same data everywhere. "
         f"{skip}"
+    )
+
+
+def _reordered(call: str, cls: str, epoch: int, seen: list[dict[str, str]]) -> str:
+    """The message for a `PyDataset` that differs between workers at an epoch's start."""
+    differing = next((key for key in sorted(set().union(*seen))
+                      if any(s.get(key) != seen[0].get(key) for s in seen)), "")
+    workers = "; ".join(f"worker {rank}: {s.get(differing)}" for rank, s in enumerate(seen))
+    return (
+        f"{call}: the PyDataset {cls} differs between workers at the start of epoch {epoch} "
+        f"({differing}: {workers}). Each worker reads the whole PyDataset and keeps every "
+        f"{len(seen)}th batch of its own copy, so from this epoch some samples would train "
+        "twice and others never. Likely cause: its on_epoch_end (or on_epoch_begin) "
+        "reorders it with a draw each process makes separately (np.random.shuffle, "
+        "random.shuffle, an unseeded np.random.default_rng()). Fix: draw the new order from "
+        "a seed every worker shares, e.g. np.random.default_rng(seed + epoch).shuffle("
+        "self.indices) with the same seed on every worker, or keras.utils.set_random_seed(S) "
+        "at the start of the script; or pass shuffle=True to fit and let Keras reorder the "
+        f"batches. To skip this check: {ENV_DISABLE}=0 on every worker."
     )
 
 

@@ -1,8 +1,8 @@
 """Input order: Keras's own shuffle of NumPy arrays and `PyDataset`s, drawn alike on every worker.
 
 `fit(x, y, shuffle=True)` (the default) shuffles NumPy arrays and tensors with a
-`tf.random.shuffle` inside Keras's input pipeline, and a `PyDataset`'s batch order
-with Python's `random.shuffle`. Under multi-worker MWMS every worker builds that
+`tf.random.shuffle` inside Keras's input pipeline (`shuffle="batch"`: one per batch),
+and a `PyDataset`'s batch order with Python's `random.shuffle`. Under multi-worker MWMS every worker builds that
 whole order and keeps every N-th batch of it, so the orders must be the same:
 
 - **No global seed** (`keras.utils.set_random_seed` not called): each process
@@ -12,8 +12,10 @@ whole order and keeps every N-th batch of it, so the orders must be the same:
 - **A global seed**: Keras's first order is the same everywhere, and a one-process
   `fit` replays it every epoch (its new iterator per epoch restarts the shuffle);
   disttrain's persistent iterator would reshuffle from epoch 2. The arrays'
-  permutation is then drawn once, as Keras draws it, and replayed each pass, so the
-  order on N workers is one process's order in every epoch.
+  order is then drawn once by Keras's own pipeline over the sample indices (a new
+  iterator, as one process draws it) and replayed each pass, so the order on N
+  workers is one process's order in every epoch (`shuffle="batch"` included: its
+  batches one after another are a permutation too).
 
 Installed with the input check by `call_checks` (one registered patch of Keras's
 array adapter); active only inside a multi-worker call that the input check wraps in
@@ -42,6 +44,8 @@ from typing import Any
 from disttrain.keras_compat import _patch
 
 NAME = "input_order"
+_SHUFFLES = (True, "batch")
+"""The `shuffle` values of `fit` with which Keras shuffles arrays and `PyDataset`s."""
 _active = threading.local()
 
 
@@ -58,10 +62,20 @@ def _ordered(get_tf_dataset: Callable) -> Callable:
     @functools.wraps(get_tf_dataset)
     def wrapper(self):
         mode = getattr(_active, "mode", None)
-        if mode is None or self._shuffle is not True:
+        if mode is None or self._shuffle not in _SHUFFLES:
             return get_tf_dataset(self)
-        with _shuffle_replaced(_replacement(mode, self._num_samples)):
-            return get_tf_dataset(self)
+        kind, seed = mode
+        if kind == "seeded":
+            with _shuffle_replaced(_seeded(seed)):
+                return get_tf_dataset(self)
+        # A batch-shuffled epoch is a permutation too: its batches, one after another.
+        permutation = _first_permutation(get_tf_dataset, self)
+        kept, self._shuffle = self._shuffle, True
+        try:
+            with _shuffle_replaced(lambda value, seed=None, name=None: permutation):
+                return get_tf_dataset(self)
+        finally:
+            self._shuffle = kept
 
     return wrapper
 
@@ -111,20 +125,29 @@ def agreed(seed: int | None) -> Iterator[None]:
         py_dataset_adapter.random = kept
 
 
-def _replacement(mode: tuple[str, int | None], samples: int):
-    """What stands for `tf.random.shuffle` while Keras builds the arrays' pipeline."""
+def _seeded(seed: int) -> Callable:
+    """What stands for `tf.random.shuffle` while Keras builds the arrays' pipeline in an
+    agreed-seed call: the same shuffle, with the agreed seed as its op seed."""
     import tensorflow as tf
 
-    kind, seed = mode
     shuffle = tf.random.shuffle
-    if kind == "seeded":
-        return lambda value, seed_=None, name=None: shuffle(value, seed=seed)
-    # The permutation a new iterator over Keras's pipeline draws: its only random op,
-    # the first of its function, seeded by the global seed.
-    first = tf.data.Dataset.range(1).map(
-        lambda _: shuffle(tf.range(samples, dtype=tf.int64)))
-    permutation = next(iter(first)).numpy()
-    return lambda value, seed_=None, name=None: tf.constant(permutation)
+    return lambda value, seed_=None, name=None: shuffle(value, seed=seed)
+
+
+def _first_permutation(get_tf_dataset: Callable, adapter: Any):
+    """The sample order of the first pass of a new iterator over Keras's pipeline for
+    `adapter` (what one process trains in every epoch): Keras's own pipeline, built
+    with the adapter's batch size and shuffle over the sample indices, drawn once."""
+    import numpy as np
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
+        ArrayDataAdapter,
+    )
+
+    indices = ArrayDataAdapter(np.arange(adapter._num_samples, dtype="int64"),
+                               batch_size=adapter._batch_size, shuffle=adapter._shuffle)
+    return tf.constant(np.concatenate([np.reshape(batch, -1) for batch in
+                                       get_tf_dataset(indices).as_numpy_iterator()]))
 
 
 @contextlib.contextmanager
@@ -142,14 +165,14 @@ def _shuffle_replaced(replacement) -> Iterator[None]:
 
 def shuffled(call: str, arguments: dict[str, Any]) -> bool:
     """Whether `call` with these bound arguments runs Keras's shuffle of arrays or a
-    `PyDataset` (fit with `shuffle=True`, its default, on such an `x`)."""
+    `PyDataset` (fit with `shuffle=True`, its default, or `"batch"`, on such an `x`)."""
     from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
         can_convert_arrays,
     )
     from keras.utils import PyDataset
 
     x = arguments.get("x")
-    if call != "fit" or arguments.get("shuffle", True) is not True or x is None:
+    if call != "fit" or arguments.get("shuffle", True) not in _SHUFFLES or x is None:
         return False
     if isinstance(x, PyDataset):
         return True

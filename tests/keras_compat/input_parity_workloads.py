@@ -81,6 +81,7 @@ def run() -> dict[str, Any]:
 
     model = _model(keras, strategy.scope())
     record["unseeded_ids"] = ids_per_epoch(model, x, y, batch_size=GLOBAL_BATCH, shuffle=True)
+    record["batch_shuffle"] = _batch_shuffle_orders(keras, strategy, x, y)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self, order):
@@ -123,7 +124,29 @@ def run() -> dict[str, Any]:
     }
     keras.utils.set_random_seed(1 + rank)
     record["errors"]["global seed"] = _error(lambda: model.fit(x, y, epochs=1, verbose=0))
+
+    class Reordered(Batches):
+        """keras-io's pattern: a new order after each epoch from NumPy's global RNG."""
+
+        def on_epoch_end(self):
+            np.random.shuffle(self.order)
+
+    np.random.seed(None)  # each process's own draw, as in a script without a seed
+    record["errors"]["pydataset reordered"] = _error(
+        lambda: model.fit(Reordered(np.arange(SAMPLES)), epochs=EPOCHS, shuffle=False,
+                          verbose=0))
     record["trained_while_refused"] = before != [w.tolist() for w in model.get_weights()]
+
+    class SeededReorder(Batches):
+        """The fix the error names: the new order drawn from a seed every worker shares."""
+
+        def on_epoch_end(self):
+            self.epoch = getattr(self, "epoch", 0) + 1
+            np.random.default_rng(self.epoch).shuffle(self.order)
+
+    record["reordered_ids"] = ids_per_epoch(model, SeededReorder(np.arange(SAMPLES)),
+                                           shuffle=False)
+    record["epoch_check_ms"] = _epoch_check_ms(SeededReorder(np.arange(SAMPLES)))
 
     weights = {}
     for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
@@ -132,4 +155,64 @@ def run() -> dict[str, Any]:
         seeded.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=True, epochs=EPOCHS, verbose=0)
         weights[where] = [w.tolist() for w in seeded.get_weights()]
     record["seeded"] = weights
+    return record
+
+
+def _epoch_check_ms(dataset, repeats: int = 15) -> float:
+    """The median milliseconds of the per-epoch check of a `PyDataset` (both workers
+    call it together)."""
+    import time
+
+    from disttrain.keras_compat.input_check import check_epoch
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        check_epoch(dataset, "fit", 2)
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[repeats // 2]
+
+
+def _recording_model(keras, scope, seen: list):
+    """`_model` with a first layer that appends, at each training step, the sample ids of
+    the batch this replica trains on to `seen` (the order the input gives each worker)."""
+    import tensorflow as tf
+
+    class Recorded(keras.layers.Layer):
+        def call(self, inputs, training=None):
+            if not training:
+                return inputs
+
+            def note(batch):
+                seen.append(np.rint(batch.numpy()[:, 0] * SAMPLES).astype(int).tolist())
+                return 0
+
+            noted = tf.py_function(note, [inputs], tf.int32)
+            with tf.control_dependencies([noted]):
+                return tf.identity(inputs)
+
+    with scope:
+        model = keras.Sequential([keras.Input((2,)), Recorded(),
+                                  keras.layers.Dense(1, kernel_initializer="ones")])
+        model.compile(keras.optimizers.SGD(0.002), "mse")
+    return model
+
+
+def _batch_shuffle_orders(keras, strategy, x, y) -> dict[str, list]:
+    """`fit(x, y, shuffle="batch")`: the ids each worker trains at each step, without a
+    global seed (`unseeded`; none must be set yet), and with one on the workers and in
+    one process."""
+    import contextlib
+
+    record: dict[str, list] = {}
+    seen: list = []
+    _recording_model(keras, strategy.scope(), seen).fit(
+        x, y, batch_size=GLOBAL_BATCH, shuffle="batch", epochs=EPOCHS, verbose=0)
+    record["unseeded"] = seen
+    for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
+        keras.utils.set_random_seed(5)
+        seen = []
+        _recording_model(keras, scope, seen).fit(
+            x, y, batch_size=GLOBAL_BATCH, shuffle="batch", epochs=EPOCHS, verbose=0)
+        record[where] = seen
     return record
