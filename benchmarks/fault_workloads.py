@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
 import re
+import signal
 import subprocess
+import time
 
 import numpy as np
 
@@ -20,18 +23,28 @@ from disttrain.testing import LaunchedJob, function_command, run_launcher
 from workloads.fault_training import (
     CHECKPOINT_NAME,
     DISK_FULL,
+    ENV_FAULT_CGROUP,
     ENV_FAULT_KIND,
     ENV_FAULT_RANK,
     ENV_FAULT_STEP,
     ENV_FAULT_WHEN,
     KINDS,
+    NETWORK_CUT,
     RENAMES_UNDER,
     STEPS_PER_EPOCH,
     WEIGHT_TOLERANCE,
     WORKER_KILL,
     WORKER_STOP,
+    cut_rule,
     fault_train,
 )
+
+# The bound on a worker noticing a `NETWORK_CUT` (TensorFlow's coordination-service heartbeat
+# timeout, about 10 s plus the in-flight step, measured on a loaded 2-core machine).
+CUT_NOTICED_WITHIN = 30.0
+# Where the cgroup v2 hierarchy is mounted here (iptables' cgroup match needs v2).
+CGROUP2_ROOT = "/sys/fs/cgroup/unified"
+
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
@@ -71,7 +84,7 @@ def plan_fault(seed: int, workers: int, epochs: int, kind: str = WORKER_KILL,
             uninterrupted run (`FaultRun.renames`).
     """
     rng = random.Random(seed)
-    if kind in (WORKER_KILL, WORKER_STOP):
+    if kind in (WORKER_KILL, WORKER_STOP, NETWORK_CUT):
         return Fault(kind, rng.randrange(workers), rng.randint(1, epochs * STEPS_PER_EPOCH))
     if kind == DISK_FULL:
         return Fault(kind, 0, rng.randint(1, epochs * STEPS_PER_EPOCH))
@@ -100,6 +113,7 @@ class FaultRun:
             right after the job (`storage_problems`), checked while a disk-full
             job's tmpfs was still mounted.
         listed: the file names the ModelCheckpoint index (`best.json`) lists.
+        failed: (rank, attempt) -> the time fit raised on that rank in that attempt.
     """
 
     job: LaunchedJob
@@ -111,6 +125,7 @@ class FaultRun:
     checkpoint_dir: str
     storage: list[str]
     listed: list[str]
+    failed: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
 
 
 def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | None,
@@ -130,17 +145,21 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
     if mounted:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", checkpoint_dir],
                        check=True)
+    cut = fault is not None and fault.kind == NETWORK_CUT
     try:
-        job = run_launcher(["--workers", str(workers), "--max-restarts", str(max_restarts),
-                            "--grace", "1", "--", *command], timeout=timeout,
-                           env={} if fault is None else fault.env())
+        with network_cut(os.path.basename(result_dir)) if cut else contextlib.nullcontext() as cg:
+            env = {} if fault is None else fault.env()
+            if cg is not None:
+                env[ENV_FAULT_CGROUP] = cg
+            job = run_launcher(["--workers", str(workers), "--max-restarts", str(max_restarts),
+                                "--grace", "1", "--", *command], timeout=timeout, env=env)
         found = storage_problems(result_dir)
         index = _read_json(os.path.join(checkpoint_dir, "best.json")) or {}
         listed = [os.path.basename(r["path"]) for r in index.get("checkpoints", [])]
     finally:
         if mounted:
             subprocess.run(["umount", checkpoint_dir], check=True)
-    results, finished, began = {}, {}, {}
+    results, finished, began, failed = {}, {}, {}, {}
     for rank in range(workers):
         for attempt in range(max_restarts + 1):
             result = _read_json(os.path.join(result_dir, f"{rank}-{attempt}.json"))
@@ -149,6 +168,9 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
             start = _read_json(os.path.join(result_dir, f"began-{rank}-{attempt}.json"))
             if start is not None:
                 began[rank, attempt] = start["time"]
+            raised = _read_json(os.path.join(result_dir, f"failed-{rank}-{attempt}.json"))
+            if raised is not None:
+                failed[rank, attempt] = raised["time"]
         log = os.path.join(result_dir, f"epochs-{rank}.log")
         with contextlib.suppress(FileNotFoundError), open(log) as f:
             finished[rank] = [tuple(map(int, line.split())) for line in f]
@@ -156,7 +178,49 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
     for attempt in range(max_restarts + 1):
         renames = _read_json(os.path.join(result_dir, f"renames-{attempt}.json")) or renames
     return FaultRun(job, results, finished, _read_json(os.path.join(result_dir, "fault.json")),
-                    began, renames, checkpoint_dir, found, listed)
+                    began, renames, checkpoint_dir, found, listed, failed)
+
+
+@contextlib.contextmanager
+def network_cut(name: str):
+    """A cgroup (v2) for a `NETWORK_CUT` victim; yields its directory.
+
+    The victim joins it before it opens any socket (a socket keeps the cgroup
+    its process had when it was created) and, at the planned step, inserts
+    `iptables -I OUTPUT -m cgroup --path <name> -j DROP` (`CUT_RULE`): from then on
+    every packet of its sockets, loopback included, is dropped mid-connection.
+    On exit every such rule is deleted, any process still in the cgroup is
+    SIGKILLed and the cgroup removed. Needs root.
+
+    Example:
+
+    ```
+    with network_cut("seed-3") as cgroup:
+        ...  # run the job with DISTTRAIN_FAULT_CGROUP=cgroup
+    ```
+    """
+    directory = os.path.join(CGROUP2_ROOT, f"disttrain-netcut-{os.getpid()}-{name}")
+    os.makedirs(directory)
+    try:
+        yield directory
+    finally:
+        rule = cut_rule(directory)
+        while subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True).returncode == 0:
+            pass
+        with open(os.path.join(directory, "cgroup.procs")) as f:
+            left = [int(pid) for pid in f.read().split()]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 def storage_problems(result_dir: str) -> list[str]:
@@ -316,6 +380,30 @@ def restart_seconds(run: FaultRun) -> float | None:
     if run.fault is None or not restarted:
         return None
     return min(restarted) - run.fault["time"]
+
+
+def detection_seconds(run: FaultRun) -> dict[int, float]:
+    """rank -> seconds from the fault to fit raising on that rank in attempt 0; ranks whose
+    fit did not raise (killed before noticing, or never struck) are left out."""
+    if run.fault is None:
+        return {}
+    return {rank: t - run.fault["time"] for (rank, attempt), t in run.failed.items()
+            if attempt == 0}
+
+
+def network_cut_problems(run: FaultRun, workers: int, within: float) -> list[str]:
+    """What is wrong with how a `NETWORK_CUT` was noticed: every worker's fit of attempt 0
+    must have raised by itself (not been stopped by the launcher first), within `within`
+    seconds of the cut. `restart_problems` checks the recovery."""
+    detected = detection_seconds(run)
+    problems = []
+    missed = [rank for rank in range(workers) if rank not in detected]
+    if missed:
+        problems.append(f"workers {missed} did not notice the cut themselves")
+    late = {rank: round(s, 1) for rank, s in detected.items() if s > within}
+    if late:
+        problems.append(f"noticed the cut later than {within:g}s: {late}")
+    return problems
 
 
 def _read_json(path: str):

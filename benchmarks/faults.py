@@ -19,9 +19,14 @@ and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
   or just after a random one of the renames of its ModelCheckpoint /
   BackupAndRestore commits;
 - disk-full: the chief fills the checkpoint disk (a 1 MiB tmpfs; needs root)
-  after a random step.
+  after a random step;
+- network-cut: a random worker is cut off the network after a random step: an
+  iptables rule drops every packet its process sends (matched by a cgroup it
+  joined at start; needs root). Besides recovering like worker-kill, every
+  worker's fit must raise by itself within `CUT_NOTICED_WITHIN` seconds of the
+  cut; the row notes each worker's seconds.
 
-The first four run with `--max-restarts 1`: a seed is ok when the job exits 0
+The first four and network-cut run with `--max-restarts 1`: a seed is ok when the job exits 0
 after exactly 2 attempts, every worker resumed where the last committed backup
 says and ends with weights within 1e-5 of the reference, and the checkpoint and
 backup directories hold no temp file, no damaged commit and no visible
@@ -46,14 +51,17 @@ import tempfile
 from collections.abc import Sequence
 
 from benchmarks.fault_workloads import (
+    CUT_NOTICED_WITHIN,
+    detection_seconds,
     disk_full_problems,
     max_weight_diff,
+    network_cut_problems,
     plan_fault,
     restart_problems,
     restart_seconds,
     run_fault_job,
 )
-from workloads.fault_training import DISK_FULL, KINDS, WORKER_KILL
+from workloads.fault_training import DISK_FULL, KINDS, NETWORK_CUT, WORKER_KILL
 
 JOB_TIMEOUT = 300.0
 
@@ -83,7 +91,7 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
     """Runs every seed of `kind`, printing a row each; returns its summary."""
     print(f"\n{kind}: {KINDS[kind]}")
     print(f"{'seed':>5}  {'fault':<24} {'wall':>7}  {'restart':>8}  {'max diff':>9}  outcome")
-    walls, restarts, diffs, failed = [], [], [], []
+    walls, restarts, diffs, failed, detections = [], [], [], [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         fault = plan_fault(seed, args.workers, args.epochs, kind, renames)
         run = run_fault_job(f"{tmp}/{kind}-{seed}", args.workers, args.epochs, fault=fault,
@@ -92,6 +100,13 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
             problems = disk_full_problems(run, fault, args.workers)
         else:
             problems = restart_problems(run, fault, args.workers, args.epochs, reference)
+        note = ""
+        if kind == NETWORK_CUT:
+            problems += network_cut_problems(run, args.workers, CUT_NOTICED_WITHIN)
+            noticed = detection_seconds(run)
+            detections.extend(noticed.values())
+            note = " (noticed: " + " ".join(f"w{r} {s:.1f}s" for r, s in
+                                           sorted(noticed.items())) + ")"
         diff = (max_weight_diff(run.results[0]["weights"], reference)
                 if 0 in run.results else float("nan"))
         restart = restart_seconds(run)
@@ -102,12 +117,13 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
         if problems:
             failed.append(seed)
         print(_row(seed, fault.describe(), run.job.seconds, restart, diff,
-                   "; ".join(problems) or "ok"), flush=True)
+                   ("; ".join(problems) or "ok") + note), flush=True)
     finite = [d for d in diffs if not math.isnan(d)]
     return {"kind": kind, "ok": args.seeds - len(failed), "seeds": args.seeds,
             "wall_median": statistics.median(walls), "wall_max": max(walls),
             "restart_max": max(restarts, default=None),
-            "diff_max": max(finite, default=float("nan")), "failed": failed}
+            "diff_max": max(finite, default=float("nan")), "failed": failed,
+            "noticed_max": max(detections, default=None)}
 
 
 def summary_table(summaries: list[dict], workers: int, epochs: int) -> str:
@@ -131,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     if DISK_FULL in kinds and os.geteuid() != 0:
         parser.error("--kind disk-full mounts a tmpfs: run as root, or pick another kind")
+    if NETWORK_CUT in kinds and os.geteuid() != 0:
+        parser.error("--kind network-cut makes a cgroup and an iptables rule: run as root, "
+                     "or pick another kind")
     with tempfile.TemporaryDirectory(prefix="disttrain-faults-") as tmp:
         reference = run_fault_job(f"{tmp}/reference", args.workers, args.epochs, fault=None,
                                   max_restarts=0, timeout=JOB_TIMEOUT)
@@ -142,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries = [run_kind(kind, args, tmp, reference.results[0]["weights"],
                               reference.renames) for kind in kinds]
     print("\n" + summary_table(summaries, args.workers, args.epochs))
+    for s in summaries:
+        if s["noticed_max"] is not None:
+            print(f"{s['kind']}: every worker noticed within {s['noticed_max']:.1f}s of the "
+                  f"fault (bound {CUT_NOTICED_WITHIN:g}s)")
     return 1 if any(s["failed"] for s in summaries) else 0
 
 

@@ -11,8 +11,11 @@ bad-input cases make wrong. Both run under `python -m launch.local` as
   global step `DISTTRAIN_FAULT_STEP`, the chief SIGKILLs itself at its
   `DISTTRAIN_FAULT_STEP`-th rename into the backup or checkpoint directory
   (`DISTTRAIN_FAULT_WHEN`: just before or just after it), or the chief fills the
-  checkpoint disk. It records every finished epoch and its final weights under
-  `result_dir`, so a check can compare the job with an uninterrupted one
+  checkpoint disk, or worker `DISTTRAIN_FAULT_RANK`, which joined the cgroup
+  `DISTTRAIN_FAULT_CGROUP` before opening any socket, drops every packet it sends
+  with an iptables rule matching that cgroup (`cut_rule`). It records every
+  finished epoch and its final weights under `result_dir`, so a check can compare
+  the job with an uninterrupted one
   (`benchmarks.fault_workloads` plans the faults, runs the jobs and checks them).
 """
 
@@ -22,6 +25,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -30,11 +34,13 @@ ENV_FAULT_RANK = "DISTTRAIN_FAULT_RANK"
 ENV_FAULT_STEP = "DISTTRAIN_FAULT_STEP"
 ENV_FAULT_KIND = "DISTTRAIN_FAULT_KIND"
 ENV_FAULT_WHEN = "DISTTRAIN_FAULT_WHEN"
+ENV_FAULT_CGROUP = "DISTTRAIN_FAULT_CGROUP"
 WORKER_KILL = "worker-kill"
 CHIEF_KILL_COMMIT = "chief-kill-commit"
 CHIEF_KILL_BACKUP = "chief-kill-backup"
 WORKER_STOP = "worker-stop"
 DISK_FULL = "disk-full"
+NETWORK_CUT = "network-cut"
 # What each kind does on attempt 0 (the fault is planned by `plan_fault`).
 KINDS = {
     WORKER_KILL: "a random worker SIGKILLs itself after a random step",
@@ -44,6 +50,8 @@ KINDS = {
                        "BackupAndRestore commit",
     WORKER_STOP: "a random worker SIGSTOPs itself (frozen, never continued) after a random step",
     DISK_FULL: "the chief fills the checkpoint disk (a small tmpfs) after a random step",
+    NETWORK_CUT: "a random worker is cut off the network (every packet it sends dropped) "
+                 "after a random step",
 }
 # The directories (under result_dir) whose renames the chief-kill kinds count.
 RENAMES_UNDER = {CHIEF_KILL_BACKUP: "backup-", CHIEF_KILL_COMMIT: "checkpoints"}
@@ -123,7 +131,8 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
     epoch, writes `<result_dir>/began-<rank>-<attempt>.json` (the time) when fit
     starts, `<result_dir>/fault.json` just before the fault strikes, the chief's
     count of renames under each `RENAMES_UNDER` directory to
-    `<result_dir>/renames-<attempt>.json` and, when fit returns,
+    `<result_dir>/renames-<attempt>.json`, `<result_dir>/failed-<rank>-<attempt>.json`
+    (the time) when fit raises and, when fit returns,
     `<result_dir>/<rank>-<attempt>.json` with the epochs run and the final weights.
     """
     import keras
@@ -134,11 +143,16 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
     kind = os.environ.get(ENV_FAULT_KIND, WORKER_KILL)
     victim = int(os.environ.get(ENV_FAULT_RANK, "-1"))
     fault_step = int(os.environ.get(ENV_FAULT_STEP, "0"))
+    from disttrain.cluster import Cluster
+
+    armed = attempt == 0 and Cluster.from_env().worker_rank == victim
+    if armed and kind == NETWORK_CUT:
+        with open(os.path.join(os.environ[ENV_FAULT_CGROUP], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     model = _model(width)
     model.build((None, 6))
     train, val = _datasets()
     rank = coordination.get().rank
-    armed = attempt == 0 and rank == victim
 
     def strike(**details) -> None:
         write_json(os.path.join(result_dir, "fault.json"),
@@ -186,6 +200,10 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
                 os.kill(os.getpid(), signal.SIGSTOP)
             elif kind == DISK_FULL:
                 strike(step=step, free=_fill(os.path.join(checkpoint_dir, FILLER_NAME)))
+            elif kind == NETWORK_CUT:
+                strike(step=step)
+                subprocess.run(["iptables", "-w", "-I", *cut_rule(os.environ[ENV_FAULT_CGROUP])],
+                               check=True)
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch = epoch
@@ -198,13 +216,25 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
     if checkpoint_dir is not None:
         stack.insert(0, callbacks.ModelCheckpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME),
                                                   save_weights_only=True))
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=stack)
+    try:
+        history = model.fit(train, validation_data=val, epochs=epochs, verbose=0,
+                            callbacks=stack)
+    except Exception:
+        write_json(os.path.join(result_dir, f"failed-{rank}-{attempt}.json"),
+                   {"time": time.time()})
+        raise
     if rank == 0:
         write_json(os.path.join(result_dir, f"renames-{attempt}.json"), renames)
     result = {"attempt": attempt, "epochs_run": len(history.history.get("loss", [])),
               "weights": [np.asarray(w).tolist() for w in model.get_weights()]}
     write_json(os.path.join(result_dir, f"{rank}-{attempt}.json"), result)
     return result
+
+
+def cut_rule(cgroup: str) -> list[str]:
+    """The iptables rule (chain and match) dropping every packet sent by a process of
+    `cgroup`, a directory directly under the cgroup v2 root."""
+    return ["OUTPUT", "-m", "cgroup", "--path", os.path.basename(cgroup), "-j", "DROP"]
 
 
 def _fill(path: str) -> int:

@@ -14,27 +14,41 @@ frozen by SIGSTOP and the chief SIGKILLed just before or after a rename of a
 ModelCheckpoint or BackupAndRestore commit must recover the same way, with no
 temp file, damaged commit or unlisted checkpoint left; a full checkpoint disk
 on the chief must fail the job with the same clear error on every worker and
-every earlier checkpoint intact. `python -m benchmarks.faults --kind all` runs
-many more seeds.
+every earlier checkpoint intact; a worker cut off the network (every packet it
+sends dropped) must be noticed by every worker within a bound and recovered
+exactly. `python -m benchmarks.faults --kind all` runs many more seeds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
 from benchmarks.fault_workloads import (
+    CGROUP2_ROOT,
+    CUT_NOTICED_WITHIN,
     FaultRun,
+    detection_seconds,
     disk_full_problems,
+    network_cut_problems,
     plan_fault,
     restart_problems,
     restart_seconds,
     run_fault_job,
     storage_problems,
 )
-from workloads.fault_training import CHIEF_KILL_BACKUP, CHIEF_KILL_COMMIT, DISK_FULL, WORKER_STOP
+from workloads.fault_training import (
+    CHIEF_KILL_BACKUP,
+    CHIEF_KILL_COMMIT,
+    DISK_FULL,
+    NETWORK_CUT,
+    WORKER_STOP,
+)
 
 WORKERS = 2
 EPOCHS = 4
@@ -127,6 +141,39 @@ def test_a_full_checkpoint_disk_fails_every_worker_clearly_and_keeps_earlier_che
                         timeout=JOB_TIMEOUT)
     assert disk_full_problems(run, fault, WORKERS) == [], run.job.report()
     assert run.job.seconds < FAILED_WITHIN, run.job.report()
+
+
+def _network_cut_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "network-cut needs root (a cgroup and an iptables rule)"
+    if shutil.which("iptables") is None:
+        return "network-cut needs iptables"
+    if not os.path.exists(os.path.join(CGROUP2_ROOT, "cgroup.procs")):
+        return f"network-cut needs a cgroup v2 hierarchy at {CGROUP2_ROOT}"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_a_worker_cut_off_the_network_is_noticed_by_every_worker_and_recovered_exactly(
+        reference, tmp_path):
+    unavailable = _network_cut_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    fault = plan_fault(3, WORKERS, EPOCHS, NETWORK_CUT)  # the chief, after step 19
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                        timeout=JOB_TIMEOUT)
+    assert restart_problems(run, fault, WORKERS, EPOCHS, reference.results[0]["weights"]) == [], (
+        run.job.report())
+    assert network_cut_problems(run, WORKERS, CUT_NOTICED_WITHIN) == [], (
+        detection_seconds(run), run.job.report())
+    assert "CoordinationService/Heartbeat" in run.job.stderr, run.job.report()
+    assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
+    ours = f"disttrain-netcut-{os.getpid()}-"
+    rules = subprocess.run(["iptables", "-w", "-S", "OUTPUT"], capture_output=True, text=True,
+                           check=True).stdout
+    assert ours not in rules, f"the cut's rule was left: {rules}"
+    assert not [d for d in os.listdir(CGROUP2_ROOT) if d.startswith(ours)], "cgroup left"
 
 
 def test_the_storage_check_finds_leftovers_damaged_commits_and_unlisted_checkpoints(tmp_path):
