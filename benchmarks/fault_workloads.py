@@ -42,8 +42,6 @@ from workloads.fault_training import (
 # The bound on a worker noticing a `NETWORK_CUT` (TensorFlow's coordination-service heartbeat
 # timeout, about 10 s plus the in-flight step, measured on a loaded 2-core machine).
 CUT_NOTICED_WITHIN = 30.0
-# Where the cgroup v2 hierarchy is mounted here (iptables' cgroup match needs v2).
-CGROUP2_ROOT = "/sys/fs/cgroup/unified"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +179,17 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
                     began, renames, checkpoint_dir, found, listed, failed)
 
 
+def cgroup2_root() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (iptables' cgroup match needs v2), or None:
+    `/sys/fs/cgroup` on a v2-only host, `/sys/fs/cgroup/unified` on a hybrid one."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount_point, fs_type, *_ = line.split()
+            if fs_type == "cgroup2":
+                return mount_point
+    return None
+
+
 @contextlib.contextmanager
 def network_cut(name: str):
     """A cgroup (v2) for a `NETWORK_CUT` victim; yields its directory.
@@ -199,7 +208,11 @@ def network_cut(name: str):
         ...  # run the job with DISTTRAIN_FAULT_CGROUP=cgroup
     ```
     """
-    directory = os.path.join(CGROUP2_ROOT, f"disttrain-netcut-{os.getpid()}-{name}")
+    root = cgroup2_root()
+    if root is None:
+        raise RuntimeError("network-cut needs a cgroup v2 hierarchy and none is mounted "
+                           "(/proc/mounts lists no cgroup2): mount one, or pick another kind")
+    directory = os.path.join(root, f"disttrain-netcut-{os.getpid()}-{name}")
     os.makedirs(directory)
     try:
         yield directory

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 
 from benchmarks.fault_workloads import (
     CUT_NOTICED_WITHIN,
+    cgroup2_root,
     detection_seconds,
     disk_full_problems,
     max_weight_diff,
@@ -147,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     if DISK_FULL in kinds and os.geteuid() != 0:
         parser.error("--kind disk-full mounts a tmpfs: run as root, or pick another kind")
-    if NETWORK_CUT in kinds and os.geteuid() != 0:
-        parser.error("--kind network-cut makes a cgroup and an iptables rule: run as root, "
-                     "or pick another kind")
+    if NETWORK_CUT in kinds and (os.geteuid() != 0 or cgroup2_root() is None):
+        parser.error("--kind network-cut makes a cgroup v2 and an iptables rule: run as root "
+                     "on a host with cgroup2 mounted, or pick another kind")
     with tempfile.TemporaryDirectory(prefix="disttrain-faults-") as tmp:
         reference = run_fault_job(f"{tmp}/reference", args.workers, args.epochs, fault=None,
                                   max_restarts=0, timeout=JOB_TIMEOUT)
