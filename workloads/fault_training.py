@@ -138,21 +138,21 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
     import keras
 
     from disttrain import callbacks, coordination
+    from disttrain.cluster import Cluster
 
     attempt = int(os.environ.get("DISTTRAIN_ATTEMPT", "0"))
     kind = os.environ.get(ENV_FAULT_KIND, WORKER_KILL)
     victim = int(os.environ.get(ENV_FAULT_RANK, "-1"))
     fault_step = int(os.environ.get(ENV_FAULT_STEP, "0"))
-    from disttrain.cluster import Cluster
-
-    armed = attempt == 0 and Cluster.from_env().worker_rank == victim
-    if armed and kind == NETWORK_CUT:
+    if kind == NETWORK_CUT and attempt == 0 and Cluster.from_env().worker_rank == victim:
+        # Before the strategy opens any socket: a socket keeps its creator's cgroup.
         with open(os.path.join(os.environ[ENV_FAULT_CGROUP], "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     model = _model(width)
     model.build((None, 6))
     train, val = _datasets()
     rank = coordination.get().rank
+    armed = attempt == 0 and rank == victim
 
     def strike(**details) -> None:
         write_json(os.path.join(result_dir, "fault.json"),
