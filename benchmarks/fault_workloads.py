@@ -118,6 +118,8 @@ class FaultRun:
             right after the job (`storage_problems`), checked while a disk-full
             job's tmpfs was still mounted.
         listed: the file names the ModelCheckpoint index (`best.json`) lists.
+        ended_while_down: storage-kill only: the job ended while the storage
+            server was dead (no write of the job met the restarted server).
     """
 
     job: LaunchedJob
@@ -129,6 +131,7 @@ class FaultRun:
     checkpoint_dir: str
     storage: list[str]
     listed: list[str]
+    ended_while_down: bool = False
 
 
 def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | None,
@@ -161,6 +164,7 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
             env.update(server.env())
         job = run_launcher(["--workers", str(workers), "--max-restarts", str(max_restarts),
                             "--grace", "1", "--", *command], timeout=timeout, env=env)
+        ended_while_down = server is not None and server.restarted_at is None
         if server is not None:
             found = server.check(root)
         else:
@@ -193,7 +197,8 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
     for attempt in range(max_restarts + 1):
         renames = _read_json(os.path.join(result_dir, f"renames-{attempt}.json")) or renames
     return FaultRun(job, results, finished, _read_json(os.path.join(result_dir, "fault.json")),
-                    began, renames, checkpoint_dir, found, listed)
+                    began, renames, checkpoint_dir, found, listed,
+                    ended_while_down)
 
 
 EMULATOR_BROKE = "emulator's own store"
@@ -219,6 +224,7 @@ class _StorageServer:
         self.proc, self.emulator = start_emulator(BUCKET, self.log, data_dir=self.data_dir)
         self.port = int(self.emulator.endpoint.rsplit(":", 1)[1])
         self.restart_error: str | None = None
+        self.restarted_at: float | None = None
         self.closed = threading.Event()
         self.watcher = threading.Thread(target=self._restart_when_killed, daemon=True)
         self.watcher.start()
@@ -235,6 +241,7 @@ class _StorageServer:
         try:
             self.proc, _ = start_emulator(BUCKET, self.log, port=self.port,
                                           data_dir=self.data_dir)
+            self.restarted_at = time.time()
         except RuntimeError as e:
             lines = str(e).splitlines()
             self.restart_error = f"{lines[0]} {lines[-1]}"

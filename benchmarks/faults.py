@@ -117,6 +117,8 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
         ok = "ok"
         if kind == STORAGE_KILL and emulator_broke(run.storage):
             ok = f"ok for disttrain (clear StorageError); the emulator's fault: {run.storage[0]}"
+        elif kind == STORAGE_KILL and run.ended_while_down:
+            ok += " (the job ended before the restart: its last writes preceded the kill)"
         elif kind == STORAGE_KILL:
             ok += " (retried)" if "1 attempt(s)" in run.job.stderr else " (restarted)"
         print(_row(seed, fault.describe(), run.job.seconds, restart, diff,
