@@ -11,14 +11,18 @@ import dataclasses
 import errno
 import json
 import os
+import posixpath
 import random
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
 
+from disttrain import storage
+from disttrain.errors import StorageError
 from disttrain.testing import LaunchedJob, function_command, run_launcher
 from workloads.fault_training import (
     CHECKPOINT_NAME,
@@ -30,14 +34,19 @@ from workloads.fault_training import (
     ENV_FAULT_WHEN,
     KINDS,
     NETWORK_CUT,
+    ENV_STORAGE_PID,
     RENAMES_UNDER,
     STEPS_PER_EPOCH,
+    STORAGE_KILL,
     WEIGHT_TOLERANCE,
     WORKER_KILL,
     WORKER_STOP,
     cut_rule,
     fault_train,
 )
+from workloads.gcs_server import start_emulator, stop
+
+BUCKET = "disttrain-faults"
 
 # The bound on a worker noticing a `NETWORK_CUT` (TensorFlow's coordination-service heartbeat
 # timeout, about 10 s plus the in-flight step, measured on a loaded 2-core machine).
@@ -49,13 +58,16 @@ class Fault:
     """One planned fault: its kind, the rank it strikes, when, and (renames) before or after.
 
     `step` is a global step from 1 for the step kinds, the number (from 1) of
-    the rename into the kind's directory for the chief-kill kinds.
+    the rename into the kind's directory for the chief-kill kinds. For
+    storage-kill, `when` is the delay in seconds after that step's epoch ends
+    and `down` the seconds the storage server stays dead.
     """
 
     kind: str
     rank: int
     step: int
     when: str = "before"
+    down: float = 0.0
 
     def env(self) -> dict[str, str]:
         """The environment that makes `fault_train` strike this fault."""
@@ -63,7 +75,9 @@ class Fault:
                 ENV_FAULT_STEP: str(self.step), ENV_FAULT_WHEN: self.when}
 
     def describe(self) -> str:
-        """e.g. `w1 step 7` or `w0 rename 3 after`."""
+        """e.g. `w1 step 7`, `w0 rename 3 after` or `w0 step 12 +0.08s down 3.1s`."""
+        if self.kind == STORAGE_KILL:
+            return f"w{self.rank} step {self.step} +{self.when}s down {self.down:.1f}s"
         if self.kind in RENAMES_UNDER:
             return f"w{self.rank} rename {self.step} {self.when}"
         return f"w{self.rank} step {self.step}"
@@ -86,6 +100,9 @@ def plan_fault(seed: int, workers: int, epochs: int, kind: str = WORKER_KILL,
         return Fault(kind, rng.randrange(workers), rng.randint(1, epochs * STEPS_PER_EPOCH))
     if kind == DISK_FULL:
         return Fault(kind, 0, rng.randint(1, epochs * STEPS_PER_EPOCH))
+    if kind == STORAGE_KILL:
+        return Fault(kind, 0, rng.randint(1, epochs) * STEPS_PER_EPOCH,
+                     f"{rng.uniform(0, 0.4):.2f}", round(rng.uniform(0.5, 40), 1))
     if kind in RENAMES_UNDER:
         total = (renames or {}).get(RENAMES_UNDER[kind], 0)
         if total < 1:
@@ -112,6 +129,8 @@ class FaultRun:
             job's tmpfs was still mounted.
         listed: the file names the ModelCheckpoint index (`best.json`) lists.
         failed: (rank, attempt) -> the time fit raised on that rank in that attempt.
+        ended_while_down: storage-kill only: the job ended while the storage
+            server was dead (no write of the job met the restarted server).
     """
 
     job: LaunchedJob
@@ -124,6 +143,7 @@ class FaultRun:
     storage: list[str]
     listed: list[str]
     failed: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+    ended_while_down: bool = False
 
 
 def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | None,
@@ -131,32 +151,52 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
     """Runs `fault_train` on `workers` local workers, striking `fault` (None: no fault).
 
     `result_dir` is created if needed and should be empty. For `DISK_FULL` the
-    checkpoint directory is a 1 MiB tmpfs mounted for the job (needs root).
+    checkpoint directory is a 1 MiB tmpfs mounted for the job (needs root). For
+    `STORAGE_KILL` the checkpoints and backups go to `gs://` on a GCS emulator
+    keeping its objects under `result_dir/gcs`; once the chief kills it, it is
+    restarted on the same port and directory `fault.down` seconds later.
     """
     os.makedirs(result_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(result_dir, "checkpoints")
-    os.makedirs(checkpoint_dir)
+    on_gcs = fault is not None and fault.kind == STORAGE_KILL
+    root = f"gs://{BUCKET}" if on_gcs else result_dir
+    checkpoint_dir = f"{root}/checkpoints"
+    if not on_gcs:
+        os.makedirs(checkpoint_dir)
     command = function_command(fault_train, {
-        "result_dir": result_dir, "backup_dir": os.path.join(result_dir, "backup-{run_id}"),
+        "result_dir": result_dir, "backup_dir": f"{root}/backup-{{run_id}}",
         "checkpoint_dir": checkpoint_dir, "epochs": epochs})
     mounted = fault is not None and fault.kind == DISK_FULL
     if mounted:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", checkpoint_dir],
                        check=True)
+    server = _StorageServer(result_dir, fault.down) if on_gcs else None
+    env = {} if fault is None else fault.env()
     cut = fault is not None and fault.kind == NETWORK_CUT
     try:
+        if server is not None:
+            env.update(server.env())
         with network_cut(os.path.basename(result_dir)) if cut else contextlib.nullcontext() as cg:
-            env = {} if fault is None else fault.env()
             if cg is not None:
                 env[ENV_FAULT_CGROUP] = cg
             job = run_launcher(["--workers", str(workers), "--max-restarts", str(max_restarts),
                                 "--grace", "1", "--", *command], timeout=timeout, env=env)
-        found = storage_problems(result_dir)
-        index = _read_json(os.path.join(checkpoint_dir, "best.json")) or {}
-        listed = [os.path.basename(r["path"]) for r in index.get("checkpoints", [])]
+        ended_while_down = server is not None and server.restarted_at is None
+        if server is not None:
+            found = server.check(root)
+        else:
+            found = storage_problems(root)
+        try:
+            index = {} if emulator_broke(found) else (
+                storage.read_json(f"{checkpoint_dir}/best.json") or {})
+        except StorageError as e:
+            found.append(f"the checkpoint index is unreadable: {e}")
+            index = {}
+        listed = [posixpath.basename(r["path"]) for r in index.get("checkpoints", [])]
     finally:
         if mounted:
             subprocess.run(["umount", checkpoint_dir], check=True)
+        if server is not None:
+            server.close()
     results, finished, began, failed = {}, {}, {}, {}
     for rank in range(workers):
         for attempt in range(max_restarts + 1):
@@ -176,7 +216,8 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
     for attempt in range(max_restarts + 1):
         renames = _read_json(os.path.join(result_dir, f"renames-{attempt}.json")) or renames
     return FaultRun(job, results, finished, _read_json(os.path.join(result_dir, "fault.json")),
-                    began, renames, checkpoint_dir, found, listed, failed)
+                    began, renames, checkpoint_dir, found, listed, failed,
+                    ended_while_down)
 
 
 def cgroup2_root() -> str | None:
@@ -236,8 +277,72 @@ def network_cut(name: str):
                 time.sleep(0.05)
 
 
-def storage_problems(result_dir: str) -> list[str]:
-    """What a reader of the job's checkpoint and backup directories could trip on.
+EMULATOR_BROKE = "emulator's own store"
+
+
+def emulator_broke(storage_found: list[str]) -> bool:
+    """Whether the storage-kill's emulator could not serve its store again (`FaultRun.storage`):
+    its own metadata, not an object disttrain wrote, was damaged by the kill."""
+    return any(p.startswith(EMULATOR_BROKE) for p in storage_found)
+
+
+class _StorageServer:
+    """The storage-kill fault's GCS emulator: restarted `down` seconds after it dies.
+
+    Its objects live under `result_dir/gcs`, its log in `result_dir/gcs.log`.
+    A failed restart is kept in `restart_error`: the emulator's own store
+    (rewritten non-atomically) was damaged by the kill, not disttrain's objects.
+    """
+
+    def __init__(self, result_dir: str, down: float):
+        self.data_dir, self.log = os.path.join(result_dir, "gcs"), f"{result_dir}/gcs.log"
+        self.down = down
+        self.proc, self.emulator = start_emulator(BUCKET, self.log, data_dir=self.data_dir)
+        self.port = int(self.emulator.endpoint.rsplit(":", 1)[1])
+        self.restart_error: str | None = None
+        self.restarted_at: float | None = None
+        self.closed = threading.Event()
+        self.watcher = threading.Thread(target=self._restart_when_killed, daemon=True)
+        self.watcher.start()
+
+    def env(self) -> dict[str, str]:
+        return {storage.ENV_STORAGE_EMULATOR_HOST: self.emulator.endpoint,
+                ENV_STORAGE_PID: str(self.emulator.pid)}
+
+    def _restart_when_killed(self) -> None:
+        while self.proc.poll() is None:
+            if self.closed.wait(0.05):
+                return
+        time.sleep(self.down)
+        try:
+            self.proc, _ = start_emulator(BUCKET, self.log, port=self.port,
+                                          data_dir=self.data_dir)
+            self.restarted_at = time.time()
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            self.restart_error = f"{lines[0]} {lines[-1]}"
+
+    def check(self, root: str) -> list[str]:
+        """`storage_problems` of `root` through the (restarted) emulator."""
+        self.watcher.join(timeout=self.down + 40)
+        if self.restart_error:
+            return [f"{EMULATOR_BROKE}: restart failed: {self.restart_error}"]
+        os.environ[storage.ENV_STORAGE_EMULATOR_HOST] = self.emulator.endpoint
+        try:
+            return storage_problems(root)
+        except (OSError, ValueError) as e:
+            return [f"{EMULATOR_BROKE} (or a torn object?): check failed: {e}"]
+
+    def close(self) -> None:
+        self.closed.set()
+        self.watcher.join(timeout=self.down + 40)
+        if self.proc.poll() is None:
+            stop(self.proc)
+
+
+def storage_problems(root: str) -> list[str]:
+    """What a reader of the job's checkpoint and backup directories under `root` (a
+    local directory or a URL) could trip on.
 
     No temp file or write probe left; every directory with a manifest holds
     exactly the files it lists with their sizes and checksums; every file an
@@ -246,34 +351,34 @@ def storage_problems(result_dir: str) -> list[str]:
     """
     import h5py
 
-    from disttrain import storage
-
+    fs, base = storage.url_to_fs(root)
+    fs.invalidate_cache()
     problems = []
-    for directory, _, names in os.walk(result_dir):
-        if not (os.path.basename(directory).startswith("backup")
-                or directory.startswith(os.path.join(result_dir, "checkpoints"))):
+    for directory, _, names in fs.walk(base):
+        url = posixpath.join(root, posixpath.relpath(directory, base))
+        in_checkpoints = url.startswith(f"{root}/checkpoints")
+        if not (posixpath.basename(directory).startswith("backup") or in_checkpoints):
             continue
         for name in names:
             if ".tmp-" in name or name.startswith(storage.PROBE_PREFIX):
-                problems.append(f"left behind: {os.path.join(directory, name)}")
+                problems.append(f"left behind: {url}/{name}")
         if storage.MANIFEST_NAME in names:
-            problem = storage.check_files(directory)
+            problem = storage.check_files(url)
             if problem:
                 problems.append(f"damaged commit: {problem}")
         listed = set()
         for name in names:
-            index = _read_json(os.path.join(directory, name)) if name.endswith(".json") else None
+            index = storage.read_json(f"{url}/{name}") if name.endswith(".json") else None
             for record in (index or {}).get("checkpoints", []) if isinstance(index, dict) else []:
-                listed.add(os.path.basename(record["path"]))
+                listed.add(posixpath.basename(record["path"]))
                 try:
-                    with h5py.File(record["path"], "r"):
+                    with storage.local_copy(record["path"]) as local, h5py.File(local, "r"):
                         pass
                 except OSError as e:
                     problems.append(f"index {name} lists {record['path']}, unreadable: {e}")
         for name in names:
-            in_checkpoints = directory.startswith(os.path.join(result_dir, "checkpoints"))
             if name.endswith(".h5") and in_checkpoints and name not in listed:
-                problems.append(f"unlisted checkpoint visible: {os.path.join(directory, name)}")
+                problems.append(f"unlisted checkpoint visible: {url}/{name}")
     return problems
 
 
@@ -384,6 +489,64 @@ def disk_full_problems(run: FaultRun, fault: Fault, workers: int) -> list[str]:
     if saved != expected:
         problems.append(f"checkpoints listed {saved}, expected those saved before the disk "
                         f"filled: {expected}")
+    return problems
+
+
+def storage_kill_problems(run: FaultRun, fault: Fault, workers: int, epochs: int,
+                          reference: list, tolerance: float = WEIGHT_TOLERANCE) -> list[str]:
+    """What is wrong with a job whose storage server was killed mid-save (`STORAGE_KILL`).
+
+    Expected: the server was killed as planned and no process is left; the
+    job either exits 0, every worker with the same weights within `tolerance`
+    of `reference`, after one attempt (the uploads were retried) or two (every
+    worker of attempt 0 printed a `StorageError` naming the gs:// URL and a
+    fix, and attempt 1 resumed at most one epoch after the last one attempt 0
+    finished), or fails with that error on every worker; either way every
+    checkpoint and backup the job left passes `storage_problems` (no manifest
+    naming a missing or torn object) and, when the job failed, every epoch's
+    checkpoint saved before the kill is listed. Where the emulator could not
+    serve its own store again (`emulator_broke`), the objects cannot be read
+    back: only the workers' errors are checked.
+    """
+    job = run.job
+    if job.timed_out or job.returncode is None:
+        return [f"exit {job.returncode} (timed out)"]
+    broke = emulator_broke(run.storage)
+    problems = [] if broke else list(run.storage)
+    if job.survivors:
+        problems.append(f"processes left: {job.survivors}")
+    if run.fault is None or run.fault["step"] != fault.step:
+        problems.append(f"the storage server was not killed after step {fault.step}: {run.fault}")
+    attempts = 1 if "1 attempt(s)" in job.stderr else 2
+    errors = worker_errors(job.stderr, workers)
+    if job.returncode != 0 or attempts == 2:
+        if sorted(errors) != list(range(workers)):
+            problems.append(f"only workers {sorted(errors)} printed a disttrain error")
+        elif not all(e.startswith("StorageError") and "gs://" in e for e in errors.values()):
+            problems.append(f"not a StorageError naming the gs:// URL: {errors}")
+    if job.returncode != 0 and not broke:
+        before = [CHECKPOINT_NAME.format(epoch=e + 1)
+                  for e in range(fault.step // STEPS_PER_EPOCH - 1)]
+        if not set(before) <= set(run.listed):
+            problems.append(f"checkpoints listed {sorted(run.listed)}, expected at least "
+                            f"those saved before the kill: {before}")
+    if job.returncode != 0:
+        return problems
+    for rank in range(workers):
+        finished = run.epochs.get(rank, [])
+        first = [epoch for attempt, epoch in finished if attempt == 0]
+        second = [epoch for attempt, epoch in finished if attempt == 1]
+        resumed = second[0] if second else epochs
+        if not (first == list(range(len(first))) and resumed <= len(first)
+                and len(first) + len(second) >= epochs and second == list(range(resumed, epochs))):
+            problems.append(f"rank {rank} finished (attempt, epoch) {finished} in {attempts} "
+                            f"attempt(s)")
+    weights = [run.results[r]["weights"] for r in sorted(run.results)]
+    if len(weights) != workers or any(w != weights[0] for w in weights):
+        problems.append(f"{len(weights)} of {workers} workers ended, with different weights")
+    elif max_weight_diff(weights[0], reference) > tolerance:
+        problems.append(f"weights differ from the uninterrupted run by "
+                        f"{max_weight_diff(weights[0], reference):.3g} > {tolerance:g}")
     return problems
 
 

@@ -25,6 +25,10 @@ and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
   joined at start; needs root). Besides recovering like worker-kill, every
   worker's fit must raise by itself within `CUT_NOTICED_WITHIN` seconds of the
   cut; the row notes each worker's seconds.
+- storage-kill: the checkpoints and backups go to gs:// on a local GCS emulator
+  (`workloads.gcs_server`, objects on disk); the chief SIGKILLs it 0-0.4 s
+  into a random epoch's saves and the driver restarts it on the same port and
+  directory 0.5-40 s later (gcsfs retries a request for about 16-20 s).
 
 The first four and network-cut run with `--max-restarts 1`: a seed is ok when the job exits 0
 after exactly 2 attempts, every worker resumed where the last committed backup
@@ -34,6 +38,11 @@ unlisted checkpoint (`restart_problems`). disk-full runs without restarts: ok
 when the job fails, every worker printed the same disttrain error naming the
 full disk and a fix, and every checkpoint saved before the disk filled is
 listed and readable with nothing else visible (`disk_full_problems`).
+storage-kill runs with `--max-restarts 1`: ok when the job ends with the
+reference weights after one attempt (retried) or two (every worker of attempt
+0 printed a StorageError naming the gs:// URL), or fails with that error on
+every worker, and, checked through the restarted emulator, every manifest names
+existing objects of the listed sizes and sha256 (`storage_kill_problems`).
 
 Prints one row per seed (seed, fault, outcome, wall time, seconds from the
 fault to the restarted attempt's start, weight difference) and a table per
@@ -55,14 +64,16 @@ from benchmarks.fault_workloads import (
     cgroup2_root,
     detection_seconds,
     disk_full_problems,
+    emulator_broke,
     max_weight_diff,
     network_cut_problems,
     plan_fault,
     restart_problems,
     restart_seconds,
     run_fault_job,
+    storage_kill_problems,
 )
-from workloads.fault_training import DISK_FULL, KINDS, NETWORK_CUT, WORKER_KILL
+from workloads.fault_training import DISK_FULL, KINDS, NETWORK_CUT, STORAGE_KILL, WORKER_KILL
 
 JOB_TIMEOUT = 300.0
 
@@ -84,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _row(seed: int, fault: str, wall: float, restart: float | None, diff: float,
          outcome: str) -> str:
     restarted = "-" if restart is None else f"{restart:.1f}s"
-    return (f"{seed:>5}  {fault:<24} {wall:>6.1f}s  {restarted:>8}  {diff:>9.2g}  {outcome}")
+    return (f"{seed:>5}  {fault:<30} {wall:>6.1f}s  {restarted:>8}  {diff:>9.2g}  {outcome}")
 
 
 def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
              renames: dict[str, int]) -> dict:
     """Runs every seed of `kind`, printing a row each; returns its summary."""
     print(f"\n{kind}: {KINDS[kind]}")
-    print(f"{'seed':>5}  {'fault':<24} {'wall':>7}  {'restart':>8}  {'max diff':>9}  outcome")
+    print(f"{'seed':>5}  {'fault':<30} {'wall':>7}  {'restart':>8}  {'max diff':>9}  outcome")
     walls, restarts, diffs, failed, detections = [], [], [], [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         fault = plan_fault(seed, args.workers, args.epochs, kind, renames)
@@ -99,6 +110,8 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
                             max_restarts=0 if kind == DISK_FULL else 1, timeout=JOB_TIMEOUT)
         if kind == DISK_FULL:
             problems = disk_full_problems(run, fault, args.workers)
+        elif kind == STORAGE_KILL:
+            problems = storage_kill_problems(run, fault, args.workers, args.epochs, reference)
         else:
             problems = restart_problems(run, fault, args.workers, args.epochs, reference)
         note = ""
@@ -117,8 +130,15 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
             restarts.append(restart)
         if problems:
             failed.append(seed)
+        ok = "ok"
+        if kind == STORAGE_KILL and emulator_broke(run.storage):
+            ok = f"ok for disttrain (clear StorageError); the emulator's fault: {run.storage[0]}"
+        elif kind == STORAGE_KILL and run.ended_while_down:
+            ok += " (the job ended before the restart: its last writes preceded the kill)"
+        elif kind == STORAGE_KILL:
+            ok += " (retried)" if "1 attempt(s)" in run.job.stderr else " (restarted)"
         print(_row(seed, fault.describe(), run.job.seconds, restart, diff,
-                   ("; ".join(problems) or "ok") + note), flush=True)
+                   ("; ".join(problems) or ok) + note), flush=True)
     finite = [d for d in diffs if not math.isnan(d)]
     return {"kind": kind, "ok": args.seeds - len(failed), "seeds": args.seeds,
             "wall_median": statistics.median(walls), "wall_max": max(walls),

@@ -53,8 +53,8 @@ def older_pair_venv(request):
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
-    """One real GCS emulator server for the session (see tests/support/gcs_emulator.py)."""
-    from tests.support.gcs_emulator import running_emulator
+    """One real GCS emulator server for the session (see workloads/gcs_server.py)."""
+    from workloads.gcs_server import running_emulator
 
     log_path = str(tmp_path_factory.mktemp("gcs") / "emulator.log")
     with running_emulator("disttrain-test", log_path) as server:

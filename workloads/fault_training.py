@@ -13,9 +13,12 @@ bad-input cases make wrong. Both run under `python -m launch.local` as
   (`DISTTRAIN_FAULT_WHEN`: just before or just after it), or the chief fills the
   checkpoint disk, or worker `DISTTRAIN_FAULT_RANK`, which joined the cgroup
   `DISTTRAIN_FAULT_CGROUP` before opening any socket, drops every packet it sends
-  with an iptables rule matching that cgroup (`cut_rule`). It records every
-  finished epoch and its final weights under `result_dir`, so a check can compare
-  the job with an uninterrupted one
+  with an iptables rule matching that cgroup (`cut_rule`), or (storage-kill) the
+  chief SIGKILLs the storage server (pid `DISTTRAIN_FAULT_STORAGE_PID`)
+  `DISTTRAIN_FAULT_WHEN` seconds after the end of global step
+  `DISTTRAIN_FAULT_STEP`, while that epoch's checkpoints are being uploaded. It
+  records every finished epoch and its final weights under `result_dir`, so a
+  check can compare the job with an uninterrupted one
   (`benchmarks.fault_workloads` plans the faults, runs the jobs and checks them).
 """
 
@@ -26,6 +29,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -41,6 +45,9 @@ CHIEF_KILL_BACKUP = "chief-kill-backup"
 WORKER_STOP = "worker-stop"
 DISK_FULL = "disk-full"
 NETWORK_CUT = "network-cut"
+STORAGE_KILL = "storage-kill"
+# The storage-kill fault: the pid of the GCS emulator the chief SIGKILLs.
+ENV_STORAGE_PID = "DISTTRAIN_FAULT_STORAGE_PID"
 # What each kind does on attempt 0 (the fault is planned by `plan_fault`).
 KINDS = {
     WORKER_KILL: "a random worker SIGKILLs itself after a random step",
@@ -52,6 +59,8 @@ KINDS = {
     DISK_FULL: "the chief fills the checkpoint disk (a small tmpfs) after a random step",
     NETWORK_CUT: "a random worker is cut off the network (every packet it sends dropped) "
                  "after a random step",
+    STORAGE_KILL: "the chief SIGKILLs the GCS emulator holding the gs:// checkpoints a random "
+                  "delay into a random epoch's saves; the driver restarts it",
 }
 # The directories (under result_dir) whose renames the chief-kill kinds count.
 RENAMES_UNDER = {CHIEF_KILL_BACKUP: "backup-", CHIEF_KILL_COMMIT: "checkpoints"}
@@ -212,9 +221,24 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
             with open(os.path.join(result_dir, f"epochs-{rank}.log"), "a") as f:
                 f.write(f"{attempt} {epoch}\n")
 
-    stack = [callbacks.BackupAndRestore(backup_dir), FaultAtStep(), callbacks.SyncStop()]
+    class KillStorageMidSave(keras.callbacks.Callback):
+        """Starts the storage-kill timer before the epoch's saves (first in the stack)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not armed or kind != STORAGE_KILL or (epoch + 1) * STEPS_PER_EPOCH != fault_step:
+                return
+            delay = float(os.environ.get(ENV_FAULT_WHEN, "0"))
+
+            def kill() -> None:
+                strike(step=fault_step, when=delay)
+                os.kill(int(os.environ[ENV_STORAGE_PID]), signal.SIGKILL)
+
+            threading.Timer(delay, kill).start()
+
+    stack = [KillStorageMidSave(), callbacks.BackupAndRestore(backup_dir), FaultAtStep(),
+             callbacks.SyncStop()]
     if checkpoint_dir is not None:
-        stack.insert(0, callbacks.ModelCheckpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME),
+        stack.insert(1, callbacks.ModelCheckpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME),
                                                   save_weights_only=True))
     try:
         history = model.fit(train, validation_data=val, epochs=epochs, verbose=0,

@@ -16,7 +16,10 @@ temp file, damaged commit or unlisted checkpoint left; a full checkpoint disk
 on the chief must fail the job with the same clear error on every worker and
 every earlier checkpoint intact; a worker cut off the network (every packet it
 sends dropped) must be noticed by every worker within a bound and recovered
-exactly. `python -m benchmarks.faults --kind all` runs many more seeds.
+exactly; the GCS emulator holding gs:// checkpoints killed during a save and
+restarted 3 s later must leave a job that ends like an uninterrupted one, every
+manifest naming complete objects. `python -m benchmarks.faults --kind all` runs
+many more seeds.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from benchmarks.fault_workloads import (
     restart_problems,
     restart_seconds,
     run_fault_job,
+    storage_kill_problems,
     storage_problems,
 )
 from workloads.fault_training import (
@@ -47,6 +51,7 @@ from workloads.fault_training import (
     CHIEF_KILL_COMMIT,
     DISK_FULL,
     NETWORK_CUT,
+    STORAGE_KILL,
     WORKER_STOP,
 )
 
@@ -174,6 +179,36 @@ def test_a_worker_cut_off_the_network_is_noticed_by_every_worker_and_recovered_e
                            check=True).stdout
     assert ours not in rules, f"the cut's rule was left: {rules}"
     assert not [d for d in os.listdir(cgroup2_root()) if d.startswith(ours)], "cgroup left"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_a_storage_server_killed_mid_save_and_restarted_leaves_the_job_and_its_commits_whole(
+        uninterrupted, tmp_path):
+    fault = plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL)  # after step 12, down 3 s: retried
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                        timeout=JOB_TIMEOUT)
+    assert storage_kill_problems(run, fault, WORKERS, EPOCHS, uninterrupted) == [], (
+        run.job.report())
+    assert run.listed == [f"model-0{e}.weights.h5" for e in range(1, EPOCHS + 1)], run.listed
+    assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
+
+
+def test_the_storage_check_reads_gcs_and_finds_a_manifest_naming_a_missing_object(
+        gcs, tmp_path):
+    """What `storage_kill_problems` relies on to see a torn save on gs://."""
+    import uuid
+
+    from disttrain import storage
+
+    root = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
+    backup = f"{root}/backup-run/backup-000001"
+    (tmp_path / "part.json").write_text("{}")
+    part = str(tmp_path / "part.json")
+    storage.commit_checkpoint(backup, {"worker-0.json": part, "worker-1.json": part})
+    assert storage_problems(root) == []
+    storage.remove(f"{backup}/worker-1.json")
+    assert storage_problems(root) == ["damaged commit: worker-1.json is missing"]
 
 
 def test_the_storage_check_finds_leftovers_damaged_commits_and_unlisted_checkpoints(tmp_path):
