@@ -301,6 +301,7 @@ class _StorageServer:
         self.port = int(self.emulator.endpoint.rsplit(":", 1)[1])
         self.restart_error: str | None = None
         self.restarted_at: float | None = None
+        self.previous_host = os.environ.get(storage.ENV_STORAGE_EMULATOR_HOST)
         self.closed = threading.Event()
         self.watcher = threading.Thread(target=self._restart_when_killed, daemon=True)
         self.watcher.start()
@@ -334,10 +335,15 @@ class _StorageServer:
             return [f"{EMULATOR_BROKE} (or a torn object?): check failed: {e}"]
 
     def close(self) -> None:
+        """Stops the emulator and gives this process back the emulator host it had."""
         self.closed.set()
         self.watcher.join(timeout=self.down + 40)
         if self.proc.poll() is None:
             stop(self.proc)
+        if self.previous_host is None:
+            os.environ.pop(storage.ENV_STORAGE_EMULATOR_HOST, None)
+        else:
+            os.environ[storage.ENV_STORAGE_EMULATOR_HOST] = self.previous_host
 
 
 def storage_problems(root: str) -> list[str]:
