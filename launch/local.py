@@ -62,10 +62,9 @@ THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREA
 
 def threads_per_task(num_tasks: int) -> int:
     """Each task's share of this machine's cores (at least 1): the default of
-    `--threads-per-worker`, as torchrun caps OMP_NUM_THREADS. Measured here (2 cores):
-    two TensorFlow processes with default pools trained half batches at about twice
-    the time of one process with the whole batch; with one thread each, at about the
-    same time (`python -m benchmarks`, rows "compute alone")."""
+    `--threads-per-worker`, as torchrun caps OMP_NUM_THREADS: TensorFlow processes
+    sized to every core compete for the cores (docs/benchmarks.md, rows "compute
+    alone")."""
     return max(1, (os.cpu_count() or 1) // num_tasks)
 
 
