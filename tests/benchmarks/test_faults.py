@@ -274,3 +274,19 @@ def test_the_pod_driver_leaves_no_namespace_or_process_when_the_job_times_out(tm
     assert "1 attempt(s)" in run.job.stderr and "timed out; killing every pod" in run.job.stderr
     assert run.job.survivors == [] and run.left_behind == [], (run.job.survivors,
                                                                run.left_behind)
+
+
+def test_the_link_down_check_finds_a_missing_cut_a_late_or_missed_notice_and_leftovers():
+    """What `link_down_problems` relies on to fail a seed (no processes: a made-up run)."""
+    from disttrain.testing import LaunchedJob
+
+    job = LaunchedJob(0, "", "", 1.0, False, [])
+    run = FaultRun(job, {}, {}, {"time": 100.0}, {}, {}, "", [], [], failed={(0, 0): 131.0},
+                   left_behind=["network namespace dtld-1-p0"])
+    assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == [
+        "workers [1] did not notice the cut themselves",
+        "noticed the cut later than 30s: {0: 31.0}",
+        "the driver never set the victim's link down",
+        "left behind: network namespace dtld-1-p0"]
+    run.failed, run.cut_at, run.left_behind = {(0, 0): 108.0, (1, 0): 109.0}, 100.02, []
+    assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == []
