@@ -1,6 +1,7 @@
 """Fault injection's driver (`python -m benchmarks.faults`, tests/benchmarks/test_faults.py):
 `plan_fault` picks a victim and a moment per seed, `run_fault_job` runs
-`workloads.fault_training.fault_train` under the launcher and collects what it left, and the
+`workloads.fault_training.fault_train` under the launcher and collects what it left
+(`run_pod_fault_job`: as simulated Kubernetes pods, for the link-down kind), and the
 `*_problems` functions check it against an uninterrupted run.
 """
 
@@ -14,16 +15,22 @@ import os
 import posixpath
 import random
 import re
+import secrets
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
 from disttrain import storage
+from disttrain.cluster import ENV_ATTEMPT
 from disttrain.errors import StorageError
-from disttrain.testing import LaunchedJob, function_command, run_launcher
+from disttrain.testing import MARKER_ENV, LaunchedJob, function_command, run_launcher, wait_gone
+from launch import k8s
+from launch.local import thread_env, threads_per_task
+from workloads import k8s_pods, pod_network
 from workloads.fault_training import (
     CHECKPOINT_NAME,
     DISK_FULL,
@@ -33,6 +40,7 @@ from workloads.fault_training import (
     ENV_FAULT_STEP,
     ENV_FAULT_WHEN,
     KINDS,
+    LINK_DOWN,
     NETWORK_CUT,
     ENV_STORAGE_PID,
     RENAMES_UNDER,
@@ -96,7 +104,7 @@ def plan_fault(seed: int, workers: int, epochs: int, kind: str = WORKER_KILL,
             uninterrupted run (`FaultRun.renames`).
     """
     rng = random.Random(seed)
-    if kind in (WORKER_KILL, WORKER_STOP, NETWORK_CUT):
+    if kind in (WORKER_KILL, WORKER_STOP, NETWORK_CUT, LINK_DOWN):
         return Fault(kind, rng.randrange(workers), rng.randint(1, epochs * STEPS_PER_EPOCH))
     if kind == DISK_FULL:
         return Fault(kind, 0, rng.randint(1, epochs * STEPS_PER_EPOCH))
@@ -131,6 +139,9 @@ class FaultRun:
         failed: (rank, attempt) -> the time fit raised on that rank in that attempt.
         ended_while_down: storage-kill only: the job ended while the storage
             server was dead (no write of the job met the restarted server).
+        left_behind: link-down only: namespaces or /etc/netns entries of the
+            pods still there after the job (`pod_network.leftovers`).
+        cut_at: link-down only: when the driver set the victim's link down.
     """
 
     job: LaunchedJob
@@ -144,6 +155,8 @@ class FaultRun:
     listed: list[str]
     failed: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
     ended_while_down: bool = False
+    left_behind: list[str] = dataclasses.field(default_factory=list)
+    cut_at: float | None = None
 
 
 def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | None,
@@ -197,9 +210,17 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
             subprocess.run(["umount", checkpoint_dir], check=True)
         if server is not None:
             server.close()
+    return FaultRun(job, checkpoint_dir=checkpoint_dir, storage=found, listed=listed,
+                    ended_while_down=ended_while_down,
+                    **_worker_records(result_dir, workers, max_restarts + 1))
+
+
+def _worker_records(result_dir: str, workers: int, attempts: int) -> dict:
+    """What `fault_train`'s workers wrote under `result_dir` in `attempts` attempts: the
+    `FaultRun` fields results, epochs, fault, began, renames and failed."""
     results, finished, began, failed = {}, {}, {}, {}
     for rank in range(workers):
-        for attempt in range(max_restarts + 1):
+        for attempt in range(attempts):
             result = _read_json(os.path.join(result_dir, f"{rank}-{attempt}.json"))
             if result is not None:
                 results[rank] = result
@@ -213,11 +234,11 @@ def run_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | Non
         with contextlib.suppress(FileNotFoundError), open(log) as f:
             finished[rank] = [tuple(map(int, line.split())) for line in f]
     renames = {}
-    for attempt in range(max_restarts + 1):
+    for attempt in range(attempts):
         renames = _read_json(os.path.join(result_dir, f"renames-{attempt}.json")) or renames
-    return FaultRun(job, results, finished, _read_json(os.path.join(result_dir, "fault.json")),
-                    began, renames, checkpoint_dir, found, listed, failed,
-                    ended_while_down)
+    return {"results": results, "epochs": finished,
+            "fault": _read_json(os.path.join(result_dir, "fault.json")), "began": began,
+            "renames": renames, "failed": failed}
 
 
 def cgroup2_root() -> str | None:
@@ -592,3 +613,148 @@ def _read_json(path: str):
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         return json.load(f)
     return None
+
+
+# The link-down kind's simulated JobSet (`launch.k8s --format jobset`): its name, the seconds a
+# pod waits for its peers, and those between SIGTERM and SIGKILL when the others are stopped
+# (as `run_fault_job`'s `launch.local --grace 1`).
+POD_JOB = "faults"
+POD_PEER_TIMEOUT = 60
+POD_GRACE = 1.0
+
+
+def run_pod_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault | None,
+                      max_restarts: int, timeout: float) -> FaultRun:
+    """Runs `fault_train` as the pods of a generated JobSet, each in a network namespace of its
+    own, restarting them all like JobSet's failure policy; for a `LINK_DOWN` fault, sets the
+    victim's link down at its planned step.
+
+    The pods are those of `launch.k8s --format jobset` (`python -m launch.entrypoint`
+    derives TF_CONFIG from each pod's hostname and index), each with the environment
+    Kubernetes would give it (`workloads.k8s_pods`) plus `DISTTRAIN_ATTEMPT` (on a cluster:
+    JobSet's restart-attempt pod label), the fault's variables and `launch.local`'s thread
+    caps, on fresh namespaces, links and bridge every attempt (`workloads.pod_network`).
+    Checkpoints and backups are on this machine's filesystem under `result_dir`, the disk all
+    pods share. When a pod exits non-zero the driver, as the JobSet controller deleting the
+    pods, sends the others SIGTERM and `POD_GRACE` s later SIGKILL, then, while restarts are
+    left, starts every pod again. A `LINK_DOWN` victim writes `fault.json` at its step and
+    waits; the driver, polling for that file, sets the victim's veth down from the bridge's
+    side (`PodNetwork.link_down`): a pulled cable, which the pod's code cannot undo or notice
+    except by its traffic stalling (a pod at the restricted Pod Security Standard could not
+    set its own link down either).
+
+    Whatever happens (a failure, the timeout, an exception), every process is killed and every
+    namespace deleted; the job's processes still alive afterwards are in `job.survivors`,
+    namespaces or /etc/netns entries in `left_behind`. `job` is the driver's: `returncode`
+    that of the pod that failed first in the last attempt (0, None on timeout), `stderr`
+    each pod's output prefixed `[w<i>] ` and the driver's lines, ending with
+    `N attempt(s) (N-1 restart(s))`. Needs root and `ip netns`.
+    """
+    os.makedirs(result_dir, exist_ok=True)
+    checkpoint_dir = f"{result_dir}/checkpoints"
+    os.makedirs(checkpoint_dir)
+    os.makedirs(f"{result_dir}/home")
+    command = function_command(fault_train, {
+        "result_dir": result_dir, "backup_dir": f"{result_dir}/backup-{{run_id}}",
+        "checkpoint_dir": checkpoint_dir, "epochs": epochs})
+    config = k8s.JobConfig(name=POD_JOB, workers=workers, image="unused", command=tuple(command),
+                           format="jobset", max_restarts=max_restarts,
+                           peer_timeout=POD_PEER_TIMEOUT)
+    container = k8s_pods.pod_spec(k8s.manifests(config))["containers"][0]
+    marker = secrets.token_hex(8)
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+           MARKER_ENV: marker, **thread_env(threads_per_task(workers)),
+           **(fault.env() if fault is not None else {})}
+    tag = f"dtld-{os.getpid()}"
+    started = time.monotonic()
+    lines: list[str] = []
+    code, cut_at, attempts = None, None, 0
+    try:
+        for attempt in range(max_restarts + 1):
+            attempts += 1
+            code, cut = _pod_attempt(config, container, {**env, ENV_ATTEMPT: str(attempt)},
+                                     fault if attempt == 0 else None, result_dir, tag,
+                                     started + timeout, lines)
+            cut_at = cut_at or cut
+            if code in (0, None):
+                break
+    finally:
+        survivors = wait_gone(MARKER_ENV, marker, within=5)
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        left = pod_network.leftovers(tag)
+    seconds = time.monotonic() - started
+    lines.append(f"[pods] exit {code} after {seconds:.1f}s, {attempts} attempt(s) "
+                 f"({attempts - 1} restart(s))")
+    job = LaunchedJob(code, "", "\n".join(lines), seconds, code is None, survivors)
+    found = storage_problems(result_dir)
+    index = storage.read_json(f"{checkpoint_dir}/best.json") or {}
+    listed = [posixpath.basename(r["path"]) for r in index.get("checkpoints", [])]
+    return FaultRun(job, checkpoint_dir=checkpoint_dir, storage=found, listed=listed,
+                    left_behind=left, cut_at=cut_at,
+                    **_worker_records(result_dir, workers, max_restarts + 1))
+
+
+def _pod_attempt(config: k8s.JobConfig, container: dict, env: dict[str, str],
+                 fault: Fault | None, result_dir: str, tag: str, deadline: float,
+                 lines: list[str]) -> tuple[int | None, float | None]:
+    """One attempt of `run_pod_fault_job`: returns the exit code of the pod that failed first
+    (0 when none did; None past `deadline`, `time.monotonic()`) and when the victim's link was
+    set down (None if it was not); appends the pods' output and the driver's lines to
+    `lines`."""
+    attempt = env[ENV_ATTEMPT]
+    logs = [os.path.join(result_dir, f"pod{i}-{attempt}.log") for i in range(config.workers)]
+    fault_file = os.path.join(result_dir, "fault.json")
+    code: int | None = 0
+    cut_at = kill_at = None
+    with pod_network.PodNetwork(config.workers, tag) as network:
+        for i in range(config.workers):
+            network.publish(i, k8s_pods.dns_names(config.hostname(i), config.name, "default"))
+        for i in range(config.workers):
+            pod_env = {**pod_network.kubernetes_env_here(
+                container, i, config.hostname(i), "default", Path(result_dir, "home")), **env}
+            network.start(i, k8s_pods.pod_argv(container, pod_env)[3:], pod_env, Path(logs[i]))
+        began = time.monotonic()
+        while True:
+            codes = [p.poll() for p in network.procs]
+            if fault is not None and fault.kind == LINK_DOWN and cut_at is None and (
+                    os.path.exists(fault_file)):
+                network.link_down(fault.rank)
+                cut_at = time.time()
+                lines.append(f"[pods] attempt {attempt}: set w{fault.rank}'s link down")
+            if all(c is not None for c in codes):
+                break
+            now = time.monotonic()
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed and kill_at is None:
+                code, kill_at = codes[failed[0]], now + POD_GRACE
+                lines.append(f"[pods] attempt {attempt}: w{failed[0]} exited with {code} after "
+                             f"{now - began:.1f}s: SIGTERM to the others, SIGKILL after "
+                             f"{POD_GRACE:g}s")
+                for proc in network.procs:
+                    if proc.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGTERM)
+            if kill_at is not None and now >= kill_at:
+                pod_network.reap(network.procs)
+            if now >= deadline:
+                lines.append(f"[pods] attempt {attempt}: timed out; killing every pod")
+                code = None
+                break
+            time.sleep(0.02)
+    for i, log in enumerate(logs):
+        with contextlib.suppress(FileNotFoundError), open(log, errors="replace") as f:
+            lines.extend(f"[w{i}] {line.rstrip()}" for line in f)
+    return code, cut_at
+
+
+def link_down_problems(run: FaultRun, workers: int, within: float) -> list[str]:
+    """What is wrong with how a `LINK_DOWN` was struck, noticed and cleaned up: the driver set
+    the victim's link down, every worker's fit of attempt 0 raised by itself within `within`
+    seconds (`network_cut_problems`), and no namespace, link or /etc/netns entry was left.
+    `restart_problems` checks the recovery."""
+    problems = network_cut_problems(run, workers, within)
+    if run.cut_at is None:
+        problems.append("the driver never set the victim's link down")
+    return problems + [f"left behind: {thing}" for thing in run.left_behind]

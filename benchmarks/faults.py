@@ -29,6 +29,14 @@ and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
   (`workloads.gcs_server`, objects on disk); the chief SIGKILLs it 0-0.4 s
   into a random epoch's saves and the driver restarts it on the same port and
   directory 0.5-40 s later (gcsfs retries a request for about 16-20 s).
+- link-down: the job runs as the pods of a generated JobSet, each in a network
+  namespace of its own on a bridge (`run_pod_fault_job`; needs root and
+  `ip netns`); a random pod's link is set down from the bridge's side after a
+  random step and the driver, as JobSet's failure policy, restarts every pod
+  once. Checked as network-cut (every worker noticed within
+  `CUT_NOTICED_WITHIN` s, recovered exactly, against the same `launch.local`
+  reference), and no namespace, link or /etc/netns entry is left
+  (`link_down_problems`).
 
 The first four and network-cut run with `--max-restarts 1`: a seed is ok when the job exits 0
 after exactly 2 attempts, every worker resumed where the last committed backup
@@ -64,6 +72,7 @@ from benchmarks.fault_workloads import (
     cgroup2_root,
     detection_seconds,
     disk_full_problems,
+    link_down_problems,
     emulator_broke,
     max_weight_diff,
     network_cut_problems,
@@ -71,9 +80,18 @@ from benchmarks.fault_workloads import (
     restart_problems,
     restart_seconds,
     run_fault_job,
+    run_pod_fault_job,
     storage_kill_problems,
 )
-from workloads.fault_training import DISK_FULL, KINDS, NETWORK_CUT, STORAGE_KILL, WORKER_KILL
+from workloads.fault_training import (
+    DISK_FULL,
+    KINDS,
+    LINK_DOWN,
+    NETWORK_CUT,
+    STORAGE_KILL,
+    WORKER_KILL,
+)
+from workloads.pod_network import netns_unavailable
 
 JOB_TIMEOUT = 300.0
 
@@ -106,8 +124,9 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
     walls, restarts, diffs, failed, detections = [], [], [], [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         fault = plan_fault(seed, args.workers, args.epochs, kind, renames)
-        run = run_fault_job(f"{tmp}/{kind}-{seed}", args.workers, args.epochs, fault=fault,
-                            max_restarts=0 if kind == DISK_FULL else 1, timeout=JOB_TIMEOUT)
+        runner = run_pod_fault_job if kind == LINK_DOWN else run_fault_job
+        run = runner(f"{tmp}/{kind}-{seed}", args.workers, args.epochs, fault=fault,
+                     max_restarts=0 if kind == DISK_FULL else 1, timeout=JOB_TIMEOUT)
         if kind == DISK_FULL:
             problems = disk_full_problems(run, fault, args.workers)
         elif kind == STORAGE_KILL:
@@ -115,12 +134,17 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
         else:
             problems = restart_problems(run, fault, args.workers, args.epochs, reference)
         note = ""
-        if kind == NETWORK_CUT:
+        if kind == LINK_DOWN:
+            problems += link_down_problems(run, args.workers, CUT_NOTICED_WITHIN)
+        elif kind == NETWORK_CUT:
             problems += network_cut_problems(run, args.workers, CUT_NOTICED_WITHIN)
+        if kind in (NETWORK_CUT, LINK_DOWN):
             noticed = detection_seconds(run)
             detections.extend(noticed.values())
             note = " (noticed: " + " ".join(f"w{r} {s:.1f}s" for r, s in
                                            sorted(noticed.items())) + ")"
+            if run.cut_at is not None and run.fault is not None:
+                note = note[:-1] + f"; cut {run.cut_at - run.fault['time']:.2f}s after asked)"
         diff = (max_weight_diff(run.results[0]["weights"], reference)
                 if 0 in run.results else float("nan"))
         restart = restart_seconds(run)
@@ -171,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if NETWORK_CUT in kinds and (os.geteuid() != 0 or cgroup2_root() is None):
         parser.error("--kind network-cut makes a cgroup v2 and an iptables rule: run as root "
                      "on a host with cgroup2 mounted, or pick another kind")
+    unavailable = netns_unavailable() if LINK_DOWN in kinds else None
+    if unavailable:
+        parser.error(f"--kind link-down runs the workers as simulated pods: {unavailable}; "
+                     "pick another kind")
     with tempfile.TemporaryDirectory(prefix="disttrain-faults-") as tmp:
         reference = run_fault_job(f"{tmp}/reference", args.workers, args.epochs, fault=None,
                                   max_restarts=0, timeout=JOB_TIMEOUT)

@@ -16,7 +16,10 @@ bad-input cases make wrong. Both run under `python -m launch.local` as
   with an iptables rule matching that cgroup (`cut_rule`), or (storage-kill) the
   chief SIGKILLs the storage server (pid `DISTTRAIN_FAULT_STORAGE_PID`)
   `DISTTRAIN_FAULT_WHEN` seconds after the end of global step
-  `DISTTRAIN_FAULT_STEP`, while that epoch's checkpoints are being uploaded. It
+  `DISTTRAIN_FAULT_STEP`, while that epoch's checkpoints are being uploaded, or
+  (link-down: each worker a simulated pod in a network namespace of its own) worker
+  `DISTTRAIN_FAULT_RANK` asks for its link to be cut after global step
+  `DISTTRAIN_FAULT_STEP` and waits until it is down. It
   records every finished epoch and its final weights under `result_dir`, so a
   check can compare the job with an uninterrupted one
   (`benchmarks.fault_workloads` plans the faults, runs the jobs and checks them).
@@ -46,6 +49,7 @@ WORKER_STOP = "worker-stop"
 DISK_FULL = "disk-full"
 NETWORK_CUT = "network-cut"
 STORAGE_KILL = "storage-kill"
+LINK_DOWN = "link-down"
 # The storage-kill fault: the pid of the GCS emulator the chief SIGKILLs.
 ENV_STORAGE_PID = "DISTTRAIN_FAULT_STORAGE_PID"
 # What each kind does on attempt 0 (the fault is planned by `plan_fault`).
@@ -61,6 +65,8 @@ KINDS = {
                  "after a random step",
     STORAGE_KILL: "the chief SIGKILLs the GCS emulator holding the gs:// checkpoints a random "
                   "delay into a random epoch's saves; the driver restarts it",
+    LINK_DOWN: "the workers are pods, each in a network namespace of its own; a random pod's "
+               "link is set down after a random step",
 }
 # The directories (under result_dir) whose renames the chief-kill kinds count.
 RENAMES_UNDER = {CHIEF_KILL_BACKUP: "backup-", CHIEF_KILL_COMMIT: "checkpoints"}
@@ -213,6 +219,9 @@ def fault_train(result_dir: str, backup_dir: str, checkpoint_dir: str | None = N
                 strike(step=step)
                 subprocess.run(["iptables", "-w", "-I", *cut_rule(os.environ[ENV_FAULT_CGROUP])],
                                check=True)
+            elif kind == LINK_DOWN:
+                strike(step=step)
+                _wait_for_link_down(LINK_DOWN_WITHIN)
 
         def on_epoch_begin(self, epoch, logs=None):
             self._epoch = epoch
@@ -259,6 +268,33 @@ def cut_rule(cgroup: str) -> list[str]:
     """The iptables rule (chain and match) dropping every packet sent by a process of
     `cgroup`, a directory directly under the cgroup v2 root."""
     return ["OUTPUT", "-m", "cgroup", "--path", os.path.basename(cgroup), "-j", "DROP"]
+
+
+# How long a link-down victim waits, after asking, for the driver to set its link down.
+LINK_DOWN_WITHIN = 30.0
+
+
+def _wait_for_link_down(within: float) -> None:
+    """Waits until no network interface of this process's namespace but loopback is up (the
+    driver, seeing `fault.json`, sets the pod's link down from the bridge's side), so that
+    nothing runs past the planned step before the cut.
+
+    Raises:
+        RuntimeError: an interface was still up after `within` seconds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        up = []
+        for name in os.listdir("/sys/class/net"):
+            with open(f"/sys/class/net/{name}/operstate") as f:
+                if name != "lo" and f.read().strip() == "up":
+                    up.append(name)
+        if not up:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"link-down: {up} still up {within:g}s after fault.json was "
+                               "written: is the job running as pods under the link-down driver?")
+        time.sleep(0.01)
 
 
 def _fill(path: str) -> int:

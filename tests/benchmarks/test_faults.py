@@ -18,8 +18,10 @@ every earlier checkpoint intact; a worker cut off the network (every packet it
 sends dropped) must be noticed by every worker within a bound and recovered
 exactly; the GCS emulator holding gs:// checkpoints killed during a save and
 restarted 3 s later must leave a job that ends like an uninterrupted one, every
-manifest naming complete objects. `python -m benchmarks.faults --kind all` runs
-many more seeds.
+manifest naming complete objects; a job run as simulated pods (a network
+namespace each) one of whose links is set down must be noticed by every pod
+within a bound and recovered exactly, with no namespace left, also when it times
+out. `python -m benchmarks.faults --kind all` runs many more seeds.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from benchmarks.fault_workloads import (
     cgroup2_root,
     detection_seconds,
     disk_full_problems,
+    link_down_problems,
     network_cut_problems,
     plan_fault,
     restart_problems,
     restart_seconds,
     run_fault_job,
+    run_pod_fault_job,
     storage_kill_problems,
     storage_problems,
 )
@@ -50,6 +54,7 @@ from workloads.fault_training import (
     CHIEF_KILL_BACKUP,
     CHIEF_KILL_COMMIT,
     DISK_FULL,
+    LINK_DOWN,
     NETWORK_CUT,
     STORAGE_KILL,
     WORKER_STOP,
@@ -236,3 +241,52 @@ def test_the_storage_check_finds_leftovers_damaged_commits_and_unlisted_checkpoi
     assert "unlisted checkpoint visible: " in problems and "model-02.weights.h5" in problems
     assert "damaged commit: " in problems and "worker-0.json" in problems
     assert "lists " in problems and "model-01.weights.h5, unreadable" in problems
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+@pytest.mark.usefixtures("netns")
+def test_a_pod_whose_link_is_set_down_is_noticed_by_every_pod_and_recovered_exactly(
+        uninterrupted, tmp_path):
+    """The job as the pods of a generated JobSet, each in a network namespace of its own:
+    the chief's link set down after step 19, every pod's fit raises by itself within the
+    bound, every pod restarts once and the job ends with the `launch.local` reference's
+    weights; no namespace, link, /etc/netns entry or process is left."""
+    fault = plan_fault(3, WORKERS, EPOCHS, LINK_DOWN)  # the chief, after step 19
+    run = run_pod_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                            timeout=JOB_TIMEOUT)
+    assert restart_problems(run, fault, WORKERS, EPOCHS, uninterrupted) == [], run.job.report()
+    assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == [], (
+        detection_seconds(run), run.job.report())
+    assert sorted(detection_seconds(run)) == [0, 1], detection_seconds(run)
+    assert "CoordinationService/Heartbeat" in run.job.stderr, run.job.report()
+    assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("netns")
+def test_the_pod_driver_leaves_no_namespace_or_process_when_the_job_times_out(tmp_path):
+    fault = plan_fault(3, WORKERS, EPOCHS, LINK_DOWN)
+    run = run_pod_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                            timeout=6)
+    assert run.job.timed_out and run.job.returncode is None, run.job.report()
+    assert "1 attempt(s)" in run.job.stderr and "timed out; killing every pod" in run.job.stderr
+    assert run.job.survivors == [] and run.left_behind == [], (run.job.survivors,
+                                                               run.left_behind)
+
+
+def test_the_link_down_check_finds_a_missing_cut_a_late_or_missed_notice_and_leftovers():
+    """What `link_down_problems` relies on to fail a seed (no processes: a made-up run)."""
+    from disttrain.testing import LaunchedJob
+
+    job = LaunchedJob(0, "", "", 1.0, False, [])
+    run = FaultRun(job, {}, {}, {"time": 100.0}, {}, {}, "", [], [], failed={(0, 0): 131.0},
+                   left_behind=["network namespace dtld-1-p0"])
+    assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == [
+        "workers [1] did not notice the cut themselves",
+        "noticed the cut later than 30s: {0: 31.0}",
+        "the driver never set the victim's link down",
+        "left behind: network namespace dtld-1-p0"]
+    run.failed, run.cut_at, run.left_behind = {(0, 0): 108.0, (1, 0): 109.0}, 100.02, []
+    assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == []
