@@ -76,7 +76,7 @@ def gcs(gcs_server, monkeypatch):
 @pytest.fixture
 def netns() -> None:
     """Skips the test, saying why, where network namespaces cannot be made."""
-    from tests.support.pod_network import netns_unavailable
+    from workloads.pod_network import netns_unavailable
 
     reason = netns_unavailable()
     if reason:

@@ -21,10 +21,11 @@ import pytest
 from disttrain.check import cluster as check, gpu
 from disttrain.testing import run_launcher, worker_env
 from launch import k8s
-from tests.support.k8s_pods import OWNER_UID
+from workloads.k8s_pods import OWNER_UID
 from tests.support import REPO_ROOT
 from tests.support.processes import can_make_read_only_views, read_only_view
-from tests.support.pod_network import PodNetwork, netns_unavailable, run_pods
+from workloads.pod_network import PodNetwork, netns_unavailable
+from tests.support.pod_network import run_pods
 
 PY = sys.executable
 CHECK = ["-m", "disttrain.check", "--sizes", "4K", "1M", "--calls", "3"]
@@ -73,7 +74,7 @@ def test_an_unwritable_url_fails_every_task_naming_url_write(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_pods_with_a_disk_each_fail_url_read_naming_the_worker(tmp_path):
-    """What a pod gets from a generated Indexed Job (tests/support/k8s_pods.py), each in its own network
+    """What a pod gets from a generated Indexed Job (workloads/k8s_pods.py), each in its own network
     namespace; the checkpoint path is a private tmpfs in each pod (an emptyDir, not a shared
     volume)."""
     reason = netns_unavailable()

@@ -19,7 +19,8 @@ import time
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, k8s_pods
+from tests.support import REPO_ROOT
+from workloads import k8s_pods
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

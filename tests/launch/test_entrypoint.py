@@ -25,9 +25,10 @@ import pytest
 from disttrain.cluster import build_tf_config
 from disttrain.errors import ClusterConfigError
 from launch import entrypoint, k8s, tf_config
-from tests.support import REPO_ROOT, k8s_pods
-from tests.support.pod_network import (
-    SUBNET, PodNetwork, entrypoint_process, kubernetes_env_here, reap, run_pods, wait_for)
+from tests.support import REPO_ROOT
+from workloads import k8s_pods
+from workloads.pod_network import SUBNET, PodNetwork, entrypoint_process, kubernetes_env_here, reap
+from tests.support.pod_network import run_pods, wait_for
 
 PRINT_TF_CONFIG = "import os; print('TF_CONFIG=' + os.environ['TF_CONFIG'], flush=True)"
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from launch.firewall import CHAIN_PREFIX
-from tests.support.pod_network import delete_netns, netns_unavailable
+from workloads.pod_network import delete_netns, netns_unavailable
 from tests.launch.test_launch_local import PY, launch, run, watchdog_pid, worker  # noqa: F401
 
 MACHINE, LAN = ("198.19.0.1", "fd19::1"), ("198.19.0.2", "fd19::2")

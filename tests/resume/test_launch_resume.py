@@ -22,9 +22,10 @@ import pytest
 import yaml
 
 from disttrain.errors import PREEMPTED_EXIT_CODE
-from tests.support import k8s_pods
+from workloads import k8s_pods
 # The simulated pods of tests/launch/test_entrypoint.py (`netns` skips, saying why, without root).
-from tests.support.pod_network import PodNetwork, kubernetes_env_here, wait_for
+from workloads.pod_network import PodNetwork, kubernetes_env_here
+from tests.support.pod_network import wait_for
 from tests.support import REPO_ROOT
 
 SCRIPT = "tests/launch/workers/resume_train.py"

@@ -1,8 +1,8 @@
-"""Simulated Kubernetes pods for tests: the pods themselves (`PodNetwork`, one network namespace
-per pod on a bridge) live in `workloads.pod_network`, shared with the benchmarks, and stay
-importable from here; this module adds `run_pods` (a generated manifest's pods started as
-Kubernetes would) and `wait_for` (fails the test on a timeout). Needs root and `ip netns`;
-`netns_unavailable()` says why not."""
+"""Simulated Kubernetes pods for tests. The pods themselves (`PodNetwork`, one network namespace
+per pod on a bridge) live in `workloads.pod_network`, shared with the benchmarks; this module
+adds `run_pods` (a generated manifest's pods started as Kubernetes would) and `wait_for` (fails
+the test on a timeout). Needs root and `ip netns`; `workloads.pod_network.netns_unavailable()`
+says why not."""
 
 from __future__ import annotations
 
@@ -14,15 +14,7 @@ import pytest
 
 from launch import k8s
 from workloads import k8s_pods
-from workloads.pod_network import (  # noqa: F401
-    SUBNET,
-    PodNetwork,
-    delete_netns,
-    entrypoint_process,
-    kubernetes_env_here,
-    netns_unavailable,
-    reap,
-)
+from workloads.pod_network import PodNetwork, kubernetes_env_here, reap
 
 
 def wait_for(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:

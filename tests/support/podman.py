@@ -42,7 +42,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests.support import REPO_ROOT, k8s_pods
+from tests.support import REPO_ROOT
+from workloads import k8s_pods
 
 CACHE_DIR = Path("/var/tmp/disttrain-podman")
 RUN_ROOT = Path("/run/disttrain-podman")
@@ -195,7 +196,7 @@ class Podman:
         """Runs the pods of the Indexed Job in `documents` (manifests from `launch.k8s`) as
         containers of `image`, one network between them, and removes them all on exit.
 
-        Each pod `i` gets what Kubernetes would give it (tests/support/k8s_pods.py): hostname
+        Each pod `i` gets what Kubernetes would give it (workloads/k8s_pods.py): hostname
         `<job>-<i>`, the headless Service's DNS names as network aliases, the container's
         environment, command and args, and its security context: the user, dropped
         capabilities, no privilege escalation, a read-only root filesystem with the emptyDir

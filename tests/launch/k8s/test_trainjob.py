@@ -2,7 +2,7 @@
 TrainingRuntime validate against Trainer v2.3.0's published CRD schemas (tests/launch/k8s/schemas/
 kubeflow-trainer, strict: unknown fields rejected), meet the rules of Trainer's webhook, embed
 the jobset format's restart rules, and the pods that Trainer v2 and JobSet would create
-(tests/support/k8s_pods.py `trainer_v2_pods`) derive one cluster's TF_CONFIG; simulated pods (network
+(workloads/k8s_pods.py `trainer_v2_pods`) derive one cluster's TF_CONFIG; simulated pods (network
 namespaces, tests/launch/test_entrypoint.py) train a real 2-worker job beside an evaluator.
 
 The CRD schemas' CEL rules (x-kubernetes-validations) are not evaluated here; the ones that
@@ -28,8 +28,9 @@ import yaml
 from disttrain.cluster import build_tf_config
 from disttrain.errors import ClusterConfigError
 from launch import entrypoint, k8s, tf_config
-from tests.support import k8s_pods
-from tests.support.pod_network import PodNetwork, kubernetes_env_here, wait_for
+from workloads import k8s_pods
+from workloads.pod_network import PodNetwork, kubernetes_env_here
+from tests.support.pod_network import wait_for
 from tests.launch.k8s.test_k8s import (
     CONFIGS,
     K8S_VERSIONS,

@@ -23,7 +23,7 @@ import pytest
 
 from disttrain.cluster.launcher_env import derived_ports
 from tests.support import slurm as local_slurm
-from tests.support.pod_network import SUBNET, PodNetwork, netns_unavailable
+from workloads.pod_network import SUBNET, PodNetwork, netns_unavailable
 from tests.launch.slurm.test_slurm import PY, _submit, _tasks, _wait_job
 
 NODES = ("node1", "node2")
