@@ -18,8 +18,10 @@ every earlier checkpoint intact; a worker cut off the network (every packet it
 sends dropped) must be noticed by every worker within a bound and recovered
 exactly; the GCS emulator holding gs:// checkpoints killed during a save and
 restarted 3 s later must leave a job that ends like an uninterrupted one, every
-manifest naming complete objects. `python -m benchmarks.faults --kind all` runs
-many more seeds.
+manifest naming complete objects; kept down 45 s, past gcsfs's retries, it must
+fail every worker of attempt 0 with a StorageError naming the gs:// URL, and the
+restarted attempt must resume from the last backup and end like an uninterrupted
+one. `python -m benchmarks.faults --kind all` runs many more seeds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pytest
 
 from benchmarks.fault_workloads import (
     CUT_NOTICED_WITHIN,
+    STORAGE_DOWN_PAST_RETRIES,
     FaultRun,
     cgroup2_root,
     detection_seconds,
@@ -45,6 +48,8 @@ from benchmarks.fault_workloads import (
     run_fault_job,
     storage_kill_problems,
     storage_problems,
+    with_outage,
+    worker_errors,
 )
 from workloads.fault_training import (
     CHIEF_KILL_BACKUP,
@@ -192,6 +197,34 @@ def test_a_storage_server_killed_mid_save_and_restarted_leaves_the_job_and_its_c
         run.job.report())
     assert run.listed == [f"model-0{e}.weights.h5" for e in range(1, EPOCHS + 1)], run.listed
     assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
+
+
+# Attempt 0 (about 15 s), gcsfs's retries (31-36 s), the restart and attempt 1, loaded.
+OUTAGE_RESTARTED_WITHIN = 120
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 120)
+def test_a_storage_outage_past_gcsfs_retries_fails_every_worker_clearly_and_the_restart_resumes(
+        uninterrupted, tmp_path):
+    fault = with_outage(plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL), STORAGE_DOWN_PAST_RETRIES)
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                        timeout=JOB_TIMEOUT + 30)
+    assert storage_kill_problems(run, fault, WORKERS, EPOCHS, uninterrupted) == [], (
+        run.job.report())
+    assert run.job.returncode == 0 and "2 attempt(s) (1 restart(s))" in run.job.stderr, (
+        run.job.report())
+    errors = worker_errors(run.job.stderr, WORKERS)
+    assert sorted(errors) == list(range(WORKERS)), run.job.report()
+    for error in errors.values():
+        assert error.startswith("StorageError") and "gs://disttrain-faults/" in error, errors
+    assert sorted(attempt for _, attempt in run.failed) == [0] * WORKERS, run.failed
+    assert [run.results[r]["attempt"] for r in range(WORKERS)] == [1] * WORKERS
+    # Killed during epoch 3's saves (after step 12): attempt 1 resumes from a committed backup.
+    assert all(run.epochs[r][-1] == (1, EPOCHS - 1) for r in range(WORKERS)), run.epochs
+    assert not run.ended_while_down and run.storage == [], run.storage
+    assert run.listed == [f"model-0{e}.weights.h5" for e in range(1, EPOCHS + 1)], run.listed
+    assert run.job.seconds < OUTAGE_RESTARTED_WITHIN, run.job.report()
 
 
 def test_the_storage_check_reads_gcs_and_finds_a_manifest_naming_a_missing_object(
