@@ -28,7 +28,9 @@ and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
 - storage-kill: the checkpoints and backups go to gs:// on a local GCS emulator
   (`workloads.gcs_server`, objects on disk); the chief SIGKILLs it 0-0.4 s
   into a random epoch's saves and the driver restarts it on the same port and
-  directory 0.5-40 s later (gcsfs retries a request for about 16-20 s).
+  directory 0.5-40 s later (gcsfs gives up on a call 31-36 s after its first
+  refused try). `--storage-down 45` keeps it down 45 s on every seed instead,
+  past those retries: the job must then restart (the two-attempt path).
 
 The first four and network-cut run with `--max-restarts 1`: a seed is ok when the job exits 0
 after exactly 2 attempts, every worker resumed where the last committed backup

@@ -269,3 +269,14 @@ def test_the_storage_check_finds_leftovers_damaged_commits_and_unlisted_checkpoi
     assert "unlisted checkpoint visible: " in problems and "model-02.weights.h5" in problems
     assert "damaged commit: " in problems and "worker-0.json" in problems
     assert "lists " in problems and "model-01.weights.h5, unreadable" in problems
+
+
+def test_an_outage_set_by_hand_keeps_the_seeds_draws_and_only_for_storage_kill():
+    """`--storage-down` changes the outage only: `plan_fault` draws what it drew before."""
+    fault = plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL)
+    assert fault.describe() == "w0 step 12 +0.24s down 5.7s"
+    longer = with_outage(fault, STORAGE_DOWN_PAST_RETRIES)
+    assert longer.describe() == "w0 step 12 +0.24s down 45.0s"
+    assert longer.env() == fault.env()
+    with pytest.raises(ValueError, match="storage-kill"):
+        with_outage(plan_fault(3, WORKERS, EPOCHS), STORAGE_DOWN_PAST_RETRIES)
