@@ -36,6 +36,7 @@ import pytest
 
 from benchmarks.fault_workloads import (
     CUT_NOTICED_WITHIN,
+    GCSFS_GIVES_UP_AFTER,
     STORAGE_DOWN_PAST_RETRIES,
     FaultRun,
     cgroup2_root,
@@ -199,8 +200,9 @@ def test_a_storage_server_killed_mid_save_and_restarted_leaves_the_job_and_its_c
     assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
 
 
-# Attempt 0 (about 15 s), gcsfs's retries (31-36 s), the restart and attempt 1, loaded.
-OUTAGE_RESTARTED_WITHIN = 120
+# Attempt 0, gcsfs's retries (31-36 s), the restart and attempt 1: 77-145 s on the loaded
+# 2-core machine (`--storage-down 45`, 5 seeds).
+OUTAGE_RESTARTED_WITHIN = 150
 
 
 @pytest.mark.slow
@@ -209,7 +211,7 @@ def test_a_storage_outage_past_gcsfs_retries_fails_every_worker_clearly_and_the_
         uninterrupted, tmp_path):
     fault = with_outage(plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL), STORAGE_DOWN_PAST_RETRIES)
     run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
-                        timeout=JOB_TIMEOUT + 30)
+                        timeout=OUTAGE_RESTARTED_WITHIN + 30)
     assert storage_kill_problems(run, fault, WORKERS, EPOCHS, uninterrupted) == [], (
         run.job.report())
     assert run.job.returncode == 0 and "2 attempt(s) (1 restart(s))" in run.job.stderr, (
@@ -219,6 +221,9 @@ def test_a_storage_outage_past_gcsfs_retries_fails_every_worker_clearly_and_the_
     for error in errors.values():
         assert error.startswith("StorageError") and "gs://disttrain-faults/" in error, errors
     assert sorted(attempt for _, attempt in run.failed) == [0] * WORKERS, run.failed
+    # One call's retries, not a second call's after them (the emulator is back at +45 s).
+    raised = max(run.failed.values()) - run.fault["time"]
+    assert raised < GCSFS_GIVES_UP_AFTER + 8, f"fit raised {raised:.1f}s after the kill"
     assert [run.results[r]["attempt"] for r in range(WORKERS)] == [1] * WORKERS
     # Killed during epoch 3's saves (after step 12): attempt 1 resumes from a committed backup.
     assert all(run.epochs[r][-1] == (1, EPOCHS - 1) for r in range(WORKERS)), run.epochs
