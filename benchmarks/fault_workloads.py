@@ -120,6 +120,32 @@ def plan_fault(seed: int, workers: int, epochs: int, kind: str = WORKER_KILL,
     raise ValueError(f"unknown fault kind {kind!r}; choose one of {sorted(KINDS)}")
 
 
+# How long gcsfs keeps retrying one request to a dead server before it raises (gcsfs 2026.10.1,
+# gcsfs/retry.py `retry_request`, applied to every HTTP call with `GCSFileSystem.retries = 6`):
+# 6 tries, sleeping min(2**(n-1) + random(), 32) s before try n+1, so 1+2+4+8+16 = 31 s plus up
+# to 5 s of jitter after the first refused try; a refused connection fails at once.
+GCSFS_GIVES_UP_AFTER = 36.0
+# A storage-kill outage past those retries however late in the save the kill lands (the next
+# request may start a few seconds after the kill), short enough that the restarted attempt
+# meets it (its first read retries too) rather than waiting for it.
+STORAGE_DOWN_PAST_RETRIES = 45.0
+
+
+def with_outage(fault: Fault, down: float) -> Fault:
+    """`fault` (a storage-kill) with the emulator kept down `down` seconds, whatever its seed
+    drew: `plan_fault`'s draws stay as they are for every seed.
+
+    Example:
+
+    ```
+    fault = with_outage(plan_fault(3, 2, 4, STORAGE_KILL), STORAGE_DOWN_PAST_RETRIES)
+    ```
+    """
+    if fault.kind != STORAGE_KILL:
+        raise ValueError(f"with_outage sets a storage-kill's outage, got a {fault.kind!r} fault")
+    return dataclasses.replace(fault, down=down)
+
+
 @dataclasses.dataclass
 class FaultRun:
     """One `fault_train` job under `launch.local` and what its workers left in `result_dir`.
@@ -318,7 +344,8 @@ class _StorageServer:
     def __init__(self, result_dir: str, down: float):
         self.data_dir, self.log = os.path.join(result_dir, "gcs"), f"{result_dir}/gcs.log"
         self.down = down
-        self.proc, self.emulator = start_emulator(BUCKET, self.log, data_dir=self.data_dir)
+        self.proc, self.emulator = start_emulator(BUCKET, self.log, data_dir=self.data_dir,
+                                                  atomic_writes=True)
         self.port = int(self.emulator.endpoint.rsplit(":", 1)[1])
         self.restart_error: str | None = None
         self.restarted_at: float | None = None
@@ -338,7 +365,7 @@ class _StorageServer:
         time.sleep(self.down)
         try:
             self.proc, _ = start_emulator(BUCKET, self.log, port=self.port,
-                                          data_dir=self.data_dir)
+                                          data_dir=self.data_dir, atomic_writes=True)
             self.restarted_at = time.time()
         except RuntimeError as e:
             lines = str(e).splitlines()

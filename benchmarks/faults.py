@@ -28,7 +28,9 @@ and a ModelCheckpoint per epoch). The kinds (`--kind`, default worker-kill):
 - storage-kill: the checkpoints and backups go to gs:// on a local GCS emulator
   (`workloads.gcs_server`, objects on disk); the chief SIGKILLs it 0-0.4 s
   into a random epoch's saves and the driver restarts it on the same port and
-  directory 0.5-40 s later (gcsfs retries a request for about 16-20 s).
+  directory 0.5-40 s later (gcsfs gives up on a call 31-36 s after its first
+  refused try). `--storage-down 45` keeps it down 45 s on every seed instead,
+  past those retries: the job must then restart (the two-attempt path).
 - link-down: the job runs as the pods of a generated JobSet, each in a network
   namespace of its own on a bridge (`run_pod_fault_job`; needs root and
   `ip netns`); a random pod's link is set down from the bridge's side after a
@@ -69,6 +71,8 @@ from collections.abc import Sequence
 
 from benchmarks.fault_workloads import (
     CUT_NOTICED_WITHIN,
+    GCSFS_GIVES_UP_AFTER,
+    STORAGE_DOWN_PAST_RETRIES,
     cgroup2_root,
     detection_seconds,
     disk_full_problems,
@@ -82,6 +86,7 @@ from benchmarks.fault_workloads import (
     run_fault_job,
     run_pod_fault_job,
     storage_kill_problems,
+    with_outage,
 )
 from workloads.fault_training import (
     DISK_FULL,
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="workers per job (default 2)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per job (default 4)")
+    parser.add_argument("--storage-down", type=float, default=None, metavar="SECONDS",
+                        help="storage-kill: keep the emulator down this long on every seed "
+                             "instead of the seed's 0.5-40 s; past gcsfs's retries (about "
+                             f"{GCSFS_GIVES_UP_AFTER:g} s) the job must restart "
+                             f"(e.g. {STORAGE_DOWN_PAST_RETRIES:g})")
     return parser
 
 
@@ -124,6 +134,8 @@ def run_kind(kind: str, args: argparse.Namespace, tmp: str, reference: list,
     walls, restarts, diffs, failed, detections = [], [], [], [], []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         fault = plan_fault(seed, args.workers, args.epochs, kind, renames)
+        if kind == STORAGE_KILL and args.storage_down is not None:
+            fault = with_outage(fault, args.storage_down)
         runner = run_pod_fault_job if kind == LINK_DOWN else run_fault_job
         run = runner(f"{tmp}/{kind}-{seed}", args.workers, args.epochs, fault=fault,
                      max_restarts=0 if kind == DISK_FULL else 1, timeout=JOB_TIMEOUT)
@@ -189,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.workers < 1 or args.epochs < 1:
         parser.error("--seeds, --workers and --epochs must be at least 1")
+    if args.storage_down is not None and args.storage_down < 0:
+        parser.error(f"--storage-down must be at least 0 seconds, got {args.storage_down:g}")
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     if DISK_FULL in kinds and os.geteuid() != 0:
         parser.error("--kind disk-full mounts a tmpfs: run as root, or pick another kind")

@@ -46,8 +46,8 @@ def _bucket_ready(endpoint: str, bucket: str) -> bool:
 
 
 def start_emulator(bucket: str, log_path: str, port: int | None = None,
-                   data_dir: str | None = None,
-                   start_timeout: float = 30.0) -> tuple[subprocess.Popen, GcsEmulator]:
+                   data_dir: str | None = None, start_timeout: float = 30.0,
+                   atomic_writes: bool = False) -> tuple[subprocess.Popen, GcsEmulator]:
     """Starts `gcp-storage-emulator` on 127.0.0.1 and waits until it serves `bucket`.
 
     Args:
@@ -57,6 +57,10 @@ def start_emulator(bucket: str, log_path: str, port: int | None = None,
         data_dir: where it keeps objects on disk (a restart on the same port and
             `data_dir` serves them again); default in memory.
         start_timeout: seconds to wait for the bucket.
+        atomic_writes: with `data_dir`, the server replaces each file it keeps on
+            disk whole (`serve_with_atomic_writes`), so a SIGKILL leaves every
+            object and its own metadata (`.meta`) old or new, as GCS would;
+            by default it rewrites them in place and a kill can truncate them.
 
     Returns:
         `(process, emulator)`; the caller stops the process.
@@ -67,7 +71,8 @@ def start_emulator(bucket: str, log_path: str, port: int | None = None,
     """
     port = port or portpicker.pick_unused_port()
     endpoint = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+    server = [os.path.abspath(__file__)] if atomic_writes else ["-m", "gcp_storage_emulator"]
+    command = [sys.executable, *server, "start", "--host", "127.0.0.1",
                "--port", str(port), "--default-bucket", bucket]
     env = dict(os.environ)
     if data_dir is None:
@@ -111,3 +116,41 @@ def running_emulator(
         yield server
     finally:
         stop(proc)
+
+
+def serve_with_atomic_writes(argv: list[str]) -> None:
+    """Runs `gcp_storage_emulator <argv>` with every file it keeps on disk written to a temp
+    file beside it and renamed over it (`os.replace`), instead of rewritten in place.
+
+    The emulator keeps each object in a file and the whole bucket's metadata in
+    one `.meta` file it rewrites on every change; SIGKILLed mid-rewrite, the
+    restarted server fails reading a truncated `.meta` (`JSONDecodeError`) or
+    serves a truncated object, damage a real object store never shows. A kill
+    may leave a temp file (`.<name>.tmp-<pid>`), which the server never lists.
+
+    Example: `python workloads/gcs_server.py start --port 9023 --default-bucket b`
+    (`start_emulator(..., atomic_writes=True)` runs it so).
+    """
+    from pathlib import Path
+
+    from gcp_storage_emulator import __main__ as emulator
+    from gcp_storage_emulator.storage import _FileStore
+
+    in_place = _FileStore.write_bytes
+
+    def write_bytes(store: _FileStore, rel: str, content: bytes) -> None:
+        if store._use_memory:
+            in_place(store, rel, content)
+            return
+        path: Path = store._disk_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+
+    _FileStore.write_bytes = write_bytes
+    emulator.main(argv)
+
+
+if __name__ == "__main__":
+    serve_with_atomic_writes(sys.argv[1:])

@@ -327,7 +327,9 @@ class CheckpointManager:
         at once: `write` must then write a snapshot taken before the call
         (`storage.snapshot.ModelSnapshot`), not state that changes after it.
         The previous save is always finished (or its error raised) first, so at
-        most one is in flight. A save that fails leaves the directory as it was.
+        most one is in flight. A save that fails leaves the directory as it was,
+        but for its pending marker after a `StorageError` (what a crash there
+        leaves; the next save removes it and the file it names).
 
         Args:
             record: the checkpoint's record; its `path` is the destination URL.
@@ -524,7 +526,10 @@ class CheckpointManager:
         yet). `pending`: the marker found before this save ({} for none). After
         a failure the marker this save wrote is removed again (best effort: the
         original error is the one that matters); one that already named the
-        same path, from a crash, is kept.
+        same path, from a crash, is kept. After a `StorageError` it is kept too,
+        as a crash there would leave it (the next save or `open` clears it):
+        another call would meet the same failure, and on gs:// gcsfs retries
+        each call for 31-36 s before it gives up.
         """
         self._stored = None
         staged = _stage(path, write)
@@ -532,9 +537,9 @@ class CheckpointManager:
             if claim:
                 write_json(self.pending_url, {"run_id": self.run_id, "path": path})
             staged.commit()
-        except BaseException:
+        except BaseException as e:
             staged.discard()
-            if claim and pending.get("path") != path:
+            if claim and pending.get("path") != path and not isinstance(e, StorageError):
                 with contextlib.suppress(StorageError):
                     remove(self.pending_url)
             raise

@@ -18,10 +18,13 @@ every earlier checkpoint intact; a worker cut off the network (every packet it
 sends dropped) must be noticed by every worker within a bound and recovered
 exactly; the GCS emulator holding gs:// checkpoints killed during a save and
 restarted 3 s later must leave a job that ends like an uninterrupted one, every
-manifest naming complete objects; a job run as simulated pods (a network
-namespace each) one of whose links is set down must be noticed by every pod
-within a bound and recovered exactly, with no namespace left, also when it times
-out. `python -m benchmarks.faults --kind all` runs many more seeds.
+manifest naming complete objects; kept down 45 s, past gcsfs's retries, it must
+fail every worker of attempt 0 with a StorageError naming the gs:// URL, and the
+restarted attempt must resume from the last backup and end like an uninterrupted
+one; a job run as simulated pods (a network namespace each) one of whose links is
+set down must be noticed by every pod within a bound and recovered exactly, with no
+namespace left, also when it times out. `python -m benchmarks.faults --kind all`
+runs many more seeds.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import pytest
 
 from benchmarks.fault_workloads import (
     CUT_NOTICED_WITHIN,
+    GCSFS_GIVES_UP_AFTER,
+    STORAGE_DOWN_PAST_RETRIES,
     FaultRun,
     cgroup2_root,
     detection_seconds,
@@ -49,6 +54,8 @@ from benchmarks.fault_workloads import (
     run_pod_fault_job,
     storage_kill_problems,
     storage_problems,
+    with_outage,
+    worker_errors,
 )
 from workloads.fault_training import (
     CHIEF_KILL_BACKUP,
@@ -199,6 +206,38 @@ def test_a_storage_server_killed_mid_save_and_restarted_leaves_the_job_and_its_c
     assert run.job.seconds < RESTARTED_WITHIN, run.job.report()
 
 
+# Attempt 0, gcsfs's retries (31-36 s), the restart and attempt 1: 77-145 s on the loaded
+# 2-core machine (`--storage-down 45`, 5 seeds).
+OUTAGE_RESTARTED_WITHIN = 150
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT + 120)
+def test_a_storage_outage_past_gcsfs_retries_fails_every_worker_clearly_and_the_restart_resumes(
+        uninterrupted, tmp_path):
+    fault = with_outage(plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL), STORAGE_DOWN_PAST_RETRIES)
+    run = run_fault_job(str(tmp_path), WORKERS, EPOCHS, fault=fault, max_restarts=1,
+                        timeout=OUTAGE_RESTARTED_WITHIN + 30)
+    assert storage_kill_problems(run, fault, WORKERS, EPOCHS, uninterrupted) == [], (
+        run.job.report())
+    assert run.job.returncode == 0 and "2 attempt(s) (1 restart(s))" in run.job.stderr, (
+        run.job.report())
+    errors = worker_errors(run.job.stderr, WORKERS)
+    assert sorted(errors) == list(range(WORKERS)), run.job.report()
+    for error in errors.values():
+        assert error.startswith("StorageError") and "gs://disttrain-faults/" in error, errors
+    assert sorted(attempt for _, attempt in run.failed) == [0] * WORKERS, run.failed
+    # One call's retries, not a second call's after them (the emulator is back at +45 s).
+    raised = max(run.failed.values()) - run.fault["time"]
+    assert raised < GCSFS_GIVES_UP_AFTER + 8, f"fit raised {raised:.1f}s after the kill"
+    assert [run.results[r]["attempt"] for r in range(WORKERS)] == [1] * WORKERS
+    # Killed during epoch 3's saves (after step 12): attempt 1 resumes from a committed backup.
+    assert all(run.epochs[r][-1] == (1, EPOCHS - 1) for r in range(WORKERS)), run.epochs
+    assert not run.ended_while_down and run.storage == [], run.storage
+    assert run.listed == [f"model-0{e}.weights.h5" for e in range(1, EPOCHS + 1)], run.listed
+    assert run.job.seconds < OUTAGE_RESTARTED_WITHIN, run.job.report()
+
+
 def test_the_storage_check_reads_gcs_and_finds_a_manifest_naming_a_missing_object(
         gcs, tmp_path):
     """What `storage_kill_problems` relies on to see a torn save on gs://."""
@@ -290,3 +329,14 @@ def test_the_link_down_check_finds_a_missing_cut_a_late_or_missed_notice_and_lef
         "left behind: network namespace dtld-1-p0"]
     run.failed, run.cut_at, run.left_behind = {(0, 0): 108.0, (1, 0): 109.0}, 100.02, []
     assert link_down_problems(run, WORKERS, CUT_NOTICED_WITHIN) == []
+
+
+def test_an_outage_set_by_hand_keeps_the_seeds_draws_and_only_for_storage_kill():
+    """`--storage-down` changes the outage only: `plan_fault` draws what it drew before."""
+    fault = plan_fault(3, WORKERS, EPOCHS, STORAGE_KILL)
+    assert fault.describe() == "w0 step 12 +0.24s down 5.7s"
+    longer = with_outage(fault, STORAGE_DOWN_PAST_RETRIES)
+    assert longer.describe() == "w0 step 12 +0.24s down 45.0s"
+    assert longer.env() == fault.env()
+    with pytest.raises(ValueError, match="storage-kill"):
+        with_outage(plan_fault(3, WORKERS, EPOCHS), STORAGE_DOWN_PAST_RETRIES)
