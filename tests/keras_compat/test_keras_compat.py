@@ -16,12 +16,13 @@ from disttrain.testing import run_cluster
 from tests.keras_compat import workloads
 from tests.support.cases import case_results
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def every_fix():
-    return run_cluster(workloads.with_every_fix, 2, timeout=360)
+    # 13 cases one after the other: room for cores shared with other test runs.
+    return run_cluster(workloads.with_every_fix, 2, timeout=540)
 
 
 @pytest.fixture(scope="module")
