@@ -476,7 +476,21 @@ def _main(argv: Sequence[str] | None = None) -> None:
     fn = importlib.import_module(module_name)
     for part in qualname.split("."):
         fn = getattr(fn, part)
-    result = fn(**json.loads(args.kwargs))
+    write_result(fn(**json.loads(args.kwargs)))
+
+
+def write_result(result: Any) -> None:
+    """Writes a function worker's JSON-serialisable `result` to the file `DISTTRAIN_TEST_RESULT`
+    names (atomically: a worker killed while writing leaves the previous result); does nothing
+    when it is not set. `python -m disttrain.testing` calls it with the function's return
+    value; a worker may call it before, to leave a partial result should it not return.
+
+    Example:
+
+    ```python
+    write_result({"cases_done": 1})  # what the test reads if the worker dies from here on
+    ```
+    """
     path = os.environ.get(ENV_RESULT)
     if path:
         tmp = f"{path}.{os.getpid()}.tmp"

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from tests.support.cases import case_results, run_cases
 from tests.support.weights import weights_by_path
 
 
@@ -212,13 +213,47 @@ def backup_forever(directory: str, epochs: int = 300, async_commit: bool = False
     return {"epochs_run": len(history.history.get("loss", []))}
 
 
-def results_without_errors(run) -> list:
-    """Test side: the workers' results of a finished `run_cluster` of `checkpoint_job`,
-    after checking every worker exited 0 and reported no error."""
-    run.assert_ok()
-    errors = [r["error"] for r in run.results]
+def results_without_errors(run, case: str | None = None) -> list:
+    """Test side: the workers' results of a finished `run_cluster` of `checkpoint_job` (or
+    of its `case` in `two_worker_cases`), after checking every worker exited 0 (finished
+    the case) and reported no error."""
+    results = run.assert_ok().results if case is None else case_results(run, case)
+    errors = [r["error"] for r in results]
     assert errors == [None] * len(errors), run.report()
-    return run.results
+    return results
+
+
+READ_ONLY = "read-only"
+"""The folder of `two_worker_cases`'s directory that non-chief workers see read-only."""
+
+
+def two_worker_cases(directory: str) -> dict:
+    """The 2-worker cases of tests/callbacks/test_model_checkpoint.py, each with a new
+    model in its own folder of `directory` (made by the test, with `READ_ONLY` and
+    `chief-write-failure/m-2.keras`), in one cluster (tests/support/cases.py). The cases
+    whose commit fails on purpose come last."""
+    import os
+
+    def job(**kwargs):
+        return lambda: checkpoint_job(**kwargs)
+
+    def path(*parts: str) -> str:
+        return os.path.join(directory, *parts)
+
+    return run_cases({
+        "stop_on_one_worker": job(filepath=path("stop", "m.keras"), epochs=10, stop_rank=1,
+                                  stop_epoch=1),
+        "async_commit": job(filepath=path(READ_ONLY, "m-{epoch}.keras"), epochs=3,
+                            max_to_keep=2, async_commit=True),
+        "mid_epoch": job(filepath=path("mid-epoch", "m-{epoch}-{batch}.keras"), epochs=1,
+                         save_freq=6),
+        **{f"failed_commit_{mode}": job(
+            filepath=f"memory://failing-commit-{mode}/m-{{epoch}}.keras", epochs=4,
+            async_commit=mode == "async", sabotage=True) for mode in ("sync", "async")},
+        "chief_write_failure": job(filepath=path("chief-write-failure", "m-{epoch}.keras"),
+                                   epochs=5),
+        "serializer_failure": lambda: serializer_failure_job(path("serializer")),
+    })
 
 
 def serializer_failure_job(directory: str) -> dict:

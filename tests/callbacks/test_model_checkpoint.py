@@ -14,6 +14,7 @@ import pytest
 from disttrain.testing import run_cluster
 from tests.callbacks import checkpoint_workloads
 from tests.callbacks.checkpoint_workloads import results_without_errors
+from tests.support.cases import case_results
 from tests.support.processes import can_make_read_only_views, read_only_view, run_until_killed
 
 keras = pytest.importorskip("keras")
@@ -264,6 +265,25 @@ def test_checkpoint_missing_monitor_strict(tmp_path):
 
 
 # ------------------------------------------------------------------- real clusters
+# The 2-worker cases share one cluster (`two_workers`, running
+# checkpoint_workloads.two_worker_cases; each case its own model and folder, failing only
+# its own test); the 3-worker one and the kill loop run alone.
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """The finished cluster of `checkpoint_workloads.two_worker_cases` and its directory."""
+    directory = tmp_path_factory.mktemp("checkpoint-cases")
+    (directory / checkpoint_workloads.READ_ONLY).mkdir()
+    (directory / "chief-write-failure" / "m-2.keras").mkdir(parents=True)
+    read_only = directory / checkpoint_workloads.READ_ONLY
+    run = run_cluster(
+        checkpoint_workloads.two_worker_cases, 2, kwargs={"directory": str(directory)},
+        wrap=(lambda rank, cmd: cmd if rank == 0 else read_only_view(read_only, cmd))
+        if can_make_read_only_views() else None,
+        timeout=270,
+    )
+    return run, directory
 
 
 @pytest.mark.slow
@@ -286,50 +306,34 @@ def test_only_the_chief_writes_and_the_checkpoint_equals_its_weights(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_stop_on_one_worker_ends_training_everywhere_at_the_same_epoch(tmp_path):
-    run = run_cluster(
-        checkpoint_workloads.checkpoint_job, 2,
-        kwargs={"filepath": str(tmp_path / "m.keras"), "epochs": 10,
-                "stop_rank": 1, "stop_epoch": 1},
-        timeout=180,
-    )
-    results = results_without_errors(run)
+def test_stop_on_one_worker_ends_training_everywhere_at_the_same_epoch(two_workers):
+    results = results_without_errors(two_workers[0], "stop_on_one_worker")
     assert [r["epochs_run"] for r in results] == [2, 2]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("async_commit", [False, True])
-def test_a_failed_commit_raises_the_same_error_on_every_worker(async_commit):
+def test_a_failed_commit_raises_the_same_error_on_every_worker(two_workers, async_commit):
     """The chief's memory:// directory becomes a file at the first epoch end: the
     first commit fails, raised on both workers by that save, or with async_commit by
     the next one."""
-    run = run_cluster(
-        checkpoint_workloads.checkpoint_job, 2,
-        kwargs={"filepath": "memory://failing-commit/m-{epoch}.keras", "epochs": 4,
-                "async_commit": async_commit, "sabotage": True},
-        timeout=180,
-    ).assert_ok()
-    errors = [r["error"] for r in run.results]
+    run = two_workers[0]
+    results = case_results(run, f"failed_commit_{'async' if async_commit else 'sync'}")
+    errors = [r["error"] for r in results]
     assert errors[0] is not None and errors[0] == errors[1], run.report()
     assert errors[0].startswith("StorageError: ModelCheckpoint.save failed on w0"), errors[0]
     assert "failing-commit" in errors[0]
-    assert [r["epochs_ended"] for r in run.results] == [2 if async_commit else 1] * 2
+    assert [r["epochs_ended"] for r in results] == [2 if async_commit else 1] * 2
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_async_commit_on_a_cluster_writes_only_on_the_chief_and_equals_its_weights(tmp_path):
-    dest = tmp_path / "ckpt"
-    dest.mkdir()
-    run = run_cluster(
-        checkpoint_workloads.checkpoint_job, 2,
-        kwargs={"filepath": str(dest / "m-{epoch}.keras"), "epochs": 3, "max_to_keep": 2,
-                "async_commit": True},
-        wrap=(lambda rank, cmd: cmd if rank == 0 else read_only_view(dest, cmd))
-        if can_make_read_only_views() else None,
-    )
-    results = results_without_errors(run)
+def test_async_commit_on_a_cluster_writes_only_on_the_chief_and_equals_its_weights(
+        two_workers):
+    run, directory = two_workers
+    dest = directory / checkpoint_workloads.READ_ONLY
+    results = results_without_errors(run, "async_commit")
     assert results[0]["weights"] == results[1]["weights"]
     assert sorted(os.listdir(dest)) == ["best.json", "m-2.keras", "m-3.keras"]
     _assert_holds(dest / "m-3.keras", results[0]["weights"])
@@ -337,35 +341,26 @@ def test_async_commit_on_a_cluster_writes_only_on_the_chief_and_equals_its_weigh
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_chief_write_failure_raises_the_same_error_on_every_worker(tmp_path):
-    (tmp_path / "m-2.keras").mkdir()
-    run = run_cluster(
-        checkpoint_workloads.checkpoint_job, 2,
-        kwargs={"filepath": str(tmp_path / "m-{epoch}.keras"), "epochs": 5},
-        timeout=180,
-    ).assert_ok()
-    errors = [r["error"] for r in run.results]
+def test_chief_write_failure_raises_the_same_error_on_every_worker(two_workers):
+    run, directory = two_workers
+    results = case_results(run, "chief_write_failure")
+    errors = [r["error"] for r in results]
     assert errors[0] is not None and errors[0] == errors[1], run.report()
     assert errors[0].startswith("StorageError: ModelCheckpoint.save failed on w0")
     assert "m-2.keras" in errors[0]
-    assert max(r["seconds"] for r in run.results) < 120
-    manifest = json.loads((tmp_path / "best.json").read_text())
+    assert max(r["seconds"] for r in results) < 120
+    manifest = json.loads((directory / "chief-write-failure" / "best.json").read_text())
     assert manifest["epoch"] == 1, "the last good checkpoint stays the committed one"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(tmp_path):
+def test_mid_epoch_checkpoint_holds_batchnorm_statistics_of_all_workers(two_workers):
     """A save at batch 6 (the last of the epoch) must equal the final, averaged weights."""
-    run = run_cluster(
-        checkpoint_workloads.checkpoint_job, 2,
-        kwargs={"filepath": str(tmp_path / "m-{epoch}-{batch}.keras"), "epochs": 1,
-                "save_freq": 6},
-        timeout=180,
-    )
-    results = results_without_errors(run)
+    run, directory = two_workers
+    results = results_without_errors(run, "mid_epoch")
     assert results[0]["weights"] == results[1]["weights"]
-    loaded = _assert_holds(tmp_path / "m-1-6.keras", results[0]["weights"])
+    loaded = _assert_holds(directory / "mid-epoch" / "m-1-6.keras", results[0]["weights"])
     assert len([v for v in loaded.weights if "moving" in v.path]) == 2
 
 
@@ -388,20 +383,24 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name, 
 
     directory = tmp_path / "ckpt"
     rng = random.Random(0)
-    command = function_command(checkpoint_workloads.save_forever,
-                               {"directory": str(directory), "name": name,
-                                "async_commit": async_commit,
-                                "epochs": 120 if async_commit else 400})
+
+    def command(epochs: int) -> list[str]:
+        return function_command(checkpoint_workloads.save_forever,
+                                {"directory": str(directory), "name": name,
+                                 "async_commit": async_commit, "epochs": epochs})
+
     env = worker_env({"DISTTRAIN_RUN_ID": "crash-loop",
                       "DISTTRAIN_TEST_RESULT": str(tmp_path / "result.json")})
     for attempt in range(4):
-        err = run_until_killed(command, env, rng.uniform(0.05, 0.6))
+        err = run_until_killed(command(120 if async_commit else 400), env,
+                               rng.uniform(0.05, 0.6))
         assert "Refusing" not in err, err[-2000:]
         manifest = json.loads((directory / "best.json").read_text())
         for record in manifest["checkpoints"]:
             assert os.path.exists(record["path"]), (attempt, record, os.listdir(directory))
         assert os.path.exists(manifest["path"])
-    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    # The run that is not killed: enough saves to cycle through every name (epoch % 7).
+    final = subprocess.run(command(14), env=env, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr[-3000:]
     kept = json.loads((tmp_path / "result.json").read_text())["kept"]
     assert sorted(os.listdir(directory)) == ["best.json", os.path.basename(kept[0])]
@@ -409,19 +408,19 @@ def test_checkpoint_manifest_survives_random_kills_and_restarts(tmp_path, name, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_failure_of_the_background_serializer_reaches_every_worker(tmp_path):
+def test_a_failure_of_the_background_serializer_reaches_every_worker(two_workers):
     """async_commit=True writes the file (ModelCheckpoint) or the backup's weights
     (BackupAndRestore) from a snapshot in the background; when that write fails (the model
     cannot be serialized), every worker raises the same StorageError at the next save, or at
     the end of fit, and what was committed before stays."""
-    run = run_cluster(checkpoint_workloads.serializer_failure_job, 2,
-                      kwargs={"directory": str(tmp_path)}, timeout=240).assert_ok()
+    run = two_workers[0]
+    outcomes = case_results(run, "serializer_failure")
     cases = {"ModelCheckpoint": ("ModelCheckpoint.save", "ModelCheckpoint.result",
                                  "m-2.keras'", ["best.json", "m-1.keras"]),
              "BackupAndRestore": ("BackupAndRestore.save", "BackupAndRestore.commit",
                                   "backup-000001'", ["backup-000000"])}
     for kind, (next_save, fit_end, failed, files) in cases.items():
-        chief, other = (r[kind] for r in run.results)
+        chief, other = (r[kind] for r in outcomes)
         for fit, epochs_ended in ((0, 3), (1, 2)):
             error = chief[fit]["error"]
             assert error is not None and error == other[fit]["error"], run.report()

@@ -11,26 +11,47 @@ import numpy as np
 import pytest
 
 from disttrain.check import parity
-from disttrain.testing import worker_env
+from disttrain.testing import kill_group, worker_env
 from tests.support import REPO_ROOT
 
 SCRIPT = str(REPO_ROOT / "tests" / "scripts" / "parity_train.py")
+VARIANTS = ((), ("--batchnorm",))
+"""The script arguments of the two checks."""
 
 
-def _check(*script_args: str) -> subprocess.CompletedProcess:
-    # 12 steps: past the first epoch of 8, so the second epoch's shuffled order counts too.
-    return subprocess.run([sys.executable, "-m", "disttrain.check", "parity", "--steps", "12",
-                           "--", sys.executable, SCRIPT, *script_args], cwd=REPO_ROOT,
-                          env=worker_env(), capture_output=True, text=True, timeout=400,
-                          check=False)
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """Both checks, started together (each a one-process run, then a 2-worker cluster,
+    which leave a core idle part of the time, so the two overlap well on 2 cores): script
+    arguments -> a function waiting for that check's finished process."""
+    directory = tmp_path_factory.mktemp("parity-checks")
+    procs = {}
+    for args in VARIANTS:
+        logs = [directory / f"{'-'.join(args) or 'plain'}.{name}" for name in ("out", "err")]
+        with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+            # 12 steps: past the first epoch of 8, so the second epoch's order counts too.
+            procs[args] = (logs, subprocess.Popen(
+                [sys.executable, "-m", "disttrain.check", "parity", "--steps", "12", "--",
+                 sys.executable, SCRIPT, *args], cwd=REPO_ROOT, env=worker_env(),
+                stdout=stdout, stderr=stderr, start_new_session=True))
+
+    def finished(args: tuple[str, ...]) -> subprocess.CompletedProcess:
+        (stdout, stderr), proc = procs[args]
+        proc.wait(timeout=400)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read_text(),
+                                           stderr.read_text())
+
+    yield finished
+    for _, proc in procs.values():
+        kill_group(proc)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(450)
-def test_a_script_that_trains_alike_matches():
+def test_a_script_that_trains_alike_matches(checks):
     """Shuffled NumPy arrays under a global seed, Adam: 12 steps on 2 workers are within
     the tolerance of one process (measured: 5e-7 of the weights' movement), exit 0."""
-    run = _check()
+    run = checks(())
     assert run.returncode == parity.EXIT_MATCH, run.stdout + run.stderr[-5000:]
     assert "workers bit-identical: yes" in run.stdout
     assert "MATCH: every variable within 0.001" in run.stdout
@@ -38,11 +59,11 @@ def test_a_script_that_trains_alike_matches():
 
 @pytest.mark.slow
 @pytest.mark.timeout(450)
-def test_batchnorm_without_synchronized_differs_and_is_named():
+def test_batchnorm_without_synchronized_differs_and_is_named(checks):
     """The same script with a BatchNormalization: exit 1, the first differing variable is the
     first layer's kernel (measured: 0.58 of its movement), and the cause and its fix
     (synchronized=True) are named."""
-    run = _check("--batchnorm")
+    run = checks(("--batchnorm",))
     assert run.returncode == parity.EXIT_DIFFER, run.stdout + run.stderr[-5000:]
     assert "DIFFER:" in run.stdout
     assert "  sequential/dense/kernel: max difference" in run.stdout

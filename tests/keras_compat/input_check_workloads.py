@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import numpy as np
+
+from tests.support.cases import run_cases
 
 GLOBAL_BATCH = 8
 SAMPLES = 64
 STEP_MARK = "input_check_workloads: a training step began"
+REFUSED_CALLS = ("validation", "evaluate", "predict")
+"""The calls `refused` runs in `shared_cases` (`fit` refuses in a cluster of its own, whose
+workers then exit nonzero)."""
+_steps_begun = [0]
+"""Training steps begun in this process, by every `run`."""
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +87,11 @@ def run(kind: str, call: str = "fit", skip: tuple[str, ...] = ()) -> dict:
         model = keras.Sequential([keras.Input((4,)),
                                   keras.layers.Dense(1, kernel_initializer="zeros")])
         model.compile(keras.optimizers.SGD(0.05), "mse")
-    steps = [0]
+    steps_before = _steps_begun[0]
 
     class MarkSteps(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
-            steps[0] += 1
+            _steps_begun[0] += 1
             print(STEP_MARK, flush=True)
 
     def data(which: str):
@@ -104,8 +112,33 @@ def run(kind: str, call: str = "fit", skip: tuple[str, ...] = ()) -> dict:
             result["predict"] = model.predict(data(kind), verbose=0).tolist()
         else:
             result["checks"] = _checks(model, data(kind))
-    result["steps"] = steps[0]
+    result["steps"] = _steps_begun[0] - steps_before
     return result
+
+
+def refused(call: str) -> dict:
+    """`run("unseeded", call)`, which must raise InputMismatchError: its message (None if
+    nothing raised), the training steps begun and the seconds until it raised."""
+    from disttrain.errors import InputMismatchError
+
+    steps_before, started = _steps_begun[0], time.monotonic()
+    try:
+        run("unseeded", call)
+    except InputMismatchError as e:
+        return {"error": f"{type(e).__name__}: {e}", "steps": _steps_begun[0] - steps_before,
+                "seconds": time.monotonic() - started}
+    return {"error": None, "steps": _steps_begun[0] - steps_before}
+
+
+def shared_cases() -> dict:
+    """The 2-worker cases with every check on, in one cluster (tests/support/cases.py):
+    the unseeded input refused in each of `REFUSED_CALLS`, then the seeded input through
+    every call and the file-sharded and unsharded inputs trained."""
+    return run_cases({
+        **{f"refused_{call}": (lambda call=call: refused(call)) for call in REFUSED_CALLS},
+        "seeded": lambda: run("seeded", "all"),
+        **{kind: (lambda kind=kind: run(kind, "fit")) for kind in ("file", "off")},
+    })
 
 
 def _checks(model, unseeded) -> dict:

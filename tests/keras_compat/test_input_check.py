@@ -1,4 +1,9 @@
-"""Workers whose unsharded inputs start differently fail before training, on every worker."""
+"""Workers whose unsharded inputs start differently fail before training, on every worker.
+
+The 2-worker cases with every check on share one cluster (`shared`, running
+`input_check_workloads.shared_cases`; each case fails only its own test); the refused
+`fit` (its workers exit nonzero), the opt-out (an environment variable) and each skipped
+check (process-wide) run in clusters of their own."""
 
 from __future__ import annotations
 
@@ -9,26 +14,30 @@ import pytest
 
 from disttrain.testing import run_cluster
 from tests.keras_compat import input_check_workloads
+from tests.support.cases import case_results
 
 CLUSTER_TIMEOUT = 180
 FAILS_WITHIN_S = 90
 """Start-up (a few seconds alone, tens on 2 shared cores) plus one batch and one exchange."""
 
 
+@pytest.fixture(scope="module")
+def shared():
+    return run_cluster(input_check_workloads.shared_cases, 2, timeout=CLUSTER_TIMEOUT + 60)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("call", ["fit", "validation", "evaluate", "predict"])
-def test_an_unseeded_shuffle_fails_on_every_worker_before_any_step(call):
+def test_an_unseeded_shuffle_fails_on_every_worker_before_any_step():
     """An unseeded `shuffle` before batching (AUTO sharding falls back to DATA): every
-    worker raises InputMismatchError naming the argument and the fix, exits nonzero,
-    and no training step ran (for `validation`, not even the training input's)."""
-    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "unseeded", "call": call},
+    worker's `fit` raises InputMismatchError naming the argument and the fix, the worker
+    exits nonzero, and no training step ran."""
+    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "unseeded", "call": "fit"},
                       timeout=CLUSTER_TIMEOUT)
-    argument = "validation_data" if call == "validation" else "x"
     for worker in run.workers:
         assert worker.returncode not in (0, None), run.report()
         assert "InputMismatchError" in worker.stderr, run.report()
-        assert f"'{argument}' differs between workers" in worker.stderr, run.report()
+        assert "'x' differs between workers" in worker.stderr, run.report()
         assert "seed=" in worker.stderr and "DISTTRAIN_INPUT_CHECK=0" in worker.stderr
         assert input_check_workloads.STEP_MARK not in worker.stdout, run.report()
         assert worker.seconds < FAILS_WITHIN_S, run.report()
@@ -36,12 +45,27 @@ def test_an_unseeded_shuffle_fails_on_every_worker_before_any_step(call):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_seeded_shuffle_passes_and_trains():
+@pytest.mark.parametrize("call", input_check_workloads.REFUSED_CALLS)
+def test_an_unseeded_shuffle_is_refused_in_every_call_before_any_step(shared, call):
+    """The same input given to validation, evaluate or predict: every worker's call raises
+    InputMismatchError naming the argument and the fix, and no training step ran (for
+    `validation`, not even the training input's)."""
+    argument = "validation_data" if call == "validation" else "x"
+    for result in case_results(shared, f"refused_{call}"):
+        error = result["error"]
+        assert error is not None and error.startswith("InputMismatchError: "), result
+        assert f"'{argument}' differs between workers" in error, error
+        assert "seed=" in error and "DISTTRAIN_INPUT_CHECK=0" in error, error
+        assert result["steps"] == 0, result
+        assert result["seconds"] < FAILS_WITHIN_S, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_seeded_shuffle_passes_and_trains(shared):
     """The same shuffle with a seed: fit, validation, evaluate and predict all run,
     every worker logs the same numbers, and the loss goes down."""
-    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": "seeded", "call": "all"},
-                      timeout=CLUSTER_TIMEOUT).assert_ok()
-    first, second = run.results
+    first, second = case_results(shared, "seeded")
     for key in ("fit", "validation", "evaluate", "predict"):
         np.testing.assert_equal(first[key], second[key])
     assert first["fit"]["loss"][-1] < first["fit"]["loss"][0]
@@ -85,13 +109,11 @@ def test_each_check_is_skipped_alone(skipped):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["file", "off"])
-def test_file_sharded_and_unsharded_inputs_are_not_checked(kind):
+def test_file_sharded_and_unsharded_inputs_are_not_checked(shared, kind):
     """An unseeded shuffle after TensorFlow splits the input by file (AUTO on a text
     reader), or on the worker's own shard with `AutoShardPolicy.OFF`: each worker's
     input is meant to differ, so nothing is checked and training runs."""
-    run = run_cluster(input_check_workloads.run, 2, kwargs={"kind": kind, "call": "fit"},
-                      timeout=CLUSTER_TIMEOUT).assert_ok()
-    assert all(r["steps"] > 0 for r in run.results)
+    assert all(r["steps"] > 0 for r in case_results(shared, kind))
 
 
 def test_which_inputs_tensorflow_shards_by_element(tmp_path):

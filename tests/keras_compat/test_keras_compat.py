@@ -1,4 +1,10 @@
-"""Keras 3 fit/evaluate/predict on real localhost MWMS clusters, with and without the fixes."""
+"""Keras 3 fit/evaluate/predict on real localhost MWMS clusters, with and without the fixes.
+
+The 2-worker cases with every fix share one cluster (`every_fix`, running
+`workloads.with_every_fix`); those without the persistent iterator another, those without
+the BatchNormalization and multi-step fixes a third; each case runs in a new model and
+fails only its own test (tests/support/cases.py). A different worker count or
+environment gets its own cluster."""
 
 from __future__ import annotations
 
@@ -8,8 +14,25 @@ import pytest
 from disttrain.keras_compat import versions
 from disttrain.testing import run_cluster
 from tests.keras_compat import workloads
+from tests.support.cases import case_results
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def every_fix():
+    # 13 cases one after the other: room for cores shared with other test runs.
+    return run_cluster(workloads.with_every_fix, 2, timeout=540)
+
+
+@pytest.fixture(scope="module")
+def without_persistent_iterator():
+    return run_cluster(workloads.without_persistent_iterator, 2, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def without_two_fixes():
+    return run_cluster(workloads.without_batchnorm_and_multi_step_fixes, 2, timeout=240)
 
 
 def _assert_all_identical(results: list[dict], keys=("history", "evaluate", "predict", "weights")):
@@ -29,9 +52,12 @@ def _assert_close(a, b, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("num_workers", [2, 3])
-def test_sequential_batchnorm_identical_on_every_worker(num_workers):
-    run = run_cluster(workloads.sequential, num_workers, kwargs={"batchnorm": True}).assert_ok()
-    results = run.results
+def test_sequential_batchnorm_identical_on_every_worker(num_workers, request):
+    if num_workers == 2:
+        results = case_results(request.getfixturevalue("every_fix"), "sequential_batchnorm")
+    else:
+        results = run_cluster(workloads.sequential, num_workers,
+                              kwargs={"batchnorm": True}).assert_ok().results
     _assert_all_identical(results)
     moving = [p for p in results[0]["non_trainable"] if "moving" in p]
     assert len(moving) == 2, results[0]["non_trainable"]
@@ -44,24 +70,24 @@ def test_sequential_batchnorm_identical_on_every_worker(num_workers):
     assert results[0]["history"]["val_loss"][-1] < results[0]["history"]["val_loss"][0] * 1.5
 
 
-def test_matches_single_process_global_batch():
-    multi = run_cluster(workloads.sequential, 2, kwargs={"batchnorm": False}).assert_ok()
+def test_matches_single_process_global_batch(every_fix):
+    multi = case_results(every_fix, "sequential")
     single = run_cluster(workloads.sequential, 1, kwargs={"batchnorm": False}).assert_ok()
-    a, b = multi.results[0], single.results[0]
-    _assert_all_identical(multi.results)
+    a, b = multi[0], single.results[0]
+    _assert_all_identical(multi)
     _assert_close(a["history"], b["history"])
     _assert_close(a["evaluate"], b["evaluate"])
     _assert_close(a["predict"], b["predict"])
     _assert_close(a["weights"], b["weights"])
 
 
-def test_functional_dict_inputs_sample_weights_steps_per_epoch():
-    run = run_cluster(workloads.functional_dict, 2).assert_ok()
-    _assert_all_identical(run.results)
-    history = run.results[0]["history"]
+def test_functional_dict_inputs_sample_weights_steps_per_epoch(every_fix):
+    results = case_results(every_fix, "functional_dict")
+    _assert_all_identical(results)
+    history = results[0]["history"]
     assert set(history) == {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"}
     assert len(history["loss"]) == 2
-    assert len(run.results[0]["predict"]) == 64
+    assert len(results[0]["predict"]) == 64
 
 
 def test_stock_keras_fails_without_compat():
@@ -72,69 +98,60 @@ def test_stock_keras_fails_without_compat():
         assert "PerReplica" in result["error"] or "reduction dimension" in result["error"]
 
 
-def test_batchnorm_statistics_drift_without_that_fix():
-    run = run_cluster(
-        workloads.sequential, 2,
-        kwargs={"batchnorm": True, "skip_fixes": ["synced_batchnorm_statistics"]},
-    ).assert_ok()
-    a, b = run.results
+def test_batchnorm_statistics_drift_without_that_fix(without_two_fixes):
+    a, b = case_results(without_two_fixes, "batchnorm_statistics")
     moving = [p for p in a["non_trainable"] if "moving" in p]
     assert any(a["weights"][p] != b["weights"][p] for p in moving), (
         "BatchNormalization statistics agreed without the fix: revisit keras_compat"
     )
 
 
-@pytest.mark.parametrize("steps_per_execution", [3, 8, 20])
-def test_steps_per_execution_matches_one_step_per_call(steps_per_execution):
+@pytest.mark.parametrize("steps_per_execution", workloads.STEPS_PER_EXECUTION)
+def test_steps_per_execution_matches_one_step_per_call(every_fix, steps_per_execution):
     """8 batches an epoch: k=3 ends each epoch with a short call (3, 3, 2), k=8 fits
     exactly, k=20 ends every call at the end of the data; evaluate and predict run
     multi-step too. Every worker ends identical, and equal to the same cluster with k=1
     (BatchNormalization normalises each worker's half batch, so not to one process)."""
-    multi = run_cluster(workloads.sequential, 2, kwargs={
-        "batchnorm": True, "steps_per_execution": steps_per_execution}).assert_ok()
-    reference = run_cluster(workloads.sequential, 2, kwargs={"batchnorm": True}).assert_ok()
-    _assert_all_identical(multi.results)
-    a, b = multi.results[0], reference.results[0]
+    multi = case_results(every_fix, f"steps_per_execution_{steps_per_execution}")
+    reference = case_results(every_fix, "sequential_batchnorm")
+    _assert_all_identical(multi)
+    a, b = multi[0], reference[0]
     for key in ("history", "evaluate", "predict", "weights"):
         _assert_close(a[key], b[key])
 
 
-def test_stock_multi_step_loop_fails_without_that_fix():
+def test_stock_multi_step_loop_fails_without_that_fix(without_two_fixes):
     """When this starts passing upstream, `multi_worker_steps_per_execution` should go."""
-    run = run_cluster(workloads.multi_step_without_fix, 2, kwargs={"steps_per_execution": 4},
-                      timeout=120).assert_ok()
-    for result in run.results:
+    for result in case_results(without_two_fixes, "multi_step"):
         assert result["error"] is not None, "stock multi-step loop ran: revisit keras_compat"
         assert "You must feed a value for placeholder tensor" in result["error"]
 
 
-def test_steps_per_execution_with_xla_on_cpu_workers_trains_without_xla():
+def test_steps_per_execution_with_xla_on_cpu_workers_trains_without_xla(every_fix):
     """On CPU workers `multi_worker_cpu_without_xla` turns XLA off (with a warning) before
     the multi-step fix sees it, so the combination trains; on GPU workers, where XLA stays
     on, the multi-step fix's KerasCompatError applies (no GPU here to run that path)."""
-    run = run_cluster(workloads.multi_step_with_xla, 2, timeout=120).assert_ok()
-    for result in run.results:
+    for result in case_results(every_fix, "multi_step_with_xla"):
         assert result["error"] is None, result
         assert any("Proceeding with jit_compile=False" in w for w in result["warnings"]), result
         assert result["trained"] > 0 and result["jit_compile"] is False
 
 
-@pytest.mark.parametrize("steps_per_execution, numpy_input", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("steps_per_execution, numpy_input", workloads.ITERATOR_VARIANTS)
 def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators(
-        steps_per_execution, numpy_input):
+        every_fix, without_persistent_iterator, steps_per_execution, numpy_input):
     """One repeated input iterator per fit/evaluate/predict call gives the same
     training as Keras's new iterators per epoch (tf.data or NumPy training input,
     NumPy validation, an epoch stopped mid-way, a second fit; with 3 steps per
     call, 8 batches end each epoch with a call of 2 and the 3 validation batches
     fit one call), identical on every worker; Keras's iterator creations (two per
     epoch and one per validation) drop to one per call."""
-    kwargs = {"steps_per_execution": steps_per_execution, "numpy_input": numpy_input}
-    ours = run_cluster(workloads.epoch_iterators, 2, kwargs=kwargs).assert_ok()
-    stock = run_cluster(workloads.epoch_iterators, 2, kwargs={
-        **kwargs, "skip_fixes": ["persistent_epoch_iterator"]}).assert_ok()
-    _assert_all_identical(ours.results, keys=("history", "history_again", "evaluate", "predict",
-                                              "weights"))
-    a, b = ours.results[0], stock.results[0]
+    case = workloads.iterator_case(steps_per_execution, numpy_input)
+    ours = case_results(every_fix, case)
+    stock = case_results(without_persistent_iterator, case)
+    _assert_all_identical(ours, keys=("history", "history_again", "evaluate", "predict",
+                                      "weights"))
+    a, b = ours[0], stock[0]
     assert len(a["history"]["loss"]) == 3, "the callback stops fit in its third epoch"
     for key in ("history", "history_again", "evaluate", "predict", "weights"):
         _assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
@@ -144,22 +161,21 @@ def test_persistent_epoch_iterator_trains_on_the_same_batches_as_new_iterators(
     assert b["iterators_created"]["fit"] >= 3 * 2 + 3 * 2, b["iterators_created"]
 
 
-def test_persistent_epoch_iterator_with_a_shuffled_input():
+def test_persistent_epoch_iterator_with_a_shuffled_input(every_fix):
     """A seeded tf.data shuffle: every worker trains the same, every epoch."""
-    run = run_cluster(workloads.epoch_iterators, 2, kwargs={"shuffle_seed": 5}).assert_ok()
-    _assert_all_identical(run.results, keys=("history", "history_again", "evaluate", "predict",
-                                             "weights"))
-    result = run.results[0]
+    results = case_results(every_fix, "epoch_iterators_shuffled")
+    _assert_all_identical(results, keys=("history", "history_again", "evaluate", "predict",
+                                         "weights"))
+    result = results[0]
     assert result["iterators_created"]["fit"] == 3
     assert result["history_again"]["loss"][-1] < result["history"]["loss"][0]
 
 
-def test_a_pipeline_reading_a_variable_keeps_keras_iterators():
+def test_a_pipeline_reading_a_variable_keeps_keras_iterators(every_fix):
     """A callback changes a variable the input's `map` reads: every batch of the next
     epoch sees the new value (a persistent iterator would have prefetched several
     batches with the old one), because such inputs keep Keras's iterators."""
-    run = run_cluster(workloads.epoch_state_pipeline, 2).assert_ok()
-    for result in run.results:
+    for result in case_results(every_fix, "epoch_state_pipeline"):
         for epoch, running in enumerate(result["losses"]):
             assert running == pytest.approx([epoch ** 2] * 8), (epoch, running)
         assert result["iterators_created"] >= 3 * 2

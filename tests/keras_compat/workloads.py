@@ -252,3 +252,61 @@ def epoch_state_pipeline() -> dict:
 
     model.fit(train, epochs=3, verbose=0, callbacks=[Raise()])
     return {"losses": losses, "iterators_created": created["fit"]}
+
+
+STEPS_PER_EXECUTION = (3, 8, 20)
+"""The multi-step calls `test_steps_per_execution_matches_one_step_per_call` checks."""
+ITERATOR_VARIANTS = ((1, False), (3, False), (1, True))
+"""`(steps_per_execution, numpy_input)` of the persistent epoch iterator's tests."""
+
+
+def iterator_case(steps_per_execution: int, numpy_input: bool) -> str:
+    """The case name of one `ITERATOR_VARIANTS` entry."""
+    return f"epoch_iterators_{steps_per_execution}_{'numpy' if numpy_input else 'dataset'}"
+
+
+def with_every_fix() -> dict:
+    """Every 2-worker case of test_keras_compat.py that runs with all fixes, in one
+    cluster (tests/support/cases.py): the workloads above, each in a new model."""
+    from tests.support.cases import run_cases
+
+    cases = {
+        "sequential_batchnorm": lambda: sequential(batchnorm=True),
+        "sequential": lambda: sequential(batchnorm=False),
+        "functional_dict": functional_dict,
+        **{f"steps_per_execution_{k}": (
+            lambda k=k: sequential(batchnorm=True, steps_per_execution=k))
+           for k in STEPS_PER_EXECUTION},
+        **{iterator_case(k, numpy): (
+            lambda k=k, numpy=numpy: epoch_iterators(steps_per_execution=k, numpy_input=numpy))
+           for k, numpy in ITERATOR_VARIANTS},
+        "epoch_iterators_shuffled": lambda: epoch_iterators(shuffle_seed=5),
+        "epoch_state_pipeline": epoch_state_pipeline,
+        "multi_step_with_xla": multi_step_with_xla,
+    }
+    return run_cases(cases)
+
+
+def without_persistent_iterator() -> dict:
+    """The `ITERATOR_VARIANTS` of `epoch_iterators` with Keras's own iterators (the fix
+    `persistent_epoch_iterator` skipped for the process), in one cluster."""
+    from tests.support.cases import run_cases
+
+    return run_cases({iterator_case(k, numpy): (
+        lambda k=k, numpy=numpy: epoch_iterators(("persistent_epoch_iterator",), None, k, numpy))
+        for k, numpy in ITERATOR_VARIANTS})
+
+
+def without_batchnorm_and_multi_step_fixes() -> dict:
+    """The two cases that show a fix is still needed, with both fixes skipped for the
+    process, in one cluster: each skipped fix does nothing in the other's case (the
+    multi-step fix acts only with steps_per_execution > 1, the statistics sync only on a
+    model with BatchNormalization)."""
+    from disttrain import keras_compat
+    from tests.support.cases import run_cases
+
+    keras_compat.apply(skip=("synced_batchnorm_statistics", "multi_worker_steps_per_execution"))
+    return run_cases({
+        "batchnorm_statistics": lambda: sequential(batchnorm=True),
+        "multi_step": lambda: multi_step_without_fix(steps_per_execution=4),
+    })
