@@ -218,17 +218,19 @@ def _message(call: str, ledger: Ledger, epoch: int, step: int, trained: int,
     what = "generator" if ledger.kind == "generator" else "PyDataset"
     done = {"fit": "trained", "evaluate": "evaluated"}.get(call, "predicted")
     workers = "; ".join(f"worker {rank}: {s}" for rank, s in enumerate(seen))
+    where = f"epoch {epoch}, step {step}" if call == "fit" else f"step {step}"
+    end = "the epoch's" if call == "fit" else "the call's"
     ran_out = (" It ran out on one worker but not on another: TensorFlow then goes on "
                "with the other workers' batches alone."
                if RAN_OUT in seen else "")
     return (
         f"{call}: the {what} {ledger.name!r} yielded a different batch on each worker at "
-        f"epoch {epoch}, step {step} ({workers}); its first batch agreed.{ran_out} Each "
+        f"{where} ({workers}); its first batch agreed.{ran_out} Each "
         f"worker reads the whole {what} and {done} its part of every batch, so the workers "
         f"{done} {trained} step(s) on a mix of batches no single process would see before "
-        "this check at the epoch's end stopped them. Likely cause: the "
-        f"{what} reads a random stream each process draws separately (an unseeded "
-        "np.random / random / tf.random draw, a shuffled file list), a per-worker part "
+        f"this check at {end} end stopped them. Likely cause: the {what} reads a random "
+        "stream each process draws separately (an unseeded np.random / random / "
+        "tf.random draw, a shuffled file list), a per-worker part "
         "of the data (files or rows split by worker index), or data of another length. "
         "Fix: make every worker yield the same batches in the same order and number (a "
         "common seed: keras.utils.set_random_seed(S) on every worker, "

@@ -34,8 +34,9 @@ def test_later_batches_that_differ_stop_every_worker_naming_epoch_and_step():
             == {c: _errors(second[c]) for c in cases}), run.report()
     expected = {"generator": ["fit: the generator 'x'", "epoch 2, step 2", "trained 2 step(s)"],
                 "pydataset": ["fit: the PyDataset 'x'", "epoch 1, step 3", "trained 4 step(s)"],
-                "evaluate generator": ["evaluate: the generator 'x'", "epoch 1, step 5"],
-                "short generator": ["epoch 3, step 2", "worker 1: ran out", "ran out on one worker"]}
+                "evaluate generator": ["evaluate: the generator 'x'", "at step 5"],
+                "short generator": ["epoch 3, step 2", "worker 1: ran out",
+                                    "ran out on one worker"]}
     for case, parts in expected.items():
         error = first[case]["error"]
         assert error is not None, case
