@@ -59,12 +59,7 @@ def worker(steps: int, calls: int) -> dict[str, Any]:
         model.evaluate(data, verbose=0)
         return (time.perf_counter() - start) * 1000
 
-    evaluate_ms(True)
-    on, off = [], []
-    for _ in range(calls):
-        on.append(evaluate_ms(True))
-        off.append(evaluate_ms(False))
-    os.environ[input_check.ENV_DISABLE] = "1"
+    on, off = _alternating(evaluate_ms, calls)
     alone = []
     for data in [dataset() for _ in range(calls)]:
         start = time.perf_counter()
@@ -72,6 +67,20 @@ def worker(steps: int, calls: int) -> dict[str, Any]:
         alone.append((time.perf_counter() - start) * 1000)
     return {"on_ms": statistics.median(on), "off_ms": statistics.median(off),
             "check_ms": statistics.median(alone)}
+
+
+def _alternating(call_ms, calls: int) -> tuple[list[float], list[float]]:
+    """`call_ms(check)` once to warm up, then `calls` times with the input checks on and
+    off, alternating; the milliseconds of each side. The checks are left on."""
+    from disttrain.keras_compat import input_check
+
+    call_ms(True)
+    on, off = [], []
+    for _ in range(calls):
+        on.append(call_ms(True))
+        off.append(call_ms(False))
+    os.environ[input_check.ENV_DISABLE] = "1"
+    return on, off
 
 
 ARRAY_GOAL = Goal(1.0, " s per GB")
@@ -132,12 +141,7 @@ def later_batches_worker(steps: int, calls: int) -> dict[str, Any]:
         model.fit((b for b in batches), steps_per_epoch=steps, epochs=1, verbose=0)
         return (time.perf_counter() - start) * 1000
 
-    fit_ms(True)
-    on, off = [], []
-    for _ in range(calls):
-        on.append(fit_ms(True))
-        off.append(fit_ms(False))
-    os.environ[input_check.ENV_DISABLE] = "1"
+    on, off = _alternating(fit_ms, calls)
     digest = []
     for batch in batches:
         start = time.perf_counter()
