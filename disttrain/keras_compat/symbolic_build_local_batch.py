@@ -72,8 +72,15 @@ def _peeked_batch(adapter):
     from keras.src.trainers.data_adapters.generator_data_adapter import GeneratorDataAdapter
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
+    import numpy as np
+    from keras.src import tree  # private: keras.src.tree
+
     if isinstance(adapter, GeneratorDataAdapter):
-        return adapter._first_batches[0]  # private: keras GeneratorDataAdapter
-    if isinstance(adapter, PyDatasetAdapter):
-        return adapter._standardize_batch(adapter.py_dataset[0])  # private: keras
-    return None
+        batch = adapter._first_batches[0]  # private: keras GeneratorDataAdapter
+    elif isinstance(adapter, PyDatasetAdapter):
+        batch = adapter._standardize_batch(adapter.py_dataset[0])  # private: keras
+    else:
+        return None
+    # Python numbers and lists as Keras's conversion to tensors would see them.
+    return tree.map_structure(
+        lambda v: v if v is None or hasattr(v, "shape") else np.asarray(v), batch)
