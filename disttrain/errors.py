@@ -113,3 +113,13 @@ class StorageConfigError(CallbackConfigError):
 
     Raised by `disttrain.storage`; a `CallbackConfigError` (and so a `ValueError`), so
     code that catches the callbacks' configuration errors catches it too."""
+
+
+class LaterBatchMismatchError(InputMismatchError):
+    """A generator or `PyDataset` yielded a different batch on each worker after its first
+    batch agreed (or ran out on one worker only).
+
+    Found by comparing every batch's hash between the workers at the end of each epoch
+    (`disttrain.keras_compat.later_batches`), so raised on every worker after that
+    epoch's steps and before the next epoch; the message names the input, the epoch and
+    the first differing step."""

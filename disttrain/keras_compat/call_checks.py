@@ -6,7 +6,8 @@ call under multi-worker training (not fixes of Keras code):
 - `preflight`: configuration mistakes (batch, steps, sharding, dtype, threads);
 - `input_check`: every worker's input is the same (tf.data sharded by element,
   arrays, `PyDataset`s, generators), and Keras's shuffle of arrays draws one order
-  on every worker (`input_order`).
+  on every worker (`input_order`); a generator's or `PyDataset`'s later batches are
+  compared at each epoch's end (`later_batches`).
 
 In a process of `python -m disttrain.check parity` it also adds the parity probe's
 capturing callback to `fit` (`parity_probe`).
@@ -35,6 +36,7 @@ from disttrain.keras_compat import (
     detection,
     input_check,
     input_order,
+    later_batches,
     parity_probe,
     preflight,
 )
@@ -70,6 +72,7 @@ def install(checks: tuple[str, ...] = CHECKS) -> None:
     if input_check.NAME in _enabled:
         input_order.install()
         input_check.install()
+        later_batches.install()
     trainer = detection.trainer_class()
     for method, arguments in _CHECKED_ARGUMENTS.items():
         _patch.wrap(trainer, method, functools.partial(_checked_first, arguments=arguments),

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
-from disttrain.keras_compat import _patch, detection, input_order, pipeline
+from disttrain.keras_compat import _patch, detection, input_order, later_batches, pipeline
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
@@ -184,8 +184,8 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         first = next(iter(dataset.take(1)), None)
     x, y, sample_weight = unpack_x_y_sample_weight(first) if first is not None else (
         None, None, None)
-    return {"batches": int(dataset.cardinality()), "inputs": _digest(x),
-            "targets": _digest((y, sample_weight)) if y is not None else None}
+    return {"batches": int(dataset.cardinality()), "inputs": batch_digest(x),
+            "targets": batch_digest((y, sample_weight)) if y is not None else None}
 
 
 def checked_call(model: Any, method: Callable, call: inspect.BoundArguments,
@@ -210,7 +210,7 @@ def checked_call(model: Any, method: Callable, call: inspect.BoundArguments,
     bound.update(checked.inputs)
     if not detection.is_multi_worker(strategy):
         return method(*call.args, **call.kwargs)
-    with _each_epoch_checked(name):
+    with _each_epoch_checked(name), _later_batches_compared(name, bound):
         if not shuffle:
             return method(*call.args, **call.kwargs)
         if checked.seed is None and input_order.global_seed() is None:
@@ -242,6 +242,27 @@ def _each_epoch_checked(call: str) -> Iterator[None]:
         yield
     finally:
         _call.name = previous
+
+
+@contextlib.contextmanager
+def _later_batches_compared(call: str, bound: dict[str, Any]) -> Iterator[None]:
+    """Inside, the batches of a generator or `PyDataset` `x` are hashed as they are read
+    and compared between workers at each epoch's end (`later_batches`); `bound`, the
+    call's arguments, gets the recording generator and the comparing callback first."""
+    callbacks = bound.get("callbacks")
+    kind = _kind(bound.get("x"))
+    if (os.environ.get(ENV_DISABLE, "1") == "0" or kind not in ("generator", "pydataset")
+            or not isinstance(callbacks, (list, tuple, type(None)))):
+        yield
+        return
+    inputs = {"x": bound["x"]}
+    replaced, ledgers = later_batches.record(inputs, {"x": kind})
+    bound.update(replaced)
+    bound["callbacks"] = [later_batches.callback(call, ledgers), *(callbacks or [])]
+    try:
+        yield
+    finally:
+        later_batches.stop_recording(inputs)
 
 
 def _checked_each_epoch(on_epoch_begin: Callable) -> Callable:
@@ -331,12 +352,12 @@ def _fingerprint_of(kind: str, value: Any) -> tuple[dict[str, Any], Any]:
         return array_fingerprint(value), None
     if kind == "pydataset":
         batches = value.num_batches
-        entries = {"batches": str(batches), "batch 0": _digest(value[0])}
+        entries = {"batches": str(batches), "batch 0": batch_digest(value[0])}
         if batches:
-            entries[f"batch {batches - 1}"] = _digest(value[batches - 1])
+            entries[f"batch {batches - 1}"] = batch_digest(value[batches - 1])
         return entries, None
     first = next(value, _END)
-    return ({"first batch": "none, empty" if first is _END else _digest(first)},
+    return ({"first batch": "none, empty" if first is _END else batch_digest(first)},
             _put_back(first, value))
 
 
@@ -406,8 +427,9 @@ def _shards_by_element(value: Any) -> bool:
             and not pipeline.reads_files(value))
 
 
-def _digest(structure: Any) -> str | None:
-    """A short hash of every tensor in `structure` (dtype, shape and values)."""
+def batch_digest(structure: Any) -> str | None:
+    """A short hash of every tensor in `structure` (dtype, shape and values), read in
+    place (a contiguous array is not copied)."""
     import numpy as np
     import tensorflow as tf
 
@@ -424,7 +446,7 @@ def _digest(structure: Any) -> str | None:
             for item in array.ravel():
                 digest.update(len(item).to_bytes(8, "little") + item)
         else:
-            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 

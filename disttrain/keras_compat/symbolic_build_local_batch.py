@@ -50,11 +50,37 @@ def install() -> None:
         if self._distribute_strategy is None or type(self).call is keras.Model.call:
             return
         # Keras's `_symbolic_build` draws from `iterator` only when something is
-        # left to build: a built model leaves the epoch's iterator untouched.
-        if iterator is not None:
+        # left to build: a built model leaves the epoch's iterator untouched. A
+        # generator's or PyDataset's batch is taken as Keras peeked it instead: an
+        # iterator drawn here and dropped would read ahead (prefetch) and lose what
+        # it read of a generator.
+        if iterator is not None and data_batch is None:
+            data_batch = _peeked_batch(iterator.data_adapter)
+        if iterator is not None and data_batch is None:
             iterator = local_batches(iterator, self.distribute_strategy)
         with self.distribute_strategy.scope():
             self._symbolic_build(iterator=iterator, data_batch=data_batch)  # private: keras
 
     _patch.wrap(detection.trainer_class(), "_maybe_symbolic_build",  # private: keras
                 lambda _: _maybe_symbolic_build, by=NAME)
+
+
+def _peeked_batch(adapter):
+    """The first batch of a generator or `PyDataset` input without starting a pass over
+    it (the generator's batch Keras peeked; the `PyDataset`'s batch 0), else None."""
+    # private: keras.src
+    from keras.src.trainers.data_adapters.generator_data_adapter import GeneratorDataAdapter
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    import numpy as np
+    from keras.src import tree  # private: keras.src.tree
+
+    if isinstance(adapter, GeneratorDataAdapter):
+        batch = adapter._first_batches[0]  # private: keras GeneratorDataAdapter
+    elif isinstance(adapter, PyDatasetAdapter):
+        batch = adapter._standardize_batch(adapter.py_dataset[0])  # private: keras
+    else:
+        return None
+    # Python numbers and lists as Keras's conversion to tensors would see them.
+    return tree.map_structure(
+        lambda v: v if v is None or hasattr(v, "shape") else np.asarray(v), batch)
