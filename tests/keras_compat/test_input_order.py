@@ -15,7 +15,7 @@ import pytest
 
 def _trained_ids(dataset) -> list[int]:
     """The sample ids one pass of `dataset` (arrays of ids as `x`) yields, in order."""
-    return [int(i) for (batch,) in dataset.as_numpy_iterator() for i in batch]
+    return [int(i) for batch in dataset.as_numpy_iterator() for i in batch]
 
 
 def _ids_adapter(samples: int, batch_size: int, shuffle):
@@ -54,10 +54,11 @@ def test_the_replayed_order_is_the_order_keras_draws(shuffle, samples, batch_siz
 
 
 @pytest.mark.parametrize("shuffle", [True, "batch"])
-def test_drawing_the_order_of_a_million_samples_takes_well_under_a_second(shuffle):
-    """Only the index stages of Keras's pipeline run: 0.1-0.3 s per million samples
-    measured here under load (the old draw, iterating the whole pipeline batch by batch:
-    5.6-5.8 s)."""
+def test_drawing_the_order_costs_well_under_one_pass_of_keras_pipeline(shuffle):
+    """Only the index stages of Keras's pipeline run, not the slicing of every batch:
+    the draw for 300k samples takes under half of one pass of Keras's own pipeline,
+    timed in the same process (load-proof; the old draw iterated that whole pass, 5.6 s
+    per million samples here, so it took more than one pass)."""
     import keras
     import tensorflow as tf
 
@@ -65,16 +66,19 @@ def test_drawing_the_order_of_a_million_samples_takes_well_under_a_second(shuffl
 
     input_order.install()
     keras.utils.set_random_seed(11)
-    adapter = _ids_adapter(32, 32, shuffle)  # traces Keras's functions outside the timing
-    with input_order.agreed(None):
-        adapter.get_tf_dataset()
-    adapter = _ids_adapter(1_000_000, 32, shuffle)
+    with input_order.agreed(None):  # traces Keras's functions outside the timing
+        _ids_adapter(32, 32, shuffle).get_tf_dataset()
+    adapter = _ids_adapter(300_000, 32, shuffle)
     started = time.perf_counter()
     with input_order.agreed(None):
         dataset = adapter.get_tf_dataset()
-    seconds = time.perf_counter() - started
-    assert seconds < 2.0, seconds
-    first = next(iter(dataset))[0]
+    draw = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in adapter.get_tf_dataset():
+        pass
+    one_pass = time.perf_counter() - started
+    assert draw < 0.5 * one_pass, (draw, one_pass)
+    first = next(iter(dataset))
     assert first.dtype == tf.int64 and first.shape == (32,)
 
 
