@@ -5,7 +5,8 @@ the epoch's order once from the index stages of Keras's own pipeline and replays
 pass. Measured in one fresh process per size and shuffle: the extra time Keras's
 `get_tf_dataset` takes with the draw (before the first step), the time a new iterator
 takes to its first batch (once per epoch) with the replayed order against Keras's own
-shuffle, and the process's peak memory growth during the draw.
+shuffle, and the process's peak memory growth over the draws (each builds Keras's
+pipeline, which holds a TensorFlow copy of the arrays, and the order).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def rows(measured: dict[tuple[int, str], dict[str, Any]]) -> list[Row]:
                 f"{Stat.of(m['build_s']).show(' s', 3)}",
                 f"{per_million.median:.2f} s/M", GOAL.verdict(per_million.median)),
             Row(f"  per epoch: a new iterator's first batch, replayed order vs Keras's "
-                f"shuffle; peak memory of the draw {m['peak_bytes'] / 1e6:.0f} MB "
-                f"(the order: {samples * 8 / 1e6:.0f} MB)",
+                f"shuffle; peak memory growth over {REPEATS} draws "
+                f"{m['peak_bytes'] / 1e6:.0f} MB (the order: {samples * 8 / 1e6:.0f} MB)",
                 Stat.of(m["replayed_epoch_s"]).show(" s", 3),
                 Stat.of(m["stock_epoch_s"]).show(" s", 3)),
         ]
