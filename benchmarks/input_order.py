@@ -6,7 +6,7 @@ pass. Measured in one fresh process per size and shuffle: the extra time Keras's
 `get_tf_dataset` takes with the draw (before the first step), the time a new iterator
 takes to its first batch (once per epoch) with the replayed order against Keras's own
 shuffle, and the process's peak memory growth over the draws (each builds Keras's
-pipeline, which holds a TensorFlow copy of the arrays, and the order).
+pipeline over the sample ids, which holds a TensorFlow copy of them, and the order).
 """
 
 from __future__ import annotations

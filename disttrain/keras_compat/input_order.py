@@ -70,7 +70,7 @@ def _ordered(get_tf_dataset: Callable) -> Callable:
             with _shuffle_replaced(_seeded(seed)):
                 return get_tf_dataset(self)
         # A batch-shuffled epoch is a permutation too: its batches, one after another.
-        permutation = _first_order(get_tf_dataset(self), self)
+        permutation = _first_order(get_tf_dataset(_ids_like(self)), self)
         kept, self._shuffle = self._shuffle, True
         try:
             with _shuffle_replaced(lambda value, seed=None, name=None: permutation):
@@ -133,6 +133,18 @@ def _seeded(seed: int) -> Callable:
 
     shuffle = tf.random.shuffle
     return lambda value, seed_=None, name=None: shuffle(value, seed=seed)
+
+
+def _ids_like(adapter: Any) -> Any:
+    """An adapter like `adapter` over the sample ids alone: Keras's pipeline for it has the
+    same index stages, and building it converts 8 bytes per sample, not the arrays."""
+    import numpy as np
+    from keras.src.trainers.data_adapters.array_data_adapter import (  # private: keras.src
+        ArrayDataAdapter,
+    )
+
+    return ArrayDataAdapter(np.arange(adapter._num_samples, dtype="int64"),
+                            batch_size=adapter._batch_size, shuffle=adapter._shuffle)
 
 
 def _first_order(dataset: Any, adapter: Any) -> Any:
