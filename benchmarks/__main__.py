@@ -31,6 +31,7 @@ from benchmarks import (
     early_stopping,
     evaluator,
     input_check,
+    input_order,
     launcher,
     scale,
     scaling,
@@ -41,8 +42,8 @@ from benchmarks import (
 from benchmarks.report import Row, table
 from benchmarks.settings import FULL, QUICK, SMOKE, Settings
 
-SECTIONS = ("train", "compression", "sparse_gradients", "input_check", "checkpoint",
-            "early_stopping", "evaluator", "launcher")
+SECTIONS = ("train", "compression", "sparse_gradients", "input_check", "input_order",
+            "checkpoint", "early_stopping", "evaluator", "launcher")
 
 
 def machine() -> str:
@@ -82,6 +83,10 @@ def _input_check(settings: Settings) -> tuple[list[Row], str]:
     return input_check.rows(input_check.measure(settings), settings), ""
 
 
+def _input_order(settings: Settings) -> tuple[list[Row], str]:
+    return input_order.rows(input_order.measure(settings)), ""
+
+
 def _checkpoint(settings: Settings) -> tuple[list[Row], str]:
     return checkpoint.rows(checkpoint.measure(settings), settings), ""
 
@@ -105,7 +110,7 @@ def _scale(settings: Settings) -> tuple[list[Row], str]:
 
 RUNNERS: dict[str, Callable[[Settings], tuple[list[Row], str]]] = {
     "train": _train, "compression": _compression, "sparse_gradients": _sparse_gradients,
-    "input_check": _input_check, "checkpoint": _checkpoint,
+    "input_check": _input_check, "input_order": _input_order, "checkpoint": _checkpoint,
     "early_stopping": _early_stopping, "evaluator": _evaluator,
     "launcher": _launcher, "scale": _scale,
 }

@@ -7,17 +7,25 @@ workers, then the same case in one process (the default strategy, same process, 
 seed and global batches), and prints per case the largest difference relative to the
 weights (max |w_N - w_1| / max(1, |w_1|)) and whether the workers are bit-identical.
 Equal: under 1e-4 (float32; 2e-3 with a 16-bit policy), as in docs/parity.md.
+
+A control case whose difference is known proves the comparison can show one:
+BatchNormalization without synchronization normalizes each replica's half of the batch
+with that half's statistics (by design, in every data-parallel framework), so it must be
+reported as differing; the script exits with status 1 if a control is reported equal.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
+CONTROL = "control: BatchNormalization, not synchronized"
+"""Must differ: each replica normalizes with its own half of the batch."""
 CASES = ("clipnorm (SGD)", "global_clipnorm (Adam)", "clipvalue (SGD)",
          "sparse Adam (Embedding)", "loss scaling (mixed_float16)",
-         "NumPy shuffle=True, seeded, 3 epochs")
+         "NumPy shuffle=True, seeded, 3 epochs", CONTROL)
 
 
 def _case(keras, name: str, scope) -> list[np.ndarray]:
@@ -39,7 +47,9 @@ def _case(keras, name: str, scope) -> list[np.ndarray]:
         else:
             x = rng.normal(size=(64, 5)).astype("float32")
             y = (x @ rng.normal(size=(5, 1)) * 5).astype("float32")
-            model = keras.Sequential([keras.layers.Dense(8, activation="tanh", input_shape=(5,)),
+            normalized = [keras.layers.BatchNormalization()] if name == CONTROL else []
+            model = keras.Sequential([keras.layers.Dense(8, input_shape=(5,)), *normalized,
+                                      keras.layers.Activation("tanh"),
                                       keras.layers.Dense(1, dtype="float32")])
             optimizer = {"clipnorm (SGD)": lambda: keras.optimizers.SGD(0.05, clipnorm=0.5),
                          "global_clipnorm (Adam)":
@@ -70,7 +80,7 @@ def worker() -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def main() -> int:
     from benchmarks import tf_keras_parity  # the workers import it by its module name
     from disttrain.testing import run_cluster
 
@@ -79,13 +89,20 @@ def main() -> None:
     first, second = run.results
     print("| case | stock tf_keras, 2 workers vs one process | workers identical |")
     print("| --- | --- | --- |")
+    blind = False
     for name in CASES:
         bound = 2e-3 if name.startswith("loss scaling") else 1e-4
         difference = first[name]["difference"]
         verdict = "equal" if difference < bound else "DIFFERS"
+        blind |= name == CONTROL and verdict == "equal"
         print(f"| {name} | {verdict} ({difference:.1e}) | "
               f"{first[name]['weights'] == second[name]['weights']} |")
+    if blind:
+        print(f"the control case ({CONTROL}) was reported equal: this comparison cannot "
+              "show a difference, so its 'equal' rows prove nothing", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,6 +38,7 @@ def test_smoke_run_prints_every_row_and_writes_the_docs_page(tmp_path):
                 "fsync + atomic rename alone", "gradients all-reduced in bf16",
                 "sparse gradients reduced and merged before apply",
                 "bytes a worker sends per step for the embedding gradients",
+                "the merge alone (unique + segment sum", "input order: draw one process's order",
                 "BackupAndRestore save with per-worker parts",
                 "disttrain BackupAndRestore async_commit=True: blocked",
                 "BackupAndRestore every epoch, async_commit=True: time per step",
