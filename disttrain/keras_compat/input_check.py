@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -37,19 +36,18 @@ import random
 import threading
 import types
 import weakref
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from disttrain.errors import InputMismatchError
 from disttrain.keras_compat import _patch, detection, input_order, later_batches, pipeline
+from disttrain.keras_compat.digest import array_fingerprint, batch_digest
 
 NAME = "input_check"
 ENV_DISABLE = "DISTTRAIN_INPUT_CHECK"
 """Set to `0` to skip the check (it must then be `0` on every worker)."""
 
 # Bytes of an array hashed at a time (a view of the array, not a copy).
-_CHUNK_BYTES = 64 << 20
 
 _log = logging.getLogger(__name__)
 _passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -368,52 +366,6 @@ def _put_back(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
-def array_fingerprint(value: Any) -> dict[str, str]:
-    """A digest of every array in `value` (a NumPy array, tensor, or a list / tuple /
-    dict of them), keyed by its place in the structure.
-
-    The arrays are hashed in place, a 64 MB view at a time (CRC-32 of the bytes,
-    with the dtype and shape): no copy of a contiguous array is made.
-
-    Args:
-        value: what `fit`/`evaluate`/`predict` receive as `x`, `y`, `sample_weight`
-            or `validation_data`.
-
-    Returns:
-        `{"[0]": "float32 (64, 4) crc 1a2b3c4d", ...}` (`""` for a single array).
-
-    Example:
-
-    ```python
-    array_fingerprint({"a": np.zeros(3)})   # {"['a']": "float64 (3,) crc ..."}
-    ```
-    """
-    from keras import tree
-
-    return {"".join(f"[{p!r}]" for p in path): _array_digest(leaf)
-            for path, leaf in tree.flatten_with_path(value) if leaf is not None}
-
-
-def _array_digest(value: Any) -> str:
-    import numpy as np
-    import tensorflow as tf
-
-    described, crc = [], 0
-    for part in tf.nest.flatten(value, expand_composites=True):
-        array = np.asarray(part)
-        described.append(f"{array.dtype} {array.shape}")
-        if array.dtype == object:
-            for item in array.ravel():
-                crc = zlib.crc32(repr(item).encode(), crc)
-            continue
-        rows = max(1, _CHUNK_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
-        flat = array if array.ndim else array.reshape(1)
-        for start in range(0, len(flat), rows):
-            chunk = np.ascontiguousarray(flat[start:start + rows])
-            crc = zlib.crc32(chunk.reshape(-1).view(np.uint8), crc)
-    return f"{', '.join(described)} crc {crc:08x}"
-
-
 def _shards_by_element(value: Any) -> bool:
     """Whether TensorFlow will shard `value` by element under multi-worker MWMS."""
     import tensorflow as tf
@@ -425,29 +377,6 @@ def _shards_by_element(value: Any) -> bool:
         return True
     return (policy == tf.data.experimental.AutoShardPolicy.AUTO
             and not pipeline.reads_files(value))
-
-
-def batch_digest(structure: Any) -> str | None:
-    """A short hash of every tensor in `structure` (dtype, shape and values), read in
-    place (a contiguous array is not copied)."""
-    import numpy as np
-    import tensorflow as tf
-
-    if structure is None:
-        return None
-    digest = hashlib.blake2b(digest_size=12)
-    for tensor in tf.nest.flatten(structure, expand_composites=True):
-        if tensor is None:
-            digest.update(b"none")
-            continue
-        array = np.asarray(tensor)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        if array.dtype == object:  # strings
-            for item in array.ravel():
-                digest.update(len(item).to_bytes(8, "little") + item)
-        else:
-            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    return digest.hexdigest()
 
 
 def _message(call: str, name: str, seen: list[dict[str, Any]]) -> str:

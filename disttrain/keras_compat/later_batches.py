@@ -36,6 +36,7 @@ from typing import Any
 
 from disttrain.errors import LaterBatchMismatchError
 from disttrain.keras_compat import _patch
+from disttrain.keras_compat.digest import batch_digest
 
 NAME = "later_batches"
 RAN_OUT = "ran out"
@@ -63,8 +64,6 @@ class Ledger:
     def read(self, batches: Iterator[Any], ends: bool) -> Iterator[Any]:
         """`batches`, each hashed as it is yielded; `ends`: its end is the input's end
         (a generator; a `PyDataset` starts a new pass)."""
-        from disttrain.keras_compat.input_check import batch_digest
-
         for batch in batches:
             digest = batch_digest(batch)
             with self._lock:

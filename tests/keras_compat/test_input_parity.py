@@ -80,7 +80,7 @@ def test_array_pydataset_and_generator_inputs_train_as_one_process_or_refuse():
 def test_the_array_digest_reads_in_place_and_sees_order():
     """Hashing 64 MB of arrays allocates under 1 MB (no copy); a permutation of the
     rows, a changed value and another dtype each change the digest."""
-    from disttrain.keras_compat.input_check import array_fingerprint
+    from disttrain.keras_compat.digest import array_fingerprint
 
     x = np.arange(8 << 20, dtype="float64").reshape(-1, 8)
     array_fingerprint(x[:1])  # imports TensorFlow outside the measurement
