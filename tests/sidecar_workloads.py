@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.support.models import dense_model
+
 
 def tiny_data() -> Any:
     """64 fixed samples of 4 features, two classes, in batches of 16."""
@@ -18,10 +20,7 @@ def tiny_data() -> Any:
 
 def tiny_model(units: int = 2, seed: int = 0) -> Any:
     """A compiled one-layer classifier; `units` other than 2 is another architecture."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units, activation="softmax")])
+    model = dense_model(4, outputs=units, output_activation="softmax", seed=seed)
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 

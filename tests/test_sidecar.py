@@ -23,6 +23,7 @@ from disttrain import storage
 from disttrain.errors import CallbackConfigError, ClusterConfigError, CoordinationError
 from disttrain.testing import function_command, kill_group, run_launcher, worker_env
 from tests import sidecar_workloads
+from tests.support.models import dense_model
 
 keras = pytest.importorskip("keras")
 
@@ -216,8 +217,7 @@ def test_training_that_disappears_is_a_clear_error_and_bad_arguments(tmp_path, m
         evaluator.start()
     assert time.monotonic() - started < 5
     with pytest.raises(CallbackConfigError, match="not compiled"):
-        disttrain.SidecarEvaluator(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
-                                   None, directory)
+        disttrain.SidecarEvaluator(dense_model(4, outputs=2), None, directory)
     with pytest.raises(CallbackConfigError, match=r"steps=0\): must be a positive integer"):
         disttrain.SidecarEvaluator(sidecar_workloads.tiny_model(), None, directory, steps=0)
     monkeypatch.delenv("DISTTRAIN_RUN_ID", raising=False)

@@ -13,6 +13,7 @@ import traceback
 
 import numpy as np
 
+from tests.support.models import dense_model
 from tests.support.weights import weight_lists
 
 # Per-worker validation losses of the custom loop: the chief's best epoch is 2 (index 1)
@@ -37,8 +38,7 @@ def custom_loop_per_worker_logs(directory: str, epochs: int = 8) -> dict:
     rank = coordination.get().rank
     strategy = disttrain.strategy()
     with strategy.scope():
-        keras.utils.set_random_seed(2)
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model = dense_model(4, seed=2)
         optimizer = keras.optimizers.SGD(0.05)
     model.optimizer = optimizer
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
@@ -102,8 +102,7 @@ def _fit_model():
     import disttrain
 
     with disttrain.strategy().scope():
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        model = dense_model(4, output_activation="sigmoid", seed=3)
         model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", metrics=["accuracy"])
     x = np.random.default_rng(1).normal(size=(64, 4)).astype("float32")
     return model, x, (x[:, 0] > 0).astype("float32")
@@ -267,7 +266,7 @@ def best_and_last_forever(directory: str, epochs: int = 150) -> dict:
 
     from disttrain import callbacks
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = dense_model(2)
     model.compile("sgd", "mse")
     best = callbacks.ModelCheckpoint(os.path.join(directory, "best.keras"), save_best_only=True)
     last = callbacks.ModelCheckpoint(os.path.join(directory, "last.keras"))

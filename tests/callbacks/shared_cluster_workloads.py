@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from tests.callbacks import callback_loop_workloads
+from tests.support.models import dense_model
 from tests.support.weights import trainable_weight_lists
 
 GLOBAL_BATCH = 16
@@ -38,10 +39,7 @@ def _model(learning_rate: float = 0.05):
     from disttrain.distribute import strategy as make_strategy
 
     with make_strategy().scope():
-        keras.utils.set_random_seed(1)
-        model = keras.Sequential(
-            [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
-        )
+        model = dense_model(4, [8], activation="relu", seed=1)
         model.compile(keras.optimizers.SGD(learning_rate), "mse")
     return model
 

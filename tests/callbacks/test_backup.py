@@ -15,6 +15,7 @@ import pytest
 from disttrain.testing import function_command, run_cluster, worker_env
 from tests.callbacks import checkpoint_workloads
 from tests.support import REPO_ROOT
+from tests.support.models import dense_model
 
 keras = pytest.importorskip("keras")
 
@@ -48,8 +49,7 @@ def _data():
 
 
 def _model():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model = dense_model(3, [4], seed=0)
     model.compile(keras.optimizers.Adam(0.01), "mse")
     return model
 
@@ -306,8 +306,7 @@ def test_a_backup_of_another_architecture_is_refused_and_kept(tmp_path):
     with pytest.raises(Interrupt):
         _fit(_model(), [callbacks.BackupAndRestore(str(backup)), InterruptAt(2)])
     before = {p: p.read_bytes() for p in backup.rglob("*") if p.is_file()}
-    keras.utils.set_random_seed(0)
-    wider = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5), keras.layers.Dense(1)])
+    wider = dense_model(3, [5], seed=0)
     wider.compile(keras.optimizers.Adam(0.01), "mse")
     with pytest.raises(CallbackConfigError, match=r"different model.*variable #0 .*\(3, 4\) "
                        r"float32 in the backup, .*\(3, 5\) float32 in this model.*Fix: give"):
@@ -391,8 +390,7 @@ def test_backups_survive_random_kills_and_leftovers_are_cleaned(tmp_path, async_
                      if storage.is_committed(storage.join(str(directory), n))]
         assert committed, (attempt, os.listdir(directory))
         newest = directory / committed[-1] / "model.weights.h5"
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64),
-                                  keras.layers.Dense(1)])
+        model = dense_model(4, [64])
         model.compile(keras.optimizers.Adam(0.01), "mse")
         model.optimizer.build(model.trainable_variables)
         model.load_weights(str(newest))

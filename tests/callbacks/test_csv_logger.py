@@ -19,7 +19,7 @@ import pytest
 from disttrain.callbacks.csv_logger import CSVLogger
 from disttrain.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from disttrain.errors import CallbackConfigError, StorageError
-from tests.support.parity_models import (
+from tests.support.models import (
     parity_fit,
     parity_model,
 )

@@ -9,6 +9,7 @@ import pytest
 
 from disttrain.testing import run_cluster
 from tests.callbacks import checkpoint_workloads
+from tests.support.models import dense_model
 
 keras = pytest.importorskip("keras")
 
@@ -67,7 +68,7 @@ def test_checkpoint_saves_to_gcs_make_no_reads_after_the_first(gcs):
     of a fixed name to gs:// is two uploads (the file, then the manifest) and no reads."""
     from disttrain import callbacks
 
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model = dense_model(4, outputs=2)
     model.compile("sgd", "mse")
     directory = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
     checkpoint = callbacks.ModelCheckpoint(directory + "/best.keras")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from disttrain.errors import CallbackConfigError
+from tests.support.models import dense_model
 
 
 def _callbacks():
@@ -19,7 +20,7 @@ def _callbacks():
 def test_a_metric_logged_as_a_one_value_array_is_monitored_like_keras(index):
     import keras
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = dense_model(2)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     callback = _callbacks()[index]
     callback.set_model(model)
@@ -34,9 +35,7 @@ def test_a_metric_logged_as_a_one_value_array_is_monitored_like_keras(index):
 
 
 def test_a_metric_with_several_values_is_refused_with_its_shape():
-    import keras
-
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = dense_model(2)
     model.compile(optimizer="sgd", loss="mse")
     callback = _callbacks()[0]
     callback.set_model(model)

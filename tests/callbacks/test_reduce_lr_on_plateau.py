@@ -11,7 +11,7 @@ import pytest
 
 from disttrain.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from disttrain.errors import CallbackConfigError
-from tests.support.parity_models import (
+from tests.support.models import (
     learning_rate_of,
     parity_fit,
     parity_model,

@@ -18,7 +18,7 @@ import pytest
 from disttrain.callbacks.tensorboard import TensorBoard
 from disttrain.errors import CallbackConfigError, StorageError
 from disttrain.testing import worker_env
-from tests.support.parity_models import (
+from tests.support.models import (
     parity_fit,
     parity_model,
 )
@@ -86,7 +86,8 @@ import keras
 import numpy as np
 from disttrain.callbacks.tensorboard import TensorBoard
 from disttrain.errors import StorageError
-model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+from tests.support.models import dense_model
+model = dense_model(2)
 model.compile("sgd", "mse")
 begun = []
 counter = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: begun.append(epoch))

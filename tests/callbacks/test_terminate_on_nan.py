@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from disttrain.callbacks.terminate_on_nan import TerminateOnNaN
-from tests.support.parity_models import (
+from tests.support.models import (
     INPUT_DIM,
+    dense_model,
     parity_fit,
     parity_model,
 )
@@ -50,7 +51,7 @@ def test_terminate_on_nan_stops_after_the_same_batch_as_keras():
         )
         x = np.array([[1.0], [2.0], [3.0], [4.0]])
         y = np.array([[1.0], [2.0], [np.inf], [4.0]])
-        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model = dense_model(1)
         model.compile(optimizer="sgd", loss="mse")
         model.fit(x, y, epochs=2, batch_size=1, shuffle=False, callbacks=[cls(), recorder],
                   verbose=0)
@@ -59,7 +60,7 @@ def test_terminate_on_nan_stops_after_the_same_batch_as_keras():
 
 
 def test_terminate_on_nan_raise_error_like_keras():
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model = dense_model(1)
     model.compile(optimizer="sgd", loss="mse")
     x = np.array([[1.0], [2.0]])
     y = np.array([[np.inf], [np.inf]])

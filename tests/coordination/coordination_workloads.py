@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import time
 
+from tests.support.models import dense_model
+
 
 def exchanges() -> dict:
     """Every coordination primitive once; returns what this worker saw."""
@@ -168,7 +170,7 @@ def stalled_peer(how: str) -> dict:
     from disttrain.distribute import strategy
 
     with strategy().scope():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model = dense_model(4)
         model.compile("sgd", "mse")
     rank = coordination.get().rank
 

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 
 def fit_with_callbacks(workdir: str, logical_cpus: int) -> dict:
     """Trains with disttrain's checkpoint, backup, early stopping, LR and CSV callbacks.
@@ -41,11 +43,9 @@ def fit_with_callbacks(workdir: str, logical_cpus: int) -> dict:
     x = rng.normal(size=(128, 6)).astype("float32")
     y = (x[:, :3].sum(axis=1, keepdims=True) > 0).astype("float32")
     with strategy.scope():
-        keras.utils.set_random_seed(1)
         # No BatchNormalization: its batch statistics are per replica (16 samples, not 32),
         # as in Keras and tf_keras, so it would differ from one device by design.
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                                  keras.layers.Dense(1, activation="sigmoid")])
+        model = dense_model(6, [8], activation="relu", output_activation="sigmoid", seed=1)
         model.compile(keras.optimizers.SGD(0.2), "binary_crossentropy", metrics=["accuracy"])
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     val = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(32)

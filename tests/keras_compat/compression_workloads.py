@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.support.models import dense_model
+
 
 def _tf_functions(obj, seen: set[int]) -> list:
     """The tf.functions behind `obj`, found through closures and `__wrapped__`."""
@@ -31,9 +33,7 @@ def train(compression: str) -> dict:
 
     strategy = disttrain.strategy(gradient_compression=compression)
     with strategy.scope():
-        keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
-                                  keras.layers.Dense(1)])
+        model = dense_model(8, [32], activation="relu", seed=1)
         model.compile(keras.optimizers.SGD(0.05), "mse")
     x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices((x, x.sum(1, keepdims=True))).batch(32)

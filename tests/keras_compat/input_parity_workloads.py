@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 SAMPLES = 48
 GLOBAL_BATCH = 8
 EPOCHS = 3
@@ -32,8 +34,7 @@ def _model(keras, scope):
         return keras.ops.cast(y_true, "float32")
 
     with scope:
-        model = keras.Sequential([keras.Input((2,)),
-                                  keras.layers.Dense(1, kernel_initializer="ones")])
+        model = dense_model(2, kernel_initializer="ones")
         model.compile(keras.optimizers.SGD(0.002), "mse", metrics=[trained_ids])
     return model
 

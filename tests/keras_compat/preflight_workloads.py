@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 SAMPLES = 32
 
 
@@ -59,7 +61,7 @@ def cases(names: list[str]) -> dict:
         keras.config.set_dtype_policy(
             "mixed_bfloat16" if case == "dtype" and rank == 1 else "float32")
         with strategy.scope():
-            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            model = dense_model(4)
             model.compile(optimizer="sgd", loss="mse")
         keras.config.set_dtype_policy("float32")
         error = None

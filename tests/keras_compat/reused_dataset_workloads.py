@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import time
 
+from tests.support.models import dense_model
+
 SAMPLES = 16
 GLOBAL_BATCH = 8  # 2 batches per pass: a prefetch of a few batches spans several passes
 
@@ -70,7 +72,7 @@ def _uses(model) -> list[int | None]:
 def _model():
     import keras
 
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model = dense_model(1)
     model.compile(keras.optimizers.SGD(0.001), "mse")
     return model
 

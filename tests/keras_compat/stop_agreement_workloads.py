@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 
 def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None = None,
                        epochs: int = 6, reduce_lr_on_ranks: tuple[int, ...] = (0, 1)) -> dict:
@@ -37,7 +39,7 @@ def stop_on_one_worker(stop_rank: int, stop_epoch: int, stop_batch: int | None =
     x = rng.normal(size=(128, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     with strategy.scope():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model = dense_model(4)
         model.compile(keras.optimizers.SGD(0.01), "mse")
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
 

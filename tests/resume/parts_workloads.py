@@ -15,6 +15,8 @@ import shutil
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 SAMPLES = 96
 GLOBAL_BATCH = 12
 EPOCHS = 2
@@ -44,9 +46,7 @@ def _fresh(seed: int):
     x = rng.normal(size=(SAMPLES, 6)).astype("float32")
     y = (x[:, :1] - x[:, 1:2] > 0).astype("float32")
     with strategy.scope():
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                                  keras.layers.Dense(1, activation="sigmoid")])
+        model = dense_model(6, [8], activation="relu", output_activation="sigmoid", seed=3)
         model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy")
     model.build((None, 6))
 

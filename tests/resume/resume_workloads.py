@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.support.models import dense_model
 from tests.support.weights import weight_lists
 
 SAMPLES = 192
@@ -54,13 +55,9 @@ def _fresh():
     x = rng.normal(size=(SAMPLES, 6)).astype("float32")
     y = np.stack([(x[:, 0] - x[:, 1] > 0), np.arange(SAMPLES)], axis=1).astype("float32")
     with strategy.scope():
-        keras.utils.set_random_seed(3)
         # No BatchNormalization: its batch statistics are per replica, so they change with
         # the number of workers (docs/resume.md#another-number-of-workers).
-        model = keras.Sequential([
-            keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dense(1, activation="sigmoid"),
-        ])
+        model = dense_model(6, [8], activation="relu", output_activation="sigmoid", seed=3)
         seen = Seen()
         model.compile(keras.optimizers.Adam(0.01), loss, metrics=[seen])
     model.build((None, 6))

@@ -8,6 +8,7 @@ import pytest
 
 from disttrain.testing import run_cluster
 from tests.resume import resume_workloads as rw
+from tests.support.models import dense_model
 
 pytest.importorskip("keras")
 
@@ -98,8 +99,7 @@ def test_one_worker_resumes_a_reshuffling_input_on_a_fresh_pass_and_warns(tmp_pa
                 raise rw.Interrupt()
 
     def fit(extra):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model = dense_model(3, seed=0)
         model.compile("sgd", "mse")
         data = tf.data.Dataset.from_tensor_slices((np.ones((16, 3)), np.ones((16, 1))))
         model.fit(data.shuffle(16, seed=1).batch(4), epochs=2, verbose=0, callbacks=[

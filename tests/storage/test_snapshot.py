@@ -15,12 +15,11 @@ keras = pytest.importorskip("keras")
 
 from disttrain import callbacks  # noqa: E402
 from disttrain.storage.snapshot import ModelSnapshot  # noqa: E402
+from tests.support.models import dense_model  # noqa: E402
 
 
 def _trained_model(units: int = 16):
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(units),
-                              keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    model = dense_model(8, [units], batchnorm=True, seed=1)
     model.compile("adam", "mse")
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     model.fit(x, x[:, :1], epochs=1, verbose=0)
@@ -84,7 +83,7 @@ def _rss_mb() -> float:
 def test_fifty_async_saves_do_not_grow_memory(tmp_path, kind):
     """12 MB of state per snapshot (weights and Adam's two moments): keeping every
     snapshot would add 480 MB. The last file holds the final state."""
-    model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])
+    model = dense_model(1000, outputs=1000)
     model.compile("adam", "mse")
     model.optimizer.build(model.trainable_variables)
     if kind == "ModelCheckpoint":

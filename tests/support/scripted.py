@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
+
+from tests.support.models import dense_model
 
 
 def tiny_model():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    """A compiled 3 -> Dense(2) -> Dense(1) regressor (the default model of `drive`)."""
+    model = dense_model(3, [2])
     model.compile("sgd", "mse", metrics=["mae"])
     return model
 
