@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from tests.support.cases import case_results, run_cases
+from tests.support.models import dense_model
 from tests.support.weights import weights_by_path
 
 
@@ -159,11 +160,9 @@ def save_forever(directory: str, name: str, epochs: int = 400,
     """
     import sys
 
-    import keras
-
     from disttrain import callbacks
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model = dense_model(2)
     model.compile("sgd", "mse")
     checkpoint = callbacks.ModelCheckpoint(f"{directory}/{name}", max_to_keep=1,
                                            async_commit=async_commit)
@@ -202,9 +201,7 @@ def backup_forever(directory: str, epochs: int = 300, async_commit: bool = False
                 print(f"READY {first}", flush=True)
                 sys.stdout.flush()
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64),
-                              keras.layers.Dense(1)])
+    model = dense_model(4, [64], seed=0)
     model.compile(keras.optimizers.Adam(0.01), "mse")
     x = np.ones((32, 4), "float32")
     history = model.fit(x, x[:, :1], batch_size=16, epochs=epochs, verbose=0, callbacks=[

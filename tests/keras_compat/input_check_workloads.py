@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from tests.support.cases import run_cases
+from tests.support.models import dense_model
 
 GLOBAL_BATCH = 8
 SAMPLES = 64
@@ -84,8 +85,7 @@ def run(kind: str, call: str = "fit", skip: tuple[str, ...] = ()) -> dict:
     coord = coordination.get()
     with strategy.scope():
         # No global seed: it would make the unseeded shuffle the same in every process.
-        model = keras.Sequential([keras.Input((4,)),
-                                  keras.layers.Dense(1, kernel_initializer="zeros")])
+        model = dense_model(4, kernel_initializer="zeros")
         model.compile(keras.optimizers.SGD(0.05), "mse")
     steps_before = _steps_begun[0]
 

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from tests.support.models import dense_model
+
 GLOBAL_BATCH = 32
 
 
@@ -125,13 +127,11 @@ def multi_step_with_xla() -> dict:
     returns the error, the warnings, the steps trained and the final jit_compile."""
     import warnings
 
-    import keras
-
     from disttrain.distribute import strategy
 
     x, y, _ = _data()
     with strategy().scope():
-        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
+        model = dense_model(x.shape[1])
         model.compile("sgd", "mse", steps_per_execution=4, jit_compile=True)
     error = None
     with warnings.catch_warnings(record=True) as caught:
@@ -192,9 +192,7 @@ def epoch_iterators(skip_fixes: tuple = (), shuffle_seed: int | None = None,
 
     x, y, _ = _data()
     with strategy.scope():
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                                  keras.layers.Dense(1, activation="sigmoid")])
+        model = dense_model(8, [16], activation="relu", output_activation="sigmoid", seed=3)
         model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", metrics=["accuracy"],
                       steps_per_execution=steps_per_execution)
     train = tf.data.Dataset.from_tensor_slices((x, y))
@@ -235,8 +233,7 @@ def epoch_state_pipeline() -> dict:
     train = (tf.data.Dataset.from_tensor_slices(np.zeros((256, 1), "float32"))
              .map(lambda v: (v + level, v + level)).batch(GLOBAL_BATCH).prefetch(2))
     with strategy.scope():
-        model = keras.Sequential([keras.Input((1,)),
-                                  keras.layers.Dense(1, kernel_initializer="zeros")])
+        model = dense_model(1, kernel_initializer="zeros")
         model.compile(keras.optimizers.SGD(0.0), "mse")
     losses: list[list[float]] = []
 
