@@ -120,6 +120,6 @@ class LaterBatchMismatchError(InputMismatchError):
     batch agreed (or ran out on one worker only).
 
     Found by comparing every batch's hash between the workers at the end of each epoch
-    (`disttrain.keras_compat.later_batches`), so raised on every worker after that
-    epoch's steps and before the next epoch; the message names the input, the epoch and
-    the first differing step."""
+    and of each validation pass of `fit` (`disttrain.keras_compat.later_batches`), so
+    raised on every worker after that epoch's (validation's) steps and before the next
+    epoch; the message names the input, the epoch and the first differing step."""

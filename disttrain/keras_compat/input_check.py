@@ -244,23 +244,38 @@ def _each_epoch_checked(call: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _later_batches_compared(call: str, bound: dict[str, Any]) -> Iterator[None]:
-    """Inside, the batches of a generator or `PyDataset` `x` are hashed as they are read
-    and compared between workers at each epoch's end (`later_batches`); `bound`, the
-    call's arguments, gets the recording generator and the comparing callback first."""
-    callbacks = bound.get("callbacks")
-    kind = _kind(bound.get("x"))
-    if (os.environ.get(ENV_DISABLE, "1") == "0" or kind not in ("generator", "pydataset")
-            or not isinstance(callbacks, (list, tuple, type(None)))):
+    """Inside, the batches of a generator or `PyDataset` `x` (and `fit`'s
+    `validation_data`) are hashed as they are read and compared between workers at each
+    epoch's (validation pass's) end (`later_batches`); `bound`, the call's arguments, gets
+    the recording generator and the comparing callback first (also first in a given
+    `CallbackList`, taken out again at the end)."""
+    import keras
+
+    names = ("x", "validation_data") if call == "fit" else ("x",)
+    kinds = {name: kind for name in names
+             if (kind := _kind(bound.get(name))) in ("generator", "pydataset")}
+    if bound.get("validation_data") is bound.get("x"):  # one input, recorded once
+        kinds.pop("validation_data", None)
+    if os.environ.get(ENV_DISABLE, "1") == "0" or not kinds:
         yield
         return
-    inputs = {"x": bound["x"]}
-    replaced, ledgers = later_batches.record(inputs, {"x": kind})
+    inputs = {name: bound[name] for name in kinds}
+    replaced, ledgers = later_batches.record(inputs, kinds)
     bound.update(replaced)
-    bound["callbacks"] = [later_batches.callback(call, ledgers), *(callbacks or [])]
+    compare = later_batches.callback(call, ledgers)
+    given = bound.get("callbacks")
+    if isinstance(given, keras.callbacks.CallbackList):
+        given.callbacks.insert(0, compare)
+    elif isinstance(given, (list, tuple)):
+        bound["callbacks"] = [compare, *given]
+    else:
+        bound["callbacks"] = [compare] + ([] if given is None else [given])
     try:
         yield
     finally:
         later_batches.stop_recording(inputs)
+        if isinstance(given, keras.callbacks.CallbackList):
+            given.callbacks.remove(compare)
 
 
 def _checked_each_epoch(on_epoch_begin: Callable) -> Callable:

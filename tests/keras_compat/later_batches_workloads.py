@@ -25,6 +25,9 @@ DIFFERS_AT = 4
 PYDATASET_DIFFERS_AT = 2
 """The PyDataset's batch (0-based) that differs on worker 1 (not its first or last)."""
 SHORT = 7
+VALIDATION_DIFFERS_AT = 3
+"""The validation generator's batch (0-based) that differs on worker 1 (after Keras's
+two peeked batches and the input check's first)."""
 """Batches worker 1's short generator yields (worker 0's yields STEPS_PER_EPOCH * EPOCHS)."""
 
 
@@ -76,7 +79,12 @@ def run() -> dict[str, Any]:
     - `pydataset`: batch `PYDATASET_DIFFERS_AT` of 6 differs on worker 1 (2 epochs);
     - `short generator`: worker 1's generator ends after `SHORT` batches;
     - `evaluate generator`: evaluate on a generator whose batch 4 differs;
-    - `equal`: a generator and a PyDataset that agree train without an error, and
+    - `validation generator`: fit on arrays whose `validation_data` generator's batch
+      `VALIDATION_DIFFERS_AT` differs on worker 1 (the first validation, step 4);
+    - `validation pydataset`: the same with the PyDataset of `pydataset` as validation;
+    - `callback list`: the `generator` case with `callbacks=keras.callbacks.CallbackList()`;
+    - `equal`: a generator and a PyDataset that agree (each with an agreeing
+      validation input of the other kind) train without an error, and
       `weights` holds the weights of that training on the workers and in one process.
     """
     import keras
@@ -107,12 +115,22 @@ def run() -> dict[str, Any]:
         "short generator": _outcome(lambda: model.fit(_generator(rank, length=SHORT), **fit)),
         "evaluate generator": _outcome(lambda: model.evaluate(
             _generator(rank, DIFFERS_AT), steps=STEPS_PER_EPOCH * EPOCHS, verbose=0)),
+        "validation generator": _outcome(lambda: model.fit(
+            *_arrays(), batch_size=GLOBAL_BATCH, shuffle=False, verbose=0,
+            validation_data=_generator(rank, VALIDATION_DIFFERS_AT))),
+        "validation pydataset": _outcome(lambda: model.fit(
+            *_arrays(), batch_size=GLOBAL_BATCH, shuffle=False, verbose=0,
+            validation_data=Batches(PYDATASET_DIFFERS_AT))),
+        "callback list": _outcome(lambda: model.fit(
+            _generator(rank, DIFFERS_AT), callbacks=keras.callbacks.CallbackList(), **fit)),
     }
     weights = {}
     for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
         trained = _model(keras, scope)
-        equal = [_outcome(lambda: trained.fit(_generator(rank), **fit)),
-                 _outcome(lambda: trained.fit(Batches(), epochs=2, shuffle=False, verbose=0))]
+        equal = [_outcome(lambda: trained.fit(_generator(rank), validation_data=Batches(),
+                                              **fit)),
+                 _outcome(lambda: trained.fit(Batches(), epochs=2, shuffle=False, verbose=0,
+                                              validation_data=_generator(rank)))]
         record.setdefault("equal", equal)
         weights[where] = [w.tolist() for w in trained.get_weights()]
     record["weights"] = weights

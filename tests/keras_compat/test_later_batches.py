@@ -24,19 +24,33 @@ def test_later_batches_that_differ_stop_every_worker_naming_epoch_and_step():
     - evaluate on such a generator: step 5;
     - worker 1's generator runs out after 7 of 9 batches: the error names epoch 3, step 2
       and that it ran out, and the cluster ends (no hang);
-    - a generator and a PyDataset that agree train without an error to the weights of the
-      same fits in one process (float tolerance: the all-reduce sums in another order).
+    - a fit's validation_data generator whose 4th batch differs (its first agrees):
+      "the validation of epoch 1, step 4"; a validation PyDataset whose 3rd of 6 batches
+      differs: step 3 (on the old code both trained silently, the val_loss from mixed data);
+    - the generator case with callbacks=keras.callbacks.CallbackList(): the same error
+      (on the old code: no error);
+    - a generator and a PyDataset that agree, each validated on an agreeing input of the
+      other kind, train without an error to the weights of the same fits in one process
+      (float tolerance: the all-reduce sums in another order).
     """
     run = run_cluster(workloads.run, 2, timeout=200).assert_ok()
     first, second = run.results
-    cases = ("generator", "pydataset", "evaluate generator", "short generator", "equal")
+    cases = ("generator", "pydataset", "evaluate generator", "short generator",
+             "validation generator", "validation pydataset", "callback list", "equal")
     assert ({c: _errors(first[c]) for c in cases}
             == {c: _errors(second[c]) for c in cases}), run.report()
     expected = {"generator": ["fit: the generator 'x'", "epoch 2, step 2", "trained 2 step(s)"],
                 "pydataset": ["fit: the PyDataset 'x'", "epoch 1, step 3", "trained 4 step(s)"],
                 "evaluate generator": ["evaluate: the generator 'x'", "at step 5"],
                 "short generator": ["epoch 3, step 2", "worker 1: ran out",
-                                    "ran out on one worker"]}
+                                    "ran out on one worker"],
+                "validation generator": ["fit: the generator 'validation_data'",
+                                         "the validation of epoch 1, step 4",
+                                         "evaluated 6 step(s)", "val_ metrics"],
+                "validation pydataset": ["fit: the PyDataset 'validation_data'",
+                                         "the validation of epoch 1, step 3",
+                                         "evaluated 4 step(s)"],
+                "callback list": ["fit: the generator 'x'", "epoch 2, step 2"]}
     for case, parts in expected.items():
         error = first[case]["error"]
         assert error is not None, case
