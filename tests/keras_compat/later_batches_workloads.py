@@ -82,6 +82,8 @@ def run() -> dict[str, Any]:
     - `validation generator`: fit on arrays whose `validation_data` generator's batch
       `VALIDATION_DIFFERS_AT` differs on worker 1 (the first validation, step 4);
     - `validation pydataset`: the same with the PyDataset of `pydataset` as validation;
+    - `short validation generator`: worker 1's validation generator ends after `SHORT`
+      batches;
     - `callback list`: the `generator` case with `callbacks=keras.callbacks.CallbackList()`;
     - `equal`: a generator and a PyDataset that agree (each with an agreeing
       validation input of the other kind) train without an error, and
@@ -121,6 +123,9 @@ def run() -> dict[str, Any]:
         "validation pydataset": _outcome(lambda: model.fit(
             *_arrays(), batch_size=GLOBAL_BATCH, shuffle=False, verbose=0,
             validation_data=Batches(PYDATASET_DIFFERS_AT))),
+        "short validation generator": _outcome(lambda: model.fit(
+            *_arrays(), batch_size=GLOBAL_BATCH, shuffle=False, verbose=0,
+            validation_data=_generator(rank, length=SHORT))),
         "callback list": _outcome(lambda: model.fit(
             _generator(rank, DIFFERS_AT), callbacks=keras.callbacks.CallbackList(), **fit)),
     }

@@ -27,6 +27,8 @@ def test_later_batches_that_differ_stop_every_worker_naming_epoch_and_step():
     - a fit's validation_data generator whose 4th batch differs (its first agrees):
       "the validation of epoch 1, step 4"; a validation PyDataset whose 3rd of 6 batches
       differs: step 3 (on the old code both trained silently, the val_loss from mixed data);
+    - worker 1's validation generator runs out after 7 of 9 batches: step 8, "ran out",
+      and the cluster ends (no hang);
     - the generator case with callbacks=keras.callbacks.CallbackList(): the same error
       (on the old code: no error);
     - a generator and a PyDataset that agree, each validated on an agreeing input of the
@@ -36,7 +38,8 @@ def test_later_batches_that_differ_stop_every_worker_naming_epoch_and_step():
     run = run_cluster(workloads.run, 2, timeout=200).assert_ok()
     first, second = run.results
     cases = ("generator", "pydataset", "evaluate generator", "short generator",
-             "validation generator", "validation pydataset", "callback list", "equal")
+             "validation generator", "validation pydataset", "short validation generator",
+             "callback list", "equal")
     assert ({c: _errors(first[c]) for c in cases}
             == {c: _errors(second[c]) for c in cases}), run.report()
     expected = {"generator": ["fit: the generator 'x'", "epoch 2, step 2", "trained 2 step(s)"],
@@ -50,6 +53,8 @@ def test_later_batches_that_differ_stop_every_worker_naming_epoch_and_step():
                 "validation pydataset": ["fit: the PyDataset 'validation_data'",
                                          "the validation of epoch 1, step 3",
                                          "evaluated 4 step(s)"],
+                "short validation generator": ["the validation of epoch 1, step 8",
+                                               "worker 1: ran out"],
                 "callback list": ["fit: the generator 'x'", "epoch 2, step 2"]}
     for case, parts in expected.items():
         error = first[case]["error"]
