@@ -38,15 +38,22 @@ def attach(model: Any, call: str, arguments: dict[str, Any]) -> None:
     Args:
         model: the model about to train.
         call: `"fit"`, `"evaluate"` or `"predict"` (only `fit` captures).
-        arguments: the call's bound arguments (`callbacks` is replaced by a list with
-            the capturing callback last).
+        arguments: the call's bound arguments (`callbacks` gets the capturing callback
+            last: appended to a given `CallbackList`, else a new list).
     """
+    import keras
+
     directory = os.environ.get(ENV_DIR)
     if not directory or call != "fit":
         return
-    steps = int(os.environ.get(ENV_STEPS, DEFAULT_STEPS))
-    arguments["callbacks"] = [*(arguments.get("callbacks") or []),
-                              _capture_callback(directory, steps)]
+    capture = _capture_callback(directory, int(os.environ.get(ENV_STEPS, DEFAULT_STEPS)))
+    given = arguments.get("callbacks")
+    if isinstance(given, keras.callbacks.CallbackList):
+        given.callbacks.append(capture)
+    elif isinstance(given, (list, tuple)):
+        arguments["callbacks"] = [*given, capture]
+    else:
+        arguments["callbacks"] = ([] if given is None else [given]) + [capture]
 
 
 def _capture_callback(directory: str, steps: int):
