@@ -1,5 +1,6 @@
-"""Bad input under a property-based fuzzer (Hypothesis): TF_CONFIG (`disttrain.cluster`), a
-pod's environment (`launch.entrypoint`), and the arguments of `launch.local` and `launch.k8s`.
+"""Bad input under a property-based fuzzer (Hypothesis): TF_CONFIG (`disttrain.cluster`), the
+variables of srun, mpirun and other launchers (`disttrain.cluster.launcher_env`), a pod's
+environment (`launch.entrypoint`), and the arguments of `launch.local` and `launch.k8s`.
 
 Each is called in-process with generated input, valid and not, and may only accept it (and
 then give a sound result) or refuse it with disttrain's own error, whose message names the
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from disttrain.cluster import Cluster
+from disttrain.cluster.launcher_env import derive_from_launcher
 from disttrain.errors import DisttrainError
 from launch import entrypoint, k8s, local
 
@@ -66,6 +68,7 @@ def _refused_properly(error: BaseException) -> None:
 @given(TF_CONFIGS, st.one_of(st.none(), TEXT))
 @example("[" * 100_000, None)
 @example('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1e400}}', None)
+@example({"cluster": {"worker": ["a:²"]}, "task": {"type": "worker", "index": 0}}, None)
 def test_tf_config_is_accepted_or_refused_with_a_clear_error(tf_config, run_id):
     text = tf_config if isinstance(tf_config, str) else json.dumps(tf_config)
     for call in (lambda: Cluster.from_tf_config(tf_config, run_id=run_id),
@@ -167,3 +170,53 @@ def test_launch_k8s_arguments_are_accepted_or_refused_with_exit_2(name, argv):
     assert code == 0
     documents = [d for d in yaml.safe_load_all(out.getvalue()) if d]
     assert documents[0]["kind"] == "NetworkPolicy"
+
+
+# What srun, mpirun and other launchers set: names from launcher_env, values valid and not.
+HOSTLISTS = st.one_of(WORDS, st.sampled_from(
+    ["node1", "node[1-2]", "node[01-03,07]", "gpu-a[1-2],node9", "n[2-1]", "n[1-", "n[a-b]",
+     "n[1-99999999]", "n[0001-0002]", "[1-2]", "a,b", "a,,b"]))
+TASKS_PER_NODE = st.one_of(WORDS, st.sampled_from(
+    ["1", "2", "1(x2)", "2(x3),1", "(x2)", "1(x0)", "0", "2(x99999999)", "1,1", "3(x2"]))
+PORTS = st.one_of(WORDS, st.sampled_from(
+    ["12000", "12000-12003", "12000,12005", "0", "65535-65537", "70000", "12003-12000"]))
+LAUNCHER_ENV = st.fixed_dictionaries({}, optional={
+    "SLURM_JOB_ID": st.one_of(NUMBERS, WORDS), "SLURM_STEP_ID": st.one_of(NUMBERS, WORDS),
+    "SLURM_STEP_NUM_TASKS": NUMBERS, "SLURM_NTASKS": NUMBERS,
+    "SLURM_STEP_NODELIST": HOSTLISTS, "SLURM_STEP_TASKS_PER_NODE": TASKS_PER_NODE,
+    "SLURMD_NODENAME": st.one_of(WORDS, st.sampled_from(["node1", "node2", "node07", "n1"])),
+    "SLURM_LOCALID": NUMBERS, "SLURM_STEP_RESV_PORTS": PORTS,
+    "OMPI_COMM_WORLD_SIZE": NUMBERS, "OMPI_COMM_WORLD_LOCAL_SIZE": NUMBERS,
+    "OMPI_COMM_WORLD_RANK": NUMBERS,
+    # Never a real directory: rank != 0 would then wait for rank 0's ports (a real mpirun
+    # runs that path in tests/launch/mpi).
+    "PMIX_SERVER_TMPDIR": st.sampled_from(["", "/nonexistent-mpirun-session"]),
+    "PMIX_NAMESPACE": WORDS, "PMIX_RANK": WORDS, "PMI_SIZE": NUMBERS, "PMI_RANK": NUMBERS,
+    "WORLD_SIZE": NUMBERS, "RANK": NUMBERS, "DISTTRAIN_RUN_ID": WORDS})
+
+
+@FUZZ
+@given(LAUNCHER_ENV)
+@example({"SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2",
+          "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+          "SLURMD_NODENAME": "node2", "SLURM_LOCALID": "0", "SLURM_STEP_RESV_PORTS": "70000"})
+@example({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+          "OMPI_COMM_WORLD_RANK": "5"})
+def test_launcher_environment_is_accepted_or_refused_with_a_clear_error(environ):
+    """SLURM_*, Open MPI's and other launchers' variables: a sound cluster (this task among
+    its workers, every port valid, one worker per task) or disttrain's own error."""
+    try:
+        cluster = derive_from_launcher(environ)
+    except Exception as e:  # noqa: BLE001 - the property: only disttrain's own errors
+        _refused_properly(e)
+        return
+    if cluster is None:
+        return
+    assert 0 <= cluster.worker_rank < cluster.num_workers, cluster
+    for address in cluster.workers:
+        assert 1 <= int(address.rsplit(":", 1)[1]) <= 65535, cluster
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS"))
+    if cluster.source.startswith("Slurm") and cluster.num_workers > 1:
+        assert str(cluster.num_workers) == tasks.strip(), (cluster, environ)
+    if cluster.workers:
+        assert Cluster.from_tf_config(cluster.to_tf_config(), run_id=cluster.run_id) == cluster

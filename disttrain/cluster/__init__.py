@@ -81,7 +81,7 @@ def parse_address(address: Any, field: str = "address") -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not _HOST_RE.match(host):
         raise _fail(field, address, "not a valid 'host:port' address", fix)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise _fail(field, address, "the port must be an integer in 1..65535", fix)
     return host, int(port_text)
 

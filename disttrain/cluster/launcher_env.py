@@ -192,9 +192,15 @@ def _expand_numbers(numbers: str, hostlist: str) -> list[str]:
     return out
 
 
+def _is_number(value: str) -> bool:
+    """A non-negative decimal number in ASCII digits (`"²".isdigit()` is true, `int("²")` fails)."""
+    value = value.strip()
+    return value.isascii() and value.isdigit()
+
+
 def _int_env(env: Mapping[str, str], name: str, fix: str) -> int:
     value = env.get(name, "")
-    if not value.strip().isdigit():
+    if not _is_number(value):
         raise ClusterConfigError(
             f"{name}={value!r}: expected a number, as the launcher sets it. Fix: {fix}.")
     return int(value)
@@ -240,6 +246,10 @@ def _from_slurm(env: Mapping[str, str]) -> Cluster | None:
     reserved = env.get("SLURM_STEP_RESV_PORTS")
     if reserved:
         ports = [int(p) for p in _expand_numbers(reserved, f"SLURM_STEP_RESV_PORTS={reserved}")]
+        if not all(1 <= port <= 65535 for port in ports):
+            raise ClusterConfigError(
+                f"{source}: SLURM_STEP_RESV_PORTS={reserved!r} names a port outside 1..65535. "
+                "Fix: set MpiParams=ports=<low>-<high> in slurm.conf to a valid range.")
         if len(ports) < max(counts):
             raise ClusterConfigError(
                 f"{source}: SLURM_STEP_RESV_PORTS={reserved!r} has fewer ports than the "
@@ -270,6 +280,10 @@ def _from_open_mpi(env: Mapping[str, str]) -> Cluster | None:
             "tasks with Slurm's srun (disttrain derives the cluster from SLURM_*), run on one "
             "host, or give every rank a TF_CONFIG (docs/slurm.md).")
     rank = _int_env(env, "OMPI_COMM_WORLD_RANK", fix)
+    if rank >= size:
+        raise ClusterConfigError(
+            f"mpirun: OMPI_COMM_WORLD_RANK={rank} is not below OMPI_COMM_WORLD_SIZE={size}. "
+            f"Fix: {fix}.")
     ports = _shared_ports(env, rank, size)
     return Cluster(task_index=rank, workers=tuple(f"127.0.0.1:{p}" for p in ports),
                    run_id=run_id, source="mpirun")
@@ -320,7 +334,7 @@ def _refuse_other_launchers(env: Mapping[str, str]) -> None:
            "python -m launch.local --workers N, or give every task a TF_CONFIG")
     for size_name, rank_name, what in _OTHER_LAUNCHERS:
         size = env.get(size_name, "")
-        if size.isdigit() and int(size) > 1:
+        if _is_number(size) and int(size) > 1:
             raise ClusterConfigError(
                 f"this process is one of {size} tasks of {what} ({size_name}={size}, "
                 f"{rank_name}={env.get(rank_name)!r}), and there is no TF_CONFIG. {fix}.")
