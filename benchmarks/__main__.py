@@ -5,9 +5,9 @@ interleaved (fresh localhost clusters, alternating), and reported as medians
 with their range over rounds; ratios are medians of per-round ratios. Machines
 are noisy: compare ratios, not absolute times across runs.
 
-    python -m benchmarks            # full run (about 16 minutes on 2 cores)
-    python -m benchmarks --quick    # about 4 minutes
-    python -m benchmarks --smoke    # about 2.5 minutes: checks that it works (CI)
+    python -m benchmarks            # full run (its checkpoint section alone: ~17 min on 2 cores)
+    python -m benchmarks --quick    # about 12 minutes on 2 cores
+    python -m benchmarks --smoke    # about 3 minutes: checks that it works (CI)
     python -m benchmarks --scale    # adds agreement at 2 to 16 local processes
     python -m benchmarks --write-docs   # also puts the table into docs/benchmarks.md
 """
