@@ -120,13 +120,14 @@ def running_emulator(
 
 def serve_with_atomic_writes(argv: list[str]) -> None:
     """Runs `gcp_storage_emulator <argv>` with every file it keeps on disk written to a temp
-    file beside it and renamed over it (`os.replace`), instead of rewritten in place.
+    file beside it and renamed over it (`disttrain.storage.atomic_local_file`), instead of
+    rewritten in place.
 
     The emulator keeps each object in a file and the whole bucket's metadata in
     one `.meta` file it rewrites on every change; SIGKILLed mid-rewrite, the
     restarted server fails reading a truncated `.meta` (`JSONDecodeError`) or
     serves a truncated object, damage a real object store never shows. A kill
-    may leave a temp file (`.<name>.tmp-<pid>`), which the server never lists.
+    may leave a temp file (`.<name>.tmp-<hex>`), which the server never lists.
 
     Example: `python workloads/gcs_server.py start --port 9023 --default-bucket b`
     (`start_emulator(..., atomic_writes=True)` runs it so).
@@ -136,6 +137,8 @@ def serve_with_atomic_writes(argv: list[str]) -> None:
     from gcp_storage_emulator import __main__ as emulator
     from gcp_storage_emulator.storage import _FileStore
 
+    from disttrain.storage import atomic_local_file
+
     in_place = _FileStore.write_bytes
 
     def write_bytes(store: _FileStore, rel: str, content: bytes) -> None:
@@ -144,9 +147,8 @@ def serve_with_atomic_writes(argv: list[str]) -> None:
             return
         path: Path = store._disk_path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+        with atomic_local_file(str(path), suffix="") as tmp:
+            Path(tmp).write_bytes(content)
 
     _FileStore.write_bytes = write_bytes
     emulator.main(argv)
