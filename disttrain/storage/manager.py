@@ -529,7 +529,7 @@ class CheckpointManager:
         same path, from a crash, is kept. After a `StorageError` it is kept too,
         as a crash there would leave it (the next save or `open` clears it):
         another call would meet the same failure, and on gs:// gcsfs retries
-        each call for 31-36 s before it gives up.
+        each call before it gives up (docs/failures.md says how long).
         """
         self._stored = None
         staged = _stage(path, write)
