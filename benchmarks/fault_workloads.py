@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from disttrain import storage
-from disttrain.cluster import ENV_ATTEMPT
 from disttrain.errors import StorageError
 from disttrain.testing import MARKER_ENV, LaunchedJob, function_command, run_launcher, wait_gone
 from launch import k8s
@@ -658,9 +657,9 @@ def run_pod_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault |
 
     The pods are those of `launch.k8s --format jobset` (`python -m launch.entrypoint`
     derives TF_CONFIG from each pod's hostname and index), each with the environment
-    Kubernetes would give it (`workloads.k8s_pods`) plus `DISTTRAIN_ATTEMPT` (on a cluster:
-    JobSet's restart-attempt pod label), the fault's variables and `launch.local`'s thread
-    caps, on fresh namespaces, links and bridge every attempt (`workloads.pod_network`).
+    Kubernetes would give it (`workloads.k8s_pods`, `DISTTRAIN_ATTEMPT` from JobSet's
+    restart-attempt pod label), plus the fault's variables and `launch.local`'s thread caps,
+    on fresh namespaces, links and bridge every attempt (`workloads.pod_network`).
     Checkpoints and backups are on this machine's filesystem under `result_dir`, the disk all
     pods share. When a pod exits non-zero the driver, as the JobSet controller deleting the
     pods, sends the others SIGTERM and `POD_GRACE` s later SIGKILL, then, while restarts are
@@ -699,7 +698,7 @@ def run_pod_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault |
     try:
         for attempt in range(max_restarts + 1):
             attempts += 1
-            code, cut = _pod_attempt(config, container, {**env, ENV_ATTEMPT: str(attempt)},
+            code, cut = _pod_attempt(config, container, env, attempt,
                                      fault if attempt == 0 else None, result_dir, tag,
                                      started + timeout, lines)
             cut_at = cut_at or cut
@@ -723,14 +722,14 @@ def run_pod_fault_job(result_dir: str, workers: int, epochs: int, fault: Fault |
                     **_worker_records(result_dir, workers, max_restarts + 1))
 
 
-def _pod_attempt(config: k8s.JobConfig, container: dict, env: dict[str, str],
+def _pod_attempt(config: k8s.JobConfig, container: dict, env: dict[str, str], attempt: int,
                  fault: Fault | None, result_dir: str, tag: str, deadline: float,
                  lines: list[str]) -> tuple[int | None, float | None]:
     """One attempt of `run_pod_fault_job`: returns the exit code of the pod that failed first
     (0 when none did; None past `deadline`, `time.monotonic()`) and when the victim's link was
     set down (None if it was not); appends the pods' output and the driver's lines to
-    `lines`."""
-    attempt = env[ENV_ATTEMPT]
+    `lines`. The pods carry JobSet's restart-attempt label `attempt`, from which the
+    manifest's DISTTRAIN_ATTEMPT comes."""
     logs = [os.path.join(result_dir, f"pod{i}-{attempt}.log") for i in range(config.workers)]
     fault_file = os.path.join(result_dir, "fault.json")
     code: int | None = 0
@@ -740,7 +739,8 @@ def _pod_attempt(config: k8s.JobConfig, container: dict, env: dict[str, str],
             network.publish(i, k8s_pods.dns_names(config.hostname(i), config.name, "default"))
         for i in range(config.workers):
             pod_env = {**pod_network.kubernetes_env_here(
-                container, i, config.hostname(i), "default", Path(result_dir, "home")), **env}
+                container, i, config.hostname(i), "default", Path(result_dir, "home"),
+                attempt=attempt), **env}
             network.start(i, k8s_pods.pod_argv(container, pod_env)[3:], pod_env, Path(logs[i]))
         began = time.monotonic()
         while True:

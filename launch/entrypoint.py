@@ -11,13 +11,16 @@ What it does, in order:
    `<job>-<i>.<service>[.<namespace>.svc]:<port>`. The evaluator's pod (`launch.k8s
    --evaluator`) has `DISTTRAIN_TASK_TYPE=evaluator` and the same variables: it becomes the
    evaluator task of that cluster, and waits for nobody.
-2. **Run id.** `DISTTRAIN_RUN_ID` must be set and valid: it names the run's outputs and
-   backups, so it must be the same on every pod and across pod restarts, and differ between
-   runs. The manifests `launch.k8s` writes take it (Downward API) from a pod label holding the
+2. **Run id and attempt.** `DISTTRAIN_RUN_ID` must be set and valid: it names the run's
+   outputs and backups, so it must be the same on every pod and across pod restarts, and
+   differ between runs. The manifests `launch.k8s` writes take it (Downward API) from a pod label holding the
    UID of the object that owns the pods: `batch.kubernetes.io/controller-uid` (the Job's UID;
    Kubernetes 1.27+) or `jobset.sigs.k8s.io/jobset-uid` (the JobSet's UID; JobSet v0.9.0+).
    Kubernetes gives an empty value for a label the pod lacks, so an empty run id means an
    older Kubernetes or JobSet: a configuration error, not a run under a made-up id.
+   `DISTTRAIN_ATTEMPT` (the jobset and trainjob manifests take it from JobSet's
+   `jobset.sigs.k8s.io/restart-attempt` pod label) must be a number when it is set; an empty
+   one is removed.
 3. **Wait for the peers** (bounded by `--peer-timeout`), see below.
 4. **exec** the command with `TF_CONFIG` set: the command replaces this process, so it gets
    the signals Kubernetes sends to the container and its exit code is the container's.
@@ -80,6 +83,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from disttrain.cluster import (
+    ENV_ATTEMPT,
     ENV_RUN_ID,
     ENV_TF_CONFIG,
     Cluster,
@@ -112,6 +116,9 @@ ENV_TASK_TYPE = "DISTTRAIN_TASK_TYPE"
 # new for every object created, even under the same name.
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"  # set by the Job controller, 1.27+
 JOBSET_UID_LABEL = "jobset.sigs.k8s.io/jobset-uid"  # set by the JobSet controller, v0.9.0+
+# Pod label holding the JobSet's restart attempt (0, then 1, 2, ... each time its failure policy
+# recreates every pod); the jobset and trainjob manifests set DISTTRAIN_ATTEMPT from it.
+JOBSET_RESTART_LABEL = "jobset.sigs.k8s.io/restart-attempt"
 
 # Long enough for a node to be added by an autoscaler and pull a TensorFlow image.
 DEFAULT_PEER_TIMEOUT = 600.0
@@ -206,6 +213,27 @@ def run_id_from_env(environ: Mapping[str, str]) -> str:
             "run), or set DISTTRAIN_RUN_ID yourself."
         )
     return validate_run_id(run_id)
+
+
+def attempt_from_env(environ: Mapping[str, str]) -> str | None:
+    """This pod's DISTTRAIN_ATTEMPT: a number of restarts as a decimal string, or None when it
+    is not set or empty (a pod without JobSet's restart-attempt label: the Downward API gives
+    an empty value), which the command then does not see at all.
+
+    Raises:
+        ClusterConfigError: naming the bad value and the fix.
+    """
+    attempt = environ.get(ENV_ATTEMPT, "").strip()
+    if not attempt:
+        return None
+    if not (attempt.isascii() and attempt.isdigit()):
+        raise ClusterConfigError(
+            f"{ENV_ATTEMPT}={environ[ENV_ATTEMPT]!r} is not a number of restarts (0, 1, 2, "
+            f"...). The jobset and trainjob manifests of `python -m launch.k8s` take it from "
+            f"the pod label {JOBSET_RESTART_LABEL}. Fix: set it to the group's restart count "
+            "or leave it unset."
+        )
+    return str(int(attempt))
 
 
 def resolve_cluster(environ: Mapping[str, str]) -> tuple[Cluster, str]:
@@ -389,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cluster, tf_config_json = resolve_cluster(os.environ)
         run_id = run_id_from_env(os.environ)
+        attempt = attempt_from_env(os.environ)
     except ClusterConfigError as e:
         print(f"launch.entrypoint: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
@@ -409,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONFIG_ERROR
         log(f"met every peer after {waited:.1f} s")
     env = {**os.environ, ENV_TF_CONFIG: tf_config_json}
+    env.pop(ENV_ATTEMPT, None)
+    if attempt is not None:
+        env[ENV_ATTEMPT] = attempt
     try:
         os.execvpe(command[0], command, env)
     except FileNotFoundError:

@@ -41,7 +41,9 @@ Run id (`DISTTRAIN_RUN_ID`: where the run's checkpoints, backups and logs go). W
 restarts and replacements (so BackupAndRestore resumes after a pod failure), and a new one when
 the job is deleted and created again under the same name (so a new run never continues, or
 overwrites, an old one): see `RUN_ID_NOTE`. A given `--run-id` is used as is, and then keeping
-it unique is the user's business.
+it unique is the user's business. The jobset and trainjob pods also read DISTTRAIN_ATTEMPT
+(the group's restart attempt, which TrainingReport records) from JobSet's
+`jobset.sigs.k8s.io/restart-attempt` pod label.
 
 Every pod runs `python -m launch.entrypoint --peer-timeout S -- <command>`: the entrypoint
 derives TF_CONFIG from the Job's environment, waits until every peer resolves and accepts TCP,
@@ -78,7 +80,13 @@ from typing import Any, NoReturn
 
 import yaml
 
-from disttrain.cluster import ENV_RUN_ID, ENV_TF_CONFIG, new_run_id, validate_run_id
+from disttrain.cluster import (
+    ENV_ATTEMPT,
+    ENV_RUN_ID,
+    ENV_TF_CONFIG,
+    new_run_id,
+    validate_run_id,
+)
 from disttrain.errors import (
     EXIT_CONFIG_ERROR,
     PREEMPTED_EXIT_CODE,
@@ -122,6 +130,9 @@ DEFAULT_TERMINATION_GRACE = 120
 RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UID_LABEL,
                  "trainjob": entrypoint.JOBSET_UID_LABEL}
 RUN_ID_LABEL = "disttrain/run-id"
+# Formats whose pods carry JobSet's restart-attempt label; their DISTTRAIN_ATTEMPT (recorded
+# in TrainingReport's history) comes from it. A Job's or TFJob's pods have no group attempt.
+ATTEMPT_FORMATS = ("jobset", "trainjob")
 
 RUN_ID_NOTE = f"""\
 run id (DISTTRAIN_RUN_ID: the name of the run's checkpoints, backups and logs):
@@ -419,6 +430,9 @@ def _metadata(config: JobConfig) -> dict[str, Any]:
 def _generated_env(config: JobConfig, evaluator: bool = False) -> list[tuple[str, Any]]:
     """The container env launch.k8s sets, as (name, value or valueFrom) pairs."""
     env: list[tuple[str, Any]] = [(ENV_RUN_ID, config.run_id_env), ("HOME", HOME)]
+    if config.format in ATTEMPT_FORMATS:
+        env.append((ENV_ATTEMPT, {"fieldRef": {
+            "fieldPath": f"metadata.labels['{entrypoint.JOBSET_RESTART_LABEL}']"}}))
     if config.format != "tfjob" and evaluator:
         env.append((entrypoint.ENV_TASK_TYPE, EVALUATOR))
     if config.format != "tfjob":

@@ -85,8 +85,9 @@ def test_tf_config_is_accepted_or_refused_with_a_clear_error(tf_config, run_id):
 POD_ENV = st.dictionaries(
     st.sampled_from([entrypoint.ENV_JOB_NAME, entrypoint.ENV_SERVICE, entrypoint.ENV_NAMESPACE,
                      entrypoint.ENV_NUM_WORKERS, entrypoint.ENV_PORT, entrypoint.ENV_TASK_TYPE,
-                     entrypoint.ENV_COMPLETION_INDEX, "HOSTNAME", "DISTTRAIN_RUN_ID"]),
-    WORDS, max_size=9)
+                     entrypoint.ENV_COMPLETION_INDEX, "HOSTNAME", "DISTTRAIN_RUN_ID",
+                     "DISTTRAIN_ATTEMPT"]),
+    WORDS, max_size=10)
 
 
 @FUZZ
@@ -101,11 +102,13 @@ def test_pod_environment_is_accepted_or_refused_with_a_clear_error(environ):
         try:
             cluster, tf_config = entrypoint.resolve_cluster(env)
             entrypoint.run_id_from_env(env)
+            attempt = entrypoint.attempt_from_env(env)
         except Exception as e:  # noqa: BLE001
             _refused_properly(e)
             continue
         assert Cluster.from_tf_config(tf_config) == cluster.__class__.from_tf_config(
             cluster.to_tf_config())
+        assert attempt is None or int(attempt) >= 0
 
 
 LOCAL_FLAGS = st.sampled_from(

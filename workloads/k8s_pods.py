@@ -97,13 +97,15 @@ def trainer_v2_pods(documents: list[dict]) -> list[TrainerPod]:
 
 
 def kubernetes_env(container: dict, index: int, hostname: str, namespace: str,
-                   labels: dict[str, str] | None = None) -> dict[str, str]:
+                   labels: dict[str, str] | None = None, attempt: int = 0) -> dict[str, str]:
     """The environment Kubernetes gives this container in pod `index` of an Indexed Job whose
-    pods carry `labels` (by default: each controller label with the fixed UID `OWNER_UID`).
-    Like the kubelet, a `metadata.labels['KEY']` reference to a label the pod lacks gives an
-    empty string. The image's own variables (PATH, HOME) are not included."""
+    pods carry `labels` (by default: each controller label with the fixed UID `OWNER_UID`, and
+    JobSet's restart-attempt label with `attempt`). Like the kubelet, a
+    `metadata.labels['KEY']` reference to a label the pod lacks gives an empty string. The
+    image's own variables (PATH, HOME) are not included."""
     if labels is None:
-        labels = dict.fromkeys(CONTROLLER_LABELS, OWNER_UID)
+        labels = {**dict.fromkeys(CONTROLLER_LABELS, OWNER_UID),
+                  entrypoint.JOBSET_RESTART_LABEL: str(attempt)}
     env = {"HOSTNAME": hostname, "JOB_COMPLETION_INDEX": str(index)}
     for variable in container["env"]:
         if "valueFrom" in variable:

@@ -162,10 +162,11 @@ def delete_netns(ns: str) -> None:
 
 
 def kubernetes_env_here(container: dict, index: int, hostname: str, namespace: str,
-                        home: Path, labels: dict[str, str] | None = None) -> dict[str, str]:
+                        home: Path, labels: dict[str, str] | None = None,
+                        attempt: int = 0) -> dict[str, str]:
     """What Kubernetes gives the container (`workloads.k8s_pods`), plus PATH (which an image
     would set) for a process on this machine, and `home` for the manifest's HOME (an emptyDir
     volume in the pod)."""
     return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels),
+            **k8s_pods.kubernetes_env(container, index, hostname, namespace, labels, attempt),
             "HOME": str(home)}

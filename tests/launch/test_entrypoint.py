@@ -86,9 +86,13 @@ def test_bad_pod_environment_is_a_clear_error(overrides, message):
     (_pod_env(DISTTRAIN_RUN_ID=None), "DISTTRAIN_RUN_ID is empty or not set"),
     ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}'},
      "DISTTRAIN_RUN_ID is empty or not set"),
+    (_pod_env(DISTTRAIN_ATTEMPT="one"), "DISTTRAIN_ATTEMPT='one' is not a number of restarts"),
+    (_pod_env(DISTTRAIN_ATTEMPT="-1"), "DISTTRAIN_ATTEMPT='-1' is not a number of restarts"),
+    (_pod_env(DISTTRAIN_ATTEMPT="\u00b2"), "is not a number of restarts"),
 ])
 def test_main_exits_2_on_bad_configuration(env, message, monkeypatch, capsys):
-    for name in ("TF_CONFIG", "HOSTNAME", *_pod_env(), "DISTTRAIN_NAMESPACE", "DISTTRAIN_RUN_ID"):
+    for name in ("TF_CONFIG", "HOSTNAME", *_pod_env(), "DISTTRAIN_NAMESPACE", "DISTTRAIN_RUN_ID",
+                 "DISTTRAIN_ATTEMPT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -257,6 +261,37 @@ def test_a_new_job_under_the_same_name_is_a_new_run_and_a_replaced_pod_is_not(
     assert code == entrypoint.EXIT_CONFIG_ERROR
     assert "DISTTRAIN_RUN_ID is empty or not set" in output and label in output
     assert "RUN_ID=" not in output
+
+
+PRINT_ATTEMPT = ("import os; print('ATTEMPT=' + os.environ.get('DISTTRAIN_ATTEMPT', 'unset'), "
+                 "flush=True)")
+
+
+@pytest.mark.timeout(60)
+def test_a_jobset_pod_passes_the_restart_attempt_label_to_the_command(tmp_path):
+    """JobSet labels every pod with its restart attempt; the jobset (and trainjob) manifests
+    hand it to the command as DISTTRAIN_ATTEMPT, which TrainingReport records. A pod without
+    the label gets an empty value from the Downward API, which the command does not see; a Job
+    pod has no group attempt at all."""
+    def attempt_seen(fmt: str, labels: dict[str, str] | None, attempt: int = 0) -> str:
+        config = k8s.JobConfig(name="demo", workers=1, image="unused", format=fmt,
+                               command=("python", "-c", PRINT_ATTEMPT))
+        container = k8s_pods.pod_spec(k8s.manifests(config))["containers"][0]
+        env = {**kubernetes_env_here(container, 0, config.hostname(0), "default", tmp_path,
+                                     labels=labels, attempt=attempt),
+               "PYTHONPATH": str(REPO_ROOT)}
+        name = f"{fmt}-{attempt}-{labels is None}"
+        proc = entrypoint_process((container["command"] + container["args"])[3:], env,
+                                  tmp_path / name)
+        (output,) = wait_for([proc], [tmp_path / name], timeout=30)
+        assert proc.returncode == 0, output
+        return output.strip()
+
+    assert attempt_seen("jobset", None, attempt=0) == "ATTEMPT=0"
+    assert attempt_seen("jobset", None, attempt=2) == "ATTEMPT=2"
+    assert attempt_seen("jobset", {entrypoint.JOBSET_UID_LABEL: str(uuid.uuid4())}) \
+        == "ATTEMPT=unset"
+    assert attempt_seen("job", None, attempt=2) == "ATTEMPT=unset"
 
 
 @pytest.mark.timeout(90)

@@ -177,8 +177,9 @@ def test_pods_trainer_v2_would_create_derive_one_cluster_and_refuse_a_mismatch()
 
     def derived(pod: k8s_pods.TrainerPod, documents: list[dict] = documents) -> dict:
         env = k8s_pods.kubernetes_env(_container(pod.template_spec), pod.index, pod.hostname,
-                                      "ml")
+                                      "ml", attempt=1)
         assert env["DISTTRAIN_RUN_ID"] == k8s_pods.OWNER_UID, "the JobSet's UID label"
+        assert env["DISTTRAIN_ATTEMPT"] == "1", "JobSet's restart-attempt label"
         return entrypoint.tf_config_from_env(env)
 
     for pod in pods:
