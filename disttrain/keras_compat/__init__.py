@@ -15,8 +15,8 @@ Example:
 >>> import disttrain.keras_compat as kc
 >>> kc.apply()          # idempotent; disttrain.strategy() calls it for you
 >>> sorted(kc.applied())  # doctest: +SKIP
-['gradients_reduced_before_apply', 'multi_worker_cpu_without_xla',
- 'multi_worker_steps_per_execution',
+['gradients_reduced_before_apply', 'multi_worker_atomic_saves',
+ 'multi_worker_cpu_without_xla', 'multi_worker_steps_per_execution',
  'persistent_epoch_iterator', 'scalar_metric_reduction', 'symbolic_build_local_batch',
  'synced_batchnorm_statistics']
 
@@ -35,6 +35,7 @@ from disttrain.keras_compat import (
     call_checks,
     detection,
     gradients_reduced_before_apply,
+    multi_worker_atomic_saves,
     multi_worker_cpu_without_xla,
     multi_worker_steps_per_execution,
     persistent_epoch_iterator,
@@ -53,7 +54,7 @@ ENV_DISABLE = "DISTTRAIN_KERAS_COMPAT"
 
 _FIXES = (symbolic_build_local_batch, scalar_metric_reduction, multi_worker_steps_per_execution,
           multi_worker_cpu_without_xla, persistent_epoch_iterator, synced_batchnorm_statistics,
-          gradients_reduced_before_apply)
+          gradients_reduced_before_apply, multi_worker_atomic_saves)
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()

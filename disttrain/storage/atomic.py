@@ -210,6 +210,10 @@ class StagedFile:
         suffix: required ending of the temp file name. Defaults to the
             destination name's extensions (`model.weights.h5` -> `.weights.h5`),
             so writers that pick the format from the name (Keras) work.
+        durable: for a local `url`, fsync the file and the directory around the
+            rename (the default). False renames only: concurrent writers and
+            readers still never see a torn file, but a power loss may lose the
+            new content, as with a plain write.
 
     Raises:
         StorageError: when the temp file cannot be prepared.
@@ -228,8 +232,9 @@ class StagedFile:
     ```
     """
 
-    def __init__(self, url: str, suffix: str | None = None):
+    def __init__(self, url: str, suffix: str | None = None, durable: bool = True):
         self.url = url
+        self._durable = durable
         fs, self._dest = url_to_fs(url)
         self._local_dest = isinstance(fs, LocalFileSystem)
         suffix = _default_suffix(url) if suffix is None else suffix
@@ -262,7 +267,10 @@ class StagedFile:
             self.check_written()
             if self._local_dest:
                 with _wrapped("committing", self.url):
-                    _commit_local(self.path, self._dest)
+                    if self._durable:
+                        _commit_local(self.path, self._dest)
+                    else:
+                        os.replace(self.path, self._dest)
             else:
                 atomic_upload(self.path, self.url)
         finally:
@@ -276,7 +284,8 @@ class StagedFile:
 
 
 @contextlib.contextmanager
-def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
+def atomic_local_file(url: str, suffix: str | None = None,
+                      durable: bool = True) -> Iterator[str]:
     """Gives a local temp file path to write into, committed to `url` on clean exit.
 
     The yielded path does not exist yet and ends with `suffix`, so writers that
@@ -291,6 +300,7 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
         url: destination file.
         suffix: required ending of the temp file name. Defaults to the
             destination name's extensions (`model.weights.h5` -> `.weights.h5`).
+        durable: False skips the fsyncs of a local commit (see `StagedFile`).
 
     Yields:
         The local path to write.
@@ -307,7 +317,7 @@ def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
         model.save(path)
     ```
     """
-    staged = StagedFile(url, suffix)
+    staged = StagedFile(url, suffix, durable)
     try:
         try:
             yield staged.path

@@ -100,7 +100,8 @@ def test_strategy_is_created_once_with_fixes_applied():
     for facts in run.results:
         assert facts["type"] == "CollectiveAllReduceStrategy"
         assert facts["same_object"] and facts["replicas"] == 2
-        assert facts["fixes"] == ["gradients_reduced_before_apply", "multi_worker_cpu_without_xla",
+        assert facts["fixes"] == ["gradients_reduced_before_apply", "multi_worker_atomic_saves",
+                                  "multi_worker_cpu_without_xla",
                                   "multi_worker_steps_per_execution", "persistent_epoch_iterator",
                                   "scalar_metric_reduction", "symbolic_build_local_batch",
                                   "synced_batchnorm_statistics"]

@@ -20,9 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def every_fix():
-    # 13 cases one after the other: room for cores shared with other test runs.
-    return run_cluster(workloads.with_every_fix, 2, timeout=540)
+def every_fix(tmp_path_factory):
+    # 14 cases one after the other: room for cores shared with other test runs.
+    return run_cluster(workloads.with_every_fix, 2, timeout=540,
+                       kwargs={"directory": str(tmp_path_factory.mktemp("saves"))})
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def without_persistent_iterator():
 
 
 @pytest.fixture(scope="module")
-def without_two_fixes():
-    return run_cluster(workloads.without_batchnorm_and_multi_step_fixes, 2, timeout=240)
+def without_three_fixes(tmp_path_factory):
+    return run_cluster(workloads.without_three_fixes, 2, timeout=240,
+                       kwargs={"directory": str(tmp_path_factory.mktemp("saves"))})
 
 
 def _assert_all_identical(results: list[dict], keys=("history", "evaluate", "predict", "weights")):
@@ -98,8 +100,8 @@ def test_stock_keras_fails_without_compat():
         assert "PerReplica" in result["error"] or "reduction dimension" in result["error"]
 
 
-def test_batchnorm_statistics_drift_without_that_fix(without_two_fixes):
-    a, b = case_results(without_two_fixes, "batchnorm_statistics")
+def test_batchnorm_statistics_drift_without_that_fix(without_three_fixes):
+    a, b = case_results(without_three_fixes, "batchnorm_statistics")
     moving = [p for p in a["non_trainable"] if "moving" in p]
     assert any(a["weights"][p] != b["weights"][p] for p in moving), (
         "BatchNormalization statistics agreed without the fix: revisit keras_compat"
@@ -120,11 +122,44 @@ def test_steps_per_execution_matches_one_step_per_call(every_fix, steps_per_exec
         _assert_close(a[key], b[key])
 
 
-def test_stock_multi_step_loop_fails_without_that_fix(without_two_fixes):
+def test_stock_multi_step_loop_fails_without_that_fix(without_three_fixes):
     """When this starts passing upstream, `multi_worker_steps_per_execution` should go."""
-    for result in case_results(without_two_fixes, "multi_step"):
+    for result in case_results(without_three_fixes, "multi_step"):
         assert result["error"] is not None, "stock multi-step loop ran: revisit keras_compat"
         assert "You must feed a value for placeholder tensor" in result["error"]
+
+
+def test_every_workers_save_to_one_path_leaves_a_whole_file(every_fix):
+    """`model.save` / `save_weights` after `fit` runs on every worker; with the same local
+    path (one machine, a shared volume) each worker's write still leaves one whole file with
+    the trained weights, in every format, and no temp file behind."""
+    for result in case_results(every_fix, "concurrent_saves"):
+        for fmt, outcome in result["formats"].items():
+            assert outcome == {"save_errors": [], "unreadable": []}, (fmt, outcome)
+        rounds = len(result["left"]) // len(workloads.SAVE_FORMATS)
+        assert result["left"] == sorted(f"model-{i}{fmt}" for i in range(rounds)
+                                        for fmt in workloads.SAVE_FORMATS), result["left"]
+
+
+def test_one_process_saves_as_keras_does(tmp_path):
+    """`multi_worker_atomic_saves` is installed in every process but stages a save only under
+    multi-worker training: one process writes its paths in place, as Keras does."""
+    (result,) = run_cluster(workloads.one_process_saves, 1, timeout=120,
+                            kwargs={"directory": str(tmp_path)}).assert_ok().results
+    assert result["atomic_saves_installed"]
+    assert result["staged"] == []
+    assert result["left"] == sorted(f"model{fmt}" for fmt in workloads.SAVE_FORMATS)
+
+
+def test_concurrent_saves_tear_files_without_that_fix(without_three_fixes):
+    """Measured: Keras writes the path in place, so the workers' writes mix (a `.keras` with
+    a bad CRC, an HDF5 file with other weights) or one fails on HDF5's lock. When this
+    starts passing upstream, `multi_worker_atomic_saves` should go."""
+    damaged = [f"w{rank} {fmt}: {outcome}"
+               for rank, result in enumerate(case_results(without_three_fixes, "concurrent_saves"))
+               for fmt, outcome in result["formats"].items()
+               if outcome["save_errors"] or outcome["unreadable"]]
+    assert damaged, "every concurrent save was whole without the fix: revisit keras_compat"
 
 
 def test_steps_per_execution_with_xla_on_cpu_workers_trains_without_xla(every_fix):

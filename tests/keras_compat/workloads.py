@@ -262,9 +262,10 @@ def iterator_case(steps_per_execution: int, numpy_input: bool) -> str:
     return f"epoch_iterators_{steps_per_execution}_{'numpy' if numpy_input else 'dataset'}"
 
 
-def with_every_fix() -> dict:
+def with_every_fix(directory: str) -> dict:
     """Every 2-worker case of test_keras_compat.py that runs with all fixes, in one
-    cluster (tests/support/cases.py): the workloads above, each in a new model."""
+    cluster (tests/support/cases.py): the workloads above, each in a new model;
+    `concurrent_saves` writes into `directory`."""
     from tests.support.cases import run_cases
 
     cases = {
@@ -280,6 +281,7 @@ def with_every_fix() -> dict:
         "epoch_iterators_shuffled": lambda: epoch_iterators(shuffle_seed=5),
         "epoch_state_pipeline": epoch_state_pipeline,
         "multi_step_with_xla": multi_step_with_xla,
+        "concurrent_saves": lambda: concurrent_saves(directory),
     }
     return run_cases(cases)
 
@@ -294,16 +296,113 @@ def without_persistent_iterator() -> dict:
         for k, numpy in ITERATOR_VARIANTS})
 
 
-def without_batchnorm_and_multi_step_fixes() -> dict:
-    """The two cases that show a fix is still needed, with both fixes skipped for the
-    process, in one cluster: each skipped fix does nothing in the other's case (the
+def without_three_fixes(directory: str) -> dict:
+    """The three cases that show a fix is still needed, with the three fixes skipped for
+    the process, in one cluster: each skipped fix does nothing in the others' cases (the
     multi-step fix acts only with steps_per_execution > 1, the statistics sync only on a
-    model with BatchNormalization)."""
+    model with BatchNormalization, the atomic saves only in a save); `concurrent_saves`
+    writes into `directory`."""
     from disttrain import keras_compat
     from tests.support.cases import run_cases
 
-    keras_compat.apply(skip=("synced_batchnorm_statistics", "multi_worker_steps_per_execution"))
+    keras_compat.apply(skip=("synced_batchnorm_statistics", "multi_worker_steps_per_execution",
+                             "multi_worker_atomic_saves"))
     return run_cases({
         "batchnorm_statistics": lambda: sequential(batchnorm=True),
         "multi_step": lambda: multi_step_without_fix(steps_per_execution=4),
+        "concurrent_saves": lambda: concurrent_saves(directory),
     })
+
+
+SAVE_FORMATS = (".keras", ".weights.h5", ".h5")
+"""The local files Keras writes in place: a model, its weights, a legacy HDF5 model."""
+
+
+def concurrent_saves(directory: str, rounds: int = 6) -> dict:
+    """Every worker saves the same trained model to the same paths in `directory`, as a
+    script's `model.save` after `fit` does on every worker: `rounds` paths per format, each
+    round started together on every worker (a barrier). After a second barrier each worker
+    reads every file back.
+
+    Returns:
+        per format: the errors the saves raised (`Type: message`), the files that did not
+        read back whole with this worker's weights (`name: why`); and every name left in
+        `directory` (temp files would show here).
+    """
+    import keras
+
+    from disttrain import coordination
+    from disttrain.distribute import strategy as make_strategy
+
+    strategy = make_strategy()
+    x, y, _ = _data()
+    with strategy.scope():
+        model = dense_model(8, [1024, 1024], seed=1)
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+    model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    expected = [np.asarray(v) for v in model.get_weights()]
+    coord = coordination.get()
+    results: dict = {}
+    for fmt in SAVE_FORMATS:
+        errors = []
+        for i in range(rounds):
+            path = os.path.join(directory, f"model-{i}{fmt}")
+            coord.barrier(f"concurrent_saves {fmt} {i}")
+            try:
+                if fmt == ".weights.h5":
+                    model.save_weights(path)
+                else:
+                    model.save(path)
+            except Exception as e:  # noqa: BLE001 - reported per format
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+        results[fmt] = {"save_errors": errors}
+    coord.barrier("concurrent_saves read")
+    for fmt in SAVE_FORMATS:
+        unreadable = []
+        for i in range(rounds):
+            path = os.path.join(directory, f"model-{i}{fmt}")
+            try:
+                if fmt == ".weights.h5":
+                    loaded = dense_model(8, [1024, 1024])
+                    loaded.load_weights(path)
+                else:
+                    loaded = keras.saving.load_model(path, compile=False)
+                same = all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), expected))
+                if not same:
+                    unreadable.append(f"{os.path.basename(path)}: other weights")
+            except Exception as e:  # noqa: BLE001 - reported per file
+                unreadable.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}"[:300])
+        results[fmt]["unreadable"] = unreadable
+    coord.barrier("concurrent_saves done")
+    return {"formats": results, "left": sorted(os.listdir(directory))}
+
+
+def one_process_saves(directory: str) -> dict:
+    """One process with every fix: saves each format and counts the saves that went through
+    a temp file (`disttrain.storage.atomic_local_file`, watched), which must be none."""
+    import disttrain.storage
+    from disttrain import keras_compat
+    from disttrain.distribute import strategy as make_strategy
+
+    staged = []
+    atomic_local_file = disttrain.storage.atomic_local_file
+
+    def watched(url, *args, **kwargs):
+        staged.append(url)
+        return atomic_local_file(url, *args, **kwargs)
+
+    disttrain.storage.atomic_local_file = watched
+    with make_strategy().scope():
+        model = dense_model(8, seed=1)
+        model.compile("sgd", "mse")
+    x, y, _ = _data()
+    model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    for fmt in SAVE_FORMATS:
+        path = os.path.join(directory, f"model{fmt}")
+        if fmt == ".weights.h5":
+            model.save_weights(path)
+        else:
+            model.save(path)
+    return {"staged": staged, "left": sorted(os.listdir(directory)),
+            "atomic_saves_installed": any(p.by == "multi_worker_atomic_saves"
+                                          for p in keras_compat.patches())}

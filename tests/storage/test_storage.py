@@ -613,3 +613,22 @@ def test_a_private_local_copy_keeps_its_content_when_the_file_is_replaced_or_del
     with pytest.raises(StorageError, match="m-1.keras' failed: no such file"):
         with storage.local_copy(path, private=True):
             pass
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_local_file_durable_or_not_commits_whole(tmp_path, monkeypatch, durable):
+    """durable=False (the multi-worker `model.save` of keras_compat) renames without the
+    fsyncs: the file is committed whole either way, with no temp file left."""
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    path = tmp_path / "model.weights.h5"
+    path.write_bytes(b"old")
+    with storage.atomic_local_file(str(path), durable=durable) as tmp:
+        assert tmp.endswith(".weights.h5") and os.path.dirname(tmp) == str(tmp_path)
+        with open(tmp, "wb") as f:
+            f.write(b"new" * 1000)
+        assert path.read_bytes() == b"old", "the destination changes only at the commit"
+    assert path.read_bytes() == b"new" * 1000
+    assert os.listdir(tmp_path) == ["model.weights.h5"]
+    assert bool(synced) is durable
