@@ -13,6 +13,7 @@ file go to a temp file of each worker's own in the destination directory, rename
 destination when complete (`disttrain.storage.atomic_local_file(durable=False)`): each worker
 still writes its file, as in Keras, but a reader sees one worker's whole file (the workers'
 weights are the same), never a mix, and a save that fails leaves the previous file as it was.
+A path that is a symbolic link is written where it points, as Keras does.
 Remote paths are left to Keras (it uploads the whole object at once); so are directories
 (`zipped=False`), sharded weights (`max_shard_size`), open files, and a destination
 directory that does not exist (Keras's own error). One process is untouched. To write once,
@@ -85,7 +86,8 @@ def _staged(save: Callable[..., Any], argument: str) -> Callable[..., Any]:
             return save(model, *args, **kwargs)
         from disttrain.storage import atomic_local_file
 
-        with atomic_local_file(os.fspath(path), durable=False) as tmp:
+        # Keras writes through a symbolic link; the rename replaces what it points to.
+        with atomic_local_file(os.path.realpath(path), durable=False) as tmp:
             bound.arguments[argument] = tmp
             return save(*bound.args, **bound.kwargs)
 

@@ -322,12 +322,13 @@ def concurrent_saves(directory: str, rounds: int = 6) -> dict:
     """Every worker saves the same trained model to the same paths in `directory`, as a
     script's `model.save` after `fit` does on every worker: `rounds` paths per format, each
     round started together on every worker (a barrier). After a second barrier each worker
-    reads every file back.
+    reads every file back; then every worker saves through a symbolic link.
 
     Returns:
         per format: the errors the saves raised (`Type: message`), the files that did not
-        read back whole with this worker's weights (`name: why`); and every name left in
-        `directory` (temp files would show here).
+        read back whole with this worker's weights (`name: why`); every name left in
+        `directory` (temp files would show here); and where `latest.keras` points after a
+        save through it (a symbolic link to the first `.keras` file).
     """
     import keras
 
@@ -373,8 +374,14 @@ def concurrent_saves(directory: str, rounds: int = 6) -> dict:
             except Exception as e:  # noqa: BLE001 - reported per file
                 unreadable.append(f"{os.path.basename(path)}: {type(e).__name__}: {e}"[:300])
         results[fmt]["unreadable"] = unreadable
+    coord.barrier("concurrent_saves checked")
+    if coord.is_chief:
+        os.symlink(f"model-0{SAVE_FORMATS[0]}", os.path.join(directory, "latest.keras"))
+    coord.barrier("concurrent_saves link")
+    model.save(os.path.join(directory, "latest.keras"))
     coord.barrier("concurrent_saves done")
-    return {"formats": results, "left": sorted(os.listdir(directory))}
+    return {"formats": results, "left": sorted(os.listdir(directory)),
+            "link": os.readlink(os.path.join(directory, "latest.keras"))}
 
 
 def one_process_saves(directory: str) -> dict:
