@@ -182,8 +182,11 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         first = next(iter(dataset.take(1)), None)
     x, y, sample_weight = unpack_x_y_sample_weight(first) if first is not None else (
         None, None, None)
-    return {"batches": int(dataset.cardinality()), "inputs": batch_digest(x),
-            "targets": batch_digest((y, sample_weight)) if y is not None else None}
+    found = {"batches": int(dataset.cardinality()), "inputs": batch_digest(x),
+             "targets": batch_digest((y, sample_weight)) if y is not None else None}
+    if pipeline.shards_itself(dataset):
+        found["shards itself"] = True
+    return found
 
 
 def checked_call(model: Any, method: Callable, call: inspect.BoundArguments,
@@ -406,10 +409,25 @@ def _message(call: str, name: str, seen: list[dict[str, Any]]) -> str:
     hint = (" The targets agree and only the inputs differ: if that is random augmentation "
             "made per worker after a fixed order (harmless), seed it or skip the check."
             if only_inputs and seen[0]["targets"] is not None else "")
+    sharding = [str(rank) for rank, s in enumerate(seen) if s.get("shards itself")]
+    if sharding:
+        return (
+            f"{call}: {name!r} differs between workers before sharding ({workers}). The "
+            f"pipeline calls Dataset.shard itself (on worker(s) {', '.join(sharding)}), and "
+            f"TensorFlow shards it again by element (auto_shard_policy DATA, or AUTO with no "
+            f"file reader to split by): each of the {len(seen)} workers would keep one "
+            f"batch in {len(seen)} of its own shard, so the job would train on 1/"
+            f"{len(seen)} of the data. Fix: turn TensorFlow's sharding off for this dataset "
+            "(options = tf.data.Options(); options.experimental_distribute.auto_shard_policy = "
+            "tf.data.experimental.AutoShardPolicy.OFF; dataset = dataset.with_options(options)), "
+            "or drop your .shard(...) and let TensorFlow shard the dataset. To skip this "
+            f"check: {ENV_DISABLE}=0 on every worker, or "
+            f"disttrain.keras_compat.apply(skip=({NAME!r},)) before disttrain.strategy()."
+        )
     return (
         f"{call}: {name!r} differs between workers before sharding ({workers}). TensorFlow "
         f"shards it by element (auto_shard_policy DATA, or AUTO with no file reader to split "
-        f"by), so each of the {len(seen)} workers would take every {len(seen)}-th batch of "
+        f"by), so each of the {len(seen)} workers would take one batch in {len(seen)} of "
         "its own order: some samples would count twice and others not at all. Likely "
         "cause: a random draw made separately in each process before sharding, such as an "
         "unseeded Dataset.shuffle, Dataset.list_files or sample_from_datasets, or "
@@ -450,7 +468,7 @@ def _mismatch(call: str, name: str, kind: str | None, seen: list[dict[str, str]]
              if validation_split and name in ("x", "y", "sample_weight") else "")
     return (
         f"{call}: {label} differs between workers ({workers}). {what} and keeps "
-        f"every {len(seen)}th batch of its own copy, so the workers would see different "
+        f"one batch in {len(seen)} of its own copy, so the workers would see different "
         f"samples: some twice and others never.{split} Likely cause: a random draw made "
         "separately in each process before the call (np.random.permutation or shuffle, "
         "a train/test split or generated data without a common seed). Fix: make the same "
@@ -467,8 +485,8 @@ def _reordered(call: str, cls: str, epoch: int, seen: list[dict[str, str]]) -> s
     workers = "; ".join(f"worker {rank}: {s.get(differing)}" for rank, s in enumerate(seen))
     return (
         f"{call}: the PyDataset {cls} differs between workers at the start of epoch {epoch} "
-        f"({differing}: {workers}). Each worker reads the whole PyDataset and keeps every "
-        f"{len(seen)}th batch of its own copy, so from this epoch some samples would train "
+        f"({differing}: {workers}). Each worker reads the whole PyDataset and keeps one "
+        f"batch in {len(seen)} of its own copy, so from this epoch some samples would train "
         "twice and others never. Likely cause: its on_epoch_end (or on_epoch_begin) "
         "reorders it with a draw each process makes separately (np.random.shuffle, "
         "random.shuffle, an unseeded np.random.default_rng()). Fix: draw the new order from "

@@ -77,6 +77,15 @@ def reads_files(dataset: Any) -> bool:
         return True
 
 
+def shards_itself(dataset: Any) -> bool:
+    """Whether the pipeline calls `Dataset.shard` itself, as a dataset of its own or inside
+    a function (`interleave`, `flat_map`). False when it cannot be inspected."""
+    try:
+        return any(kind.lstrip("_") == "ShardDataset" for kind in op_types(dataset))
+    except _INSPECTION_ERRORS:
+        return False
+
+
 def reshuffles(dataset: Any) -> bool:
     """Whether the pipeline holds a `shuffle` that reshuffles each iteration or a
     `Dataset.random` that re-randomizes: seed generators the dataset owns."""

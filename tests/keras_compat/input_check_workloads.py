@@ -36,7 +36,9 @@ def dataset(kind: str, rank: int, num_workers: int):
     - `"file"`: text files read with `TextLineDataset`, then an unseeded shuffle (AUTO
       shards by file: not checked);
     - `"off"`: each worker's own shard, `AutoShardPolicy.OFF`, unseeded shuffle
-      (not checked).
+      (not checked);
+    - `"own_shard"`: each worker's own shard left to AUTO, which TensorFlow shards again
+      (checked, and different on every worker).
     """
     import tensorflow as tf
 
@@ -61,6 +63,8 @@ def dataset(kind: str, rank: int, num_workers: int):
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return (pairs.shard(num_workers, rank).shuffle(SAMPLES).batch(GLOBAL_BATCH)
                 .with_options(options))
+    if kind == "own_shard":
+        return pairs.shard(num_workers, rank).batch(GLOBAL_BATCH)
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -116,14 +120,14 @@ def run(kind: str, call: str = "fit", skip: tuple[str, ...] = ()) -> dict:
     return result
 
 
-def refused(call: str) -> dict:
-    """`run("unseeded", call)`, which must raise InputMismatchError: its message (None if
+def refused(call: str, kind: str = "unseeded") -> dict:
+    """`run(kind, call)`, which must raise InputMismatchError: its message (None if
     nothing raised), the training steps begun and the seconds until it raised."""
     from disttrain.errors import InputMismatchError
 
     steps_before, started = _steps_begun[0], time.monotonic()
     try:
-        run("unseeded", call)
+        run(kind, call)
     except InputMismatchError as e:
         return {"error": f"{type(e).__name__}: {e}", "steps": _steps_begun[0] - steps_before,
                 "seconds": time.monotonic() - started}
@@ -132,10 +136,12 @@ def refused(call: str) -> dict:
 
 def shared_cases() -> dict:
     """The 2-worker cases with every check on, in one cluster (tests/support/cases.py):
-    the unseeded input refused in each of `REFUSED_CALLS`, then the seeded input through
+    the unseeded input refused in each of `REFUSED_CALLS`, a worker's own shard left to
+    TensorFlow's sharding refused in `fit`, then the seeded input through
     every call and the file-sharded and unsharded inputs trained."""
     return run_cases({
         **{f"refused_{call}": (lambda call=call: refused(call)) for call in REFUSED_CALLS},
+        "refused_own_shard": lambda: refused("fit", "own_shard"),
         "seeded": lambda: run("seeded", "all"),
         **{kind: (lambda kind=kind: run(kind, "fit")) for kind in ("file", "off")},
     })

@@ -62,6 +62,20 @@ def test_an_unseeded_shuffle_is_refused_in_every_call_before_any_step(shared, ca
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_dataset_sharded_by_the_script_and_again_by_tensorflow_is_refused(shared):
+    """`dataset.shard(num_workers, rank)` left to AUTO sharding (a Horovod habit): TensorFlow
+    shards each worker's shard again, so the job would train on half the data. Every worker
+    refuses before a step, naming the double sharding and AutoShardPolicy.OFF."""
+    for result in case_results(shared, "refused_own_shard"):
+        error = result["error"]
+        assert error is not None and "'x' differs between workers" in error, result
+        assert "calls Dataset.shard itself (on worker(s) 0, 1)" in error, error
+        assert "AutoShardPolicy.OFF" in error and "1/2 of the data" in error, error
+        assert result["steps"] == 0, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_seeded_shuffle_passes_and_trains(shared):
     """The same shuffle with a seed: fit, validation, evaluate and predict all run,
     every worker logs the same numbers, and the loss goes down."""
