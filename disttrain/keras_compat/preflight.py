@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from disttrain.errors import PreflightError, PreflightWarning
+from disttrain.errors import CoordinationError, PreflightError, PreflightWarning
 from disttrain.keras_compat import detection, pipeline
 
 NAME = "preflight"
@@ -62,8 +62,18 @@ def run(model: Any, call: str, arguments: Mapping[str, Any]) -> None:
 
     coord = coordination.get()
     local = facts(model, call, arguments, strategy.num_replicas_in_sync, coord.num_workers)
-    peers = [json.loads(v) for v in coord.gather(f"keras_compat.preflight.{call}",
-                                                 json.dumps(local, sort_keys=True))]
+    try:
+        gathered = coord.gather(f"keras_compat.preflight.{call}",
+                                json.dumps(local, sort_keys=True))
+    except CoordinationError as e:
+        raise CoordinationError(
+            f"{e} Under multi-worker training `{call}` is a collective call: every worker "
+            "must make it, in the same order. Fix: if only some workers call it (e.g. under "
+            f"`if cluster.is_chief`), call it on every worker; to {call} on one worker only, "
+            "use a model built outside the strategy's scope (keras.models.clone_model, then "
+            "set_weights)."
+        ) from e
+    peers = [json.loads(v) for v in gathered]
     errors, notes = verdict(peers)
     if errors:
         raise PreflightError(f"{call}: preflight found {len(errors)} problem(s) that make this "

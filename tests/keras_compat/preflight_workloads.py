@@ -76,7 +76,28 @@ def cases(names: list[str]) -> dict:
                 pass
         results[case] = {"error": error, "warnings": [
             str(w.message) for w in caught if issubclass(w.category, PreflightWarning)]}
+    if rank == 0:
+        results["chief_only_evaluate"] = _chief_only_evaluate(model, _dataset("indivisible", 0))
     return results
+
+
+def _chief_only_evaluate(model, dataset) -> dict:
+    """The chief alone evaluates, as under `if cluster.is_chief:` (the other worker has
+    returned): first a copy of the model built outside the strategy's scope (works), then
+    the model itself (a collective call the other worker never makes)."""
+    import keras
+
+    from disttrain.errors import CoordinationError
+
+    local = keras.models.clone_model(model)
+    local.set_weights(model.get_weights())
+    local.compile(loss="mse")
+    result = {"copy": local.evaluate(dataset, verbose=0), "error": None}
+    try:
+        model.evaluate(dataset, verbose=0)
+    except CoordinationError as e:
+        result["error"] = str(e)
+    return result
 
 
 def _raise() -> None:

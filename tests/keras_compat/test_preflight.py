@@ -27,14 +27,18 @@ CASES = {
 THREADS = "host "
 
 
+@pytest.fixture(scope="module")
+def cases_run():
+    return run_cluster(preflight_workloads.cases, 2, kwargs={"names": list(CASES)},
+                       env={"TF_NUM_INTRAOP_THREADS": "2"}, timeout=240).assert_ok()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_each_mistake_is_reported_before_the_first_step():
+def test_each_mistake_is_reported_before_the_first_step(cases_run):
     """TF_NUM_INTRAOP_THREADS=2 on a 2-core machine for 2 workers: every report also
     names the oversubscription."""
-    run = run_cluster(preflight_workloads.cases, 2, kwargs={"names": list(CASES)},
-                      env={"TF_NUM_INTRAOP_THREADS": "2"}, timeout=240).assert_ok()
-    chief, other = run.results
+    chief, other = cases_run.results
     for case, (error, warning) in CASES.items():
         got = chief[case]
         if error is not None:
@@ -50,6 +54,20 @@ def test_each_mistake_is_reported_before_the_first_step():
         others = [w for c, (e, w) in CASES.items() if c != case for w in (e, w) if w]
         text = (got["error"] or "") + "".join(got["warnings"])
         assert not [w for w in others if w in text], (case, text)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_call_made_on_the_chief_alone_names_the_collective_and_the_fix(cases_run):
+    """After the cases, worker 1 returns and the chief evaluates alone (a script's `if
+    is_chief: model.evaluate(...)`): a copy of the model built outside the strategy's scope
+    evaluates; the model itself fails at once, saying that every worker must call evaluate
+    and how to evaluate on one worker."""
+    result = cases_run.results[0]["chief_only_evaluate"]
+    assert isinstance(result["copy"], float), result
+    assert "lost w1 at 'keras_compat.preflight.evaluate'" in (result["error"] or ""), result
+    assert "`evaluate` is a collective call: every worker must make it" in result["error"]
+    assert "keras.models.clone_model" in result["error"]
 
 
 def test_verdict_without_cluster():
