@@ -76,9 +76,34 @@ def cases(names: list[str]) -> dict:
                 pass
         results[case] = {"error": error, "warnings": [
             str(w.message) for w in caught if issubclass(w.category, PreflightWarning)]}
+    results["outside_scope"] = _fit_outside_scope(_dataset("indivisible", rank))
     if rank == 0:
         results["chief_only_evaluate"] = _chief_only_evaluate(model, _dataset("indivisible", 0))
     return results
+
+
+def _fit_outside_scope(dataset) -> dict:
+    """`fit` of a model built outside any strategy's scope (refused: each worker would train
+    alone), then of one built in a `OneDeviceStrategy`'s scope (a model meant for this worker
+    alone: trains)."""
+    import tensorflow as tf
+
+    from disttrain.errors import PreflightError
+
+    result = {"error": None}
+    model = dense_model(4)
+    model.compile(optimizer="sgd", loss="mse")
+    try:
+        model.fit(dataset, epochs=1, verbose=0)
+    except PreflightError as e:
+        result["error"] = str(e)
+    result["trained_before_error"] = int(model.optimizer.iterations.numpy())
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        local = dense_model(4)
+        local.compile(optimizer="sgd", loss="mse")
+    local.fit(dataset, epochs=1, verbose=0)
+    result["local_steps"] = int(local.optimizer.iterations.numpy())
+    return result
 
 
 def _chief_only_evaluate(model, dataset) -> dict:

@@ -70,6 +70,19 @@ def test_a_call_made_on_the_chief_alone_names_the_collective_and_the_fix(cases_r
     assert "keras.models.clone_model" in result["error"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_model_built_outside_the_scope_is_refused_before_training_alone(cases_run):
+    """Measured before: on 2 workers a model built without `strategy.scope()` trained alone on
+    each (different weights, exit 0). Every worker now refuses its `fit` before a step; a
+    model built in a `OneDeviceStrategy`'s scope (meant for one worker) still trains."""
+    for result in (r["outside_scope"] for r in cases_run.results):
+        assert "the model was built outside strategy.scope()" in (result["error"] or ""), result
+        assert "with strategy.scope():" in result["error"] and "OneDeviceStrategy" in result["error"]
+        assert result["trained_before_error"] == 0
+        assert result["local_steps"] > 0
+
+
 def test_verdict_without_cluster():
     same = {"host": "h", "cores": 4, "threads": 2, "dtype": "float32", "errors": [],
             "notes": ["n"]}
