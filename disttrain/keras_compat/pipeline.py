@@ -86,6 +86,23 @@ def shards_itself(dataset: Any) -> bool:
         return False
 
 
+def cache_files(dataset: Any) -> list[str]:
+    """The file name prefixes of the pipeline's `cache(filename)` steps (not in-memory
+    caches), in pipeline order; empty when it cannot be inspected."""
+    try:
+        return [name for node in datasets(dataset)
+                if (name := _cache_file(node))]
+    except _INSPECTION_ERRORS:
+        return []
+
+
+def _cache_file(node: Any) -> str:
+    filename = getattr(node, "_filename", None)  # private: tensorflow CacheDataset
+    if type(node).__name__.lstrip("_") != "CacheDataset" or filename is None:
+        return ""
+    return filename.numpy().decode() if hasattr(filename, "numpy") else str(filename)
+
+
 def reshuffles(dataset: Any) -> bool:
     """Whether the pipeline holds a `shuffle` that reshuffles each iteration or a
     `Dataset.random` that re-randomizes: seed generators the dataset owns."""

@@ -14,7 +14,8 @@ own inputs and settings, the workers exchange what they found in one
   `ema_overwrite_frequency`); `steps_per_epoch` larger
   than the input's batches; an input sharded by file (AUTO with a file reader,
   or FILE) with fewer files than workers, which TensorFlow refuses at the first
-  step with a confusing error; a model dtype policy that differs between workers;
+  step with a confusing error; a `cache(filename)` that workers of one host would
+  share; a model dtype policy that differs between workers;
 - warnings (they cost accuracy or time; one `PreflightWarning` on the chief):
   a global batch not divisible by the replicas; an input that runs out before
   the last epoch; an AUTO-sharded input TensorFlow cannot split by file whose
@@ -126,16 +127,19 @@ def facts(model: Any, call: str, arguments: Mapping[str, Any], replicas: int,
         _check_optimizer(getattr(model, "optimizer", None), errors)
         _check_batch(x, arguments.get("batch_size"), replicas, errors, notes)
         _check_steps(x, arguments, errors, notes)
+    caches: dict[str, list[str]] = {}
     for name in ("x", "validation_data"):
         value = arguments.get(name)
         if isinstance(value, tf.data.Dataset):
             _check_sharding(name, value, workers, errors, notes)
+            if files := pipeline.cache_files(value):
+                caches[name] = files
     configured = tf.config.threading.get_intra_op_parallelism_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "host": socket.gethostname(), "cores": cores or 1,
         "threads": configured or int(os.environ.get("TF_NUM_INTRAOP_THREADS") or 0) or cores,
-        "dtype": model.dtype_policy.name, "errors": errors, "notes": notes,
+        "dtype": model.dtype_policy.name, "errors": errors, "notes": notes, "caches": caches,
     }
 
 
@@ -153,9 +157,11 @@ def verdict(peers: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
             "worker (keras.config.set_dtype_policy(...) before building the model), e.g. from "
             "the same command-line flag.")
     hosts: dict[str, list[dict[str, Any]]] = {}
-    for p in peers:
-        hosts.setdefault(p["host"], []).append(p)
+    for rank, p in enumerate(peers):
+        hosts.setdefault(p["host"], []).append({**p, "rank": rank})
     for host, group in hosts.items():
+        errors.extend(_shared_caches(host, [p["rank"] for p in group],
+                                     [p.get("caches", {}) for p in group]))
         threads = sum(p["threads"] for p in group)
         cores = group[0]["cores"]
         if threads > cores and any(p["threads"] > 1 for p in group):
@@ -166,6 +172,25 @@ def verdict(peers: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
                 f"TF_NUM_INTRAOP_THREADS={share} (and TF_NUM_INTEROP_THREADS, OMP_NUM_THREADS) "
                 "per worker, as python -m launch.local --threads-per-worker does by default.")
     return errors, notes
+
+
+def _shared_caches(host: str, ranks: list[int],
+                   caches: list[dict[str, list[str]]]) -> list[str]:
+    """Errors for `cache(filename)` steps that several workers of one host would write to the
+    same files."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for rank, found in zip(ranks, caches):
+        for name, files in found.items():
+            for file in dict.fromkeys(files):
+                users.setdefault((name, file), []).append(rank)
+    return [
+        f"{name!r} caches to {file!r} on workers {', '.join(map(str, sharing))} of host "
+        f"{host}: they would write the same cache files, and TensorFlow fails all but one at "
+        "the first step (\"There appears to be a concurrent caching iterator running - cache "
+        "lockfile already exists\"). Fix: a file per worker, e.g. "
+        "dataset.cache(f\"{prefix}-w{disttrain.Cluster.from_env().worker_rank}\"), or cache() in "
+        "memory."
+        for (name, file), sharing in users.items() if len(sharing) > 1]
 
 
 def _unique(items: Iterator[str]) -> list[str]:

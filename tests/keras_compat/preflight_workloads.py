@@ -17,6 +17,9 @@ class _Stop(Exception):
     """Raised at train begin: the preflight has run, no step is needed."""
 
 
+SHARED_CACHE = "/nonexistent/disttrain-preflight-cache"
+
+
 def _dataset(case: str, rank: int):
     import tensorflow as tf
 
@@ -39,6 +42,8 @@ def _dataset(case: str, rank: int):
         return data
     if case == "data_fallback":
         return pairs.map(lambda a, b: (a * 2, b)).batch(4)
+    if case == "shared_cache":  # refused before anything is written there
+        return pairs.cache(SHARED_CACHE).batch(4)
     return pairs.batch({"indivisible": 3, "too_small": 1}.get(case, 4))
 
 

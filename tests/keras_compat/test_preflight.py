@@ -23,6 +23,8 @@ CASES = {
                       "workers", None),
     "dtype": ("the model's dtype policy differs between workers (worker 0: float32, worker 1: "
               "mixed_bfloat16)", None),
+    "shared_cache": (f"'x' caches to '{preflight_workloads.SHARED_CACHE}' on workers 0, 1 of "
+                     "host ", None),
 }
 THREADS = "host "
 
@@ -90,3 +92,10 @@ def test_verdict_without_cluster():
     one_thread = {**same, "cores": 2, "threads": 1, "notes": []}
     assert preflight.verdict([one_thread] * 3) == ([], []), \
         "more tasks than cores at one thread each: nothing a thread cap could fix"
+    cached = {**one_thread, "caches": {"x": ["/data/cache"]}}
+    [shared], _ = preflight.verdict([cached, one_thread, cached])
+    assert "'x' caches to '/data/cache' on workers 0, 2 of host h" in shared
+    assert preflight.verdict([cached, {**cached, "host": "other"}]) == ([], []), \
+        "the same path on two hosts: local disks, or a shared one we cannot tell"
+    own = {**one_thread, "caches": {"x": ["/data/cache-w1"]}}
+    assert preflight.verdict([cached, own]) == ([], [])
