@@ -36,27 +36,29 @@ NAME = "multi_worker_atomic_saves"
 UPSTREAM = ("tensorflow/tensorflow#38635 (every worker's model.save writes the same path); "
             "measured here (keras 3.15.1): 9 of 20 concurrent saves corrupt")
 
-# (module, function, the argument holding the path, the in-place write it contains)
+# (module, function, the argument holding the path, the in-place write it contains, whether
+# it creates a missing directory)
 _TARGETS = (
-    ("keras.src.saving.saving_lib", "save_model", "filepath", 'open(filepath, "wb")'),
+    ("keras.src.saving.saving_lib", "save_model", "filepath", 'open(filepath, "wb")', False),
     ("keras.src.saving.saving_lib", "save_weights_only", "filepath",
-     'H5IOStore(filepath, mode="w")'),
+     'H5IOStore(filepath, mode="w")', False),
     ("keras.src.legacy.saving.legacy_h5_format", "save_model_to_hdf5", "filepath",
-     'h5py.File(filepath, mode="w")'),
+     'h5py.File(filepath, mode="w")', True),
 )
 
 
-def _defective() -> list[tuple[Any, str, str]]:
-    """(module, function, path argument) of each target that writes its path in place.
+def _defective() -> list[tuple[Any, str, str, bool]]:
+    """(module, function, path argument, creates directory) of each target that writes its
+    path in place.
 
     Raises:
         detection.TargetNotFound: a target function is missing.
     """
     found = []
-    for module_name, name, argument, write in _TARGETS:
+    for module_name, name, argument, write, creates_directory in _TARGETS:
         module = importlib.import_module(module_name)
         if detection.source_contains(detection.find(module, name), write):
-            found.append((module, name, argument))
+            found.append((module, name, argument, creates_directory))
     return found
 
 
@@ -71,18 +73,20 @@ def is_needed() -> bool:
 
 def install() -> None:
     """Wraps each of Keras's save functions that writes its local path in place."""
-    for module, name, argument in _defective():
-        _patch.wrap(module, name, functools.partial(_staged, argument=argument), by=NAME)
+    for module, name, argument, creates_directory in _defective():
+        _patch.wrap(module, name, functools.partial(
+            _staged, argument=argument, creates_directory=creates_directory), by=NAME)
 
 
-def _staged(save: Callable[..., Any], argument: str) -> Callable[..., Any]:
+def _staged(save: Callable[..., Any], argument: str,
+            creates_directory: bool) -> Callable[..., Any]:
     signature = inspect.signature(save)
 
     @functools.wraps(save)
     def wrapper(model, *args, **kwargs):
         bound = signature.bind(model, *args, **kwargs)
         path = bound.arguments[argument]
-        if not _stages(model, path, bound.arguments, legacy=save.__name__ == "save_model_to_hdf5"):
+        if not _stages(model, path, bound.arguments, creates_directory):
             return save(model, *args, **kwargs)
         from disttrain.storage import atomic_local_file
 
@@ -94,10 +98,10 @@ def _staged(save: Callable[..., Any], argument: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _stages(model: Any, path: Any, arguments: dict[str, Any], legacy: bool) -> bool:
+def _stages(model: Any, path: Any, arguments: dict[str, Any], creates_directory: bool) -> bool:
     """Whether this save goes through a temp file: a local file path of a multi-worker model,
-    written whole (not a directory or shards), into a directory that exists (Keras's legacy
-    `.h5` writer creates it)."""
+    written whole (not a directory or shards), into a directory that exists unless the
+    writer creates it (Keras's legacy `.h5` writer does)."""
     if not isinstance(path, (str, os.PathLike)):
         return False
     text = os.fspath(path)
@@ -110,7 +114,7 @@ def _stages(model: Any, path: Any, arguments: dict[str, Any], legacy: bool) -> b
     if text.startswith("hf://") or file_utils.is_remote_path(text):
         return False
     directory = os.path.dirname(os.path.abspath(text))
-    if not legacy and not os.path.isdir(directory):
+    if not creates_directory and not os.path.isdir(directory):
         return False
     strategy = getattr(model, "distribute_strategy", None)
     return strategy is not None and detection.is_multi_worker(strategy)
