@@ -370,7 +370,7 @@ class BackupAndRestore(DistributedCallback, keras.callbacks.BackupAndRestore):
         if self.delete_checkpoint:
             self.coordinator.run_on_chief(
                 "BackupAndRestore.delete",
-                lambda: storage.remove(self.directory, recursive=True),
+                lambda: storage.remove_committed(self.directory),
                 StorageError,
             )
 

@@ -11,7 +11,8 @@ module:
   `atomic_upload`, `StagedFile`, `atomic_local_file`, JSON), write probes and
   the temp files a killed writer leaves.
 - `manifest`: multi-file checkpoint directories committed by a manifest written
-  last (`commit_checkpoint`, `read_manifest`, `is_committed`), and the
+  last (`commit_checkpoint`, `read_manifest`, `is_committed`; `remove_committed`
+  deletes them manifest first), and the
   "training finished" mark of a commit record (`finished_mark`,
   `training_finished`).
 - `manager`: `CheckpointManager`, the commit protocol of a directory of
@@ -70,6 +71,7 @@ from disttrain.storage.manifest import (
     finished_mark,
     is_committed,
     read_manifest,
+    remove_committed,
     training_finished,
 )
 from disttrain.storage.retention import Retention
@@ -107,6 +109,7 @@ __all__ = [
     "read_json",
     "read_manifest",
     "remove",
+    "remove_committed",
     "remove_stale_temporaries",
     "scratch",
     "scratch_dir",

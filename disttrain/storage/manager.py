@@ -68,6 +68,7 @@ from disttrain.storage.manifest import (
     finished_mark,
     is_committed,
     read_manifest,
+    remove_committed,
 )
 from disttrain.storage.retention import Retention
 
@@ -450,7 +451,7 @@ class CheckpointManager:
             commit_checkpoint(url, files(tmp) if callable(files) else files, metadata, written)
         for name, other in self._steps():
             if other not in (step, step + 1) and join(self.directory, name) not in kept:
-                remove(join(self.directory, name), recursive=True)
+                remove_committed(join(self.directory, name))
 
     def _run(self, path: str, commit: Callable[[], None]) -> None:
         """Runs `commit` now, or with `async_commit` in the background thread (then the

@@ -122,6 +122,38 @@ def commit_checkpoint(
     return manifest
 
 
+def remove_committed(url: str) -> None:
+    """Deletes a directory tree that may hold committed checkpoint directories, each
+    un-committed before anything else goes: every manifest under `url` is deleted first,
+    then the rest. A delete that stops part-way (storage down, a kill, a file that cannot
+    be deleted) so never leaves a manifest naming a deleted file: what is left is
+    uncommitted, ignored and cleaned like a torn write. Missing is fine.
+
+    Args:
+        url: a checkpoint directory, or a directory of them.
+
+    Raises:
+        StorageError: when a delete fails (the manifests deleted so far stay deleted).
+
+    Example:
+
+    ```python
+    remove_committed("gs://bucket/run/backup-000003")
+    ```
+    """
+    fs, path = url_to_fs(url)
+    with _wrapped("removing", url):
+        fs.invalidate_cache(path)
+        try:
+            found = fs.find(path)
+        except FileNotFoundError:
+            found = []
+    for manifest in found:
+        if posixpath.basename(manifest) == MANIFEST_NAME:
+            remove(join(url, posixpath.relpath(manifest, path.rstrip("/") or "/")))
+    remove(url, recursive=True)
+
+
 def read_manifest(url_dir: str) -> dict[str, Any] | None:
     """Reads the manifest of a checkpoint directory.
 

@@ -336,6 +336,60 @@ def test_an_uncommitted_directory_is_ignored_and_deleted_after_the_next_commit(t
     assert storage.is_committed(storage.join(directory, "backup-000001"))
 
 
+def _committed_tree(directory: str, tmp_path, count: int = 3) -> list[str]:
+    """`count` committed directory checkpoints under `directory` (one file each)."""
+    urls = [storage.join(directory, f"backup-{i:06d}") for i in range(count)]
+    for i, url in enumerate(urls):
+        storage.commit_checkpoint(url, _files(tmp_path, bytes([i]) * 64), {"step": i})
+    return urls
+
+
+@pytest.mark.timeout(30)
+def test_removing_checkpoints_deletes_every_manifest_before_any_file(gcs, tmp_path):
+    """Measured (storage-kill seed 11 of the fault run): the GCS emulator killed while
+    BackupAndRestore deleted its backups at train end left a manifest naming a deleted
+    weights file, so the restart found a damaged backup. `remove_committed` un-commits
+    every checkpoint first: in the emulator's request log every manifest's DELETE comes
+    before any other DELETE."""
+    directory = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
+    _committed_tree(directory, tmp_path)
+    offset = gcs.log_size()
+    storage.remove_committed(directory)
+    deletes = [line for line in gcs.requests_since(offset) if '"DELETE ' in line]
+    manifests = [i for i, line in enumerate(deletes) if storage.MANIFEST_NAME in line]
+    files = [i for i, line in enumerate(deletes) if "weights.bin" in line]
+    assert len(manifests) == 3 and len(files) == 3, deletes
+    assert max(manifests) < min(files), deletes
+    assert storage.listdir(directory) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_remove_that_stops_part_way_leaves_no_manifest_naming_a_deleted_file(tmp_path):
+    """One checkpoint's manifest made undeletable (`chattr +i`, root on ext4): the remove
+    fails with a StorageError, and every checkpoint whose manifest is left is whole. A plain
+    recursive delete removed that checkpoint's weights first and then stopped at its
+    manifest: a commit naming a missing file."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("needs root and chattr to make a file undeletable")
+    directory = str(tmp_path / "backups")
+    urls = _committed_tree(directory, tmp_path)
+    stuck = os.path.join(urls[1], storage.MANIFEST_NAME)
+    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
+        pytest.skip(f"chattr +i is not supported on {tmp_path}")
+    try:
+        with pytest.raises(StorageError, match="removing"):
+            storage.remove_committed(directory)
+        left = [url for url in urls if os.path.exists(os.path.join(url, storage.MANIFEST_NAME))]
+        assert urls[1] in left
+        assert {url: storage.check_files(url) for url in left} == dict.fromkeys(left), \
+            "every checkpoint still committed is whole"
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+
+
 # --- {run_id} templates ------------------------------------------------------------------
 
 
