@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.support.models import dense_model
+from tests.support.models import dense_model, one_process_scope
 
 SAMPLES = 48
 GLOBAL_BATCH = 8
@@ -61,11 +61,9 @@ def run() -> dict[str, Any]:
     - `errors`: the InputMismatchError message (or None) of each case whose inputs
       differ between workers, and `trained_while_refused`: whether the weights moved;
     - `seeded`: with `keras.utils.set_random_seed`, the 2-worker weights after
-      `EPOCHS` shuffled epochs and the weights of the same `fit` in one process (the
-      default strategy in this same process).
+      `EPOCHS` shuffled epochs and the weights of the same `fit` in one process (a
+      `OneDeviceStrategy` in this same process, `one_process_scope`).
     """
-    import contextlib
-
     import keras
 
     from disttrain import coordination
@@ -150,7 +148,7 @@ def run() -> dict[str, Any]:
     record["epoch_check_ms"] = _epoch_check_ms(SeededReorder(np.arange(SAMPLES)))
 
     weights = {}
-    for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
+    for where, scope in (("workers", strategy.scope()), ("one process", one_process_scope())):
         keras.utils.set_random_seed(5)
         seeded = _model(keras, scope)
         seeded.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=True, epochs=EPOCHS, verbose=0)
@@ -203,14 +201,12 @@ def _batch_shuffle_orders(keras, strategy, x, y) -> dict[str, list]:
     """`fit(x, y, shuffle="batch")`: the ids each worker trains at each step, without a
     global seed (`unseeded`; none must be set yet), and with one on the workers and in
     one process."""
-    import contextlib
-
     record: dict[str, list] = {}
     seen: list = []
     _recording_model(keras, strategy.scope(), seen).fit(
         x, y, batch_size=GLOBAL_BATCH, shuffle="batch", epochs=EPOCHS, verbose=0)
     record["unseeded"] = seen
-    for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
+    for where, scope in (("workers", strategy.scope()), ("one process", one_process_scope())):
         keras.utils.set_random_seed(5)
         seen = []
         _recording_model(keras, scope, seen).fit(

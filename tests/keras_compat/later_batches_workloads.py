@@ -9,11 +9,12 @@ the next case starts together); the test reads the returned record.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import numpy as np
+
+from tests.support.models import one_process_scope
 
 SAMPLES = 48
 GLOBAL_BATCH = 8
@@ -130,7 +131,7 @@ def run() -> dict[str, Any]:
             _generator(rank, DIFFERS_AT), callbacks=keras.callbacks.CallbackList(), **fit)),
     }
     weights = {}
-    for where, scope in (("workers", strategy.scope()), ("one process", contextlib.nullcontext())):
+    for where, scope in (("workers", strategy.scope()), ("one process", one_process_scope())):
         trained = _model(keras, scope)
         equal = [_outcome(lambda: trained.fit(_generator(rank), validation_data=Batches(),
                                               **fit)),

@@ -27,6 +27,16 @@ INPUT_DIM = 3
 BATCH_SIZE = 4
 
 
+def one_process_scope() -> Any:
+    """The scope to build a one-process reference model in, inside a worker of a
+    multi-worker cluster: a `OneDeviceStrategy` on the CPU (disttrain's preflight refuses
+    `fit` of a model built outside any strategy's scope there, as each worker would train
+    alone by mistake)."""
+    import tensorflow as tf
+
+    return tf.distribute.OneDeviceStrategy("/cpu:0").scope()
+
+
 def dense_model(inputs: int, hidden: Sequence[int] = (), outputs: int = 1, *,
                 activation: str | None = None, output_activation: str | None = None,
                 batchnorm: bool = False, kernel_initializer: str = "glorot_uniform",
