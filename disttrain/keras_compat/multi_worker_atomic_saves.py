@@ -10,10 +10,11 @@ with HDF5's `unable to lock file` after training and left a file h5py cannot ope
 
 Under multi-worker only, Keras's writes of a local `.keras`, `.weights.h5` or legacy `.h5`
 file go to a temp file of each worker's own in the destination directory, renamed over the
-destination when complete (`disttrain.storage.atomic_local_file(durable=False)`): each worker
+destination when complete (`disttrain.storage.StagedFile(durable=False)`): each worker
 still writes its file, as in Keras, but a reader sees one worker's whole file (the workers'
-weights are the same), never a mix, and a save that fails leaves the previous file as it was.
-A path that is a symbolic link is written where it points, as Keras does.
+weights are the same), never a mix, and a save that fails leaves the previous file as it was
+and raises what Keras raises (a full disk: `OSError`). A path that is a symbolic link is
+written where it points, as Keras does.
 Remote paths are left to Keras (it uploads the whole object at once); so are directories
 (`zipped=False`), sharded weights (`max_shard_size`), open files, and a destination
 directory that does not exist (Keras's own error). One process is untouched. To write once,
@@ -88,12 +89,18 @@ def _staged(save: Callable[..., Any], argument: str,
         path = bound.arguments[argument]
         if not _stages(model, path, bound.arguments, creates_directory):
             return save(model, *args, **kwargs)
-        from disttrain.storage import atomic_local_file
+        from disttrain.storage import StagedFile
 
         # Keras writes through a symbolic link; the rename replaces what it points to.
-        with atomic_local_file(os.path.realpath(path), durable=False) as tmp:
-            bound.arguments[argument] = tmp
-            return save(*bound.args, **bound.kwargs)
+        staged = StagedFile(os.path.realpath(path), durable=False)
+        try:
+            bound.arguments[argument] = staged.path
+            # Keras's own errors (a full disk: OSError) pass as they are, as without the fix.
+            result = save(*bound.args, **bound.kwargs)
+            staged.commit()
+            return result
+        finally:
+            staged.discard()
 
     return wrapper
 

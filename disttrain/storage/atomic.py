@@ -284,8 +284,7 @@ class StagedFile:
 
 
 @contextlib.contextmanager
-def atomic_local_file(url: str, suffix: str | None = None,
-                      durable: bool = True) -> Iterator[str]:
+def atomic_local_file(url: str, suffix: str | None = None) -> Iterator[str]:
     """Gives a local temp file path to write into, committed to `url` on clean exit.
 
     The yielded path does not exist yet and ends with `suffix`, so writers that
@@ -300,7 +299,6 @@ def atomic_local_file(url: str, suffix: str | None = None,
         url: destination file.
         suffix: required ending of the temp file name. Defaults to the
             destination name's extensions (`model.weights.h5` -> `.weights.h5`).
-        durable: False skips the fsyncs of a local commit (see `StagedFile`).
 
     Yields:
         The local path to write.
@@ -317,7 +315,7 @@ def atomic_local_file(url: str, suffix: str | None = None,
         model.save(path)
     ```
     """
-    staged = StagedFile(url, suffix, durable)
+    staged = StagedFile(url, suffix)
     try:
         try:
             yield staged.path

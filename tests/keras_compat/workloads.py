@@ -386,19 +386,19 @@ def concurrent_saves(directory: str, rounds: int = 6) -> dict:
 
 def one_process_saves(directory: str) -> dict:
     """One process with every fix: saves each format and counts the saves that went through
-    a temp file (`disttrain.storage.atomic_local_file`, watched), which must be none."""
+    a temp file (`disttrain.storage.StagedFile`, watched), which must be none."""
     import disttrain.storage
     from disttrain import keras_compat
     from disttrain.distribute import strategy as make_strategy
 
     staged = []
-    atomic_local_file = disttrain.storage.atomic_local_file
 
-    def watched(url, *args, **kwargs):
-        staged.append(url)
-        return atomic_local_file(url, *args, **kwargs)
+    class Watched(disttrain.storage.StagedFile):
+        def __init__(self, url, *args, **kwargs):
+            staged.append(url)
+            super().__init__(url, *args, **kwargs)
 
-    disttrain.storage.atomic_local_file = watched
+    disttrain.storage.StagedFile = Watched
     with make_strategy().scope():
         model = dense_model(8, seed=1)
         model.compile("sgd", "mse")

@@ -616,7 +616,7 @@ def test_a_private_local_copy_keeps_its_content_when_the_file_is_replaced_or_del
 
 
 @pytest.mark.parametrize("durable", [True, False])
-def test_atomic_local_file_durable_or_not_commits_whole(tmp_path, monkeypatch, durable):
+def test_a_staged_file_durable_or_not_commits_whole(tmp_path, monkeypatch, durable):
     """durable=False (the multi-worker `model.save` of keras_compat) renames without the
     fsyncs: the file is committed whole either way, with no temp file left."""
     synced = []
@@ -624,11 +624,15 @@ def test_atomic_local_file_durable_or_not_commits_whole(tmp_path, monkeypatch, d
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
     path = tmp_path / "model.weights.h5"
     path.write_bytes(b"old")
-    with storage.atomic_local_file(str(path), durable=durable) as tmp:
-        assert tmp.endswith(".weights.h5") and os.path.dirname(tmp) == str(tmp_path)
-        with open(tmp, "wb") as f:
+    staged = storage.StagedFile(str(path), durable=durable)
+    try:
+        assert staged.path.endswith(".weights.h5") and os.path.dirname(staged.path) == str(tmp_path)
+        with open(staged.path, "wb") as f:
             f.write(b"new" * 1000)
         assert path.read_bytes() == b"old", "the destination changes only at the commit"
+        staged.commit()
+    finally:
+        staged.discard()
     assert path.read_bytes() == b"new" * 1000
     assert os.listdir(tmp_path) == ["model.weights.h5"]
     assert bool(synced) is durable
