@@ -13,9 +13,10 @@ What it does, in order:
    evaluator task of that cluster, and waits for nobody.
 2. **Run id and attempt.** `DISTTRAIN_RUN_ID` must be set and valid: it names the run's
    outputs and backups, so it must be the same on every pod and across pod restarts, and
-   differ between runs. The manifests `launch.k8s` writes take it (Downward API) from a pod label holding the
-   UID of the object that owns the pods: `batch.kubernetes.io/controller-uid` (the Job's UID;
-   Kubernetes 1.27+) or `jobset.sigs.k8s.io/jobset-uid` (the JobSet's UID; JobSet v0.9.0+).
+   differ between runs. The manifests `launch.k8s` writes take it (Downward API) from a pod
+   label holding the UID of the object that owns the pods: `batch.kubernetes.io/controller-uid`
+   (the Job's UID; Kubernetes 1.27+) or `jobset.sigs.k8s.io/jobset-uid` (the JobSet's UID;
+   JobSet v0.9.0+).
    Kubernetes gives an empty value for a label the pod lacks, so an empty run id means an
    older Kubernetes or JobSet: a configuration error, not a run under a made-up id.
    `DISTTRAIN_ATTEMPT` (the jobset and trainjob manifests take it from JobSet's
