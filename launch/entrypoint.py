@@ -89,6 +89,7 @@ from disttrain.cluster import (
     ENV_TF_CONFIG,
     Cluster,
     build_tf_config,
+    is_decimal,
     parse_address,
     validate_run_id,
 )
@@ -156,7 +157,7 @@ def _required(env: Mapping[str, str], name: str) -> str:
 
 def _integer(env: Mapping[str, str], name: str, low: int, high: int) -> int:
     value = _required(env, name)
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+    if not is_decimal(value) or not low <= int(value) <= high:
         raise ClusterConfigError(
             f"{name}={value!r} must be an integer in {low}..{high}. Fix: correct {name} in "
             "the pod spec (regenerate the manifests with `python -m launch.k8s`)."
@@ -227,7 +228,7 @@ def attempt_from_env(environ: Mapping[str, str]) -> str | None:
     attempt = environ.get(ENV_ATTEMPT, "").strip()
     if not attempt:
         return None
-    if not (attempt.isascii() and attempt.isdigit()):
+    if not is_decimal(attempt):
         raise ClusterConfigError(
             f"{ENV_ATTEMPT}={environ[ENV_ATTEMPT]!r} is not a number of restarts (0, 1, 2, "
             f"...). The jobset and trainjob manifests of `python -m launch.k8s` take it from "

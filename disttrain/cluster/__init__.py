@@ -66,6 +66,16 @@ def _fail(field: str, value: Any, problem: str, fix: str) -> ClusterConfigError:
     return ClusterConfigError(f"TF_CONFIG {field}={value!r}: {problem}. Fix: {fix}.")
 
 
+def is_decimal(text: str) -> bool:
+    """Whether `text` is a non-negative integer in ASCII digits, which `int()` reads
+    (`"²".isdigit()` is true, but `int("²")` fails).
+
+    >>> is_decimal("2222"), is_decimal("²"), is_decimal("-1"), is_decimal(" 1")
+    (True, False, False, False)
+    """
+    return text.isascii() and text.isdigit()
+
+
 def parse_address(address: Any, field: str = "address") -> tuple[str, int]:
     """Splits a `host:port` string into `(host, port)`, validating both.
 
@@ -81,7 +91,7 @@ def parse_address(address: Any, field: str = "address") -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not _HOST_RE.match(host):
         raise _fail(field, address, "not a valid 'host:port' address", fix)
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+    if not is_decimal(port_text) or not 1 <= int(port_text) <= 65535:
         raise _fail(field, address, "the port must be an integer in 1..65535", fix)
     return host, int(port_text)
 

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from disttrain.cluster import ENV_RUN_ID, Cluster, free_ports, validate_run_id
+from disttrain.cluster import ENV_RUN_ID, Cluster, free_ports, is_decimal, validate_run_id
 from disttrain.errors import ClusterConfigError
 
 # Ports derived for a Slurm step without reserved ports: slot (job id * 64 + step id) mod 797
@@ -192,15 +192,9 @@ def _expand_numbers(numbers: str, hostlist: str) -> list[str]:
     return out
 
 
-def _is_number(value: str) -> bool:
-    """A non-negative decimal number in ASCII digits (`"²".isdigit()` is true, `int("²")` fails)."""
-    value = value.strip()
-    return value.isascii() and value.isdigit()
-
-
 def _int_env(env: Mapping[str, str], name: str, fix: str) -> int:
     value = env.get(name, "")
-    if not _is_number(value):
+    if not is_decimal(value.strip()):
         raise ClusterConfigError(
             f"{name}={value!r}: expected a number, as the launcher sets it. Fix: {fix}.")
     return int(value)
@@ -334,7 +328,7 @@ def _refuse_other_launchers(env: Mapping[str, str]) -> None:
            "python -m launch.local --workers N, or give every task a TF_CONFIG")
     for size_name, rank_name, what in _OTHER_LAUNCHERS:
         size = env.get(size_name, "")
-        if _is_number(size) and int(size) > 1:
+        if is_decimal(size.strip()) and int(size) > 1:
             raise ClusterConfigError(
                 f"this process is one of {size} tasks of {what} ({size_name}={size}, "
                 f"{rank_name}={env.get(rank_name)!r}), and there is no TF_CONFIG. {fix}.")
