@@ -132,6 +132,8 @@ RUN_ID_LABELS = {"job": entrypoint.JOB_UID_LABEL, "jobset": entrypoint.JOBSET_UI
 RUN_ID_LABEL = "disttrain/run-id"
 # Formats whose pods carry JobSet's restart-attempt label; their DISTTRAIN_ATTEMPT (recorded
 # in TrainingReport's history) comes from it. A Job's or TFJob's pods have no group attempt.
+# The JobSet controller stamps the label on each Job's pod template (labelAndAnnotateObject in
+# its source); read there, not run against a JobSet controller here (simulated pods only).
 ATTEMPT_FORMATS = ("jobset", "trainjob")
 
 RUN_ID_NOTE = f"""\
